@@ -1,0 +1,55 @@
+"""`captions <command> ...`: each command lives in its own module, imported only when used.
+
+A command module exposes `configure_parser(parser)` and `run(args) -> int`; importing it must stay
+cheap (heavy imports such as torch or livekit happen inside `run`), so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("agent.up", "run livekit-server (dev), the caption worker and the viewer; print the URL"),
+    "worker": ("agent.worker", "run the caption agent worker (livekit-agents)"),
+    "web": ("agent.web", "serve the captions viewer and mint viewer tokens"),
+    "token": ("agent.web", "print a signed viewer link for a room"),
+    "server": ("agent.lkserver", "run livekit-server in dev mode on loopback (installs it if needed)"),
+    "transcribe": ("agent.transcribe", "transcribe an audio file with the batched engine"),
+    "make-test-checkpoint": ("agent.tiny_checkpoint", "write a tiny random checkpoint (tests/demos)"),
+    "bench": ("agent.bench", "benchmarks: engine throughput, caption latency"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: captions <command> [options]", "", "commands:"]
+    lines += [f"  {name:<22} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `captions <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"captions: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"captions {name}", description=COMMANDS[name][1])
+    configure = getattr(module, f"configure_{name.replace('-', '_')}_parser", None)
+    configure = configure or module.configure_parser
+    configure(parser)
+    args = parser.parse_args(rest)
+    from .log import setup_logging
+
+    setup_logging(getattr(args, "log_level", "INFO"))
+    runner = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
+    return int(runner(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
