@@ -1,0 +1,151 @@
+"""A stand-in for agent.engine.SttEngine with the same API, for unit tests (no torch, no model).
+
+Words come deterministically from the audio: every run of loud 80 ms frames becomes one word,
+"w<frames>" (its length in frames), completed at the first quiet frame after it, stamped with the
+run's start and end. The word in progress is the partial. Frames are processed synchronously in
+`push`/`close` (on the caller's thread), which keeps tests simple and deterministic.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from agent.captions import Word
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920
+FRAME_S = FRAME_SIZE / SAMPLE_RATE
+LOUD_RMS = 0.05
+
+
+class EngineFull(Exception):
+    pass
+
+
+@dataclass
+class StreamEvent:
+    stream_id: int
+    frames: int
+    words: list[Word] = field(default_factory=list)
+    partial: str = ""
+    pause_prob: float | None = None
+    ended: bool = False
+    error: str | None = None
+
+
+def tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    """A loud stretch: one fake word per contiguous tone."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
+
+
+class FakeStream:
+    def __init__(self, engine: "FakeEngine", stream_id: int, on_event: Callable[[StreamEvent], None]):
+        self.id = stream_id
+        self._engine = engine
+        self._on_event = on_event
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._frames = 0
+        self._run_start: int | None = None
+        self.pushed: list[np.ndarray] = []
+        self.ended = False
+
+    def push(self, pcm: np.ndarray) -> None:
+        assert not self.ended, "push after the stream ended"
+        pcm = np.asarray(pcm, dtype=np.float32)
+        self.pushed.append(pcm.copy())
+        self._buffer = np.concatenate([self._buffer, pcm])
+        while self._buffer.size >= FRAME_SIZE:
+            frame, self._buffer = self._buffer[:FRAME_SIZE], self._buffer[FRAME_SIZE:]
+            self._on_event(self._step(frame))
+
+    def _step(self, frame: np.ndarray) -> StreamEvent:
+        loud = float(np.sqrt(np.mean(frame**2))) > LOUD_RMS
+        words: list[Word] = []
+        if loud and self._run_start is None:
+            self._run_start = self._frames
+        elif not loud and self._run_start is not None:
+            words.append(self._word(self._frames))
+            self._run_start = None
+        self._frames += 1
+        partial = f"w{self._frames - self._run_start}" if self._run_start is not None else ""
+        pause = None if not self._engine.has_vad else (0.0 if loud else 0.9)
+        return StreamEvent(self.id, self._frames, words, partial, pause)
+
+    def _word(self, end_frame: int) -> Word:
+        assert self._run_start is not None
+        return Word(f"w{end_frame - self._run_start}", self._run_start * FRAME_S, end_frame * FRAME_S)
+
+    def close(self) -> None:
+        """Flush: the word in progress is completed, then the last event says ended."""
+        if self.ended:
+            return
+        words = [self._word(self._frames)] if self._run_start is not None else []
+        self._run_start = None
+        self._finish(StreamEvent(self.id, self._frames, words, "", None, ended=True))
+
+    def abort(self) -> None:
+        if not self.ended:
+            self._finish(StreamEvent(self.id, self._frames, [], "", None, ended=True))
+
+    def _finish(self, event: StreamEvent) -> None:
+        self.ended = True
+        self._engine._release(self)
+        self._on_event(event)
+        self._engine._notify_freed()
+
+
+class FakeEngine:
+    sample_rate = SAMPLE_RATE
+    frame_size = FRAME_SIZE
+    frame_rate = 12.5
+    text_delay_s = 0.0
+
+    def __init__(self, batch_size: int = 2, has_vad: bool = False):
+        self.batch_size = batch_size
+        self.has_vad = has_vad
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._streams: dict[int, FakeStream] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self.opened: list[FakeStream] = []
+
+    @property
+    def slots_in_use(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def open_stream(self, on_event: Callable[[StreamEvent], None]) -> FakeStream:
+        with self._lock:
+            if len(self._streams) >= self.batch_size:
+                raise EngineFull(f"all {self.batch_size} slots are taken")
+            stream = FakeStream(self, next(self._ids), on_event)
+            self._streams[stream.id] = stream
+            self.opened.append(stream)
+            return stream
+
+    def _release(self, stream: FakeStream) -> None:
+        with self._lock:
+            self._streams.pop(stream.id, None)
+
+    def _notify_freed(self) -> None:
+        for callback in self._listeners:
+            callback()
