@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .log import logger
 
@@ -101,7 +102,7 @@ class SlotQueue:
             self._wake.clear()
             try:
                 self._serve_waiters()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive one bad open
                 logger.exception("slot queue: failed to open a stream for a waiting speaker")
 
     def _serve_waiters(self) -> None:
@@ -119,6 +120,6 @@ class SlotQueue:
             logger.info("slot freed: %s is now captioned", waiter.label)
             try:
                 waiter.on_granted(stream)
-            except Exception:
+            except Exception:  # noqa: BLE001 - whatever went wrong, the slot must not leak
                 logger.exception("slot queue: %s could not take its stream; freeing it", waiter.label)
                 stream.abort()

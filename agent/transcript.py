@@ -36,7 +36,7 @@ class TranscriptStore:
         self._recent: collections.deque[FinalSegment] = collections.deque()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._load_recent()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - open for the room's lifetime
         if self._ends_mid_line():
             # A worker killed mid-write left half a line: start ours on a fresh one.
             self._file.write("\n")

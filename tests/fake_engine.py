@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def silence(seconds: float) -> np.ndarray:
 
 
 class FakeStream:
-    def __init__(self, engine: "FakeEngine", stream_id: int, on_event: Callable[[StreamEvent], None]):
+    def __init__(self, engine: FakeEngine, stream_id: int, on_event: Callable[[StreamEvent], None]):
         self.id = stream_id
         self._engine = engine
         self._on_event = on_event

@@ -11,7 +11,7 @@ from agent.transcript import TranscriptStore, backlog_payload, read_transcript, 
 def segment(n: int, end: float | None = None) -> FinalSegment:
     end = time.time() if end is None else end
     return FinalSegment(f"SG_{n}", "alice", "Alice <b>", "TR_1", f"words {n} <script>", end - 1, end,
-                        [[f"words", end - 1, end - 0.5], [str(n), end - 0.5, end]])
+                        [["words", end - 1, end - 0.5], [str(n), end - 0.5, end]])
 
 
 def test_segments_are_appended_and_read_back_in_order(tmp_path):
