@@ -41,6 +41,11 @@ ROOM_NAME = re.compile(r"^[^\x00-\x1f]{1,256}$")
 class AccessDenied(Exception):
     """A viewer request that must not get a token; the message is shown to the viewer."""
 
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+        """"missing", "invalid" or "expired": lets the page say which."""
+
 
 @dataclass
 class WebSettings:
@@ -69,7 +74,7 @@ def sign_access(secret: str, room: str, expires_at: int) -> str:
 def check_access(secret: str, room: str, expires_at: str, access: str, now: float | None = None) -> None:
     """Raises AccessDenied unless `access` signs exactly this room and expiry, and it has not passed."""
     if not access or not expires_at:
-        raise AccessDenied("this link has no access signature: ask the operator for a viewer link")
+        raise AccessDenied("this link has no access signature: ask the operator for a viewer link", "missing")
     try:
         expiry = int(expires_at)
     except ValueError:
@@ -79,7 +84,7 @@ def check_access(secret: str, room: str, expires_at: str, access: str, now: floa
     if not hmac.compare_digest(expected.encode(), access.encode()):
         raise AccessDenied("this link's access signature is not valid for this room")
     if expiry <= (time.time() if now is None else now):
-        raise AccessDenied("this viewer link has expired: ask the operator for a new one")
+        raise AccessDenied("this viewer link has expired: ask the operator for a new one", "expired")
 
 
 def viewer_link(base_url: str, secret: str, room: str, ttl_s: int, now: float | None = None) -> str:
@@ -124,10 +129,11 @@ def mint_viewer_token(settings: WebSettings, room: str, link_expiry: int | None 
     }
 
 
-def _json_error(status: int, message: str):
+def _json_error(status: int, message: str, reason: str):
     from aiohttp import web
 
-    return web.json_response({"error": message}, status=status, headers={"Cache-Control": "no-store"})
+    body = {"error": message, "reason": reason}
+    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
 
 
 def _content_security_policy(public_livekit_url: str) -> str:
@@ -143,7 +149,7 @@ def _content_security_policy(public_livekit_url: str) -> str:
 
 
 def create_app(settings: WebSettings):
-    """The aiohttp application: static viewer, ``/api/token``, ``/healthz``."""
+    """The aiohttp application: static viewer, ``/api/token``, ``/api/config``, ``/healthz``."""
     from aiohttp import web
 
     csp = _content_security_policy(settings.public_livekit_url)
@@ -161,7 +167,7 @@ def create_app(settings: WebSettings):
     async def token(request: web.Request) -> web.Response:
         room = request.query.get("room", "")
         if not ROOM_NAME.match(room):
-            return _json_error(400, "no room given: open a viewer link that names a room (?room=...)")
+            return _json_error(400, "no room given: open a viewer link that names a room (?room=...)", "missing")
         expiry = None
         if not settings.open_access:
             try:
@@ -169,10 +175,13 @@ def create_app(settings: WebSettings):
                              request.query.get("access", ""))
             except AccessDenied as e:
                 logger.info("viewer token refused for a room: %s", e)
-                return _json_error(403, str(e))
+                return _json_error(403, str(e), e.reason)
             expiry = int(request.query["exp"])
         body = mint_viewer_token(settings, room, expiry)
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def config(request: web.Request) -> web.Response:
+        return web.json_response({"livekit_url": settings.public_livekit_url})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "open_access": settings.open_access})
@@ -194,6 +203,7 @@ def create_app(settings: WebSettings):
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/token", token)
+    app.router.add_get("/api/config", config)
     app.router.add_get("/vendor/livekit-client.esm.mjs", livekit_client)
     app.router.add_get("/{name}", static_file)
     return app

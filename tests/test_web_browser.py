@@ -1,0 +1,529 @@
+"""The captions viewer in a real browser (Debian's Chromium driven by Playwright) against a real
+livekit-server and the real `captions web` server.
+
+The captions come from `CaptionAgentBot`, a LiveKit participant of kind AGENT that publishes exactly
+what the caption agent publishes (agent/captions.py): per segment, interim ``lk.transcription`` text
+streams carrying the full text so far with ``sender_identity`` = the speaker, then the final one with
+``captions.words``; the ``captions.status``/``captions.queued`` attributes; and the
+``captions.backlog`` RPC answered with a ``captions.backlog`` text stream of FinalSegment lines. That
+keeps these tests independent of the model; tests/test_web_e2e.py runs the real worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from agent.captions import (
+    ATTR_AGENT_QUEUED,
+    ATTR_AGENT_STATUS,
+    ATTR_SEGMENT_ID,
+    ATTR_TRANSCRIBED_TRACK_ID,
+    ATTR_TRANSCRIPTION_FINAL,
+    ATTR_WORDS,
+    RPC_BACKLOG,
+    TOPIC_BACKLOG,
+    TOPIC_TRANSCRIPTION,
+    FinalSegment,
+)
+from agent.web import WEB_DIR, sign_access, viewer_link
+
+pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = PROJECT_ROOT / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+XSS_NAME = "<img src=x onerror=alert(1)>"
+WAIT_MS = 15000
+
+
+# ---------------------------------------------------------------- servers and browser
+
+
+@dataclass
+class WebServer:
+    base_url: str
+    secret: str
+    process: subprocess.Popen
+
+    def link(self, room: str, ttl_s: int = 600, **extra: str) -> str:
+        url = viewer_link(self.base_url, self.secret, room, ttl_s)
+        return url + "".join(f"&{k}={v}" for k, v in extra.items())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def web_server(livekit_server, tmp_path_factory) -> WebServer:
+    """`captions web` as a subprocess, in signed-link mode (not --open)."""
+    assert (WEB_DIR / "node_modules").is_dir(), "run `npm ci` in web/ first"
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("web") / "web.log", "wb")
+    command = [sys.executable, "-m", "agent.cli", "web", "--port", str(port), "--url", livekit_server.url,
+               "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
+               "--viewer-secret", "viewer-test-secret", "--token-ttl", "600"]
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "captions web exited early"
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError("captions web did not come up")
+    yield WebServer(base, "viewer-test-secret", proc)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser():
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@dataclass
+class Viewer:
+    page: object
+    dialogs: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def open_viewer(browser):
+    """Opens viewer pages in fresh contexts; records every dialog (nothing may ever pop one)."""
+    contexts = []
+
+    async def opener(url: str, width: int = 1100, height: int = 760) -> Viewer:
+        context = await browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+        contexts.append(context)
+        page = await context.new_page()
+        viewer = Viewer(page)
+
+        async def on_dialog(dialog):
+            viewer.dialogs.append(dialog.message)
+            await dialog.dismiss()
+
+        page.on("dialog", on_dialog)
+        page.on("pageerror", lambda error: viewer.errors.append(str(error)))
+        await page.goto(url)
+        return viewer
+
+    yield opener
+    for context in contexts:
+        await context.close()
+
+
+# ---------------------------------------------------------------- LiveKit bots
+
+
+def _token(server, identity: str, name: str, room: str, agent: bool = False) -> str:
+    from livekit import api
+
+    token = api.AccessToken(server.api_key, server.api_secret).with_identity(identity).with_name(name)
+    if agent:
+        token = token.with_kind("agent")
+    return token.with_grants(api.VideoGrants(room_join=True, room=room, agent=agent)).to_jwt()
+
+
+async def join(server, room_name: str, identity: str, name: str, agent: bool = False):
+    from livekit import rtc
+
+    room = rtc.Room()
+    await room.connect(server.url, _token(server, identity, name, room_name, agent))
+    return room
+
+
+class CaptionAgentBot:
+    """Publishes captions the way the caption agent does, and answers the backlog RPC."""
+
+    def __init__(self, room, names: dict[str, str]):
+        self.room = room
+        self.names = names
+        self.finals: list[FinalSegment] = []
+        self.backlog_gate = asyncio.Event()
+        self.backlog_gate.set()
+        self.backlog_requests: list[dict] = []
+        room.local_participant.register_rpc_method(RPC_BACKLOG, self._on_backlog)
+
+    @classmethod
+    async def start(cls, server, room_name: str, names: dict[str, str], status: str = "live"):
+        room = await join(server, room_name, "captions-agent", "Captions", agent=True)
+        bot = cls(room, names)
+        await bot.set_status(status)
+        return bot
+
+    async def set_status(self, status: str, queued: list[str] | None = None) -> None:
+        await self.room.local_participant.set_attributes(
+            {ATTR_AGENT_STATUS: status, ATTR_AGENT_QUEUED: json.dumps(queued or [])})
+
+    async def _send(self, speaker: str, segment_id: str, text: str, final: bool, words=None) -> None:
+        attributes = {ATTR_SEGMENT_ID: segment_id, ATTR_TRANSCRIPTION_FINAL: "true" if final else "false",
+                      ATTR_TRANSCRIBED_TRACK_ID: f"TR_{speaker}"}
+        if final:
+            attributes[ATTR_WORDS] = json.dumps(words)
+        writer = await self.room.local_participant.stream_text(
+            topic=TOPIC_TRANSCRIPTION, sender_identity=speaker, attributes=attributes)
+        await writer.write(text)
+        await writer.aclose()
+
+    async def interim(self, speaker: str, segment_id: str, text: str) -> None:
+        await self._send(speaker, segment_id, text, final=False)
+
+    async def final(self, speaker: str, segment_id: str, text: str, start: float) -> FinalSegment:
+        words = [[w, round(start + 0.4 * i, 3), round(start + 0.4 * i + 0.3, 3)] for i, w in enumerate(text.split())]
+        await self._send(speaker, segment_id, text, final=True, words=words)
+        segment = FinalSegment(segment_id, speaker, self.names.get(speaker, speaker), f"TR_{speaker}", text,
+                               words[0][1], words[-1][2], words)
+        self.finals.append(segment)
+        return segment
+
+    async def say(self, speaker: str, text: str, start: float | None = None) -> str:
+        """Interim updates word by word, then the final: one segment."""
+        segment_id = f"SG_{uuid.uuid4().hex[:10]}"
+        words = text.split()
+        for n in range(1, len(words)):
+            await self.interim(speaker, segment_id, " ".join(words[:n]))
+        await self.final(speaker, segment_id, text, time.time() if start is None else start)
+        return segment_id
+
+    async def _on_backlog(self, data) -> str:
+        # A hidden viewer's identity is blank on the request; it names itself in the payload.
+        reply_to = data.caller_identity or json.loads(data.payload or "{}").get("reply_to", "")
+        self.backlog_requests.append({"caller": data.caller_identity, "reply_to": reply_to})
+        await self.backlog_gate.wait()
+        content = "".join(segment.to_json() + "\n" for segment in self.finals)
+        writer = await self.room.local_participant.stream_text(
+            topic=TOPIC_BACKLOG, destination_identities=[reply_to])
+        await writer.write(content)
+        await writer.aclose()
+        return json.dumps({"segments": len(self.finals)})
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def rooms():
+    """Connected LiveKit rooms of a test, disconnected at its end."""
+    joined = []
+    yield joined
+    for room in joined:
+        await room.disconnect()
+
+
+async def setup_room(livekit_server, rooms, speakers: dict[str, str], status: str = "live"):
+    """A fresh room with named speaker participants and a caption agent bot."""
+    room_name = f"room-{uuid.uuid4().hex[:8]}"
+    for identity, name in speakers.items():
+        rooms.append(await join(livekit_server, room_name, identity, name))
+    bot = await CaptionAgentBot.start(livekit_server, room_name, speakers, status)
+    rooms.append(bot.room)
+    return room_name, bot
+
+
+async def wait_state(page, state: str) -> None:
+    await page.wait_for_selector(f'#status[data-state="{state}"]', timeout=WAIT_MS)
+
+
+async def segment_texts(page) -> list[dict]:
+    return await page.eval_on_selector_all(
+        "#captions .seg",
+        "nodes => nodes.map(n => ({text: n.textContent, interim: n.classList.contains('interim'),"
+        " speaker: n.closest('.turn').querySelector('.name').textContent}))",
+    )
+
+
+def screenshot_path(name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS / name
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_two_speakers_interim_then_final_without_duplicates(livekit_server, web_server, rooms, open_viewer):
+    speakers = {"alice": "Alice Martin", "bob": "Bob Okafor"}
+    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+
+    segment = f"SG_{uuid.uuid4().hex[:8]}"
+    await bot.interim("alice", segment, "good morning")
+    await page.wait_for_selector("#captions .seg.interim", timeout=WAIT_MS)
+    assert await segment_texts(page) == [{"text": "good morning", "interim": True, "speaker": "Alice Martin"}]
+    await bot.interim("alice", segment, "good morning every")
+    await bot.final("alice", segment, "good morning everyone", time.time())
+    await page.wait_for_selector("#captions .seg:not(.interim)", timeout=WAIT_MS)
+    assert await segment_texts(page) == [{"text": "good morning everyone", "interim": False, "speaker": "Alice Martin"}]
+
+    await bot.say("bob", "thanks Alice let us start with the budget")
+    await bot.say("alice", "sure the numbers are ready")
+    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 3", timeout=WAIT_MS)
+    await page.wait_for_function("!document.querySelector('#captions .seg.interim')", timeout=WAIT_MS)
+    turns = await page.eval_on_selector_all(
+        "#captions .turn", "ts => ts.map(t => [t.querySelector('.name').textContent, t.querySelector('.text').textContent])")
+    assert turns == [
+        ["Alice Martin", "good morning everyone"],
+        ["Bob Okafor", "thanks Alice let us start with the budget"],
+        ["Alice Martin", "sure the numbers are ready"],
+    ]
+    assert await page.get_attribute("#captions", "aria-live") == "polite"
+    await page.screenshot(path=screenshot_path("viewer-normal.png"))
+    assert viewer.errors == []
+
+
+async def test_late_viewer_sees_backlog_once(livekit_server, web_server, rooms, open_viewer):
+    speakers = {"carol": "Carol Diaz", "dan": "Dan Wu"}
+    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    earlier = time.time() - 60
+    await bot.say("carol", "this was said before anyone watched", start=earlier)
+    await bot.say("dan", "and so was this", start=earlier + 5)
+    bot.backlog_gate.clear()  # hold the backlog answer until a live caption has arrived
+
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    deadline = time.monotonic() + 10
+    while not bot.backlog_requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert bot.backlog_requests, "the viewer never asked for the backlog"
+    assert bot.backlog_requests[0]["reply_to"].startswith("viewer-")
+
+    live_id = await bot.say("carol", "this one is live")
+    await page.wait_for_selector("#captions .seg", timeout=WAIT_MS)
+    bot.backlog_gate.set()  # the backlog now holds the live segment too: it must not show twice
+    await page.wait_for_selector("#captions .turn.backlog", timeout=WAIT_MS)
+    texts = [s["text"] for s in await segment_texts(page)]
+    assert texts == ["this was said before anyone watched", "and so was this", "this one is live"]
+    assert live_id in {s.segment_id for s in bot.finals}
+    names = await page.eval_on_selector_all("#captions .turn .name", "ns => ns.map(n => n.textContent)")
+    assert names == ["Carol Diaz", "Dan Wu", "Carol Diaz"]
+
+
+async def test_html_in_names_and_captions_is_shown_as_text(livekit_server, web_server, rooms, open_viewer):
+    speakers = {"mallory": XSS_NAME}
+    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    caption = "<script>alert(2)</script><b onmouseover=alert(3)>hi</b>"
+    await bot.say("mallory", caption)
+    await page.wait_for_selector("#captions .seg:not(.interim)", timeout=WAIT_MS)
+    assert await page.text_content("#captions .turn .name") == XSS_NAME
+    assert await page.text_content("#captions .seg") == caption
+    assert await page.locator("#captions img, #captions script, #captions b").count() == 0
+    await page.hover("#captions .seg")
+    await page.wait_for_timeout(500)  # give a would-be onerror/onmouseover handler time to fire
+    assert viewer.dialogs == []
+    assert viewer.errors == []
+
+
+def _parse_cues(text: str, separator: str) -> list[tuple[float, float, str]]:
+    stamp = r"(\d\d):(\d\d):(\d\d)" + re.escape(separator) + r"(\d\d\d)"
+    pattern = re.compile(rf"^{stamp} --> {stamp}\n(.+)$", re.MULTILINE)
+
+    def seconds(h, m, s, ms):
+        return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+    return [(seconds(*m.groups()[:4]), seconds(*m.groups()[4:8]), m.group(9)) for m in pattern.finditer(text)]
+
+
+async def _download(page, selector: str) -> str:
+    async with page.expect_download(timeout=WAIT_MS) as info:
+        await page.click(selector)
+    download = await info.value
+    return Path(await download.path()).read_text(encoding="utf-8")
+
+
+async def test_srt_vtt_and_text_exports_use_word_times(livekit_server, web_server, rooms, open_viewer):
+    speakers = {"erin": "Erin & <Co>", "frank": "Frank"}
+    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    t0 = time.time()
+    await bot.say("erin", "welcome to the weekly review", start=t0)
+    await bot.say("frank", "first item is the release date", start=t0 + 3)
+    await bot.say("erin", "it moves to friday", start=t0 + 7)
+    await bot.interim("frank", "SG_open", "still talking")  # interim text is not exported
+    await page.wait_for_function("document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
+                                 timeout=WAIT_MS)
+    await page.wait_for_selector("#captions .seg.interim", timeout=WAIT_MS)
+
+    srt = await _download(page, '[data-export="srt"]')
+    cues = _parse_cues(srt, ",")
+    assert len(cues) == 3 and srt.startswith("1\n")
+    assert cues[0][0] == 0.0 and cues[1][0] == pytest.approx(3.0) and cues[2][0] == pytest.approx(7.0)
+    assert all(end > start for start, end, _ in cues)
+    assert [c[0] for c in cues] == sorted(c[0] for c in cues)
+    assert cues[1][2] == "Frank: first item is the release date"
+    assert "still talking" not in srt
+
+    vtt = await _download(page, '[data-export="vtt"]')
+    assert vtt.startswith("WEBVTT\n\n")
+    vtt_cues = _parse_cues(vtt, ".")
+    assert [(s, e) for s, e, _ in vtt_cues] == [(s, e) for s, e, _ in cues]
+    # The last word ends 1.5 s after the first word of its segment: the word times are real.
+    assert vtt_cues[0][1] == pytest.approx(4 * 0.4 + 0.3)
+    assert vtt_cues[0][2] == "<v Erin &amp; &lt;Co&gt;>welcome to the weekly review"
+
+    text = await _download(page, '[data-export="txt"]')
+    assert text.splitlines() == [
+        "[00:00:00] Erin & <Co>: welcome to the weekly review",
+        "[00:00:03] Frank: first item is the release date",
+        "[00:00:07] Erin & <Co>: it moves to friday",
+    ]
+
+
+async def test_overlay_shows_last_two_turns_on_transparent_background(livekit_server, web_server, rooms,
+                                                                      open_viewer):
+    speakers = {"gina": "Gina", "hugo": "Hugo"}
+    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    viewer = await open_viewer(web_server.link(room_name, overlay="1"), width=1280, height=720)
+    page = viewer.page
+    await page.wait_for_selector('body.overlay[data-state="live"]', timeout=WAIT_MS)
+    await bot.say("gina", "first line should scroll away")
+    await bot.say("hugo", "second line is still visible")
+    await bot.say("gina", "third line is the newest one")
+    await page.wait_for_function("document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
+                                 timeout=WAIT_MS)
+    visible = await page.eval_on_selector_all(
+        "#captions .turn", "ts => ts.filter(t => t.offsetParent !== null).map(t => t.textContent)")
+    assert visible == ["Hugosecond line is still visible", "Ginathird line is the newest one"]
+    assert await page.is_hidden(".bar")
+    background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background in ("rgba(0, 0, 0, 0)", "transparent")
+    size = await page.evaluate("parseFloat(getComputedStyle(document.querySelector('#captions')).fontSize)")
+    assert size >= 36
+    await page.screenshot(path=screenshot_path("viewer-overlay.png"), omit_background=True)
+
+
+async def test_tampered_link_is_refused_with_a_message(web_server, open_viewer):
+    link = web_server.link("some-room").replace("access=", "access=0")
+    viewer = await open_viewer(link)
+    await wait_state(viewer.page, "refused")
+    assert "not valid" in await viewer.page.text_content("#notice")
+    assert await viewer.page.is_visible("#notice")
+
+
+async def test_expired_link_says_so(web_server, open_viewer):
+    expiry = int(time.time()) - 5
+    access = sign_access(web_server.secret, "old-room", expiry)
+    viewer = await open_viewer(f"{web_server.base_url}/?room=old-room&exp={expiry}&access={access}")
+    await wait_state(viewer.page, "expired")
+    assert "expired" in await viewer.page.text_content("#notice")
+
+
+async def test_bad_livekit_token_is_refused_with_a_message(web_server, open_viewer):
+    viewer = await open_viewer(f"{web_server.base_url}/?token=not.a.valid-token")
+    await wait_state(viewer.page, "refused")
+    assert "refused" in await viewer.page.text_content("#notice")
+
+
+async def test_agent_states_absent_loading_waiting_live(livekit_server, web_server, rooms, open_viewer):
+    room_name = f"room-{uuid.uuid4().hex[:8]}"
+    rooms.append(await join(livekit_server, room_name, "ivy", "Ivy Chen"))
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    await wait_state(page, "no-agent")
+    assert "not in this room" in await page.text_content("#notice")
+
+    bot = await CaptionAgentBot.start(livekit_server, room_name, {"ivy": "Ivy Chen"}, status="loading")
+    rooms.append(bot.room)
+    await wait_state(page, "loading")
+    await bot.set_status("waiting", queued=["ivy"])
+    await wait_state(page, "waiting")
+    assert "Ivy Chen" in await page.text_content("#notice")
+    await bot.set_status("live")
+    await wait_state(page, "live")
+    assert await page.is_hidden("#notice")
+    await bot.room.disconnect()
+    await wait_state(page, "no-agent")
+
+
+async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(livekit_server, web_server, rooms,
+                                                                          open_viewer):
+    room_name, bot = await setup_room(livekit_server, rooms, {"jo": "Jo", "kim": "Kim"})
+    viewer = await open_viewer(web_server.link(room_name), width=800, height=500)
+    page = viewer.page
+    await wait_state(page, "live")
+    for i in range(12):
+        await bot.final("jo" if i % 2 else "kim", f"SG_scroll_{i}", f"caption number {i} " + "words " * 12, time.time())
+    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 12", timeout=WAIT_MS)
+    at_bottom = "(c => c.scrollHeight - c.scrollTop - c.clientHeight < 48)(document.querySelector('#captions'))"
+    await page.wait_for_function(at_bottom, timeout=WAIT_MS)
+    assert await page.is_hidden("#jump-live")
+
+    await page.hover("#captions")
+    await page.mouse.wheel(0, -600)
+    await page.wait_for_selector("#jump-live", state="visible", timeout=WAIT_MS)
+    top_before = await page.evaluate("document.querySelector('#captions').scrollTop")
+    await bot.final("jo", "SG_scroll_new", "a new caption while reading back", time.time())
+    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 13", timeout=WAIT_MS)
+    assert await page.evaluate("document.querySelector('#captions').scrollTop") == top_before
+    await page.click("#jump-live")
+    await page.wait_for_function(at_bottom, timeout=WAIT_MS)
+    assert await page.is_hidden("#jump-live")
+
+
+async def test_display_preferences_are_remembered(livekit_server, web_server, rooms, open_viewer):
+    room_name, _ = await setup_room(livekit_server, rooms, {"lee": "Lee"})
+    viewer = await open_viewer(web_server.link(room_name))
+    page = viewer.page
+    size = "getComputedStyle(document.querySelector('#captions')).fontSize"
+    before = await page.evaluate(size)
+    await page.click("#font-larger")
+    await page.click("#font-larger")
+    await page.select_option("#theme", "contrast")
+    larger = await page.evaluate(size)
+    assert float(larger.rstrip("px")) > float(before.rstrip("px"))
+    await page.reload()
+    await wait_state(page, "live")
+    assert await page.evaluate(size) == larger
+    assert await page.input_value("#theme") == "contrast"
+    assert await page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(0, 0, 0)"
+
+
+async def test_phone_sized_screen_keeps_controls_and_captions_usable(livekit_server, web_server, rooms,
+                                                                     open_viewer):
+    room_name, bot = await setup_room(livekit_server, rooms, {"max": "Maximilian Grünewald-Santos"})
+    viewer = await open_viewer(web_server.link(room_name), width=390, height=844)
+    page = viewer.page
+    await wait_state(page, "live")
+    await bot.say("max", "captions on a phone wrap to the screen width without scrolling sideways")
+    await page.wait_for_selector("#captions .seg:not(.interim)", timeout=WAIT_MS)
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    for selector in ("#font-larger", "#theme", '[data-export="srt"]'):
+        box = await page.locator(selector).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390 and box["height"] >= 32
+    await page.keyboard.press("Tab")
+    assert await page.evaluate("document.activeElement.id") == "font-smaller"
+    await page.screenshot(path=screenshot_path("viewer-phone.png"))
