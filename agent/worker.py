@@ -1,0 +1,154 @@
+"""`captions worker [dev|start]`: the livekit-agents worker that captions every room it is given.
+
+One process serves every room: livekit-agents' THREAD job executor runs each job (room) in a thread
+of this process with its own event loop, so all rooms share the one engine (one model, one GPU)
+loaded here before the worker registers with LiveKit; it is therefore never offered a room before
+the model is ready. The load it reports is occupied engine slots / B, so that LiveKit offers new
+rooms to the worker with room to spare. Speakers beyond B wait in one fair queue across all rooms.
+
+`dev` logs more and never refuses rooms for load (livekit-agents' development defaults); `start`
+(the default) is for deployments: it stops taking rooms above the load threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import add_livekit_options, add_option, positive_int
+from .log import logger
+from .model import DEFAULT_MODEL
+
+LOAD_THRESHOLD = 0.95
+"""In `start` mode, a worker with (almost) every slot taken answers "unavailable" to new rooms."""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
+                        help="start (deployments, default) or dev (verbose, never refuses rooms)")
+    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
+               help="Hugging Face repo id or local checkpoint directory")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
+               help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
+    add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
+               help="where each room's transcript (<room>.jsonl) is written")
+    add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
+               help="if set, save the 24 kHz audio each speaker's engine stream consumed (WAV)")
+    add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
+               help="explicit dispatch under this name (default: automatic dispatch to every room)")
+    add_option(parser, "--health-port", env="CAPTIONS_HEALTH_PORT", default=None, type=int,
+               help="worker health-check HTTP port (0: any free port; default 8081 for start, 0 for dev)")
+    add_livekit_options(parser)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+@dataclass
+class CaptionService:
+    """What every room's job shares: the engine, the slot queue and the room options."""
+
+    engine: Any
+    slots: Any
+    room_options: Any
+
+    def load(self) -> float:
+        """The load livekit-agents reports to LiveKit: occupied slots / B."""
+        return self.engine.slots_in_use / self.engine.batch_size
+
+
+_service: CaptionService | None = None
+"""Process-wide, set before the worker registers; jobs run as threads of this process."""
+
+
+async def _caption_room(ctx) -> None:
+    """A job's entrypoint (in the job's own thread and event loop)."""
+    from livekit.agents import AutoSubscribe
+
+    from .room import RoomCaptioner
+
+    assert _service is not None, "the engine is loaded before the worker registers"
+    await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
+    captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options)
+    ctx.add_shutdown_callback(captioner.aclose)
+    await captioner.start()
+    logger.info("captioning room %s", ctx.room.name)
+
+
+def _load_service(args: argparse.Namespace) -> CaptionService:
+    from .engine import SttEngine
+    from .room import RoomOptions
+    from .slots import SlotQueue
+
+    engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size)
+    engine.start()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    if args.record_dir is not None:
+        args.record_dir.mkdir(parents=True, exist_ok=True)
+    return CaptionService(engine, SlotQueue(engine), RoomOptions(args.data_dir, args.record_dir))
+
+
+def _build_server(args: argparse.Namespace, service: CaptionService):
+    from livekit import agents
+    from livekit.agents.worker import ServerEnvOption
+
+    dev = args.mode == "dev"
+    port = args.health_port if args.health_port is not None else (0 if dev else 8081)
+    server = agents.AgentServer(
+        job_executor_type=agents.JobExecutorType.THREAD,
+        load_fnc=service.load,
+        load_threshold=ServerEnvOption(dev_default=float("inf"), prod_default=LOAD_THRESHOLD),
+        num_idle_processes=0,
+        ws_url=args.url, api_key=args.api_key, api_secret=args.api_secret,
+        port=port,
+        permissions=agents.WorkerPermissions(can_publish=False, can_subscribe=True, can_publish_data=True,
+                                             can_update_metadata=True),
+        log_level="DEBUG" if dev else "INFO",
+    )
+    server.rtc_session(_caption_room, agent_name=args.agent_name)
+    return server
+
+
+async def _serve(server, dev: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    run = asyncio.create_task(server.run(devmode=dev))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # A second Ctrl-C while rooms flush means "now".
+        loop.add_signal_handler(sig, lambda: os._exit(130))
+    logger.info("stopping: flushing every room's open captions")
+    await server.aclose()
+    if run.done() and not run.cancelled() and run.exception() is not None:
+        raise run.exception()
+    stopped.cancel()
+
+
+def run(args: argparse.Namespace) -> int:
+    global _service
+    from .model import CheckpointError
+
+    try:
+        _service = _load_service(args)
+    except CheckpointError as e:
+        print(f"captions worker: {e}", file=sys.stderr)
+        return 1
+    mode = "explicit dispatch as " + repr(args.agent_name) if args.agent_name else "automatic dispatch"
+    logger.info("worker ready: %d slots, %s, LiveKit at %s", _service.engine.batch_size, mode, args.url)
+    try:
+        asyncio.run(_serve(_build_server(args, _service), dev=args.mode == "dev"))
+    except Exception as e:  # noqa: BLE001 - e.g. LiveKit unreachable after retries: say so, exit 1
+        logger.error("worker failed: %s", e)
+        return 1
+    finally:
+        _service.slots.close()
+        _service.engine.close()
+    return 0
