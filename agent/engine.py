@@ -135,6 +135,7 @@ class SttEngine:
         self._input = np.zeros((batch_size, 1, self.frame_size), dtype=np.float32)
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._busy = False
         self._slot_freed_listeners: list[Callable[[], None]] = []
         self.step_listeners: list[Callable[[StepTimings], None]] = []
         self.steps = 0
@@ -161,7 +162,7 @@ class SttEngine:
     def idle(self) -> bool:
         """No frame waiting and no stream closing: every pushed frame has been stepped."""
         with self._cond:
-            return not self._has_work()
+            return not self._has_work() and not self._busy
 
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the engine thread each time a slot becomes free."""
@@ -247,10 +248,13 @@ class SttEngine:
                 reset = np.array([s.fresh for s in self._slots])
                 for slot, _ in batch:
                     slot.fresh = False
+                self._busy = bool(batch or finished)
             for slot in finished:
                 self._finish(slot)
             if batch:
                 self._step(batch, reset)
+            with self._cond:
+                self._busy = False
 
     def _run_model(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray):
         """One model step for the slots in `batch`; returns (tokens, pause probs, timings)."""

@@ -1,0 +1,317 @@
+"""The batched engine against Kyutai's reference loop and against itself run solo.
+
+Runs the real model path (moshi loaders, Mimi, LMGen) on the project's tiny real-format checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.audio import read_audio_file
+from agent.engine import EngineFull, SttEngine, StreamEvent
+from agent.model import load_stt_model
+from agent.tiny_checkpoint import make_test_checkpoint
+from agent.transcribe import transcribe_audio
+from tests.conftest import espeak_wav
+
+FRAME = 1920
+SENTENCES = [
+    "Good morning everyone, let us start the meeting.",
+    "The budget for next quarter looks fine to me.",
+    "Bonjour, je voudrais poser une question sur le projet.",
+]
+
+
+@pytest.fixture(scope="module")
+def clips(speech_dir) -> list[np.ndarray]:
+    voices = ["en", "en-us", "fr"]
+    return [read_audio_file(espeak_wav(text, speech_dir / f"engine{i}.wav", voice=voices[i]))
+            for i, text in enumerate(SENTENCES)]
+
+
+@pytest.fixture(scope="module")
+def engine_b3(tiny_checkpoint):
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=3)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def engine_b1(tiny_checkpoint):
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=1)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+class Collector:
+    """Gathers one stream's events (they arrive on the engine thread)."""
+
+    def __init__(self):
+        self.events: list[StreamEvent] = []
+        self.done = threading.Event()
+
+    def __call__(self, event: StreamEvent) -> None:
+        self.events.append(event)
+        if event.ended:
+            self.done.set()
+
+    @property
+    def tokens(self) -> list[int]:
+        return [e.token for e in self.events if not e.ended]
+
+    @property
+    def words(self) -> list[tuple[str, float, float]]:
+        return [(w.text, w.start, w.end) for e in self.events for w in e.words]
+
+
+def run_solo(engine: SttEngine, audio: np.ndarray) -> Collector:
+    collector = Collector()
+    stream = engine.open_stream(collector)
+    stream.push(audio)
+    stream.close()
+    assert collector.done.wait(60), "stream never ended"
+    return collector
+
+
+def wait_idle(engine: SttEngine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not engine.idle:
+        assert time.monotonic() < deadline, "engine did not drain"
+        time.sleep(0.002)
+
+
+# ---- Kyutai's reference loop, written here from moshi's public API only ------------------------
+
+def reference_tokens(checkpoint, audio: np.ndarray) -> list[int]:
+    """delayed-streams-modeling's stt_from_file_pytorch.py loop: prefix silence, padded audio,
+    delay silence, one greedy LMGen step per Mimi frame, batch size 1."""
+    import json
+
+    from moshi.models import LMGen, loaders
+    from moshi.utils.compile import no_compile
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    info = loaders.CheckpointInfo.from_hf_repo(
+        str(checkpoint), moshi_weights=checkpoint / config["moshi_name"],
+        mimi_weights=checkpoint / config["mimi_name"], tokenizer=checkpoint / config["tokenizer_name"],
+        config_path=checkpoint / "config.json", mimi_config_path=checkpoint / config["mimi_config_name"])
+    mimi = info.get_mimi(device="cpu")
+    lm_gen = LMGen(info.get_moshi(device="cpu", dtype=torch.float32), temp=0, temp_text=0)
+    n_prefix = math.ceil(info.stt_config["audio_silence_prefix_seconds"] * 12.5)
+    n_suffix = math.ceil(info.stt_config["audio_delay_seconds"] * 12.5)
+    padded = np.zeros(math.ceil(len(audio) / FRAME) * FRAME, dtype=np.float32)
+    padded[: len(audio)] = audio
+    chunks = [np.zeros(FRAME, np.float32)] * n_prefix + list(padded.reshape(-1, FRAME))
+    chunks += [np.zeros(FRAME, np.float32)] * n_suffix
+    tokens = []
+    with no_compile(), torch.no_grad(), mimi.streaming(1), lm_gen.streaming(1):
+        for chunk in chunks:
+            out = lm_gen.step(mimi.encode(torch.from_numpy(chunk)[None, None]))
+            if out is not None:
+                tokens.append(int(out[0, 0, 0]))
+    return tokens
+
+
+def reference_text(tokens: list[int], tokenizer) -> str:
+    """The reference's segmentation: words live between boundary tokens (0); the last segment ends
+    at end-of-sequence or one second (12.5 steps) after it started."""
+    boundaries = [i for i, t in enumerate(tokens) if t == 0]
+    if not boundaries:
+        return ""
+    segments = [tokens[a + 1:b] for a, b in zip(boundaries, boundaries[1:])]
+    last = tokens[boundaries[-1] + 1:]
+    last = last[: last.index(tokenizer.eos_id())] if tokenizer.eos_id() in last else last[: math.ceil(12.5)]
+    words = []
+    for segment in segments + [last]:
+        words += tokenizer.decode([t for t in segment if t > 3]).split()
+    return " ".join(words)
+
+
+def test_transcribe_equals_kyutai_reference_loop(engine_b1, tiny_checkpoint, clips):
+    tokenizer = load_stt_model(str(tiny_checkpoint), "cpu").tokenizer
+    for audio in clips:
+        expected_tokens = reference_tokens(tiny_checkpoint, audio)
+        solo = run_solo(engine_b1, audio)
+        assert solo.tokens == expected_tokens
+        text = " ".join(w.text for w in transcribe_audio(engine_b1, audio))
+        assert text == reference_text(expected_tokens, tokenizer)
+        assert len(text.split()) >= 3
+
+
+def test_different_speech_gives_different_varied_transcripts(engine_b1, clips):
+    transcripts = [" ".join(w.text for w in transcribe_audio(engine_b1, audio)) for audio in clips]
+    assert len(set(transcripts)) == len(transcripts), transcripts
+    for text in transcripts:
+        assert len(set(text.split())) >= 3, f"too few distinct words: {text!r}"
+
+
+def test_silence_gives_no_words(engine_b1):
+    assert transcribe_audio(engine_b1, np.zeros(24000 * 3, dtype=np.float32)) == []
+
+
+def test_word_times_follow_the_audio(engine_b1, clips):
+    audio = clips[0]
+    words = transcribe_audio(engine_b1, audio)
+    duration = len(audio) / 24000
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start <= w.end <= duration + 1.0 for w in words)
+    # The same speech after two seconds of silence: nothing during the silence, and the speech's
+    # first word two seconds later (the model's context differs, so later words may too).
+    shifted = transcribe_audio(engine_b1, np.concatenate([np.zeros(48000, np.float32), audio]))
+    # (The tiny model answers at once, without the real model's learnt delay, yet its times still
+    # subtract the configured delay: they come out early by that much.)
+    assert min(w.start for w in shifted) >= 2.0 - engine_b1.text_delay_s - 0.08
+    assert shifted[0].start - words[0].start == pytest.approx(2.0, abs=0.25)
+
+
+def test_close_flushes_the_last_words(engine_b1, clips):
+    audio = clips[1][: len(clips[1]) * 6 // 10]  # cut mid-sentence: the speaker stops talking at once
+    flushed = run_solo(engine_b1, audio)
+    aborted = Collector()
+    stream = engine_b1.open_stream(aborted)
+    stream.push(audio)
+    wait_idle(engine_b1)
+    stream.abort()
+    assert aborted.done.wait(10)
+    # Without the delay's worth of silence the model has not written its last words yet.
+    assert len(aborted.words) < len(flushed.words)
+    assert flushed.words[: len(aborted.words)] == aborted.words
+    assert flushed.events[-1].ended and flushed.events[-1].error is None
+
+
+def test_full_engine_says_so_and_frees_slots(engine_b3, clips):
+    freed = []
+    engine_b3.add_slot_freed_listener(lambda: freed.append(1))
+    collectors = [Collector() for _ in range(3)]
+    streams = [engine_b3.open_stream(c) for c in collectors]
+    with pytest.raises(EngineFull, match="3 engine slots"):
+        engine_b3.open_stream(Collector())
+    assert engine_b3.slots_in_use == 3
+    streams[1].push(clips[0][:FRAME * 5])
+    streams[1].close()
+    assert collectors[1].done.wait(10)
+    assert freed and engine_b3.slots_in_use == 2
+    replacement = engine_b3.open_stream(Collector())
+    for stream in (streams[0], streams[2], replacement):
+        stream.abort()
+    wait_idle(engine_b3)
+    assert engine_b3.slots_in_use == 0
+
+
+def test_failed_step_is_reported_and_engine_keeps_serving(engine_b3, clips, monkeypatch):
+    mimi = engine_b3.model.mimi
+    real_encode = mimi.encode
+    calls = {"n": 0}
+
+    def flaky_encode(x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_encode(x)
+
+    monkeypatch.setattr(mimi, "encode", flaky_encode)
+    collector = Collector()
+    stream = engine_b3.open_stream(collector)
+    stream.push(clips[0][: FRAME * 10])
+    assert collector.done.wait(10), "a failed step must end the stream, not hang it"
+    assert "out of memory" in collector.events[-1].error
+    monkeypatch.setattr(mimi, "encode", real_encode)
+    assert run_solo(engine_b3, clips[0]).events[-1].error is None
+    assert engine_b3.slots_in_use == 0
+
+
+PROPERTY_FRAMES = 24  # ~2 s of each clip keeps the property test quick
+
+
+@pytest.fixture(scope="module")
+def short_clips(clips) -> list[np.ndarray]:
+    return [clip[FRAME * 3: FRAME * (3 + PROPERTY_FRAMES)] for clip in clips]
+
+
+@pytest.fixture(scope="module")
+def solo_tokens(engine_b1, short_clips) -> list[list[int]]:
+    return [run_solo(engine_b1, audio).tokens for audio in short_clips]
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    clip_of=st.lists(st.integers(0, 2), min_size=2, max_size=4),
+    ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10), st.booleans()), max_size=30),
+)
+def test_batched_streams_equal_solo_runs(engine_b3, short_clips, solo_tokens, clip_of, ops):
+    """Streams starting, pausing and stopping at random in different slots of one batch produce
+    exactly the tokens each produces alone. `ops` is (stream, frames to push, let the engine catch
+    up before the next push): while one stream pushes, the others pause."""
+    n = len(clip_of)
+    frames = [list(short_clips[c].reshape(-1, FRAME)) for c in clip_of]
+    collectors = [Collector() for _ in range(n)]
+    streams: list = [None] * n
+
+    def push(i: int, count: int) -> None:
+        if streams[i] is None:
+            wait_idle(engine_b3)  # closed streams free their slots once flushed
+            if engine_b3.slots_in_use == engine_b3.batch_size:  # finish the oldest to make room
+                oldest = next(j for j in range(n) if streams[j] is not None and frames[j])
+                push(oldest, len(frames[oldest]))
+                assert collectors[oldest].done.wait(30)
+                wait_idle(engine_b3)
+            streams[i] = engine_b3.open_stream(collectors[i])
+        if not frames[i]:
+            return
+        streams[i].push(np.concatenate(frames[i][:count]))
+        del frames[i][:count]
+        if not frames[i]:
+            streams[i].close()
+
+    for stream_index, count, catch_up in ops:
+        push(stream_index % n, count)
+        if catch_up:
+            wait_idle(engine_b3)
+    for i in range(n):
+        push(i, PROPERTY_FRAMES)
+    for i in range(n):
+        assert collectors[i].done.wait(30)
+        assert collectors[i].tokens == solo_tokens[clip_of[i]], f"stream {i} differs from its solo run"
+    wait_idle(engine_b3)
+
+
+def test_kyutai_2_6b_style_config_prefix_and_no_vad(tmp_path, clips):
+    """stt-2.6b-en has a one-second silence prefix, a longer delay and no VAD heads."""
+    checkpoint = make_test_checkpoint(tmp_path / "big-style", seed=1, prefix_s=1.0, delay_s=2.5, vad=False)
+    engine = SttEngine.load(str(checkpoint), device="cpu", batch_size=2)
+    engine.start()
+    try:
+        assert not engine.has_vad and engine.text_delay_s == 2.5
+        solo = run_solo(engine, clips[0])
+        assert all(e.pause_prob is None for e in solo.events)
+        assert solo.tokens == reference_tokens(checkpoint, clips[0])
+        assert len(solo.tokens) == 13 + math.ceil(len(clips[0]) / FRAME) + math.ceil(2.5 * 12.5)
+    finally:
+        engine.close()
+
+
+def test_vad_heads_report_pauses(engine_b1, clips):
+    """The checkpoint's VAD heads: high 'no voice' probability in silence, low during speech."""
+    audio = np.concatenate([clips[0], np.zeros(24000 * 2, np.float32)])
+    collector = run_solo(engine_b1, audio)
+    probs = [e.pause_prob for e in collector.events if not e.ended]
+    speech_frames = len(clips[0]) // FRAME
+    assert np.mean(probs[5:speech_frames]) < 0.5 < np.mean(probs[-20:])
+
+
+def test_checkpoint_is_deterministic_for_a_seed(tmp_path):
+    a = make_test_checkpoint(tmp_path / "a", seed=3)
+    b = make_test_checkpoint(tmp_path / "b", seed=3)
+    for name in ("config.json", "model.safetensors", "mimi.safetensors", "tokenizer.model"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
