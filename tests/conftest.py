@@ -101,3 +101,63 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "tiny-stt"
     make_test_checkpoint(out, seed=0)
     return out
+
+
+@dataclass
+class CaptionsWorker:
+    """A `captions worker` subprocess (the real worker, real engine) and where it writes."""
+
+    process: subprocess.Popen
+    data_dir: Path
+    record_dir: Path
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> int:
+        """Ctrl-C, as a user would; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(2)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
+                          extra_args: tuple[str, ...] = (), ready_timeout: float = 180) -> CaptionsWorker:
+    """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered."""
+    import os
+    import sys
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir, record_dir, log_path = workdir / "data", workdir / "recordings", workdir / "worker.log"
+    env = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
+               LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1")
+    captions = Path(sys.executable).parent / "captions"
+    command = [str(captions), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
+               "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
+               "--health-port", "0", *extra_args]
+    log = open(log_path, "wb")  # noqa: SIM115 - the subprocess writes to it for its lifetime
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = CaptionsWorker(process, data_dir, record_dir, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"captions worker exited early:\n{worker.log_tail()}")
+        if b"registered worker" in log_path.read_bytes():
+            return worker
+        time.sleep(0.2)
+    worker.stop()
+    raise RuntimeError(f"captions worker did not register in {ready_timeout} s:\n{worker.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory) -> CaptionsWorker:
+    """One real caption worker (3 engine slots, automatic dispatch) for the whole session."""
+    worker = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory.mktemp("worker"))
+    yield worker
+    worker.stop()

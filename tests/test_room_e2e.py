@@ -1,0 +1,272 @@
+"""End to end: the real `captions worker` (subprocess, tiny real-format checkpoint on CPU) in rooms of a
+real livekit-server, with WebRTC bots speaking espeak-ng audio and a bot viewer collecting captions.
+
+The tiny model's words are meaningless, so these tests compare structure and consistency: who is
+captioned, interim -> final, the transcript file, and the live words against `captions transcribe` of
+the audio the engine consumed (recorded by the worker with --record-dir).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
+from agent.transcript import read_transcript, transcript_path
+from tests.bots import Caption, Publisher, Subscriber
+from tests.conftest import espeak_wav
+
+pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
+
+SENTENCES = {
+    "alice": "The quick brown fox jumps over the lazy dog near the river bank.",
+    "bob": "Streaming speech recognition turns every word into text as it is spoken.",
+    "carol": "Please remember to bring your umbrella because it might rain later today.",
+    "dave": "I have been waiting patiently for my turn to speak in this meeting.",
+}
+# Publishers at different formats: the agent must resample any rate and mix down any channel count.
+FORMATS = {"alice": (24000, 1), "bob": (48000, 2), "carol": (16000, 1), "dave": (24000, 1)}
+CAPTION_WAIT_S = 30
+
+
+def speech(speech_dir: Path, identity: str, text: str | None = None) -> Path:
+    rate, channels = FORMATS[identity]
+    path = speech_dir / f"{identity}-{rate}-{channels}{'-' + str(abs(hash(text))) if text else ''}.wav"
+    return path if path.exists() else espeak_wav(text or SENTENCES[identity], path, rate, channels)
+
+
+async def publisher(server, room: str, identity: str) -> Publisher:
+    rate, channels = FORMATS[identity]
+    return await Publisher(server, room, identity, sample_rate=rate, channels=channels).connect()
+
+
+def words_of(captions: list[Caption]) -> list[str]:
+    """The words of final captions, in the order they were spoken (by their first word's time)."""
+    finals = sorted((c for c in captions if c.final and c.text), key=lambda c: c.words[0][1])
+    return [w[0] for c in finals for w in c.words]
+
+
+def recordings(record_dir: Path, room: str, identity: str) -> list[Path]:
+    """The worker's recordings of one speaker, in engine-stream order."""
+    pattern = re.compile(rf"^{re.escape(room)}-{re.escape(identity)}-(\d+)(-\d+)?\.wav$")
+    found = [(int(m.group(1)), p) for p in record_dir.glob("*.wav") if (m := pattern.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def transcribe(checkpoint: Path, wav: Path) -> list[str]:
+    """`captions transcribe --json` of a file: the offline reference for the live captions."""
+    captions = Path(sys.executable).parent / "captions"
+    out = subprocess.run([str(captions), "transcribe", "--json", "--model", str(checkpoint), "--device", "cpu",
+                          str(wav)], capture_output=True, text=True, timeout=180, check=True)
+    return [w["text"] for w in json.loads(out.stdout)["words"]]
+
+
+async def wait_for_finals_after_leaving(sub: Subscriber, identities: list[str], quiet_s: float = 2.0) -> None:
+    """After speakers stopped, their flushed final captions arrive: wait until each of their segments
+    is final and no caption came for `quiet_s` (a straggler would show up as a second final)."""
+    def settled() -> bool:
+        mine = [s for s in sub.by_segment().values() if s[0].sender in identities]
+        return all(any(c.final for c in s) for s in mine) and time.time() - last_caption_at() >= quiet_s
+
+    def last_caption_at() -> float:
+        return max((c.received_at for c in sub.captions), default=0.0)
+
+    try:
+        await sub.wait_until(settled, CAPTION_WAIT_S, f"final captions of {identities}")
+    except TimeoutError:
+        open_segments = {k: [(c.sender, c.final, c.text) for c in v] for k, v in sub.by_segment().items()
+                         if not any(c.final for c in v)}
+        raise TimeoutError(f"segments never closed: {open_segments}") from None
+
+
+@dataclass
+class Conversation:
+    room: str
+    captions: list[Caption]
+    tracks: dict[str, str]
+    """identity -> microphone track sid"""
+    started: float
+    ended: float
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def conversation(livekit_server, captions_worker, speech_dir) -> Conversation:
+    """Three people (24 kHz mono, 48 kHz stereo, 16 kHz mono) speak at the same time, then leave."""
+    room = "e2e-three-speakers"
+    started = time.time()
+    sub = await Subscriber(livekit_server, room).connect()
+    speakers = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
+    await sub.wait_for_agent()
+    await asyncio.sleep(0.5)  # let the agent subscribe to the three microphones
+    await asyncio.gather(*(p.play(speech(speech_dir, name)) for name, p in speakers.items()))
+    await asyncio.gather(*(p.silence(1.0) for p in speakers.values()))
+    tracks = {name: p.track_sid for name, p in speakers.items()}
+    for p in speakers.values():
+        await p.disconnect()
+    await wait_for_finals_after_leaving(sub, list(speakers))
+    await sub.disconnect()
+    return Conversation(room, list(sub.captions), tracks, started, time.time())
+
+
+async def test_three_simultaneous_speakers_are_each_captioned_with_their_identity_and_track(conversation):
+    assert conversation.captions, "no caption at all"
+    for name, track_sid in conversation.tracks.items():
+        mine = [c for c in conversation.captions if c.sender == name]
+        assert any(c.final and c.text for c in mine), f"{name} got no final caption"
+        assert {c.track_id for c in mine} == {track_sid}, f"{name}'s captions name another track"
+    assert {c.sender for c in conversation.captions} == set(conversation.tracks), "caption from a non-speaker"
+    for segment_id, updates in _by_segment(conversation).items():
+        assert len({(c.sender, c.track_id) for c in updates}) == 1, f"segment {segment_id} mixes speakers"
+
+
+def _by_segment(conversation: Conversation) -> dict[str, list[Caption]]:
+    segments: dict[str, list[Caption]] = {}
+    for c in conversation.captions:
+        segments.setdefault(c.segment_id, []).append(c)
+    return segments
+
+
+async def test_each_segment_gets_interim_updates_then_exactly_one_final(conversation):
+    segments = _by_segment(conversation)
+    assert any(sum(not c.final for c in updates) >= 2 for updates in segments.values()), \
+        "no segment was shown growing before it was final"
+    for segment_id, updates in segments.items():
+        finals = [c for c in updates if c.final]
+        assert len(finals) == 1, f"segment {segment_id} has {len(finals)} finals"
+        assert updates[-1].final, f"segment {segment_id} got an interim update after its final"
+        final_words = finals[0].text.split()
+        for interim in updates[:-1]:
+            # Each interim carries the full text so far: its completed words (all but the word in
+            # progress) are the beginning of the final text.
+            completed = interim.text.split()[:-1]
+            assert final_words[:len(completed)] == completed, (segment_id, interim.text, finals[0].text)
+
+
+async def test_final_captions_carry_word_times_in_wall_clock(conversation):
+    for c in conversation.captions:
+        if c.final and c.text:
+            assert [w[0] for w in c.words] == c.text.split()
+            for _, start, end in c.words:
+                assert conversation.started - 1 <= start <= end <= conversation.ended + 1
+
+
+async def test_final_captions_equal_the_transcript_file(conversation, captions_worker):
+    on_disk = read_transcript(transcript_path(captions_worker.data_dir, conversation.room))
+    published = {c.segment_id: c for c in conversation.captions if c.final and c.text}
+    assert {s.segment_id for s in on_disk} == set(published)
+    for segment in on_disk:
+        caption = published[segment.segment_id]
+        assert (segment.text, segment.participant_identity, segment.track_id) == \
+            (caption.text, caption.sender, caption.track_id)
+        assert segment.words == caption.words
+
+
+async def test_live_captions_equal_captions_transcribe_of_the_recorded_audio(
+        conversation, captions_worker, tiny_checkpoint):
+    for name in conversation.tracks:
+        files = recordings(captions_worker.record_dir, conversation.room, name)
+        assert len(files) == 1, f"{name}: expected one engine stream, got {files}"
+        live = words_of([c for c in conversation.captions if c.sender == name])
+        assert live, f"{name}: no live words"
+        assert live == transcribe(tiny_checkpoint, files[0]), name
+
+
+async def test_a_late_viewer_receives_the_backlog(conversation, livekit_server, captions_worker):
+    """A viewer joining after everyone left gets the room's captions so far from the agent. The
+    hidden viewer (as the web viewer's tokens are) gets the stream; a visible one also gets the
+    RPC's response."""
+    expected = read_transcript(transcript_path(captions_worker.data_dir, conversation.room))
+    # The agent stays in the room for the server's empty-room timeout, so it can still answer.
+    speaker = await publisher(livekit_server, conversation.room, "alice")  # keeps the room alive
+    try:
+        hidden = await Subscriber(livekit_server, conversation.room, identity="late-hidden").connect()
+        visible = await Subscriber(livekit_server, conversation.room, identity="late-visible",
+                                   hidden=False).connect()
+        response, segments = await hidden.request_backlog()
+        assert segments == expected
+        response, segments = await visible.request_backlog()
+        assert response == {"segments": len(expected)}
+        assert segments == expected
+        await hidden.disconnect()
+        await visible.disconnect()
+    finally:
+        await speaker.disconnect()
+
+
+async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
+        livekit_server, captions_worker, speech_dir, tiny_checkpoint):
+    """Alice leaves mid-sentence and comes back; Bob mutes mid-sentence and unmutes. Every word the
+    engine produced from the audio it consumed reaches the captions (flush on stop)."""
+    room = "e2e-leave-mute-rejoin"
+    sub = await Subscriber(livekit_server, room).connect()
+    alice, bob = await publisher(livekit_server, room, "alice"), await publisher(livekit_server, room, "bob")
+    await sub.wait_for_agent()
+    await asyncio.sleep(0.5)
+    bob_first_track = bob.track_sid
+    await asyncio.gather(alice.play(speech(speech_dir, "alice"), stop_after_s=2.0),
+                         bob.play(speech(speech_dir, "bob"), stop_after_s=2.0))
+    await alice.disconnect()  # mid-sentence, no trailing silence
+    bob.mute()
+    await wait_for_finals_after_leaving(sub, ["alice", "bob"])
+    assert sub.finals("alice") and sub.finals("bob"), "a speaker who stopped got no final caption"
+
+    alice = await publisher(livekit_server, room, "alice")
+    bob.unmute()
+    await asyncio.sleep(0.5)
+    await asyncio.gather(alice.play(speech(speech_dir, "alice")), bob.play(speech(speech_dir, "bob")))
+    await alice.disconnect()
+    await bob.disconnect()
+    await wait_for_finals_after_leaving(sub, ["alice", "bob"])
+    await sub.disconnect()
+
+    assert {c.track_id for c in sub.captions if c.sender == "bob"} == {bob_first_track}, \
+        "an unmuted track keeps its track id"
+    for name in ("alice", "bob"):
+        files = recordings(captions_worker.record_dir, room, name)
+        assert len(files) == 2, f"{name}: one engine stream before and one after, got {files}"
+        offline = [w for f in files for w in transcribe(tiny_checkpoint, f)]
+        assert words_of([c for c in sub.captions if c.sender == name]) == offline, name
+
+
+async def test_more_speakers_than_slots_wait_visibly_then_are_served(livekit_server, captions_worker, speech_dir):
+    """The worker has 3 slots: a 4th speaker waits (shown in the agent's attributes), and is
+    captioned as soon as a slot frees."""
+    room = "e2e-queue"
+    sub = await Subscriber(livekit_server, room).connect()
+    first = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
+    agent = await sub.wait_for_agent()
+    await sub.wait_until(lambda: len(captions_worker_streams(captions_worker, room)) >= 3, CAPTION_WAIT_S,
+                         "three engine streams")
+    dave = await publisher(livekit_server, room, "dave")
+    await sub.wait_until(lambda: agent.attributes.get(ATTR_AGENT_QUEUED) == '["dave"]', CAPTION_WAIT_S,
+                         "dave shown as queued")
+    assert agent.attributes[ATTR_AGENT_STATUS] == "waiting"
+    await dave.play(speech(speech_dir, "dave"), stop_after_s=1.0)  # while waiting: not captioned
+    assert not [c for c in sub.captions if c.sender == "dave"]
+
+    await first["alice"].disconnect()  # frees a slot (after the flush)
+    await sub.wait_until(lambda: agent.attributes.get(ATTR_AGENT_QUEUED) == "[]", CAPTION_WAIT_S,
+                         "the queue to empty")
+    assert agent.attributes[ATTR_AGENT_STATUS] == "live"
+    await dave.play(speech(speech_dir, "dave"))
+    await dave.silence(1.0)
+    for p in [dave, first["bob"], first["carol"]]:
+        await p.disconnect()
+    await wait_for_finals_after_leaving(sub, ["dave"])
+    await sub.disconnect()
+    assert [c for c in sub.finals("dave") if c.text], "the waiting speaker was never captioned"
+
+
+def captions_worker_streams(worker, room: str) -> list[Path]:
+    """Engine streams opened in `room` so far (one recording each)."""
+    return [p for p in worker.record_dir.glob(f"{room}-*.wav")]
+
