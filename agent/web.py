@@ -209,8 +209,9 @@ def create_app(settings: WebSettings):
     return app
 
 
-def check_web_dir(web_dir: Path = WEB_DIR) -> None:
+def check_web_dir(web_dir: Path | None = None) -> None:
     """Raises RuntimeError with the fix when the viewer's JavaScript dependencies are not installed."""
+    web_dir = web_dir or WEB_DIR
     if not (web_dir / LIVEKIT_CLIENT_PATH).is_file():
         raise RuntimeError(
             f"{web_dir / 'node_modules'} is missing (the viewer's livekit-client): "

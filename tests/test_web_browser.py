@@ -50,6 +50,8 @@ CHROMIUM_ARGS = [
 ]
 XSS_NAME = "<img src=x onerror=alert(1)>"
 WAIT_MS = 15000
+# The page runs under a strict Content-Security-Policy (no eval): predicates for wait_for_function
+# are always written as functions ("() => ..."), which Playwright calls without eval.
 
 
 # ---------------------------------------------------------------- servers and browser
@@ -74,31 +76,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def web_server(livekit_server, tmp_path_factory) -> WebServer:
-    """`captions web` as a subprocess, in signed-link mode (not --open)."""
+def start_web_server(livekit_server, log_path: Path, secret: str = "viewer-test-secret") -> WebServer:
+    """`captions web` as a subprocess, in signed-link mode (not --open), up when /healthz answers."""
     assert (WEB_DIR / "node_modules").is_dir(), "run `npm ci` in web/ first"
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("web") / "web.log", "wb")
     command = [sys.executable, "-m", "agent.cli", "web", "--port", str(port), "--url", livekit_server.url,
                "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
-               "--viewer-secret", "viewer-test-secret", "--token-ttl", "600"]
-    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+               "--viewer-secret", secret, "--token-ttl", "600"]
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "captions web exited early"
+        assert proc.poll() is None, f"captions web exited early, see {log_path}"
         try:
             urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-            break
+            return WebServer(base, secret, proc)
         except OSError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError("captions web did not come up")
-    yield WebServer(base, "viewer-test-secret", proc)
+    proc.kill()
+    raise RuntimeError(f"captions web did not come up, see {log_path}")
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def web_server(livekit_server, tmp_path_factory) -> WebServer:
+    server = start_web_server(livekit_server, tmp_path_factory.mktemp("web") / "web.log")
+    yield server
+    stop(server.process)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -152,7 +164,9 @@ def _token(server, identity: str, name: str, room: str, agent: bool = False) -> 
     token = api.AccessToken(server.api_key, server.api_secret).with_identity(identity).with_name(name)
     if agent:
         token = token.with_kind("agent")
-    return token.with_grants(api.VideoGrants(room_join=True, room=room, agent=agent)).to_jwt()
+    # The agent sets its own attributes (captions.status), which needs can_update_own_metadata.
+    grants = api.VideoGrants(room_join=True, room=room, agent=agent, can_update_own_metadata=agent)
+    return token.with_grants(grants).to_jwt()
 
 
 async def join(server, room_name: str, identity: str, name: str, agent: bool = False):
@@ -286,8 +300,8 @@ async def test_two_speakers_interim_then_final_without_duplicates(livekit_server
 
     await bot.say("bob", "thanks Alice let us start with the budget")
     await bot.say("alice", "sure the numbers are ready")
-    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 3", timeout=WAIT_MS)
-    await page.wait_for_function("!document.querySelector('#captions .seg.interim')", timeout=WAIT_MS)
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg').length === 3", timeout=WAIT_MS)
+    await page.wait_for_function("() => !document.querySelector('#captions .seg.interim')", timeout=WAIT_MS)
     turns = await page.eval_on_selector_all(
         "#captions .turn", "ts => ts.map(t => [t.querySelector('.name').textContent, t.querySelector('.text').textContent])")
     assert turns == [
@@ -374,7 +388,7 @@ async def test_srt_vtt_and_text_exports_use_word_times(livekit_server, web_serve
     await bot.say("frank", "first item is the release date", start=t0 + 3)
     await bot.say("erin", "it moves to friday", start=t0 + 7)
     await bot.interim("frank", "SG_open", "still talking")  # interim text is not exported
-    await page.wait_for_function("document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
                                  timeout=WAIT_MS)
     await page.wait_for_selector("#captions .seg.interim", timeout=WAIT_MS)
 
@@ -413,11 +427,11 @@ async def test_overlay_shows_last_two_turns_on_transparent_background(livekit_se
     await bot.say("gina", "first line should scroll away")
     await bot.say("hugo", "second line is still visible")
     await bot.say("gina", "third line is the newest one")
-    await page.wait_for_function("document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg:not(.interim)').length === 3",
                                  timeout=WAIT_MS)
     visible = await page.eval_on_selector_all(
-        "#captions .turn", "ts => ts.filter(t => t.offsetParent !== null).map(t => t.textContent)")
-    assert visible == ["Hugosecond line is still visible", "Ginathird line is the newest one"]
+        "#captions .turn", "ts => ts.filter(t => t.offsetParent !== null).map(t => t.innerText.replace(/\\s+/g, ' '))")
+    assert visible == ["Hugo second line is still visible", "Gina third line is the newest one"]
     assert await page.is_hidden(".bar")
     background = await page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background in ("rgba(0, 0, 0, 0)", "transparent")
@@ -477,8 +491,8 @@ async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(liveki
     await wait_state(page, "live")
     for i in range(12):
         await bot.final("jo" if i % 2 else "kim", f"SG_scroll_{i}", f"caption number {i} " + "words " * 12, time.time())
-    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 12", timeout=WAIT_MS)
-    at_bottom = "(c => c.scrollHeight - c.scrollTop - c.clientHeight < 48)(document.querySelector('#captions'))"
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg').length === 12", timeout=WAIT_MS)
+    at_bottom = "() => (c => c.scrollHeight - c.scrollTop - c.clientHeight < 48)(document.querySelector('#captions'))"
     await page.wait_for_function(at_bottom, timeout=WAIT_MS)
     assert await page.is_hidden("#jump-live")
 
@@ -487,7 +501,7 @@ async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(liveki
     await page.wait_for_selector("#jump-live", state="visible", timeout=WAIT_MS)
     top_before = await page.evaluate("document.querySelector('#captions').scrollTop")
     await bot.final("jo", "SG_scroll_new", "a new caption while reading back", time.time())
-    await page.wait_for_function("document.querySelectorAll('#captions .seg').length === 13", timeout=WAIT_MS)
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg').length === 13", timeout=WAIT_MS)
     assert await page.evaluate("document.querySelector('#captions').scrollTop") == top_before
     await page.click("#jump-live")
     await page.wait_for_function(at_bottom, timeout=WAIT_MS)

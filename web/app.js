@@ -81,6 +81,13 @@ function stepFontSize(direction) {
 // ---------------------------------------------------------------- speakers
 
 const names = new Map(); // identity -> display name
+const colors = new Map(); // identity -> colour slot, in order of first appearance
+const COLOR_SLOTS = 6;
+
+function colorOf(identity) {
+  if (!colors.has(identity)) colors.set(identity, colors.size % COLOR_SLOTS);
+  return String(colors.get(identity));
+}
 
 function nameOf(identity) {
   return names.get(identity) || identity || 'Unknown speaker';
@@ -137,6 +144,7 @@ class Transcript {
   buildTurn(identity, name, start) {
     const element = document.createElement('article');
     element.className = 'turn';
+    element.dataset.color = colorOf(identity);
     const header = document.createElement('div');
     header.className = 'speaker';
     const label = document.createElement('span');

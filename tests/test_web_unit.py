@@ -1,0 +1,271 @@
+"""The viewer server without a browser: signed links, viewer tokens, what is served and what is not,
+and the transcript export (web/export.js run by node)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import jwt
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from agent.cli import main as cli_main
+from agent.web import (
+    WEB_DIR,
+    AccessDenied,
+    WebSettings,
+    check_access,
+    check_web_dir,
+    create_app,
+    mint_viewer_token,
+    sign_access,
+    viewer_link,
+)
+
+API_SECRET = "api-secret-that-never-leaves-the-server"
+VIEWER_SECRET = "viewer-link-secret"
+
+
+def settings(**overrides) -> WebSettings:
+    values = {"livekit_url": "ws://127.0.0.1:7880", "public_livekit_url": "wss://live.example.test",
+                  "api_key": "key", "api_secret": API_SECRET, "viewer_secret": VIEWER_SECRET, "token_ttl_s": 3600}
+    values.update(overrides)
+    return WebSettings(**values)
+
+
+def link_params(link: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
+
+
+def decode(token: str) -> dict:
+    return jwt.decode(token, API_SECRET, algorithms=["HS256"], options={"verify_aud": False})
+
+
+# ---------------------------------------------------------------- signed links
+
+
+def test_a_link_opens_exactly_its_room_until_it_expires():
+    params = link_params(viewer_link("http://host:8080", VIEWER_SECRET, "standup", ttl_s=600))
+    assert params["room"] == "standup"
+    check_access(VIEWER_SECRET, "standup", params["exp"], params["access"])
+    with pytest.raises(AccessDenied, match="not valid for this room"):
+        check_access(VIEWER_SECRET, "board-meeting", params["exp"], params["access"])
+    with pytest.raises(AccessDenied) as expired:
+        check_access(VIEWER_SECRET, "standup", params["exp"], params["access"], now=int(params["exp"]) + 1)
+    assert expired.value.reason == "expired"
+
+
+@pytest.mark.parametrize("field, value", [("exp", "9999999999"), ("access", "0" * 64), ("access", "")])
+def test_a_tampered_or_incomplete_link_is_refused(field, value):
+    params = link_params(viewer_link("http://host", VIEWER_SECRET, "standup", ttl_s=600))
+    params[field] = value
+    with pytest.raises(AccessDenied):
+        check_access(VIEWER_SECRET, "standup", params["exp"], params["access"])
+
+
+def test_a_link_signed_with_another_secret_is_refused():
+    expiry = int(time.time()) + 600
+    with pytest.raises(AccessDenied):
+        check_access(VIEWER_SECRET, "standup", str(expiry), sign_access("other-secret", "standup", expiry))
+
+
+def test_captions_token_prints_a_link_the_server_accepts(capsys, monkeypatch):
+    monkeypatch.setenv("CAPTIONS_VIEWER_SECRET", VIEWER_SECRET)
+    assert cli_main(["token", "--room", "town hall", "--base-url", "https://captions.example.test",
+                     "--link-ttl", "120"]) == 0
+    link = capsys.readouterr().out.strip()
+    assert link.startswith("https://captions.example.test/?")
+    params = link_params(link)
+    assert params["room"] == "town hall"
+    assert 100 <= int(params["exp"]) - time.time() <= 120
+    check_access(VIEWER_SECRET, "town hall", params["exp"], params["access"])
+
+
+# ---------------------------------------------------------------- viewer tokens
+
+
+def test_viewer_token_is_hidden_subscribe_only_for_one_room_and_short_lived():
+    body = mint_viewer_token(settings(token_ttl_s=900), "standup")
+    claims = decode(body["token"])
+    video = claims["video"]
+    assert video["room"] == "standup" and video["roomJoin"] is True
+    assert video["hidden"] is True and video["canSubscribe"] is True
+    assert video["canPublish"] is False
+    assert not video.get("roomAdmin") and not video.get("roomCreate") and not video.get("canUpdateOwnMetadata")
+    assert claims["sub"].startswith("viewer-") and claims["sub"] == body["identity"]
+    assert 890 <= claims["exp"] - time.time() <= 900
+    assert body["url"] == "wss://live.example.test"
+
+
+def test_viewer_token_never_outlives_the_link():
+    body = mint_viewer_token(settings(token_ttl_s=3600), "standup", link_expiry=int(time.time()) + 60)
+    assert decode(body["token"])["exp"] - time.time() <= 60
+
+
+def test_each_viewer_gets_its_own_identity():
+    identities = {mint_viewer_token(settings(), "standup")["identity"] for _ in range(5)}
+    assert len(identities) == 5
+
+
+# ---------------------------------------------------------------- the HTTP server
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def client(request):
+    app = create_app(settings(**getattr(request, "param", {})))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def test_server_mints_a_token_for_a_valid_link_only(client):
+    params = link_params(viewer_link("http://x", VIEWER_SECRET, "standup", ttl_s=600))
+    response = await client.get("/api/token", params=params)
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    text = await response.text()
+    assert API_SECRET not in text and VIEWER_SECRET not in text
+    body = json.loads(text)
+    assert decode(body["token"])["video"]["room"] == "standup"
+
+    other_room = dict(params, room="board-meeting")
+    response = await client.get("/api/token", params=other_room)
+    assert response.status == 403
+    assert (await response.json())["reason"] == "invalid"
+
+    response = await client.get("/api/token", params={"room": "standup"})
+    assert response.status == 403
+    assert "no access signature" in (await response.json())["error"]
+
+    response = await client.get("/api/token")
+    assert response.status == 400
+
+
+async def test_server_says_when_a_link_has_expired(client):
+    expiry = int(time.time()) - 1
+    params = {"room": "standup", "exp": str(expiry), "access": sign_access(VIEWER_SECRET, "standup", expiry)}
+    response = await client.get("/api/token", params=params)
+    assert response.status == 403
+    body = await response.json()
+    assert body["reason"] == "expired" and "expired" in body["error"]
+
+
+@pytest.mark.parametrize("client", [{"open_access": True}], indirect=True)
+async def test_open_mode_lets_any_room_be_viewed(client):
+    response = await client.get("/api/token", params={"room": "any-room"})
+    assert response.status == 200
+    assert decode((await response.json())["token"])["video"]["room"] == "any-room"
+    assert (await (await client.get("/healthz")).json()) == {"status": "ok", "open_access": True}
+
+
+async def test_page_and_scripts_are_served_locally_with_a_strict_policy(client):
+    response = await client.get("/")
+    assert response.status == 200
+    html = await response.text()
+    assert 'src="app.js"' in html and "aria-live" in html
+    assert "http" not in html.replace('http-equiv', '')  # nothing from outside this server
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "wss://live.example.test" in policy
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    for path in ("/app.js", "/export.js", "/style.css", "/vendor/livekit-client.esm.mjs"):
+        response = await client.get(path)
+        assert response.status == 200, path
+    vendor = await client.get("/vendor/livekit-client.esm.mjs")
+    assert vendor.headers["Content-Type"].startswith("text/javascript")
+    config = await (await client.get("/api/config")).json()
+    assert config == {"livekit_url": "wss://live.example.test"}
+
+
+@pytest.mark.parametrize("path", [
+    "/package.json", "/package-lock.json", "/node_modules/livekit-client/package.json",
+    "/..%2Fagent%2Fweb.py", "/%2e%2e/pyproject.toml", "/missing.js",
+])
+async def test_nothing_but_the_viewer_files_is_served(client, path):
+    response = await client.get(path)
+    assert response.status == 404
+
+
+def test_missing_node_modules_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"run `npm ci` in web/"):
+        check_web_dir(tmp_path)
+    monkeypatch.setattr("agent.web.WEB_DIR", tmp_path)
+    assert cli_main(["web", "--port", "1"]) == 1
+    assert "npm ci" in capsys.readouterr().err
+
+
+def test_open_mode_comes_from_the_environment(monkeypatch):
+    import argparse
+
+    from agent.web import configure_web_parser
+
+    monkeypatch.setenv("CAPTIONS_WEB_OPEN", "1")
+    parser = argparse.ArgumentParser()
+    configure_web_parser(parser)
+    assert parser.parse_args([]).open is True
+    monkeypatch.setenv("CAPTIONS_WEB_OPEN", "0")
+    parser = argparse.ArgumentParser()
+    configure_web_parser(parser)
+    assert parser.parse_args([]).open is False
+    assert parser.parse_args(["--open"]).open is True
+
+
+# ---------------------------------------------------------------- export (web/export.js under node)
+
+
+def run_export(segments: list[dict]) -> dict[str, str]:
+    node = shutil.which("node")
+    assert node, "node is needed for the viewer (npm ci) and for this test"
+    script = (
+        "import { toText, toSrt, toVtt } from './export.js';"
+        "const segments = JSON.parse(process.argv[1]);"
+        "console.log(JSON.stringify({txt: toText(segments), srt: toSrt(segments), vtt: toVtt(segments)}));"
+    )
+    result = subprocess.run([node, "--input-type=module", "-e", script, json.dumps(segments)],
+                            cwd=WEB_DIR, capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(result.stdout)
+
+
+T0 = 1_700_000_000.0
+
+
+def test_long_segments_split_into_readable_cues_along_word_times():
+    words = [[f"w{i}", T0 + i * 0.5, T0 + i * 0.5 + 0.4] for i in range(30)]
+    out = run_export([{"name": "Ana", "text": " ".join(w[0] for w in words), "start": T0, "end": T0 + 15,
+                       "words": words}])
+    blocks = out["srt"].strip().split("\n\n")
+    assert len(blocks) == 3  # 30 words at 2 per second: cues of at most 14 words / 7 s
+    assert blocks[0].splitlines()[1] == "00:00:00,000 --> 00:00:06,900"
+    assert blocks[1].splitlines()[1].startswith("00:00:07,000 --> ")
+    assert blocks[0].splitlines()[2].startswith("Ana: w0 w1")
+
+
+def test_export_escapes_vtt_markup_and_keeps_each_cue_on_one_line():
+    out = run_export([
+        {"name": "<b>Eve</b>", "text": "a --> b\n\nc & d", "start": T0, "end": T0 + 2, "words": []},
+        {"name": "Zed", "text": "later", "start": T0 + 65.25, "end": T0 + 66, "words": []},
+    ])
+    assert "<v &lt;b&gt;Eve&lt;/b&gt;>a --&gt; b c &amp; d" in out["vtt"]
+    assert "\n\n\n" not in out["srt"] and "a --> b c & d" in out["srt"]
+    assert out["txt"].splitlines() == ["[00:00:00] <b>Eve</b>: a --> b c & d", "[00:01:05] Zed: later"]
+    assert "00:01:05.250 --> 00:01:06.000" in out["vtt"]
+
+
+def test_export_orders_cues_by_time_and_gives_every_cue_a_duration():
+    out = run_export([
+        {"name": "B", "text": "second", "start": T0 + 4, "end": T0 + 4, "words": [["second", T0 + 4, T0 + 4]]},
+        {"name": "A", "text": "first", "start": T0, "end": T0 + 1, "words": [["first", T0, T0 + 1]]},
+        {"name": "C", "text": "", "start": T0 + 9, "end": T0 + 9, "words": []},
+    ])
+    blocks = out["srt"].strip().split("\n\n")
+    assert [b.splitlines()[2] for b in blocks] == ["A: first", "B: second"]
+    assert blocks[1].splitlines()[1] == "00:00:04,000 --> 00:00:04,500"
+    assert run_export([]) == {"txt": "", "srt": "", "vtt": "WEBVTT\n\n"}
+
+
+def test_web_dir_is_where_the_server_looks():
+    assert (WEB_DIR / "index.html").is_file() and Path(WEB_DIR / "package-lock.json").is_file()
