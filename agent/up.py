@@ -1,0 +1,148 @@
+"""`captions up`: everything for a local try-out in one command, stopped cleanly by one Ctrl-C.
+
+Starts, as child processes, livekit-server in dev mode (loopback, key devkey/secret), the caption
+worker, and the viewer server; prints the viewer link to open. Each child runs in its own process
+group so that the terminal's Ctrl-C reaches only this process, which then stops the children one at
+a time and in order: the worker first (it flushes every open caption to the transcript while
+LiveKit is still up), then the viewer, then livekit-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import add_option, positive_int
+from .lkserver import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
+from .log import logger
+from .model import DEFAULT_MODEL
+
+STOP_TIMEOUT_S = 30.0
+LINK_TTL_S = 7 * 24 * 3600
+STOP_ORDER = ["caption worker", "viewer", "livekit-server"]
+"""The worker first: it flushes open captions while LiveKit is still up."""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
+               help="Hugging Face repo id or local checkpoint directory")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
+               help="engine slots: speakers captioned at once")
+    add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
+               help="where room transcripts are written")
+    add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
+               help="if set, save each speaker's engine audio (WAV)")
+    add_option(parser, "--room", env="CAPTIONS_UP_ROOM", default="demo", help="room of the printed viewer link")
+    parser.add_argument("--host", default="127.0.0.1", help="address for livekit-server and the viewer")
+    parser.add_argument("--livekit-port", type=int, default=7880, help="livekit-server signal port")
+    parser.add_argument("--web-port", type=int, default=8080, help="viewer server port")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+
+    def stop(self) -> int:
+        """One SIGINT (a second would make the worker skip its flush), then a bounded wait."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s: killing it", self.name, STOP_TIMEOUT_S)
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _spawn(name: str, command: list[str]) -> Child:
+    logger.info("starting %s", name)
+    return Child(name, subprocess.Popen(command, start_new_session=True))
+
+
+def _captions_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent.cli", *args]
+
+
+def _wait_for_http(url: str, child: Child, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with status {child.process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{child.name} did not answer at {url} within {timeout:.0f} s")
+
+
+def _start_children(args: argparse.Namespace, children: list[Child]) -> str | None:
+    """Starts everything (appending to `children` as it goes); returns the viewer link if any."""
+    binary = ensure_livekit_server()
+    livekit_url = f"ws://{args.host}:{args.livekit_port}"
+    server = _spawn("livekit-server", dev_server_command(binary, args.host, args.livekit_port))
+    children.append(server)
+    _wait_for_http(f"http://{args.host}:{args.livekit_port}", server)
+    lk = ["--url", livekit_url, "--api-key", DEV_API_KEY, "--api-secret", DEV_API_SECRET]
+    worker = ["worker", "start", "--model", args.model, "--device", args.device,
+              "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0", *lk]
+    if args.record_dir is not None:
+        worker += ["--record-dir", str(args.record_dir)]
+    children.append(_spawn("caption worker", _captions_command(*worker)))
+    if importlib.util.find_spec("agent.web") is None:
+        logger.warning("the viewer (agent.web) is not available: captions are published, but not shown here")
+        return None
+    from .web import viewer_link
+
+    web = _spawn("viewer", _captions_command("web", "--host", args.host, "--port", str(args.web_port), *lk))
+    children.append(web)
+    base_url = f"http://{args.host}:{args.web_port}"
+    _wait_for_http(f"{base_url}/healthz", web)
+    return viewer_link(base_url, DEV_API_SECRET, args.room, LINK_TTL_S)
+
+
+def _banner(args: argparse.Namespace, link: str | None) -> str:
+    lines = ["", "Live captions are up.",
+             (f"  LiveKit:  ws://{args.host}:{args.livekit_port}  (API key {DEV_API_KEY}, secret "
+              f"{DEV_API_SECRET}; dev keys, loopback only)")]
+    if link:
+        lines.append(f"  Open the captions of room '{args.room}':  {link}")
+    lines += ["  Speak in that room from any LiveKit client (e.g. LiveKit Meet with a custom server);",
+              "  every speaker's microphone is captioned. The model may still be loading: the viewer",
+              "  shows when captions are live.", "Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    children: list[Child] = []
+    status = 0
+    try:
+        link = _start_children(args, children)
+        print(_banner(args, link), flush=True)
+        while all(c.process.poll() is None for c in children):
+            time.sleep(0.5)
+        failed = next(c for c in children if c.process.poll() is not None)
+        logger.error("%s exited with status %s: stopping everything", failed.name, failed.process.returncode)
+        status = 1
+    except KeyboardInterrupt:
+        logger.info("Ctrl-C: stopping")
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"captions up: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        # Ignore further Ctrl-C while stopping, so that the worker's flush is not cut short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for child in sorted(children, key=lambda c: STOP_ORDER.index(c.name)):
+            child.stop()
+    return status
