@@ -6,7 +6,7 @@ what the caption agent publishes (agent/captions.py): per segment, interim ``lk.
 streams carrying the full text so far with ``sender_identity`` = the speaker, then the final one with
 ``captions.words``; the ``captions.status``/``captions.queued`` attributes; and the
 ``captions.backlog`` RPC answered with a ``captions.backlog`` text stream of FinalSegment lines. That
-keeps these tests independent of the model; tests/test_web_e2e.py runs the real worker.
+keeps these tests independent of the model; the last test runs the real worker instead.
 """
 
 from __future__ import annotations
@@ -541,3 +541,65 @@ async def test_phone_sized_screen_keeps_controls_and_captions_usable(livekit_ser
     await page.keyboard.press("Tab")
     assert await page.evaluate("document.activeElement.id") == "font-smaller"
     await page.screenshot(path=screenshot_path("viewer-phone.png"))
+
+
+# ---------------------------------------------------------------- the real stack
+
+
+async def _named_publisher(server, room: str, identity: str, name: str):
+    from tests.bots import Publisher, make_token
+
+    publisher = Publisher(server, room, identity)
+    await publisher.room.connect(server.url, make_token(server, room, identity, name=name))
+    await publisher.publish()
+    return publisher
+
+
+@pytest.mark.timeout(300)
+async def test_real_worker_captions_two_named_speakers_and_a_late_viewer_gets_the_backlog(
+        livekit_server, captions_worker, web_server, speech_dir, open_viewer):
+    """livekit-server + `captions worker` (tiny checkpoint) + two bots speaking espeak-ng audio."""
+    from tests.conftest import espeak_wav
+
+    room = f"web-e2e-{uuid.uuid4().hex[:6]}"
+    speech = {
+        "spk-ann": ("Ann Lee", "The quick brown fox jumps over the lazy dog near the river bank."),
+        "spk-ben": ("Ben <b>Ray</b>", "Streaming speech recognition turns every word into text as it is spoken."),
+    }
+    viewer = await open_viewer(web_server.link(room))
+    page = viewer.page
+    await page.wait_for_selector('#status[data-state="live"], #status[data-state="loading"]', timeout=60000)
+    publishers = {identity: await _named_publisher(livekit_server, room, identity, name)
+                  for identity, (name, _) in speech.items()}
+    await asyncio.sleep(0.5)  # let the agent subscribe to both microphones
+    wavs = {identity: espeak_wav(text, speech_dir / f"web-{identity}.wav") for identity, (_, text) in speech.items()}
+    await asyncio.gather(*(publishers[i].play(wavs[i]) for i in speech))
+    await asyncio.gather(*(p.silence(1.0) for p in publishers.values()))
+    for publisher in publishers.values():
+        await publisher.disconnect()  # the worker flushes: every segment ends final
+
+    names = [name for name, _ in speech.values()]
+    turns_js = ("() => [...document.querySelectorAll('#captions .turn')].map(t => ["
+                "t.querySelector('.name').textContent, t.querySelector('.text').textContent,"
+                "t.querySelectorAll('.seg.interim').length])")
+    await page.wait_for_function(
+        f"() => {{ const turns = ({turns_js})(); const names = {json.dumps(names)};"
+        " return names.every(n => turns.some(t => t[0] === n && t[1].trim()))"
+        " && turns.every(t => t[2] === 0); }", timeout=60000)
+    turns = await page.evaluate(turns_js)
+    assert {t[0] for t in turns} == set(names)
+    segment_ids = await page.evaluate("() => document.querySelectorAll('#captions .seg').length")
+    shown = await page.evaluate(
+        "() => [...document.querySelectorAll('#captions .seg')].map(s => s.textContent).join(' | ')")
+
+    late = await open_viewer(web_server.link(room))
+    await late.page.wait_for_selector("#captions .turn.backlog", timeout=30000)
+    await late.page.wait_for_function(
+        f"() => document.querySelectorAll('#captions .seg').length === {segment_ids}", timeout=30000)
+    late_shown = await late.page.evaluate(
+        "() => [...document.querySelectorAll('#captions .seg')].map(s => s.textContent).join(' | ')")
+    assert sorted(late_shown.split(" | ")) == sorted(shown.split(" | "))
+    late_names = await late.page.eval_on_selector_all("#captions .name", "ns => ns.map(n => n.textContent)")
+    assert set(late_names) == set(names)
+    await page.screenshot(path=screenshot_path("viewer-real-worker.png"))
+    assert viewer.dialogs == [] and viewer.errors == [] and late.errors == []
