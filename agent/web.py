@@ -74,17 +74,17 @@ def sign_access(secret: str, room: str, expires_at: int) -> str:
 def check_access(secret: str, room: str, expires_at: str, access: str, now: float | None = None) -> None:
     """Raises AccessDenied unless `access` signs exactly this room and expiry, and it has not passed."""
     if not access or not expires_at:
-        raise AccessDenied("this link has no access signature: ask the operator for a viewer link", "missing")
+        raise AccessDenied("This link has no access signature. Ask the operator for a viewer link.", "missing")
     try:
         expiry = int(expires_at)
     except ValueError:
-        raise AccessDenied("this link is malformed (bad exp): ask the operator for a new link") from None
+        raise AccessDenied("This link is malformed (bad exp). Ask the operator for a new link.") from None
     expected = sign_access(secret, room, expiry)
     # Constant-time compare so the signature cannot be guessed byte by byte.
     if not hmac.compare_digest(expected.encode(), access.encode()):
-        raise AccessDenied("this link's access signature is not valid for this room")
+        raise AccessDenied("This link's access signature is not valid for this room.")
     if expiry <= (time.time() if now is None else now):
-        raise AccessDenied("this viewer link has expired: ask the operator for a new one", "expired")
+        raise AccessDenied("This viewer link has expired. Ask the operator for a new one.", "expired")
 
 
 def viewer_link(base_url: str, secret: str, room: str, ttl_s: int, now: float | None = None) -> str:
@@ -167,7 +167,7 @@ def create_app(settings: WebSettings):
     async def token(request: web.Request) -> web.Response:
         room = request.query.get("room", "")
         if not ROOM_NAME.match(room):
-            return _json_error(400, "no room given: open a viewer link that names a room (?room=...)", "missing")
+            return _json_error(400, "No room given. Open a viewer link that names a room (?room=...).", "missing")
         expiry = None
         if not settings.open_access:
             try:

@@ -311,6 +311,9 @@ async def test_two_speakers_interim_then_final_without_duplicates(livekit_server
     ]
     assert await page.get_attribute("#captions", "aria-live") == "polite"
     await page.screenshot(path=screenshot_path("viewer-normal.png"))
+    for theme in ("dark", "contrast"):
+        await page.select_option("#theme", theme)
+        await page.screenshot(path=screenshot_path(f"viewer-{theme}.png"))
     assert viewer.errors == []
 
 
@@ -446,6 +449,7 @@ async def test_tampered_link_is_refused_with_a_message(web_server, open_viewer):
     await wait_state(viewer.page, "refused")
     assert "not valid" in await viewer.page.text_content("#notice")
     assert await viewer.page.is_visible("#notice")
+    await viewer.page.screenshot(path=screenshot_path("viewer-refused.png"))
 
 
 async def test_expired_link_says_so(web_server, open_viewer):
@@ -460,6 +464,23 @@ async def test_bad_livekit_token_is_refused_with_a_message(web_server, open_view
     viewer = await open_viewer(f"{web_server.base_url}/?token=not.a.valid-token")
     await wait_state(viewer.page, "refused")
     assert "refused" in await viewer.page.text_content("#notice")
+
+
+async def test_unreachable_livekit_shows_disconnected_and_retries(livekit_server, tmp_path, open_viewer):
+    from types import SimpleNamespace
+
+    dead = SimpleNamespace(url=f"ws://127.0.0.1:{_free_port()}", api_key=livekit_server.api_key,
+                           api_secret=livekit_server.api_secret)
+    server = start_web_server(dead, tmp_path / "web.log")
+    try:
+        viewer = await open_viewer(server.link("any-room"))
+        await wait_state(viewer.page, "retrying")
+        assert "Retrying in" in await viewer.page.text_content("#notice")
+        # It keeps trying on its own, backing off: the second wait is 2 s.
+        await viewer.page.wait_for_function(
+            "() => document.querySelector('#notice').textContent.includes('Retrying in 2 s')", timeout=WAIT_MS)
+    finally:
+        stop(server.process)
 
 
 async def test_agent_states_absent_loading_waiting_live(livekit_server, web_server, rooms, open_viewer):

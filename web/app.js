@@ -481,6 +481,7 @@ function endSession(state, message) {
 }
 
 function scheduleRetry(reason) {
+  clearTimeout(session.retryTimer);
   const delay = RETRY_DELAYS_S[Math.min(session.attempt, RETRY_DELAYS_S.length - 1)];
   session.attempt += 1;
   session.phase = 'retrying';
@@ -511,12 +512,10 @@ async function connect() {
   if (grant.room) ui.roomName.textContent = grant.room;
   const room = new Room({ adaptiveStream: false, dynacast: false });
   wireRoom(room);
-  session.room = room;
   try {
     // Captions arrive as data; the viewer never plays the room's audio or video.
     await room.connect(grant.url, grant.token, { autoSubscribe: false });
   } catch (error) {
-    session.room = null;
     if (refusedByLiveKit(error)) {
       return endSession('refused', 'The LiveKit server refused this viewer token: it is invalid or has expired. '
         + 'Ask the operator for a new link.');
@@ -524,6 +523,7 @@ async function connect() {
     return scheduleRetry(`Could not connect to the room (${error.message}).`);
   }
   if (!grant.room) ui.roomName.textContent = room.name;
+  session.room = room; // only now: a failed connect must not also count as a lost connection
   session.attempt = 0;
   session.phase = 'connected';
   backlog.requested = false;
