@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import re
+import urllib.parse
 from typing import Any, Callable
 
 
@@ -49,3 +52,64 @@ def add_livekit_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--api-key", env="LIVEKIT_API_KEY", default="devkey", help="LiveKit API key")
     add_option(parser, "--api-secret", env="LIVEKIT_API_SECRET", default="secret",
                help="LiveKit API secret")
+
+
+# ---- start-up validation (fail fast, one clear line) -----------------------------------------------
+
+DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+LIVEKIT_CHECK_TIMEOUT_S = 5.0
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; the message names the setting and says how to fix it."""
+
+
+def device_name(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N (whether CUDA exists is checked at load)."""
+    if not DEVICE_NAME.match(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def check_livekit_url(url: str) -> None:
+    """Raises ConfigError unless `url` looks like a LiveKit server URL (ws, wss, http or https)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+        raise ConfigError(f"LIVEKIT_URL {url!r} is not a LiveKit URL: use ws://host:7880 or wss://host")
+
+
+async def check_livekit_async(url: str, api_key: str, api_secret: str,
+                              timeout_s: float = LIVEKIT_CHECK_TIMEOUT_S) -> None:
+    """Raises ConfigError unless LiveKit at `url` answers an authenticated API call within `timeout_s`.
+
+    A RoomService.ListRooms call proves both that the server is reachable and that the key and
+    secret are accepted, before the worker spends minutes loading the model.
+    """
+    import aiohttp
+    from livekit import api
+
+    check_livekit_url(url)
+    if not api_key or not api_secret:
+        raise ConfigError("LIVEKIT_API_KEY and LIVEKIT_API_SECRET must both be set")
+    # failover=False: a self-hosted server has no other regions to try, so fail on the first error.
+    lkapi = api.LiveKitAPI(url, api_key, api_secret, timeout=aiohttp.ClientTimeout(total=timeout_s),
+                           failover=False)
+    try:
+        await asyncio.wait_for(lkapi.room.list_rooms(api.ListRoomsRequest()), timeout_s)
+    except api.TwirpError as e:
+        if e.status in (401, 403):
+            raise ConfigError(f"LiveKit at {url} rejected the API key {api_key!r} or its secret "
+                              "(check LIVEKIT_API_KEY and LIVEKIT_API_SECRET)") from None
+        raise ConfigError(f"LiveKit at {url} answered an API call with HTTP {e.status} ({e.message}): "
+                          "is LIVEKIT_URL a LiveKit server?") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        reason = str(e) or type(e).__name__
+        raise ConfigError(f"cannot reach LiveKit at {url} within {timeout_s:g} s ({reason}): "
+                          "check LIVEKIT_URL and that livekit-server is running") from None
+    finally:
+        await lkapi.aclose()
+
+
+def check_livekit(url: str, api_key: str, api_secret: str, timeout_s: float = LIVEKIT_CHECK_TIMEOUT_S) -> None:
+    """Synchronous `check_livekit_async`, for start-up code that runs before any event loop."""
+    asyncio.run(check_livekit_async(url, api_key, api_secret, timeout_s))

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import add_livekit_options, add_option, positive_int
+from .config import add_livekit_options, add_option, device_name, positive_int
 from .log import logger
+from .metrics import METRICS, Readiness
 from .model import DEFAULT_MODEL
 
 LOAD_THRESHOLD = 0.95
@@ -34,7 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
     add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
                help="Hugging Face repo id or local checkpoint directory")
-    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", type=device_name,
+               help="auto, cpu, cuda or cuda:N")
     add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
                help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
@@ -45,6 +47,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_option(parser, "--health-port", env="CAPTIONS_HEALTH_PORT", default=None, type=int,
                help="worker health-check HTTP port (0: any free port; default 8081 for start, 0 for dev)")
+    # Observability (agent/metrics.py): Prometheus /metrics, /healthz, /readyz.
+    add_option(parser, "--metrics-port", env="CAPTIONS_METRICS_PORT", default=9100, type=int,
+               help="port of /metrics, /healthz and /readyz (0 disables them)")
+    add_option(parser, "--metrics-host", env="CAPTIONS_METRICS_HOST", default="127.0.0.1",
+               help="address of the metrics server (0.0.0.0 in a container)")
     add_livekit_options(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -64,6 +71,8 @@ class CaptionService:
 
 _service: CaptionService | None = None
 """Process-wide, set before the worker registers; jobs run as threads of this process."""
+READINESS = Readiness()
+"""What /readyz reports: model loaded, then registered with LiveKit."""
 
 
 async def _caption_room(ctx) -> None:
@@ -77,6 +86,13 @@ async def _caption_room(ctx) -> None:
     captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options)
     ctx.add_shutdown_callback(captioner.aclose)
     await captioner.start()
+    # Metrics: count the room until its job shuts down.
+    METRICS.room_started()
+
+    async def _room_ended() -> None:
+        METRICS.room_ended()
+
+    ctx.add_shutdown_callback(_room_ended)
     logger.info("captioning room %s", ctx.room.name)
 
 
@@ -87,10 +103,12 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
 
     engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size)
     engine.start()
+    slots = SlotQueue(engine)
+    METRICS.attach_engine(engine, slots)  # metrics read slots/queue at scrape time, step timings live
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
-    return CaptionService(engine, SlotQueue(engine), RoomOptions(args.data_dir, args.record_dir))
+    return CaptionService(engine, slots, RoomOptions(args.data_dir, args.record_dir))
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
@@ -111,6 +129,8 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
         log_level="DEBUG" if dev else "INFO",
     )
     server.rtc_session(_caption_room, agent_name=args.agent_name)
+    # Readiness: registered with LiveKit (the model is loaded before the server is built).
+    server.on("worker_registered", lambda *_: setattr(READINESS, "registered", True))
     return server
 
 
@@ -132,15 +152,42 @@ async def _serve(server, dev: bool) -> None:
     stopped.cancel()
 
 
+def _start_observability(args: argparse.Namespace):
+    """/metrics, /healthz, /readyz before the model loads, so probes see "alive, not ready"."""
+    if args.metrics_port == 0:
+        return None
+    from .metrics import start_observability_server
+
+    return start_observability_server(args.metrics_host, args.metrics_port, READINESS.missing)
+
+
 def run(args: argparse.Namespace) -> int:
     global _service
+    from .config import ConfigError, check_livekit
     from .model import CheckpointError
 
+    try:
+        # Fail fast, before minutes of model loading: LiveKit must answer with these keys.
+        check_livekit(args.url, args.api_key, args.api_secret)
+    except ConfigError as e:
+        print(f"captions worker: {e}", file=sys.stderr)
+        return 2
+    try:
+        observability = _start_observability(args)
+    except OSError as e:
+        problem = (f"cannot serve metrics on {args.metrics_host}:{args.metrics_port}: {e} "
+                   "(set --metrics-port/CAPTIONS_METRICS_PORT, 0 disables)")
+        if args.mode != "dev":  # a deployment asked for probes: without them it must not start
+            print(f"captions worker: {problem}", file=sys.stderr)
+            return 2
+        logger.warning("%s; going on without them (dev mode)", problem)
+        observability = None
     try:
         _service = _load_service(args)
     except CheckpointError as e:
         print(f"captions worker: {e}", file=sys.stderr)
         return 1
+    READINESS.model_loaded = True
     mode = "explicit dispatch as " + repr(args.agent_name) if args.agent_name else "automatic dispatch"
     logger.info("worker ready: %d slots, %s, LiveKit at %s", _service.engine.batch_size, mode, args.url)
     try:
@@ -151,4 +198,6 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _service.slots.close()
         _service.engine.close()
+        if observability is not None:
+            observability.close()
     return 0
