@@ -44,6 +44,7 @@ from .captions import (
     words_attribute,
 )
 from .log import logger
+from .metrics import METRICS
 from .segmenter import CaptionUpdate, Segmenter, SegmenterOptions
 from .slots import SlotQueue, Waiter
 from .transcript import TranscriptStore, backlog_payload, transcript_path
@@ -200,6 +201,8 @@ class Speaker:
     def _push(self, frame: rtc.AudioFrame) -> None:
         session = self._session
         if session is None or session.closing:
+            # Metrics: audio that will never be captioned.
+            METRICS.frame_dropped("closing" if session is not None else "waiting_for_slot")
             return  # waiting for a slot: not captioned, and viewers see the wait
         pcm16 = np.frombuffer(frame.data, dtype=np.int16)
         if session.origin is None:
@@ -219,6 +222,9 @@ class Speaker:
         session = self._session
         if session is None or session.stream.id != event.stream_id:
             return
+        if session.origin is not None:  # Metrics: end of each new word's audio -> its caption now
+            for word in event.words:
+                METRICS.observe_caption_latency(time.time() - (session.origin + word.end))
         for update in session.segmenter.feed(event):
             self._captioner.caption(self, session.origin or time.time(), update)
         if event.ended:
@@ -229,6 +235,7 @@ class Speaker:
             session.recorder.close()
         self._session = None
         if error:
+            METRICS.error("stream")
             logger.warning("engine stream %d of %s failed: %s", session.stream.id, self.identity, error)
         if self._stopped:
             self.ended.set()
@@ -348,6 +355,7 @@ class RoomCaptioner:
             try:
                 self.transcript.append(segment)
             except OSError:
+                METRICS.error("transcript")
                 logger.exception("could not write the transcript of %s; publishing anyway", self.room_name)
             words_attr = words_attribute(words)
         self._outbox.append(_Outgoing(speaker.identity, speaker.track_sid, update, words_attr))
@@ -385,6 +393,7 @@ class RoomCaptioner:
                 logger.warning("publishing a caption failed (attempt %d/%d): %s", attempt + 1, attempts, e)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(0.5 * 2**attempt)
+        METRICS.error("publish")  # every attempt failed: this caption never reached the room
 
     # Status and backlog -------------------------------------------------------------------------
 
@@ -428,6 +437,7 @@ class RoomCaptioner:
     def _on_task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
+            METRICS.error("room")
             logger.error("room %s: task %s failed", self.room_name, task.get_name(), exc_info=exc)
 
 
