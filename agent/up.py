@@ -14,18 +14,22 @@ import importlib.util
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import add_option, positive_int
 from .lkserver import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
 from .log import logger
 from .model import DEFAULT_MODEL
+from .worker import READY_MESSAGE
 
 STOP_TIMEOUT_S = 30.0
 LINK_TTL_S = 7 * 24 * 3600
+WORKER_READY_TIMEOUT_S = 30 * 60
+"""Generous: the first run downloads the model (a few GB)."""
 STOP_ORDER = ["caption worker", "viewer", "livekit-server"]
 """The worker first: it flushes open captions while LiveKit is still up."""
 
@@ -51,6 +55,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 class Child:
     name: str
     process: subprocess.Popen
+    ready: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> int:
         """One SIGINT (a second would make the worker skip its flush), then a bounded wait."""
@@ -65,9 +70,35 @@ class Child:
         return self.process.returncode
 
 
-def _spawn(name: str, command: list[str]) -> Child:
+def _spawn(name: str, command: list[str], watch_for: str | None = None) -> Child:
+    """Starts a child in its own process group. With `watch_for`, its output is relayed through a
+    pipe and `child.ready` is set when a line contains that text."""
     logger.info("starting %s", name)
-    return Child(name, subprocess.Popen(command, start_new_session=True))
+    if watch_for is None:
+        return Child(name, subprocess.Popen(command, start_new_session=True))
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    child = Child(name, process)
+    threading.Thread(target=_relay, args=(process, watch_for, child.ready), daemon=True).start()
+    return child
+
+
+def _relay(process: subprocess.Popen, watch_for: str, ready: threading.Event) -> None:
+    assert process.stdout is not None
+    for line in iter(process.stdout.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if watch_for.encode() in line:
+            ready.set()
+
+
+def _wait_until_ready(child: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not child.ready.wait(0.5):
+        if child.process.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with status {child.process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{child.name} was not ready after {timeout:.0f} s")
 
 
 def _captions_command(*args: str) -> list[str]:
@@ -96,12 +127,16 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str | No
     _wait_for_http(f"http://{args.host}:{args.livekit_port}", server)
     lk = ["--url", livekit_url, "--api-key", DEV_API_KEY, "--api-secret", DEV_API_SECRET]
     worker = ["worker", "start", "--model", args.model, "--device", args.device,
-              "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0", *lk]
+              "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0",
+              # A local try-out needs no Prometheus endpoint, and must not fail over a busy port.
+              "--metrics-port", "0", *lk]
     if args.record_dir is not None:
         worker += ["--record-dir", str(args.record_dir)]
-    children.append(_spawn("caption worker", _captions_command(*worker)))
+    worker_child = _spawn("caption worker", _captions_command(*worker), watch_for=READY_MESSAGE)
+    children.append(worker_child)
     if importlib.util.find_spec("agent.web") is None:
         logger.warning("the viewer (agent.web) is not available: captions are published, but not shown here")
+        _wait_until_ready(worker_child, WORKER_READY_TIMEOUT_S)
         return None
     from .web import viewer_link
 
@@ -109,6 +144,9 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str | No
     children.append(web)
     base_url = f"http://{args.host}:{args.web_port}"
     _wait_for_http(f"{base_url}/healthz", web)
+    # A room created before the worker registers gets no agent: say "up" only once it can caption.
+    logger.info("waiting for the caption worker (loading the model; the first run downloads it)")
+    _wait_until_ready(worker_child, WORKER_READY_TIMEOUT_S)
     return viewer_link(base_url, DEV_API_SECRET, args.room, LINK_TTL_S)
 
 

@@ -26,6 +26,8 @@ from .log import logger
 from .metrics import METRICS, Readiness
 from .model import DEFAULT_MODEL
 
+READY_MESSAGE = "caption worker registered with LiveKit"
+"""Logged once the worker can take rooms (`captions up` and the tests wait for it)."""
 LOAD_THRESHOLD = 0.95
 """In `start` mode, a worker with (almost) every slot taken answers "unavailable" to new rooms."""
 
@@ -131,6 +133,7 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
     server.rtc_session(_caption_room, agent_name=args.agent_name)
     # Readiness: registered with LiveKit (the model is loaded before the server is built).
     server.on("worker_registered", lambda *_: setattr(READINESS, "registered", True))
+    server.on("worker_registered", lambda worker_id, _info: logger.info("%s (%s)", READY_MESSAGE, worker_id))
     return server
 
 

@@ -133,6 +133,8 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
     import os
     import sys
 
+    from agent.worker import READY_MESSAGE
+
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir, record_dir, log_path = workdir / "data", workdir / "recordings", workdir / "worker.log"
     env = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
@@ -140,7 +142,7 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
     captions = Path(sys.executable).parent / "captions"
     command = [str(captions), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
                "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
-               "--health-port", "0", *extra_args]
+               "--health-port", "0", "--metrics-port", "0", *extra_args]
     log = open(log_path, "wb")  # noqa: SIM115 - the subprocess writes to it for its lifetime
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     worker = CaptionsWorker(process, data_dir, record_dir, log_path)
@@ -148,7 +150,7 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"captions worker exited early:\n{worker.log_tail()}")
-        if b"registered worker" in log_path.read_bytes():
+        if READY_MESSAGE.encode() in log_path.read_bytes():
             return worker
         time.sleep(0.2)
     worker.stop()

@@ -270,3 +270,55 @@ def captions_worker_streams(worker, room: str) -> list[Path]:
     """Engine streams opened in `room` so far (one recording each)."""
     return [p for p in worker.record_dir.glob(f"{room}-*.wav")]
 
+
+
+async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(tiny_checkpoint, tmp_path,
+                                                                               speech_dir):
+    """`captions up` with a local checkpoint: the printed viewer link works, a speaker in the room
+    is captioned, and one Ctrl-C stops the whole process tree with status 0."""
+    import socket
+    import urllib.request
+
+    from tests.conftest import LiveKitServer, free_port_triple
+
+    livekit_port = free_port_triple()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        web_port = s.getsockname()[1]
+    out_path = tmp_path / "up.out"
+    command = [str(Path(sys.executable).parent / "captions"), "up", "--model", str(tiny_checkpoint),
+               "--device", "cpu", "--batch-size", "2", "--data-dir", str(tmp_path / "data"),
+               "--livekit-port", str(livekit_port), "--web-port", str(web_port), "--room", "up-room"]
+    up = _start_logged(command, out_path)
+    try:
+        link = None
+        deadline = time.monotonic() + 120
+        while link is None and time.monotonic() < deadline and up.poll() is None:
+            match = re.search(r"Open the captions of room 'up-room':\s+(\S+)", out_path.read_text(errors="replace"))
+            link = match.group(1) if match else None
+            await asyncio.sleep(0.2)
+        assert link, f"no viewer link printed:\n{out_path.read_text(errors='replace')[-3000:]}"
+        assert (await asyncio.to_thread(urllib.request.urlopen, link, timeout=5)).status == 200
+
+        server = LiveKitServer(f"ws://127.0.0.1:{livekit_port}", "", "devkey", "secret", up)
+        sub = await Subscriber(server, "up-room").connect()
+        alice = await publisher(server, "up-room", "alice")
+        await sub.wait_for_agent(timeout=120)
+        await asyncio.sleep(0.5)
+        await alice.play(speech(speech_dir, "alice"))
+        await alice.disconnect()
+        await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "alice's captions")
+        await sub.disconnect()
+    finally:
+        if up.poll() is None:
+            up.send_signal(2)
+        status = up.wait(timeout=90)
+    assert status == 0, out_path.read_text(errors="replace")[-3000:]
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", livekit_port)) != 0, "livekit-server still running after Ctrl-C"
+        assert s.connect_ex(("127.0.0.1", web_port)) != 0, "viewer still running after Ctrl-C"
+
+
+def _start_logged(command: list[str], out_path: Path) -> subprocess.Popen:
+    with open(out_path, "wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
