@@ -1,0 +1,222 @@
+"""Observability of the real worker: Prometheus metrics after a short run in a real livekit-server room
+with WebRTC publishers, and /healthz and /readyz changing state at the right moments (alive but not
+ready while the model loads, still not ready until registered with LiveKit, then ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from livekit import api
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent.metrics import CaptionMetrics
+from tests.bots import Publisher, Subscriber
+from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
+
+pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300)]
+
+AGENT_NAME = "metrics-test"
+"""Explicit dispatch, so that this test's worker (B=1) gets this test's room, not another worker."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body); status 0 when nothing listens."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"{name}{labels} not exported; have {sorted({k[0] for k in samples})}"
+    return samples[key]
+
+
+async def dispatch(server, room: str) -> None:
+    lkapi = api.LiveKitAPI(server.url, server.api_key, server.api_secret)
+    try:
+        await lkapi.agent_dispatch.create_dispatch(api.CreateAgentDispatchRequest(agent_name=AGENT_NAME, room=room))
+    finally:
+        await lkapi.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_metrics_after_two_speakers_share_one_slot(livekit_server, tiny_checkpoint, tmp_path, speech_dir):
+    """B=1 and two people talk at once: while they talk, one slot is used and one speaker waits (whose
+    audio is counted as dropped); afterwards steps, timings, real-time factor and caption latency
+    have plausible values and no error was counted."""
+    port = free_port()
+    worker = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path / "worker", batch_size=1,
+                                   extra_args=("--metrics-port", str(port), "--agent-name", AGENT_NAME))
+    try:
+        before = scrape(port)
+        assert value(before, "captions_ready") == 1
+        assert value(before, "captions_engine_batch_size") == 1
+        assert value(before, "captions_engine_slots_free") == 1
+        assert value(before, "captions_rooms") == 0
+
+        room = "metrics-room"
+        await dispatch(livekit_server, room)
+        sub = await Subscriber(livekit_server, room).connect()
+        alice = await Publisher(livekit_server, room, "alice").connect()
+        bob = await Publisher(livekit_server, room, "bob").connect()
+        await sub.wait_for_agent()
+        await asyncio.sleep(0.5)  # let the agent subscribe to both microphones
+        a = espeak_wav("The quick brown fox jumps over the lazy dog near the river bank.", speech_dir / "m-a.wav")
+        b = espeak_wav("Streaming speech recognition turns every word into text.", speech_dir / "m-b.wav")
+        talking = asyncio.gather(alice.play(a), bob.play(b))
+        await asyncio.sleep(2.0)
+        during = scrape(port)
+        await talking
+        assert value(during, "captions_rooms") == 1
+        assert value(during, "captions_engine_slots_used") == 1
+        assert value(during, "captions_engine_slots_free") == 0
+        assert value(during, "captions_streams") == 1
+        assert value(during, "captions_queued_speakers") == 1
+
+        await alice.disconnect()
+        await bob.disconnect()
+        await sub.wait_until(lambda: sub.finals("alice"), 30, "alice's final caption")
+        await sub.disconnect()
+        after = scrape(port)
+    finally:
+        worker.stop()
+
+    steps = value(after, "captions_engine_steps_total")
+    assert steps >= 25, "2 s of speech is 25 frames, each stepped once"
+    for part in ("host", "encode", "lm", "total"):
+        assert value(after, "captions_engine_step_seconds_count", part=part) == steps
+    mean_step = value(after, "captions_engine_step_seconds_sum", part="total") / steps
+    assert 0 < mean_step < 5
+    assert value(after, "captions_engine_realtime_factor") == pytest.approx(0.08 / mean_step, rel=1.0)
+    words = value(after, "captions_caption_latency_seconds_count")
+    assert words >= 1, "no word latency recorded although alice was captioned"
+    mean_latency = value(after, "captions_caption_latency_seconds_sum") / words
+    assert 0 < mean_latency < 30, f"mean caption latency {mean_latency:.2f} s"
+    assert value(after, "captions_frames_dropped_total", reason="waiting_for_slot") > 0, \
+        "bob's audio while he waited for the one slot is not captioned and must be counted"
+    for kind in ("engine_step", "stream", "publish", "transcript", "room"):
+        assert value(after, "captions_errors_total", kind=kind) == 0, kind
+
+
+def _start_worker(server, checkpoint: Path, workdir: Path, metrics_port: int) -> tuple[subprocess.Popen, Path]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "worker.log"
+    env = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
+               LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1")
+    command = [str(Path(sys.executable).parent / "captions"), "worker", "dev", "--model", str(checkpoint),
+               "--device", "cpu", "--batch-size", "1", "--data-dir", str(workdir / "data"),
+               "--health-port", "0", "--metrics-port", str(metrics_port)]
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), log_path
+
+
+def _poll(predicate, timeout: float, what: str, process: subprocess.Popen, log_path: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        assert process.poll() is None, f"worker exited:\n{log_path.read_text(errors='replace')[-3000:]}"
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}:\n{log_path.read_text(errors='replace')[-3000:]}")
+
+
+def test_health_and_readiness_follow_loading_then_registration(tiny_checkpoint, tmp_path):
+    """A dedicated real livekit-server, frozen (SIGSTOP) once the worker has checked it: the worker is
+    alive and "loading", then alive with the model loaded but not registered (LiveKit does not answer),
+    and ready only once LiveKit, resumed, has registered it. After Ctrl-C nothing answers any more."""
+    server = start_livekit_server(tmp_path / "livekit-server.log")
+    port = free_port()
+    worker, log_path = _start_worker(server, tiny_checkpoint, tmp_path / "worker", port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status, body = _poll(lambda: (r := http_get(base + "/readyz"))[0] and r, 120, "/readyz", worker, log_path)
+        assert status == 503 and "model loading" in body, body
+        server.process.send_signal(signal.SIGSTOP)  # registration can no longer happen
+        assert http_get(base + "/healthz")[0] == 200, "alive while loading"
+
+        def loaded_not_registered():
+            status, body = http_get(base + "/readyz")
+            return (status, body) if "model loading" not in body else None
+
+        status, body = _poll(loaded_not_registered, 120, "the model to load", worker, log_path)
+        assert status == 503 and "not registered with LiveKit" in body, body
+        assert b"registered worker" not in log_path.read_bytes()
+        assert http_get(base + "/healthz")[0] == 200
+
+        server.process.send_signal(signal.SIGCONT)
+        status, body = _poll(lambda: (r := http_get(base + "/readyz"))[0] == 200 and r, 60, "readiness",
+                             worker, log_path)
+        assert body.strip() == "ready"
+        assert b"registered worker" in log_path.read_bytes(), "ready before LiveKit registered the worker"
+        assert value(scrape(port), "captions_ready") == 1
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGINT)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        server.process.terminate()
+        server.process.wait(timeout=10)
+    assert worker.returncode == 0, log_path.read_text(errors="replace")[-3000:]
+    assert http_get(base + "/healthz")[0] == 0, "health endpoint still answering after the worker stopped"
+
+
+class _Timings:
+    def __init__(self, total_s: float):
+        self.active, self.host_s, self.encode_s, self.lm_s, self.total_s = 2, 0.001, total_s / 2, total_s / 2, total_s
+
+
+class _Engine:
+    frame_size, sample_rate, batch_size, slots_in_use, steps, failed_steps = 1920, 24000, 4, 3, 0, 2
+
+    def __init__(self):
+        self.step_listeners = []
+
+
+def test_realtime_factor_is_frame_time_over_mean_step_time_and_engine_failures_count_as_errors():
+    metrics, engine = CaptionMetrics(), _Engine()
+    metrics.attach_engine(engine, slots=[object()])
+    assert metrics.realtime_factor() is None, "no step yet: no factor"
+    for total in (0.02, 0.04):
+        for listener in engine.step_listeners:
+            listener(_Timings(total))
+    assert metrics.realtime_factor() == pytest.approx(0.08 / 0.03)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+    assert samples[("captions_engine_slots_free", ())] == 1
+    assert samples[("captions_queued_speakers", ())] == 1
+    assert samples[("captions_errors_total", (("kind", "engine_step"),))] == 2
+    assert samples[("captions_engine_step_seconds_count", (("part", "lm"),))] == 2
