@@ -4,6 +4,7 @@ subscriber that collects caption streams (and can ask the agent for the backlog)
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import time
@@ -135,6 +136,8 @@ class Caption:
     """The identity the stream claims to be from (the transcribed speaker)."""
     attributes: dict[str, str]
     received_at: float
+    order: int = 0
+    """Position in which the stream was opened (= sent by the agent)."""
 
     @property
     def words(self) -> list[list]:
@@ -157,6 +160,7 @@ class Subscriber:
     statuses: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     """(participant identity, attributes) each time an agent's attributes changed."""
     _tasks: set = field(default_factory=set)
+    _opened: int = 0
 
     async def connect(self) -> Subscriber:
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_caption_stream)
@@ -173,15 +177,19 @@ class Subscriber:
         task.add_done_callback(self._tasks.discard)
 
     def _on_caption_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
-        self._spawn(self._read_caption(reader, participant_identity))
+        # Streams are opened in the order the agent sent them, but their reads may finish in any
+        # order: keep `captions` in opening order.
+        self._opened += 1
+        self._spawn(self._read_caption(reader, participant_identity, self._opened))
 
-    async def _read_caption(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
+    async def _read_caption(self, reader: rtc.TextStreamReader, participant_identity: str, order: int) -> None:
         text = await reader.read_all()
         attrs = dict(reader.info.attributes or {})
-        self.captions.append(Caption(
+        caption = Caption(
             text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""), track_id=attrs.get(ATTR_TRANSCRIBED_TRACK_ID, ""),
             final=attrs.get(ATTR_TRANSCRIPTION_FINAL) == "true", sender=participant_identity,
-            attributes=attrs, received_at=time.time()))
+            attributes=attrs, received_at=time.time(), order=order)
+        bisect.insort(self.captions, caption, key=lambda c: c.order)
 
     def _on_backlog_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
         async def read() -> None:

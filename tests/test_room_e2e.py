@@ -322,3 +322,45 @@ async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(ti
 def _start_logged(command: list[str], out_path: Path) -> subprocess.Popen:
     with open(out_path, "wb") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("scenario", ["SIMULATE_SIGNAL_RECONNECT", "SIMULATE_FULL_RECONNECT"])
+async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech_dir, tmp_path, scenario):
+    """The agent's connection drops (LiveKit's own reconnection scenarios, forced on the agent's
+    room): the speaker goes on being captioned afterwards. The room logic runs in this process
+    here, with tests/fake_engine.py as the engine (the worker subprocess cannot be told to drop)."""
+    from livekit import rtc
+
+    from agent.room import RoomCaptioner, RoomOptions
+    from agent.slots import SlotQueue
+    from tests.bots import make_token
+    from tests.fake_engine import FakeEngine
+
+    room_name = f"e2e-reconnect-{scenario.lower()}"
+    slots = SlotQueue(FakeEngine(batch_size=2))
+    agent_room = rtc.Room()
+    await agent_room.connect(livekit_server.url, make_token(livekit_server, room_name, "captions-agent",
+                                                             agent=True))
+    captioner = RoomCaptioner(agent_room, slots, RoomOptions(tmp_path / "data"))
+    await captioner.start()
+    sub = await Subscriber(livekit_server, room_name).connect()
+    alice = await publisher(livekit_server, room_name, "alice")
+    try:
+        await sub.wait_for_agent()
+        await asyncio.sleep(0.5)
+        await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
+        await alice.silence(1.5)
+        await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "captions before the drop")
+        before = len(sub.finals("alice"))
+        await agent_room.simulate_scenario(getattr(rtc.SimulateScenarioKind, scenario))
+        await asyncio.sleep(3)  # reconnection
+        await alice.play(speech(speech_dir, "alice"))
+        await alice.silence(1.5)
+        await sub.wait_until(lambda: len(sub.finals("alice")) > before, CAPTION_WAIT_S,
+                             "captions after the agent reconnected")
+    finally:
+        await alice.disconnect()
+        await sub.disconnect()
+        await captioner.aclose()
+        await agent_room.disconnect()
+        slots.close()
