@@ -104,7 +104,8 @@ async def test_metrics_after_two_speakers_share_one_slot(livekit_server, tiny_ch
 
         await alice.disconnect()
         await bob.disconnect()
-        await sub.wait_until(lambda: sub.finals("alice"), 30, "alice's final caption")
+        # Whoever got the one slot first is captioned; the other one left while still waiting.
+        await sub.wait_until(lambda: sub.finals(), 30, "a final caption")
         await sub.disconnect()
         after = scrape(port)
     finally:
@@ -118,11 +119,11 @@ async def test_metrics_after_two_speakers_share_one_slot(livekit_server, tiny_ch
     assert 0 < mean_step < 5
     assert value(after, "captions_engine_realtime_factor") == pytest.approx(0.08 / mean_step, rel=1.0)
     words = value(after, "captions_caption_latency_seconds_count")
-    assert words >= 1, "no word latency recorded although alice was captioned"
+    assert words >= 1, "no word latency recorded although a speaker was captioned"
     mean_latency = value(after, "captions_caption_latency_seconds_sum") / words
     assert 0 < mean_latency < 30, f"mean caption latency {mean_latency:.2f} s"
     assert value(after, "captions_frames_dropped_total", reason="waiting_for_slot") > 0, \
-        "bob's audio while he waited for the one slot is not captioned and must be counted"
+        "the audio of the speaker waiting for the one slot is not captioned and must be counted"
     for kind in ("engine_step", "stream", "publish", "transcript", "room"):
         assert value(after, "captions_errors_total", kind=kind) == 0, kind
 
