@@ -1,0 +1,102 @@
+"""`captions bench <kind>`: the benchmarks whose figures the README publishes.
+
+Each kind lives in its own module, listed in BENCHMARKS, exposing `configure_parser(parser)` and
+`run(args) -> int` like a top-level command (`captions bench engine ...`; a `latency` kind can be
+added next to it). This module also holds what every benchmark's JSON shares: the description of
+the machine the figures were measured on, and the summary statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import os
+import platform
+from pathlib import Path
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "engine": ("agent.bench_engine",
+               "batched engine throughput against one model state per stream (batch size 1)"),
+}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, (module, text) in BENCHMARKS.items():
+        sub = kinds.add_parser(name, help=text, description=text)
+        importlib.import_module(module).configure_parser(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)
+
+
+# ---- shared by every benchmark --------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_description(device: str) -> dict:
+    """What the figures depend on: CPU, cores, RAM, GPU, library versions, date, and the load
+    average (other processes on the machine slow every figure down)."""
+    import moshi
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    description = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": usable,
+        "ram_gib": _ram_gib(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "moshi": getattr(moshi, "__version__", "unknown"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    return description
+
+
+def summarize_ms(seconds: list[float]) -> dict:
+    """Mean, p50, p95 and p99 of durations given in seconds, in milliseconds."""
+    import numpy as np
+
+    if not seconds:
+        return {"count": 0, "mean": None, "p50": None, "p95": None, "p99": None}
+    values = np.asarray(seconds) * 1000.0
+    return {
+        "count": int(values.size),
+        "mean": round(float(values.mean()), 3),
+        "p50": round(float(np.percentile(values, 50)), 3),
+        "p95": round(float(np.percentile(values, 95)), 3),
+        "p99": round(float(np.percentile(values, 99)), 3),
+    }
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path

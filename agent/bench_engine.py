@@ -1,0 +1,518 @@
+"""`captions bench engine`: batched engine throughput against one model state per stream.
+
+For each batch size B, B streams of real speech (espeak-ng, different sentences and voices) are
+queued whole into one SttEngine with B slots, so that every step runs all B slots, as when B
+people talk at once. Each step's time is split into Mimi encode, LM step, and host-side work
+(everything else the engine loop does: gathering frames, masks, token decoding, event dispatch).
+
+The baseline, in the same run, is the approach of one model state per stream: B separate
+batch-size-1 engines (sharing the weights, each with its own streaming state), stepped stream
+after stream, one frame each per round, as a server that keeps one model per speaker would.
+
+Without --model the benchmark builds the checkpoints it needs (random weights in the real Kyutai
+layout, see tiny_checkpoint.py) into a cache directory: the tiny test checkpoint, and one shaped
+like production where a CPU can afford it (full-size Mimi, a reduced LM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .bench import machine_description, summarize_ms, write_json
+from .config import add_option
+from .log import logger
+
+FRAME_S = 0.08
+SKIPPED_STEPS = 2
+"""Left out of the step statistics: the first steps reset every slot's state."""
+BASELINE_MIN_ROUNDS = 3
+
+# Checkpoints the benchmark builds itself: make_test_checkpoint arguments.
+BUILT_CHECKPOINTS: dict[str, dict] = {
+    "tiny": {},
+    "prod-shaped": {"full_mimi": True, "lm_dim": 512, "lm_layers": 6, "lm_heads": 8},
+}
+
+_SENTENCES = [
+    "Good morning everyone, thank you for joining the weekly planning meeting.",
+    "The budget for the next quarter looks reasonable, but travel costs went up.",
+    "Could you share your screen so that we can all see the latest figures?",
+    "I think we should ship the new release before the end of the month.",
+    "Bonjour à tous, nous allons commencer la réunion dans quelques instants.",
+    "Let me summarise the three decisions we took during the last call.",
+    "The customer asked whether live captions also work on mobile phones.",
+    "Je pense que la nouvelle version est prête pour les tests utilisateurs.",
+]
+_VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-us+f3", "en-gb-x-rp", "en-us+m3"]
+_FRENCH_VOICES = ["fr", "fr+f2"]
+
+
+class BenchError(Exception):
+    """The benchmark cannot run or did not finish; the message says why."""
+
+
+# ---- inputs: checkpoints and speech ---------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kyutai-livekit-captions" / "bench"
+
+
+def ensure_checkpoint(name: str, cache_dir: Path) -> Path:
+    """Builds the named checkpoint once; the directory name changes with the generator's source
+    and arguments, so a changed generator never serves a stale checkpoint."""
+    from . import tiny_checkpoint
+
+    kwargs = BUILT_CHECKPOINTS[name]
+    key = hashlib.sha256(Path(tiny_checkpoint.__file__).read_bytes() + json.dumps(kwargs).encode())
+    directory = cache_dir / f"{name}-{key.hexdigest()[:12]}"
+    if (directory / "config.json").is_file():
+        return directory
+    logger.info("building the %s checkpoint into %s (once)", name, directory)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+    tiny_checkpoint.make_test_checkpoint(partial, seed=0, **kwargs)
+    partial.rename(directory)  # atomic: a crash mid-build never leaves a checkpoint that looks whole
+    return directory
+
+
+def _espeak(text: str, voice: str, speed: int, path: Path) -> np.ndarray:
+    from .audio import read_audio_file
+
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return read_audio_file(path)  # espeak-ng writes 22.05 kHz: resampled to 24 kHz float32
+
+
+def speech_streams(count: int, seconds: float) -> list[np.ndarray]:
+    """`count` different streams of speech, each exactly `seconds` long (whole 80 ms frames).
+
+    Stream i reads sentences i, i+1, ... in voice i (English accents, French for the French
+    sentences) at one of four speeds, with short pauses between sentences, as people speak."""
+    if shutil.which("espeak-ng") is None:
+        raise BenchError("espeak-ng is needed for the benchmark's speech (apt-get install espeak-ng)")
+    frames = max(1, round(seconds / FRAME_S))
+    samples = frames * 1920
+    pause = np.zeros(7200, dtype=np.float32)  # 0.3 s
+    cache: dict[tuple[int, str, int], np.ndarray] = {}
+    streams = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            pieces, length, j = [], 0, 0
+            while length < samples:
+                index = (i + j) % len(_SENTENCES)
+                french = _SENTENCES[index].startswith(("Bonjour", "Je "))
+                voice = (_FRENCH_VOICES if french else _VOICES)[i % (2 if french else len(_VOICES))]
+                key = (index, voice, 140 + 15 * (i % 4))
+                if key not in cache:
+                    cache[key] = _espeak(_SENTENCES[index], voice, key[2], Path(tmp) / f"{len(cache)}.wav")
+                pieces += [cache[key], pause]
+                length += cache[key].size + pause.size
+                j += 1
+            streams.append(np.concatenate(pieces)[:samples].copy())
+    return streams
+
+
+# ---- the model, shared ----------------------------------------------------------------------------
+
+def _share_weights(model):
+    """A copy of the model whose modules share every weight with the original but own their
+    streaming state, so that several engines (each with its own state) fit in memory."""
+
+    def shared(module):
+        memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        return copy.deepcopy(module, memo)
+
+    return dataclasses.replace(model, mimi=shared(model.mimi), lm=shared(model.lm))
+
+
+def _parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe_checkpoint(name: str, directory: Path, model) -> dict:
+    """Shapes and parameter counts, read from the checkpoint's config and the loaded modules."""
+    config = json.loads((directory / "config.json").read_text())
+    lm_keys = ("dim", "num_layers", "num_heads", "n_q", "card", "text_card", "context")
+    mimi = {"codebooks": int(model.mimi.num_codebooks), "note": "moshi's default Mimi configuration"}
+    if config.get("mimi_config_name") and (directory / config["mimi_config_name"]).is_file():
+        mimi_config = json.loads((directory / config["mimi_config_name"]).read_text())
+        mimi = {
+            "codebooks": int(model.mimi.num_codebooks),
+            "codebook_size": mimi_config["quantizer"]["bins"],
+            "seanet_filters": mimi_config["seanet"]["n_filters"],
+            "seanet_dimension": mimi_config["seanet"]["dimension"],
+            "transformer_dim": mimi_config["transformer"]["d_model"],
+            "transformer_layers": mimi_config["transformer"]["num_layers"],
+        }
+    return {
+        "name": name,
+        "path": str(directory),
+        "built_with": BUILT_CHECKPOINTS.get(name),
+        "mimi_params": _parameters(model.mimi),
+        "lm_params": _parameters(model.lm),
+        "mimi": mimi,
+        "lm": {key: config.get(key) for key in lm_keys},
+        "text_delay_s": model.delay_s,
+        "has_vad": model.has_vad,
+    }
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+class _Progress:
+    """One stream's events, as they arrive on the engine thread."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.frames = 0
+        self.words = 0
+        self.ended = False
+        self.error: str | None = None
+
+    def __call__(self, event) -> None:
+        with self._cond:
+            self.frames = event.frames
+            self.words += len(event.words)
+            self.error = self.error or event.error
+            self.ended = self.ended or event.ended
+            self._cond.notify_all()
+
+    def wait_for(self, frames: int | None, timeout: float) -> None:
+        """Until `frames` audio frames were consumed (None: until the stream ended)."""
+        def done() -> bool:
+            return self.ended if frames is None else (self.frames >= frames or self.ended)
+
+        with self._cond:
+            if not self._cond.wait_for(done, timeout=max(0.0, timeout)):
+                raise BenchError(f"the engine did not finish within {timeout:.0f} s")
+            if self.error:
+                raise BenchError(f"engine step failed: {self.error}")
+
+
+def _share(part: float, whole: float) -> float:
+    return round(part / whole, 4) if whole > 0 else 0.0
+
+
+def bench_batched(model, clips: list[np.ndarray], timeout_s: float) -> dict:
+    """All `len(clips)` streams in one engine with as many slots, every step a full batch."""
+    from .engine import SttEngine
+
+    batch_size = len(clips)
+    engine = SttEngine(_share_weights(model), batch_size, profile=True)
+    engine.warm_up()
+    steps: list[tuple[float, object]] = []
+    engine.step_listeners.append(lambda timings: steps.append((time.perf_counter(), timings)))
+    progress = [_Progress() for _ in clips]
+    # Every stream's whole audio is queued before the loop starts: no step ever waits for audio,
+    # so each step's time is the engine's own, and every slot is active in every step.
+    for on_event, audio in zip(progress, clips):
+        stream = engine.open_stream(on_event)
+        stream.push(audio)
+        stream.close()
+    load_before, cpu_before, started = os.getloadavg()[0], time.process_time(), time.perf_counter()
+    engine.start()
+    try:
+        for stream_progress in progress:
+            stream_progress.wait_for(None, started + timeout_s - time.perf_counter())
+    finally:
+        engine.close()
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
+
+    # A step's time is the loop's period: from the end of one step to the end of the next. What
+    # Mimi and the LM did not take of it is host-side work (the engine's own host_s, plus picking
+    # the frames under the lock).
+    periods, encode, lm, engine_host = [], [], [], []
+    for k in range(max(1, SKIPPED_STEPS), len(steps)):
+        periods.append(steps[k][0] - steps[k - 1][0])
+        encode.append(steps[k][1].encode_s)
+        lm.append(steps[k][1].lm_s)
+        engine_host.append(steps[k][1].host_s)
+    if not periods:
+        raise BenchError("too few steps to measure: raise --seconds")
+    host = [max(0.0, p - e - m) for p, e, m in zip(periods, encode, lm)]
+    step_s = float(np.mean(periods))
+    audio_s = sum(clip.size for clip in clips) / model.sample_rate
+    return {
+        "streams": batch_size,
+        "steps": len(steps),
+        "steps_measured": len(periods),
+        "audio_s": round(audio_s, 3),
+        "wall_s": round(wall, 3),
+        "rtf": round(audio_s / wall, 3),
+        "step_ms": summarize_ms(periods),
+        "encode_ms": summarize_ms(encode),
+        "lm_ms": summarize_ms(lm),
+        "host_ms": summarize_ms(host),
+        "host_in_engine_step_ms": summarize_ms(engine_host),
+        "encode_share": _share(float(np.mean(encode)), step_s),
+        "lm_share": _share(float(np.mean(lm)), step_s),
+        "host_share": _share(float(np.mean(host)), step_s),
+        "streams_realtime": round(batch_size * FRAME_S / step_s, 3),
+        "per_stream_speed": round(FRAME_S / step_s, 3),
+        "keeps_up_live": bool(step_s <= FRAME_S),
+        "words": sum(p.words for p in progress),
+        "cpu_cores_used": round(cpu / wall, 2),
+        "load_average_before": round(load_before, 2),
+    }
+
+
+def bench_baseline(model, clips: list[np.ndarray], budget_s: float, timeout_s: float) -> dict:
+    """One batch-size-1 engine per stream, stepped stream after stream, one frame per round, for
+    about `budget_s` seconds (at least BASELINE_MIN_ROUNDS rounds, at most the audio's length)."""
+    from .engine import SttEngine
+
+    engines, streams, progress, step_totals = [], [], [], []
+    try:
+        for _ in clips:
+            engine = SttEngine(_share_weights(model), 1, profile=True)
+            engine.warm_up(steps=1)
+            engine.step_listeners.append(lambda timings: step_totals.append(timings.total_s))
+            engines.append(engine)
+            progress.append(_Progress())
+            streams.append(engine.open_stream(progress[-1]))
+            engine.start()
+        rounds = []
+        n_frames = min(clip.size for clip in clips) // 1920
+        load_before, cpu_before, started = os.getloadavg()[0], time.process_time(), time.perf_counter()
+        for t in range(n_frames):
+            round_started = time.perf_counter()
+            for stream, stream_progress, clip in zip(streams, progress, clips):
+                stream.push(clip[t * 1920:(t + 1) * 1920])
+                stream_progress.wait_for(t + 1, timeout_s)
+            rounds.append(time.perf_counter() - round_started)
+            if len(rounds) >= BASELINE_MIN_ROUNDS and time.perf_counter() - started >= budget_s:
+                break
+        wall = time.perf_counter() - started
+        cpu = time.process_time() - cpu_before
+    finally:
+        for stream in streams:
+            stream.abort()
+        for engine in engines:
+            engine.close()
+    n = len(clips)
+    measured = rounds[1:] if len(rounds) > 1 else rounds  # round 0 resets every stream's state
+    steps = step_totals[n:] if len(rounds) > 1 else step_totals
+    # Credited with its pure step time: the thread hand-off between our driver and each engine is
+    # left out, so the baseline is not slowed by how we drive it (round_ms shows it included).
+    step_s = float(np.mean(steps))
+    return {
+        "streams": n,
+        "rounds": len(rounds),
+        "audio_s": round(len(rounds) * n * FRAME_S, 3),
+        "wall_s": round(wall, 3),
+        "rtf": round(len(rounds) * n * FRAME_S / wall, 3),
+        "step_ms": summarize_ms(steps),
+        "round_ms": summarize_ms(measured),
+        "streams_realtime": round(FRAME_S / step_s, 3),
+        "streams_realtime_with_handoff": round(n * FRAME_S / float(np.mean(measured)), 3),
+        "cpu_cores_used": round(cpu / wall, 2),
+        "load_average_before": round(load_before, 2),
+    }
+
+
+def bench_checkpoint(name: str, directory: Path, device: str, batch_sizes: list[int],
+                     clips: list[np.ndarray], budget_s: float, timeout_s: float) -> dict:
+    from .model import load_stt_model
+
+    model = load_stt_model(str(directory), device)
+    description = describe_checkpoint(name, directory, model)
+    logger.info("%s: Mimi %.1f M params, LM %.1f M params", name, description["mimi_params"] / 1e6,
+                description["lm_params"] / 1e6)
+    runs = []
+    for batch_size in batch_sizes:
+        batched = bench_batched(model, clips[:batch_size], timeout_s)
+        gc.collect()
+        baseline = bench_baseline(model, clips[:batch_size], budget_s, timeout_s)
+        gc.collect()
+        ratio = round(batched["streams_realtime"] / baseline["streams_realtime"], 3)
+        logger.info("%s B=%d: step %.1f ms (encode %.0f%%, LM %.0f%%, host %.1f%%), %.2f streams in "
+                    "real time; baseline %.2f; ratio %.2f", name, batch_size, batched["step_ms"]["mean"],
+                    100 * batched["encode_share"], 100 * batched["lm_share"], 100 * batched["host_share"],
+                    batched["streams_realtime"], baseline["streams_realtime"], ratio)
+        runs.append({"batch_size": batch_size, "batched": batched, "baseline": baseline, "ratio": ratio})
+    return {"checkpoint": description, "runs": runs, "targets": _targets(runs)}
+
+
+def _targets(runs: list[dict]) -> dict:
+    """The issue's goals, checked against this run's figures (None when not measured)."""
+    by_size = {run["batch_size"]: run for run in runs}
+    ratio = by_size[32]["ratio"] if 32 in by_size else None
+    host = by_size[64]["batched"]["host_share"] if 64 in by_size else None
+    return {
+        "ratio_at_b32": ratio, "ratio_at_b32_at_least_5": None if ratio is None else ratio >= 5,
+        "host_share_at_b64": host, "host_share_at_b64_at_most_5pct": None if host is None else host <= 0.05,
+    }
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+
+def markdown_table(report: dict) -> str:
+    """The README table, generated from the JSON (figures are never typed in by hand)."""
+    lines = [
+        ("| checkpoint | B | step mean / p50 / p95 (ms) | encode / LM / host | RTF | streams in real time "
+         "(batched) | baseline (B=1 each) | ratio |"),
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for result in report["results"]:
+        for run in result["runs"]:
+            b, base = run["batched"], run["baseline"]
+            lines.append(
+                f"| {result['checkpoint']['name']} | {run['batch_size']} | {b['step_ms']['mean']:.1f} / "
+                f"{b['step_ms']['p50']:.1f} / {b['step_ms']['p95']:.1f} | {100 * b['encode_share']:.0f} % / "
+                f"{100 * b['lm_share']:.0f} % / {100 * b['host_share']:.1f} % | {b['rtf']:.2f} | "
+                f"{b['streams_realtime']:.2f} | {base['streams_realtime']:.2f} | {run['ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Streams served in real time against batch size (batched and baseline), and each
+    checkpoint's step time split into encode, LM and host work."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # numpy warns about float limits once denormals are flushed (load_stt_model does, on CPU).
+        warnings.simplefilter("ignore", UserWarning)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+
+    results = report["results"]
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(5.5 * (1 + len(results)), 4.5), squeeze=False)
+    ax = axes[0][0]
+    for result, color in zip(results, ["tab:blue", "tab:orange", "tab:green", "tab:red"]):
+        sizes = [run["batch_size"] for run in result["runs"]]
+        name = result["checkpoint"]["name"]
+        ax.plot(sizes, [run["batched"]["streams_realtime"] for run in result["runs"]], "o-", color=color,
+                label=f"{name}: batched engine")
+        ax.plot(sizes, [run["baseline"]["streams_realtime"] for run in result["runs"]], "s--", color=color,
+                alpha=0.7, label=f"{name}: one state per stream")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    all_sizes = sorted({run["batch_size"] for result in results for run in result["runs"]})
+    ax.set_xticks(all_sizes, [str(size) for size in all_sizes])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("batch size B (streams in flight)")
+    ax.set_ylabel("streams served in real time")
+    ax.set_title("Throughput: B x 80 ms / step time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    for ax, result in zip(axes[0][1:], results):
+        sizes = [str(run["batch_size"]) for run in result["runs"]]
+        positions = np.arange(len(sizes))
+        bottom = np.zeros(len(sizes))
+        for key, label in (("encode_ms", "Mimi encode"), ("lm_ms", "LM step"), ("host_ms", "host work")):
+            values = np.array([run["batched"][key]["mean"] for run in result["runs"]])
+            ax.bar(positions, values, bottom=bottom, label=label)
+            bottom += values
+        ax.set_xticks(positions, sizes)
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel("mean step time (ms)")
+        ax.set_title(f"{result['checkpoint']['name']}: where a step's time goes")
+        ax.legend(fontsize=8)
+    machine = report["machine"]
+    fig.suptitle(f"captions bench engine - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+                 f"{machine['device']}, {machine['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8,32, got {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sorted(set(sizes))
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0.4:
+        raise argparse.ArgumentTypeError(f"need at least 0.4 s of audio per stream (5 steps), got {text}")
+    return value
+
+
+def _checkpoint_names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in BUILT_CHECKPOINTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"known checkpoints: {', '.join(BUILT_CHECKPOINTS)}; got {text!r}")
+    return names
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
+               help="checkpoint to measure (repo id or local directory); unset: build and measure "
+                    "the checkpoints named by --checkpoints")
+    add_option(parser, "--checkpoints", env="CAPTIONS_BENCH_CHECKPOINTS", type=_checkpoint_names,
+               default=list(BUILT_CHECKPOINTS),
+               help=f"built checkpoints to measure without --model ({', '.join(BUILT_CHECKPOINTS)})")
+    add_option(parser, "--batch-sizes", env="CAPTIONS_BENCH_BATCH_SIZES", type=_batch_sizes,
+               default=[1, 8, 32, 64], help="batch sizes; each runs that many streams at once")
+    add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=3.0,
+               help="seconds of speech per stream")
+    add_option(parser, "--baseline-budget", env="CAPTIONS_BENCH_BASELINE_BUDGET", type=float, default=15.0,
+               help="seconds spent on the one-state-per-stream baseline at each batch size")
+    add_option(parser, "--timeout", env="CAPTIONS_BENCH_TIMEOUT", type=float, default=900.0,
+               help="give up on a run after this many seconds")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
+               help="where built checkpoints are kept")
+    add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
+    add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .model import CheckpointError, pick_device, resolve_checkpoint_dir
+
+    try:
+        device = pick_device(args.device)
+        if args.model:
+            checkpoints = [(Path(args.model).name or args.model, resolve_checkpoint_dir(args.model))]
+        else:
+            checkpoints = [(name, ensure_checkpoint(name, args.cache_dir)) for name in args.checkpoints]
+        clips = speech_streams(max(args.batch_sizes), args.seconds)
+        report = {
+            "benchmark": "engine",
+            "machine": machine_description(device),
+            "settings": {"batch_sizes": args.batch_sizes, "seconds_per_stream": args.seconds,
+                         "baseline_budget_s": args.baseline_budget, "skipped_steps": SKIPPED_STEPS},
+            "results": [bench_checkpoint(name, directory, device, args.batch_sizes, clips,
+                                         args.baseline_budget, args.timeout)
+                        for name, directory in checkpoints],
+        }
+    except (BenchError, CheckpointError, subprocess.CalledProcessError) as e:
+        print(f"captions bench engine: {e}", file=sys.stderr)
+        return 1
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json:
+        write_json(args.json, report)
+    if args.plot:
+        plot(report, args.plot)
+    print(markdown_table(report))
+    return 0
+
