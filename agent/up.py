@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -140,6 +142,9 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str | No
         return None
     from .web import viewer_link
 
+    # The viewer signs links with CAPTIONS_VIEWER_SECRET when set: give this run its own, so that the
+    # printed link is signed with exactly the key the viewer child checks.
+    viewer_secret = os.environ.setdefault("CAPTIONS_VIEWER_SECRET", secrets.token_urlsafe(32))
     web = _spawn("viewer", _captions_command("web", "--host", args.host, "--port", str(args.web_port), *lk))
     children.append(web)
     base_url = f"http://{args.host}:{args.web_port}"
@@ -147,7 +152,7 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str | No
     # A room created before the worker registers gets no agent: say "up" only once it can caption.
     logger.info("waiting for the caption worker (loading the model; the first run downloads it)")
     _wait_until_ready(worker_child, WORKER_READY_TIMEOUT_S)
-    return viewer_link(base_url, DEV_API_SECRET, args.room, LINK_TTL_S)
+    return viewer_link(base_url, viewer_secret, args.room, LINK_TTL_S)
 
 
 def _banner(args: argparse.Namespace, link: str | None) -> str:
