@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,8 +141,12 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str | No
         logger.warning("the viewer (agent.web) is not available: captions are published, but not shown here")
         _wait_until_ready(worker_child, WORKER_READY_TIMEOUT_S)
         return None
-    from .web import viewer_link
+    from .web import LIVEKIT_CLIENT_PATH, WEB_DIR, viewer_link
 
+    if not (WEB_DIR / LIVEKIT_CLIENT_PATH).is_file() and shutil.which("npm"):
+        # First run: fetch the viewer's JavaScript from the npm lock file (once; served locally).
+        logger.info("installing the viewer's JavaScript (npm ci in %s)", WEB_DIR)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=WEB_DIR, check=True)
     # The viewer signs links with CAPTIONS_VIEWER_SECRET when set: give this run its own, so that the
     # printed link is signed with exactly the key the viewer child checks.
     viewer_secret = os.environ.setdefault("CAPTIONS_VIEWER_SECRET", secrets.token_urlsafe(32))
