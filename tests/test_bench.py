@@ -56,7 +56,7 @@ def test_every_batch_size_has_batched_and_baseline_figures(engine_report):
         assert batched["rtf"] > 0 and batched["audio_s"] == pytest.approx(run["batch_size"] * 0.96)
         # Real speech goes in: the tiny checkpoint writes words for it.
         assert batched["words"] > 0
-        assert baseline["rounds"] >= 3 and baseline["step_ms"]["mean"] > 0 and baseline["streams_realtime"] > 0
+        assert baseline["rounds"] >= 2 and baseline["step_ms"]["mean"] > 0 and baseline["streams_realtime"] > 0
         assert run["ratio"] == pytest.approx(batched["streams_realtime"] / baseline["streams_realtime"], rel=0.01)
 
 
