@@ -416,9 +416,12 @@ def plot(report: dict, path: Path) -> None:
                 label=f"{name}: batched engine")
         ax.plot(sizes, [run["baseline"]["streams_realtime"] for run in result["runs"]], "s--", color=color,
                 alpha=0.7, label=f"{name}: one state per stream")
+    all_sizes = sorted({run["batch_size"] for result in results for run in result["runs"]})
+    # A point below this line took more than 80 ms per step: the throughput is there, but the B
+    # streams of that engine fall behind live audio.
+    ax.plot(all_sizes, all_sizes, ":", color="gray", label="B (step = 80 ms: all B streams live)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    all_sizes = sorted({run["batch_size"] for result in results for run in result["runs"]})
     ax.set_xticks(all_sizes, [str(size) for size in all_sizes])
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("batch size B (streams in flight)")
@@ -475,6 +478,18 @@ def _checkpoint_names(text: str) -> list[str]:
     return names
 
 
+def _report_again(path: Path, plot_path: Path | None) -> int:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"captions bench engine: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    if plot_path:
+        plot(report, plot_path)
+    print(markdown_table(report))
+    return 0
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
                help="checkpoint to measure (repo id or local directory); unset: build and measure "
@@ -495,11 +510,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="where built checkpoints are kept")
     add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
     add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")
+    add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
+               help="measure nothing: print the table (and --plot) of an earlier run's JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from .model import CheckpointError, pick_device, resolve_checkpoint_dir
 
+    if args.from_json:
+        return _report_again(args.from_json, args.plot)
     try:
         device = pick_device(args.device)
         if args.model:

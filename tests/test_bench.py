@@ -24,11 +24,11 @@ def engine_report(tiny_checkpoint, tmp_path_factory):
                       "--seconds", "1", "--baseline-budget", "1", "--device", "cpu",
                       "--json", str(out / "engine.json"), "--plot", str(out / "engine.png"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "engine.json").read_text()), out / "engine.png", result.stdout
+    return json.loads((out / "engine.json").read_text()), out / "engine.png", result.stdout, out / "engine.json"
 
 
 def test_json_describes_the_machine_and_the_checkpoint(engine_report):
-    report, _, _ = engine_report
+    report, *_ = engine_report
     machine = report["machine"]
     assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["ram_gib"] > 0
     assert machine["device"] == "cpu" and machine["torch"] and machine["date"][:2] == "20"
@@ -39,7 +39,7 @@ def test_json_describes_the_machine_and_the_checkpoint(engine_report):
 
 
 def test_every_batch_size_has_batched_and_baseline_figures(engine_report):
-    report, _, _ = engine_report
+    report, *_ = engine_report
     [result] = report["results"]
     assert [run["batch_size"] for run in result["runs"]] == BATCH_SIZES
     for run in result["runs"]:
@@ -61,10 +61,18 @@ def test_every_batch_size_has_batched_and_baseline_figures(engine_report):
 
 
 def test_plot_and_table_are_written(engine_report):
-    _, plot, stdout = engine_report
+    _, plot, stdout, _ = engine_report
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     rows = [line for line in stdout.splitlines() if line.startswith("| ") and "checkpoint" not in line]
     assert len(rows) == len(BATCH_SIZES)
+
+
+def test_an_earlier_run_is_reported_again_from_its_json(engine_report, tmp_path):
+    _, _, stdout, json_path = engine_report
+    again = captions("bench", "engine", "--from-json", str(json_path), "--plot", str(tmp_path / "again.png"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout == stdout
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("args, message", [
