@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from .log import logger
@@ -68,6 +72,72 @@ def dev_server_command(binary: Path, host: str = "127.0.0.1", port: int = 7880) 
         f"  use_external_ip: false\n  enable_loopback_candidate: true\n"
     )
     return [str(binary), "--dev", "--config-body", config]
+
+
+def _ports_free(host: str, base: int) -> bool:
+    ports = ((base, socket.SOCK_STREAM), (base + 1, socket.SOCK_STREAM), (base + 2, socket.SOCK_DGRAM))
+    for port, kind in ports:
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_triple(host: str = "127.0.0.1") -> int:
+    """A base port with base, base+1 (TCP) and base+2 (UDP) free on `host` (see dev_server_command)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + 2 < 65535 and _ports_free(host, base):
+            return base
+    raise RuntimeError(f"no free port triple on {host}")
+
+
+@dataclass
+class LiveKitServer:
+    """A running livekit-server: where to reach it and with which keys."""
+
+    url: str
+    http_url: str
+    api_key: str
+    api_secret: str
+    process: object
+    """The subprocess.Popen of a server this process started."""
+
+    def stop(self, timeout: float = 10) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_dev_server(log_path: Path, host: str = "127.0.0.1", ready_timeout: float = 20) -> LiveKitServer:
+    """Starts livekit-server --dev on free ports of `host` (logging to `log_path`) and waits until its
+    HTTP port answers. For tests and benchmarks: it never installs the binary."""
+    binary = find_livekit_server()
+    if binary is None:
+        raise RuntimeError("livekit-server missing: run `captions server --install-only`")
+    port = free_port_triple(host)
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(dev_server_command(binary, host, port), stdout=log, stderr=subprocess.STDOUT)
+    http_url = f"http://{host}:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"livekit-server exited early, see {log_path}")
+        try:
+            urllib.request.urlopen(http_url, timeout=1).read()
+            return LiveKitServer(f"ws://{host}:{port}", http_url, DEV_API_KEY, DEV_API_SECRET, process)
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"livekit-server did not come up in {ready_timeout:g} s, see {log_path}")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

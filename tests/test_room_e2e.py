@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
 from agent.transcript import read_transcript, transcript_path
-from tests.bots import Caption, Publisher, Subscriber
+from agent.bots import Caption, Publisher, Subscriber
 from tests.conftest import espeak_wav
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
@@ -336,7 +336,7 @@ async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech
 
     from agent.room import RoomCaptioner, RoomOptions
     from agent.slots import SlotQueue
-    from tests.bots import make_token
+    from agent.bots import make_token
     from tests.fake_engine import FakeEngine
 
     room_name = f"e2e-reconnect-{scenario.lower()}"

@@ -568,7 +568,7 @@ async def test_phone_sized_screen_keeps_controls_and_captions_usable(livekit_ser
 
 
 async def _named_publisher(server, room: str, identity: str, name: str):
-    from tests.bots import Publisher, make_token
+    from agent.bots import Publisher, make_token
 
     publisher = Publisher(server, room, identity)
     await publisher.room.connect(server.url, make_token(server, room, identity, name=name))

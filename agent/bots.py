@@ -1,5 +1,6 @@
-"""Real WebRTC clients for end-to-end tests: a publisher that speaks a WAV file in real time and a
-subscriber that collects caption streams (and can ask the agent for the backlog)."""
+"""Real WebRTC clients for end-to-end tests and the latency benchmark: a publisher that speaks a WAV
+file in real time and a subscriber that collects caption streams (and can ask the agent for the
+backlog). Only the tests and `captions bench latency` import this module."""
 
 from __future__ import annotations
 
@@ -50,8 +51,13 @@ def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
 class Publisher:
     """A participant with one microphone track fed from WAV files at their native rate/channels."""
 
-    def __init__(self, server, room: str, identity: str, sample_rate: int = 24000, channels: int = 1):
+    def __init__(self, server, room: str, identity: str, sample_rate: int = 24000, channels: int = 1,
+                 auto_subscribe: bool = True, queue_size_ms: int = 1000):
         self.server, self.room_name, self.identity = server, room, identity
+        self.queue_size_ms = queue_size_ms
+        """The AudioSource's buffer; 0 hands each frame straight to WebRTC, as a microphone does."""
+        self.auto_subscribe = auto_subscribe
+        """False: do not receive the other speakers (a benchmark's many bots would decode each other)."""
         self.sample_rate, self.channels = sample_rate, channels
         self.room = rtc.Room()
         self.source: rtc.AudioSource | None = None
@@ -59,13 +65,14 @@ class Publisher:
         self.track: rtc.LocalAudioTrack | None = None
 
     async def connect(self) -> Publisher:
-        await self.room.connect(self.server.url, make_token(self.server, self.room_name, self.identity))
+        await self.room.connect(self.server.url, make_token(self.server, self.room_name, self.identity),
+                                options=rtc.RoomOptions(auto_subscribe=self.auto_subscribe))
         await self.publish()
         return self
 
     async def publish(self) -> str:
         """(Re)publishes a fresh microphone track; returns its sid."""
-        self.source = rtc.AudioSource(self.sample_rate, self.channels)
+        self.source = rtc.AudioSource(self.sample_rate, self.channels, queue_size_ms=self.queue_size_ms)
         self.track = rtc.LocalAudioTrack.create_audio_track(f"{self.identity}-mic", self.source)
         options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
         self.publication = await self.room.local_participant.publish_track(self.track, options)
