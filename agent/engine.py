@@ -53,6 +53,10 @@ class StreamEvent:
     """The raw text token of this step (-1: none yet); for tests and diagnostics."""
     ended: bool = False
     error: str | None = None
+    step_started: float = 0.0
+    """Unix time (time.time()) at which the step that produced this event started (0: no step)."""
+    step_ended: float = 0.0
+    """Unix time at which that step's tokens were decoded, just before its events were delivered."""
 
 
 @dataclass
@@ -295,6 +299,7 @@ class SttEngine:
         return out[0].astype(np.int64), out[1], timings
 
     def _step(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray) -> None:
+        step_started = time.time()  # wall clock, for latency diagnostics (room.py's timing attributes)
         try:
             tokens, pause, timings = self._run_model(batch, reset)
         except Exception as e:  # e.g. CUDA out of memory: end the affected streams, keep serving
@@ -316,7 +321,9 @@ class SttEngine:
             pause_prob = float(pause[slot.index]) if self.has_vad else None
             events.append((slot.on_event, StreamEvent(slot.stream.id, slot.audio_frames, words,
                                                       slot.decoder.partial, pause_prob, max(token, -1))))
+        step_ended = time.time()
         for on_event, event in events:
+            event.step_started, event.step_ended = step_started, step_ended
             self._deliver(on_event, event)
         timings.host_s += time.perf_counter() - decoded
         timings.total_s += time.perf_counter() - decoded

@@ -21,6 +21,7 @@ import json
 import time
 import urllib.parse
 import wave
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,11 @@ FRAME_MS = 80
 FINAL_PUBLISH_ATTEMPTS = 5
 """A final caption is retried (e.g. across a reconnection); an interim one is superseded anyway."""
 FLUSH_TIMEOUT_S = 10.0
+ATTR_TIMING = "captions.timing"
+"""Diagnostics only (worker --timing-attributes): JSON of when the audio behind a caption was
+received, stepped and published; `captions bench latency` reads it. Not part of the viewer protocol."""
+ONSET_THRESHOLD = 64
+"""|int16 sample| above which a stream's audio counts as started (-54 dBFS; digital silence stays 0)."""
 
 
 @dataclass
@@ -61,6 +67,8 @@ class RoomOptions:
     data_dir: Path
     record_dir: Path | None = None
     segmenter: SegmenterOptions = field(default_factory=SegmenterOptions)
+    timing_attributes: bool = False
+    """Attach ATTR_TIMING to every caption (diagnostics; costs a little per audio frame)."""
 
 
 @dataclass
@@ -71,6 +79,7 @@ class _Outgoing:
     track_sid: str
     update: CaptionUpdate
     words_attr: str | None = None
+    timing: dict[str, Any] | None = None
 
 
 def _safe_name(text: str) -> str:
@@ -100,13 +109,51 @@ class _Recorder:
         self._wav.close()
 
 
+class _StreamTiming:
+    """When each sample of one engine stream was received, for the timing attributes."""
+
+    def __init__(self, frame_size: int):
+        self.frame_size = frame_size
+        self.onset_sample: int | None = None
+        """Index of the stream's first sample above ONSET_THRESHOLD (aligns it with the sender's audio)."""
+        self._samples = 0
+        self._chunks: deque[tuple[int, float]] = deque()
+        """(index after the chunk's last sample, Unix time it was received), oldest first."""
+
+    def record(self, pcm16: np.ndarray, received_at: float) -> None:
+        if self.onset_sample is None:
+            loud = np.flatnonzero(np.abs(pcm16.astype(np.int32)) > ONSET_THRESHOLD)
+            if loud.size:
+                self.onset_sample = self._samples + int(loud[0])
+        self._samples += pcm16.size
+        self._chunks.append((self._samples, received_at))
+
+    def frame_received_at(self, frame: int) -> float | None:
+        """When the last sample of engine frame `frame` (0-based) was received. Events come in
+        frame order, so the chunks before it are dropped."""
+        last = (frame + 1) * self.frame_size - 1
+        while self._chunks and self._chunks[0][0] <= last:
+            self._chunks.popleft()
+        return self._chunks[0][1] if self._chunks else None
+
+    def for_event(self, event: Any) -> dict[str, Any] | None:
+        if event.frames <= 0 or not event.step_started:
+            return None
+        frame = event.frames - 1
+        return {"frame": frame, "frame_received": self.frame_received_at(frame),
+                "onset_sample": self.onset_sample, "step_started": event.step_started,
+                "step_ended": event.step_ended, "event_handled": time.time()}
+
+
 class _Session:
     """One engine stream of a speaker: its segmenter, wall-clock origin and recording."""
 
-    def __init__(self, stream: Any, recorder: _Recorder | None, options: SegmenterOptions):
+    def __init__(self, stream: Any, recorder: _Recorder | None, options: SegmenterOptions,
+                 timing: _StreamTiming | None = None):
         self.stream = stream
         self.segmenter = Segmenter(options=options)
         self.recorder = recorder
+        self.timing = timing
         self.origin: float | None = None
         """Unix time at which the first sample pushed into the stream was captured."""
         self.closing = False
@@ -182,7 +229,10 @@ class Speaker:
         if self._captioner.options.record_dir is not None:
             recorder = _Recorder(self._captioner.options.record_dir, self._captioner.room_name,
                                  self.identity, stream.id)
-        self._session = _Session(stream, recorder, self._captioner.options.segmenter)
+        timing = None
+        if self._captioner.options.timing_attributes:
+            timing = _StreamTiming(SAMPLE_RATE * FRAME_MS // 1000)
+        self._session = _Session(stream, recorder, self._captioner.options.segmenter, timing)
         logger.info("captioning %s (track %s) in engine stream %d", self.identity, self.track_sid, stream.id)
 
     # Audio --------------------------------------------------------------------------------------
@@ -199,6 +249,7 @@ class Speaker:
         self._loop.call_soon(self.stop)
 
     def _push(self, frame: rtc.AudioFrame) -> None:
+        received_at = time.time()
         session = self._session
         if session is None or session.closing:
             # Metrics: audio that will never be captioned.
@@ -209,6 +260,8 @@ class Speaker:
             session.origin = time.time() - frame.duration
         if session.recorder is not None:
             session.recorder.write(pcm16)
+        if session.timing is not None:
+            session.timing.record(pcm16, received_at)
         session.stream.push(pcm16.astype(np.float32) / 32768.0)
 
     # Engine events ------------------------------------------------------------------------------
@@ -225,8 +278,9 @@ class Speaker:
         if session.origin is not None:  # Metrics: end of each new word's audio -> its caption now
             for word in event.words:
                 METRICS.observe_caption_latency(time.time() - (session.origin + word.end))
+        timing = session.timing.for_event(event) if session.timing is not None else None
         for update in session.segmenter.feed(event):
-            self._captioner.caption(self, session.origin or time.time(), update)
+            self._captioner.caption(self, session.origin or time.time(), update, timing)
         if event.ended:
             self._end_session(session, event.error)
 
@@ -341,8 +395,10 @@ class RoomCaptioner:
 
     # Captions -----------------------------------------------------------------------------------
 
-    def caption(self, speaker: Speaker, origin: float, update: CaptionUpdate) -> None:
-        """Queues `update` for publishing; a final one is written to the transcript first."""
+    def caption(self, speaker: Speaker, origin: float, update: CaptionUpdate,
+                timing: dict[str, Any] | None = None) -> None:
+        """Queues `update` for publishing; a final one is written to the transcript first. `timing`:
+        the ATTR_TIMING fields of the step that produced it (with --timing-attributes)."""
         words_attr = None
         if update.final and update.text:
             words = [Word(w.text, origin + w.start, origin + w.end) for w in update.words]
@@ -358,7 +414,7 @@ class RoomCaptioner:
                 METRICS.error("transcript")
                 logger.exception("could not write the transcript of %s; publishing anyway", self.room_name)
             words_attr = words_attribute(words)
-        self._outbox.append(_Outgoing(speaker.identity, speaker.track_sid, update, words_attr))
+        self._outbox.append(_Outgoing(speaker.identity, speaker.track_sid, update, words_attr, timing))
         self._outbox_ready.set()
 
     async def _publish_forever(self) -> None:
@@ -382,6 +438,8 @@ class RoomCaptioner:
             attributes[ATTR_WORDS] = item.words_attr
         attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
         for attempt in range(attempts):
+            if item.timing is not None:
+                attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
             try:
                 writer = await self.room.local_participant.stream_text(
                     topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=attributes)

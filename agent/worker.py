@@ -54,8 +54,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="port of /metrics, /healthz and /readyz (0 disables them)")
     add_option(parser, "--metrics-host", env="CAPTIONS_METRICS_HOST", default="127.0.0.1",
                help="address of the metrics server (0.0.0.0 in a container)")
+    # Diagnostics: per-caption timings for `captions bench latency` (agent/room.py ATTR_TIMING).
+    parser.add_argument("--timing-attributes", action="store_true",
+                        default=_env_flag("CAPTIONS_TIMING_ATTRIBUTES"),
+                        help="diagnostics: attach a captions.timing attribute (receive/step/publish "
+                             "times) to every caption stream [env CAPTIONS_TIMING_ATTRIBUTES, default off]")
     add_livekit_options(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _env_flag(env: str) -> bool:
+    """An on/off option's default from its environment variable (1/true/yes/on, 0/false/no/off)."""
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise SystemExit(f"error: invalid value for {env}={value!r}: expected true or false")
 
 
 @dataclass
@@ -110,7 +125,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
-    return CaptionService(engine, slots, RoomOptions(args.data_dir, args.record_dir))
+    options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes)
+    return CaptionService(engine, slots, options)
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
