@@ -1,9 +1,9 @@
 """`captions bench <kind>`: the benchmarks whose figures the README publishes.
 
 Each kind lives in its own module, listed in BENCHMARKS, exposing `configure_parser(parser)` and
-`run(args) -> int` like a top-level command (`captions bench engine ...`; a `latency` kind can be
-added next to it). This module also holds what every benchmark's JSON shares: the description of
-the machine the figures were measured on, and the summary statistics.
+`run(args) -> int` like a top-level command (`captions bench engine ...`, `captions bench latency
+...`). This module also holds what every benchmark's JSON shares: the description of the machine
+the figures were measured on, and the summary statistics.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("agent.bench_engine",
                "batched engine throughput against one model state per stream (batch size 1)"),
+    "latency": ("agent.bench_latency",
+                "caption latency per word through a real livekit-server and the real worker, with its split"),
 }
 
 
