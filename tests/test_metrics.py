@@ -111,6 +111,13 @@ async def test_metrics_after_two_speakers_share_one_slot(livekit_server, tiny_ch
     finally:
         worker.stop()
 
+    # Privacy: the worker's log (default INFO level) names speakers but never holds caption text.
+    log = worker.log_path.read_text(errors="replace")
+    assert "alice" in log or "bob" in log, "speaker lifecycle events are logged"
+    for caption in sub.captions:
+        if len(caption.text) >= 8:
+            assert caption.text not in log, f"caption text in the worker log: {caption.text!r}"
+
     steps = value(after, "captions_engine_steps_total")
     assert steps >= 25, "2 s of speech is 25 frames, each stepped once"
     for part in ("host", "encode", "lm", "total"):
