@@ -37,6 +37,7 @@ from agent.captions import (
     TOPIC_TRANSCRIPTION,
     FinalSegment,
 )
+from agent.lkserver import start_dev_server
 from agent.web import WEB_DIR, sign_access, viewer_link
 
 pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
@@ -109,6 +110,23 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def web_server(livekit_server, tmp_path_factory) -> WebServer:
     server = start_web_server(livekit_server, tmp_path_factory.mktemp("web") / "web.log")
+    yield server
+    stop(server.process)
+
+
+@pytest.fixture(scope="module")
+def agentless_livekit(tmp_path_factory):
+    """A livekit-server of this module's own where no caption worker ever registers: the tests that
+    play the agent with a bot must not meet the session's real worker, which automatic dispatch
+    sends into every new room of the shared server."""
+    server = start_dev_server(tmp_path_factory.mktemp("agentless") / "livekit-server.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def agentless_web(agentless_livekit, tmp_path_factory) -> WebServer:
+    server = start_web_server(agentless_livekit, tmp_path_factory.mktemp("agentless-web") / "web.log")
     yield server
     stop(server.process)
 
@@ -282,10 +300,10 @@ def screenshot_path(name: str) -> Path:
 # ---------------------------------------------------------------- tests
 
 
-async def test_two_speakers_interim_then_final_without_duplicates(livekit_server, web_server, rooms, open_viewer):
+async def test_two_speakers_interim_then_final_without_duplicates(agentless_livekit, agentless_web, rooms, open_viewer):
     speakers = {"alice": "Alice Martin", "bob": "Bob Okafor"}
-    room_name, bot = await setup_room(livekit_server, rooms, speakers)
-    viewer = await open_viewer(web_server.link(room_name))
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     await wait_state(page, "live")
 
@@ -317,15 +335,15 @@ async def test_two_speakers_interim_then_final_without_duplicates(livekit_server
     assert viewer.errors == []
 
 
-async def test_late_viewer_sees_backlog_once(livekit_server, web_server, rooms, open_viewer):
+async def test_late_viewer_sees_backlog_once(agentless_livekit, agentless_web, rooms, open_viewer):
     speakers = {"carol": "Carol Diaz", "dan": "Dan Wu"}
-    room_name, bot = await setup_room(livekit_server, rooms, speakers)
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
     earlier = time.time() - 60
     await bot.say("carol", "this was said before anyone watched", start=earlier)
     await bot.say("dan", "and so was this", start=earlier + 5)
     bot.backlog_gate.clear()  # hold the backlog answer until a live caption has arrived
 
-    viewer = await open_viewer(web_server.link(room_name))
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     await wait_state(page, "live")
     deadline = time.monotonic() + 10
@@ -345,10 +363,10 @@ async def test_late_viewer_sees_backlog_once(livekit_server, web_server, rooms, 
     assert names == ["Carol Diaz", "Dan Wu", "Carol Diaz"]
 
 
-async def test_html_in_names_and_captions_is_shown_as_text(livekit_server, web_server, rooms, open_viewer):
+async def test_html_in_names_and_captions_is_shown_as_text(agentless_livekit, agentless_web, rooms, open_viewer):
     speakers = {"mallory": XSS_NAME}
-    room_name, bot = await setup_room(livekit_server, rooms, speakers)
-    viewer = await open_viewer(web_server.link(room_name))
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     await wait_state(page, "live")
     caption = "<script>alert(2)</script><b onmouseover=alert(3)>hi</b>"
@@ -380,10 +398,10 @@ async def _download(page, selector: str) -> str:
     return Path(await download.path()).read_text(encoding="utf-8")
 
 
-async def test_srt_vtt_and_text_exports_use_word_times(livekit_server, web_server, rooms, open_viewer):
+async def test_srt_vtt_and_text_exports_use_word_times(agentless_livekit, agentless_web, rooms, open_viewer):
     speakers = {"erin": "Erin & <Co>", "frank": "Frank"}
-    room_name, bot = await setup_room(livekit_server, rooms, speakers)
-    viewer = await open_viewer(web_server.link(room_name))
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     await wait_state(page, "live")
     t0 = time.time()
@@ -420,11 +438,11 @@ async def test_srt_vtt_and_text_exports_use_word_times(livekit_server, web_serve
     ]
 
 
-async def test_overlay_shows_last_two_turns_on_transparent_background(livekit_server, web_server, rooms,
+async def test_overlay_shows_last_two_turns_on_transparent_background(agentless_livekit, agentless_web, rooms,
                                                                       open_viewer):
     speakers = {"gina": "Gina", "hugo": "Hugo"}
-    room_name, bot = await setup_room(livekit_server, rooms, speakers)
-    viewer = await open_viewer(web_server.link(room_name, overlay="1"), width=1280, height=720)
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
+    viewer = await open_viewer(agentless_web.link(room_name, overlay="1"), width=1280, height=720)
     page = viewer.page
     await page.wait_for_selector('body.overlay[data-state="live"]', timeout=WAIT_MS)
     await bot.say("gina", "first line should scroll away")
@@ -443,8 +461,8 @@ async def test_overlay_shows_last_two_turns_on_transparent_background(livekit_se
     await page.screenshot(path=screenshot_path("viewer-overlay.png"), omit_background=True)
 
 
-async def test_tampered_link_is_refused_with_a_message(web_server, open_viewer):
-    link = web_server.link("some-room").replace("access=", "access=0")
+async def test_tampered_link_is_refused_with_a_message(agentless_web, open_viewer):
+    link = agentless_web.link("some-room").replace("access=", "access=0")
     viewer = await open_viewer(link)
     await wait_state(viewer.page, "refused")
     assert "not valid" in await viewer.page.text_content("#notice")
@@ -452,25 +470,25 @@ async def test_tampered_link_is_refused_with_a_message(web_server, open_viewer):
     await viewer.page.screenshot(path=screenshot_path("viewer-refused.png"))
 
 
-async def test_expired_link_says_so(web_server, open_viewer):
+async def test_expired_link_says_so(agentless_web, open_viewer):
     expiry = int(time.time()) - 5
-    access = sign_access(web_server.secret, "old-room", expiry)
-    viewer = await open_viewer(f"{web_server.base_url}/?room=old-room&exp={expiry}&access={access}")
+    access = sign_access(agentless_web.secret, "old-room", expiry)
+    viewer = await open_viewer(f"{agentless_web.base_url}/?room=old-room&exp={expiry}&access={access}")
     await wait_state(viewer.page, "expired")
     assert "expired" in await viewer.page.text_content("#notice")
 
 
-async def test_bad_livekit_token_is_refused_with_a_message(web_server, open_viewer):
-    viewer = await open_viewer(f"{web_server.base_url}/?token=not.a.valid-token")
+async def test_bad_livekit_token_is_refused_with_a_message(agentless_web, open_viewer):
+    viewer = await open_viewer(f"{agentless_web.base_url}/?token=not.a.valid-token")
     await wait_state(viewer.page, "refused")
     assert "refused" in await viewer.page.text_content("#notice")
 
 
-async def test_unreachable_livekit_shows_disconnected_and_retries(livekit_server, tmp_path, open_viewer):
+async def test_unreachable_livekit_shows_disconnected_and_retries(agentless_livekit, tmp_path, open_viewer):
     from types import SimpleNamespace
 
-    dead = SimpleNamespace(url=f"ws://127.0.0.1:{_free_port()}", api_key=livekit_server.api_key,
-                           api_secret=livekit_server.api_secret)
+    dead = SimpleNamespace(url=f"ws://127.0.0.1:{_free_port()}", api_key=agentless_livekit.api_key,
+                           api_secret=agentless_livekit.api_secret)
     server = start_web_server(dead, tmp_path / "web.log")
     try:
         viewer = await open_viewer(server.link("any-room"))
@@ -483,15 +501,15 @@ async def test_unreachable_livekit_shows_disconnected_and_retries(livekit_server
         stop(server.process)
 
 
-async def test_agent_states_absent_loading_waiting_live(livekit_server, web_server, rooms, open_viewer):
+async def test_agent_states_absent_loading_waiting_live(agentless_livekit, agentless_web, rooms, open_viewer):
     room_name = f"room-{uuid.uuid4().hex[:8]}"
-    rooms.append(await join(livekit_server, room_name, "ivy", "Ivy Chen"))
-    viewer = await open_viewer(web_server.link(room_name))
+    rooms.append(await join(agentless_livekit, room_name, "ivy", "Ivy Chen"))
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     await wait_state(page, "no-agent")
     assert "not in this room" in await page.text_content("#notice")
 
-    bot = await CaptionAgentBot.start(livekit_server, room_name, {"ivy": "Ivy Chen"}, status="loading")
+    bot = await CaptionAgentBot.start(agentless_livekit, room_name, {"ivy": "Ivy Chen"}, status="loading")
     rooms.append(bot.room)
     await wait_state(page, "loading")
     await bot.set_status("waiting", queued=["ivy"])
@@ -504,10 +522,10 @@ async def test_agent_states_absent_loading_waiting_live(livekit_server, web_serv
     await wait_state(page, "no-agent")
 
 
-async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(livekit_server, web_server, rooms,
+async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(agentless_livekit, agentless_web, rooms,
                                                                           open_viewer):
-    room_name, bot = await setup_room(livekit_server, rooms, {"jo": "Jo", "kim": "Kim"})
-    viewer = await open_viewer(web_server.link(room_name), width=800, height=500)
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"jo": "Jo", "kim": "Kim"})
+    viewer = await open_viewer(agentless_web.link(room_name), width=800, height=500)
     page = viewer.page
     await wait_state(page, "live")
     for i in range(12):
@@ -529,9 +547,9 @@ async def test_reader_scrolling_back_stops_auto_scroll_until_jump_to_live(liveki
     assert await page.is_hidden("#jump-live")
 
 
-async def test_display_preferences_are_remembered(livekit_server, web_server, rooms, open_viewer):
-    room_name, _ = await setup_room(livekit_server, rooms, {"lee": "Lee"})
-    viewer = await open_viewer(web_server.link(room_name))
+async def test_display_preferences_are_remembered(agentless_livekit, agentless_web, rooms, open_viewer):
+    room_name, _ = await setup_room(agentless_livekit, rooms, {"lee": "Lee"})
+    viewer = await open_viewer(agentless_web.link(room_name))
     page = viewer.page
     size = "getComputedStyle(document.querySelector('#captions')).fontSize"
     before = await page.evaluate(size)
@@ -547,10 +565,10 @@ async def test_display_preferences_are_remembered(livekit_server, web_server, ro
     assert await page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(0, 0, 0)"
 
 
-async def test_phone_sized_screen_keeps_controls_and_captions_usable(livekit_server, web_server, rooms,
+async def test_phone_sized_screen_keeps_controls_and_captions_usable(agentless_livekit, agentless_web, rooms,
                                                                      open_viewer):
-    room_name, bot = await setup_room(livekit_server, rooms, {"max": "Maximilian Grünewald-Santos"})
-    viewer = await open_viewer(web_server.link(room_name), width=390, height=844)
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"max": "Maximilian Grünewald-Santos"})
+    viewer = await open_viewer(agentless_web.link(room_name), width=390, height=844)
     page = viewer.page
     await wait_state(page, "live")
     await bot.say("max", "captions on a phone wrap to the screen width without scrolling sideways")
