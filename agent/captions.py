@@ -79,7 +79,7 @@ class FinalSegment:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @staticmethod
-    def from_json(line: str) -> "FinalSegment":
+    def from_json(line: str) -> FinalSegment:
         return FinalSegment(**json.loads(line))
 
 

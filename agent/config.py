@@ -12,7 +12,8 @@ import os
 import re
 import urllib.parse
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def add_option(

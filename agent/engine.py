@@ -17,8 +17,8 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class StepTimings:
 class EngineStream:
     """A caller's handle on one slot. `push` is thread-safe; events arrive on the engine thread."""
 
-    def __init__(self, engine: "SttEngine", stream_id: int, slot: "_Slot"):
+    def __init__(self, engine: SttEngine, stream_id: int, slot: _Slot):
         self._engine = engine
         self.id = stream_id
         self._slot = slot
@@ -146,7 +146,7 @@ class SttEngine:
         self.failed_steps = 0
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False) -> "SttEngine":
+    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False) -> SttEngine:
         """Loads the checkpoint, builds B slots and warms up (CUDA graphs get captured here)."""
         started = time.perf_counter()
         engine = cls(load_stt_model(model, device), batch_size, profile=profile)
@@ -302,7 +302,7 @@ class SttEngine:
         step_started = time.time()  # wall clock, for latency diagnostics (room.py's timing attributes)
         try:
             tokens, pause, timings = self._run_model(batch, reset)
-        except Exception as e:  # e.g. CUDA out of memory: end the affected streams, keep serving
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA OOM: end the affected streams, keep serving
             self.failed_steps += 1
             logger.exception("engine step failed for %d streams", len(batch))
             if self.model.device.type == "cuda":
@@ -334,7 +334,7 @@ class SttEngine:
     def _deliver(self, on_event: Callable[[StreamEvent], None], event: StreamEvent) -> None:
         try:
             on_event(event)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a caller's bug must not stop every other stream
             logger.exception("stream %d: event handler failed", event.stream_id)
 
     def _finish(self, slot: _Slot, error: str | None = None) -> None:
@@ -349,5 +349,5 @@ class SttEngine:
         for listener in self._slot_freed_listeners:
             try:
                 listener()
-            except Exception:
+            except Exception:  # noqa: BLE001 - same: the engine thread keeps serving
                 logger.exception("slot-freed listener failed")

@@ -75,11 +75,11 @@ class SttModel:
     """Everything the engine needs from a checkpoint, loaded on one device."""
 
     name: str
-    mimi: "object"
-    lm: "object"
-    tokenizer: "object"
-    device: "object"
-    dtype: "object"
+    mimi: object
+    lm: object
+    tokenizer: object
+    device: object
+    dtype: object
     silence_prefix_s: float
     """Silence fed before a stream's audio (stt_config.audio_silence_prefix_seconds)."""
     delay_s: float

@@ -203,7 +203,7 @@ class Speaker:
     # Slots --------------------------------------------------------------------------------------
 
     def _request_slot(self) -> None:
-        waiter = Waiter(self.identity, on_event=self._on_engine_event_threadsafe,
+        waiter = Waiter(f"{self._captioner.room_name}/{self.identity}", on_event=self._on_engine_event_threadsafe,
                         on_granted=self._on_granted_threadsafe)
         stream = self._captioner.slots.request(waiter)
         if stream is not None:
@@ -233,7 +233,8 @@ class Speaker:
         if self._captioner.options.timing_attributes:
             timing = _StreamTiming(SAMPLE_RATE * FRAME_MS // 1000)
         self._session = _Session(stream, recorder, self._captioner.options.segmenter, timing)
-        logger.info("captioning %s (track %s) in engine stream %d", self.identity, self.track_sid, stream.id)
+        logger.info("room %s: captioning %s (track %s) in engine slot %d, stream %d", self._captioner.room_name,
+                    self.identity, self.track_sid, stream.slot_index, stream.id)
 
     # Audio --------------------------------------------------------------------------------------
 
@@ -290,7 +291,11 @@ class Speaker:
         self._session = None
         if error:
             METRICS.error("stream")
-            logger.warning("engine stream %d of %s failed: %s", session.stream.id, self.identity, error)
+            logger.warning("room %s: engine stream %d of %s failed: %s", self._captioner.room_name,
+                           session.stream.id, self.identity, error)
+        else:
+            logger.info("room %s: %s's stream %d ended, slot %d free", self._captioner.room_name,
+                        self.identity, session.stream.id, session.stream.slot_index)
         if self._stopped:
             self.ended.set()
         elif not session.closing:
@@ -390,7 +395,8 @@ class RoomCaptioner:
     def _stop_speaker(self, track_sid: str) -> None:
         speaker = self._speakers.pop(track_sid, None)
         if speaker is not None:
-            logger.info("%s stopped speaking (track %s): flushing", speaker.identity, track_sid)
+            logger.info("room %s: %s stopped speaking (track %s): flushing", self.room_name, speaker.identity,
+                        track_sid)
             speaker.stop()
 
     # Captions -----------------------------------------------------------------------------------
@@ -484,7 +490,7 @@ class RoomCaptioner:
         caller = data.caller_identity or _identity_from_payload(data.payload)
         await self.room.local_participant.send_text(
             backlog_payload(segments), topic=TOPIC_BACKLOG, destination_identities=[caller])
-        logger.info("sent a backlog of %d segments to %r", len(segments), caller)
+        logger.info("room %s: sent a backlog of %d segments to %r", self.room_name, len(segments), caller)
         return json.dumps({"segments": len(segments)})
 
     def _spawn(self, coro: Any, name: str) -> None:

@@ -5,6 +5,7 @@ Runs the real model path (moshi loaders, Mimi, LMGen) on the project's tiny real
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.audio import read_audio_file
-from agent.engine import EngineFull, SttEngine, StreamEvent
+from agent.engine import EngineFull, StreamEvent, SttEngine
 from agent.model import load_stt_model
 from agent.tiny_checkpoint import make_test_checkpoint
 from agent.transcribe import transcribe_audio
@@ -128,7 +129,7 @@ def reference_text(tokens: list[int], tokenizer) -> str:
     boundaries = [i for i, t in enumerate(tokens) if t == 0]
     if not boundaries:
         return ""
-    segments = [tokens[a + 1:b] for a, b in zip(boundaries, boundaries[1:])]
+    segments = [tokens[a + 1:b] for a, b in itertools.pairwise(boundaries)]
     last = tokens[boundaries[-1] + 1:]
     last = last[: last.index(tokenizer.eos_id())] if tokenizer.eos_id() in last else last[: math.ceil(12.5)]
     words = []
