@@ -52,8 +52,8 @@ class Publisher:
     """A participant with one microphone track fed from WAV files at their native rate/channels."""
 
     def __init__(self, server, room: str, identity: str, sample_rate: int = 24000, channels: int = 1,
-                 auto_subscribe: bool = True, queue_size_ms: int = 1000):
-        self.server, self.room_name, self.identity = server, room, identity
+                 auto_subscribe: bool = True, queue_size_ms: int = 1000, name: str = ""):
+        self.server, self.room_name, self.identity, self.name = server, room, identity, name
         self.queue_size_ms = queue_size_ms
         """The AudioSource's buffer; 0 hands each frame straight to WebRTC, as a microphone does."""
         self.auto_subscribe = auto_subscribe
@@ -65,7 +65,8 @@ class Publisher:
         self.track: rtc.LocalAudioTrack | None = None
 
     async def connect(self) -> Publisher:
-        await self.room.connect(self.server.url, make_token(self.server, self.room_name, self.identity),
+        token = make_token(self.server, self.room_name, self.identity, name=self.name)
+        await self.room.connect(self.server.url, token,
                                 options=rtc.RoomOptions(auto_subscribe=self.auto_subscribe))
         await self.publish()
         return self

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("agent.up", "run livekit-server (dev), the caption worker and the viewer; print the URL"),
     "worker": ("agent.worker", "run the caption agent worker (livekit-agents)"),
     "web": ("agent.web", "serve the captions viewer and mint viewer tokens"),
     "token": ("agent.web", "print a signed viewer link for a room"),
+    "speak": ("agent.speak", "a bot that speaks in a room and prints the captions it gets back"),
     "server": ("agent.lkserver", "run livekit-server in dev mode on loopback (installs it if needed)"),
     "transcribe": ("agent.transcribe", "transcribe an audio file with the batched engine"),
     "make-test-checkpoint": ("agent.tiny_checkpoint", "write a tiny random checkpoint (tests/demos)"),
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from .log import setup_logging
 
     setup_logging(getattr(args, "log_level", "INFO"))
+    if getattr(args, "api_secret", None) == "secret":
+        # livekit-server --dev's well-known secret: PyJWT's "short HMAC key" warning on every token
+        # says nothing new there. Any other short secret still gets the warning.
+        warnings.filterwarnings("ignore", message="The HMAC key is")
     runner = getattr(module, f"run_{name.replace('-', '_')}", None) or module.run
     return int(runner(args) or 0)
 
