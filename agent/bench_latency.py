@@ -20,12 +20,14 @@ Aligning the publisher's audio with the agent's stream: the bots send digital si
 agent has subscribed to every microphone, then a fixed lead-in, then speech. The speech starts at
 clip sample s0 (first |sample| > ONSET_THRESHOLD) captured at known wall time; the agent reports
 the index of its stream's first such sample (`onset_sample`), so stream sample p was captured at
-T(s0) + (p - onset) / 24000. The worker's recordings of each stream are cross-correlated with the
-clip afterwards to measure this alignment's error (at the onset and at the end of the speech).
+T(s0) + (p - onset) / 24000. The sender or the receiver's jitter buffer may insert or drop samples
+later on, so the worker's recording of each stream is cross-correlated with the clip every 0.5 s
+and the shift measured there replaces the onset's (its error and drift are reported).
 
-A bot is a microphone: the 10 ms frame holding timeline samples [240 j, 240 j + 240) is complete
-(captured) at origin + (j + 1) * 10 ms and is handed to WebRTC then; the bots' lateness against
-that schedule is reported (it counts as transport, as a slow sender would).
+The bots (a child process) are microphones: the 20 ms holding timeline samples [480 j, 480 j + 480)
+are complete (captured) at origin + (j + 1) * 20 ms and are handed to WebRTC then, with no queue in
+between; the bots' lateness against that schedule is reported (it counts as transport, as a slow
+sender would).
 
 The model's own text delay (0.5 s for stt-1b-en_fr, learnt: the model waits that long before
 writing a word) is not in these figures: it is reported beside them. The tiny test checkpoint
@@ -56,9 +58,13 @@ from .log import logger
 
 SAMPLE_RATE = 24000
 FRAME_SIZE = 1920
-TICK_S = 0.01
-TICK_SAMPLES = 240
-"""Publishers hand WebRTC 10 ms frames, as a browser's audio capture does."""
+TICK_S = 0.02
+TICK_SAMPLES = 480
+"""The bots wake every 20 ms, the Opus packet duration WebRTC sends anyway, and hand over two 10 ms
+frames (real-time capture takes 10 ms frames); waking every 10 ms would cost them twice the Python
+work for no earlier packet."""
+CAPTURE_SAMPLES = 240
+BOT_NICENESS = 10
 PUBLISHER_QUEUE_MS = int(os.environ.get("CAPTIONS_BENCH_PUBLISHER_QUEUE_MS", "0"))
 """0: the bots' AudioSource hands each frame straight to WebRTC (real-time capture, no queue)."""
 COMPONENTS = ("transport", "queue", "step", "agent", "delivery")
@@ -101,6 +107,8 @@ class Chorus:
         self.origin_wall = 0.0
         self.speech_tick: int | None = None
         self.lateness: list[float] = []
+        self.handed_at: list[float] = []
+        """Wall time at which each 20 ms of speech (from the clip's start) was handed to WebRTC."""
         self._end_tick: int | None = None
         self._silence = np.zeros(TICK_SAMPLES, dtype=np.int16)
 
@@ -137,18 +145,24 @@ class Chorus:
                 raise BenchError("the speakers did not finish in time (is the machine overloaded?)")
             if self.speech_tick is None and ready.done():
                 self.start_speech(ready.result(), tick)
-            # Frame `tick` is complete at the end of its 10 ms; a microphone hands it over then.
+            # Frame `tick` is complete at the end of its 20 ms; a microphone hands it over then.
             due = origin + (tick + 1) * TICK_S
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             if self.speech_tick is not None and tick >= self.speech_tick:
                 self.lateness.append(time.monotonic() - due)
-            for voice in self.voices:
-                chunk = self._chunk(voice, tick)
-                frame = rtc.AudioFrame(chunk.tobytes(), SAMPLE_RATE, 1, TICK_SAMPLES)
-                await voice.publisher.source.capture_frame(frame)
+                self.handed_at.append(time.time())
+            # All bots at once: the FFI round trips overlap rather than add up.
+            await asyncio.gather(*(self._capture(rtc, v, self._chunk(v, tick)) for v in self.voices))
             tick += 1
+
+    @staticmethod
+    async def _capture(rtc, voice: Voice, chunk: np.ndarray) -> None:
+        for start in range(0, chunk.size, CAPTURE_SAMPLES):
+            part = chunk[start:start + CAPTURE_SAMPLES]
+            frame = rtc.AudioFrame(part.tobytes(), SAMPLE_RATE, 1, part.size)
+            await voice.publisher.source.capture_frame(frame)
 
 
 def onset_of(pcm16: np.ndarray) -> int | None:
@@ -180,7 +194,10 @@ class Session:
     voices: dict[str, tuple[str, int]]
     """identity -> (microphone track sid, clip onset index)"""
     clips: dict[str, np.ndarray]
-    speech_started_at: float
+    speech_started_at: dict[str, float]
+    """identity -> wall time at which its clip's sample 0 was captured (on the bot's schedule)"""
+    handed_at: dict[str, list[float]]
+    """identity -> when each 20 ms of its clip was handed to WebRTC (see `captured_at`)"""
     captions: list
     lateness: list[float]
     load_before: list[float]
@@ -198,19 +215,99 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float, tail_s: float,
-                      timeout_s: float) -> Session:
-    """N bots speak at once in a fresh room; the subscriber collects every caption."""
-    from .bots import Publisher, Subscriber
-    from .captions import TOPIC_TRANSCRIPTION
+                      timeout_s: float, workdir: Path) -> Session:
+    """N bots speak at once in a fresh room; the subscriber, here, collects every caption. Each bot
+    runs in its own child process (`_speak`), so that their pacing and this process's arrival times
+    do not wait on each other's event loop."""
+    from .bots import Subscriber
 
     room = f"bench-latency-{len(clips)}-{uuid.uuid4().hex[:6]}"
     deadline = time.monotonic() + timeout_s
     load_before = [round(x, 2) for x in os.getloadavg()]
+    np.savez(workdir / "clips.npz", *clips)
     sub = await Subscriber(server, room).connect()
+    children: list[asyncio.subprocess.Process] = []
+    try:
+        for i in range(len(clips)):
+            config = {"url": server.url, "api_key": server.api_key, "api_secret": server.api_secret,
+                      "room": room, "clips": str(workdir / "clips.npz"), "index": i, "lead_in_s": lead_in_s,
+                      "tail_s": tail_s, "timeout_s": timeout_s, "out": str(workdir / f"speaker-{i:02d}.json")}
+            (workdir / f"speaker-{i:02d}-config.json").write_text(json.dumps(config))
+            children.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.bench_latency", str(workdir / f"speaker-{i:02d}-config.json"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
+        processes = {"worker": [worker.process.pid], "livekit_server": [server.process.pid],
+                     "speaker_bots": [c.pid for c in children], "subscriber": [os.getpid()]}
+        sampler = asyncio.create_task(_sample_cpu(processes))
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(c.communicate() for c in children)),
+                                             max(1.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise BenchError(f"the speaker bots did not finish within {timeout_s:.0f} s") from None
+        finally:
+            sampler.cancel()
+        for child, (_, stderr) in zip(children, results):
+            if child.returncode != 0:
+                raise BenchError(f"a speaker bot failed: {stderr.decode(errors='replace')[-2000:]}")
+        spoken = [json.loads((workdir / f"speaker-{i:02d}.json").read_text()) for i in range(len(clips))]
+        load_after = [round(x, 2) for x in os.getloadavg()]
+        await _wait_until_settled(sub, min(SETTLE_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
+        cpu = _cores_used(_CPU_SAMPLES, max(r["speech_started_at"] for r in spoken),
+                          min(r["ended_at"] for r in spoken))
+        return Session(
+            len(clips), {r["identity"]: (r["track_sid"], r["clip_onset"]) for r in spoken},
+            {r["identity"]: clips[i] for i, r in enumerate(spoken)},
+            {r["identity"]: r["speech_started_at"] for r in spoken},
+            {r["identity"]: r["handed_at"] for r in spoken}, list(sub.captions),
+            [late for r in spoken for late in r["lateness"]], load_before, load_after, cpu)
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        await sub.disconnect()
+
+
+_CPU_SAMPLES: list[tuple[float, dict[str, float]]] = []
+
+
+async def _sample_cpu(processes: dict[str, list[int]], period_s: float = 0.5) -> None:
+    """Every `period_s`, each group of processes' CPU seconds so far (into _CPU_SAMPLES)."""
+    _CPU_SAMPLES.clear()
+    while True:
+        _CPU_SAMPLES.append((time.time(), {name: sum(_cpu_seconds(pid) for pid in pids)
+                                           for name, pids in processes.items()}))
+        await asyncio.sleep(period_s)
+
+
+def _cores_used(samples: list[tuple[float, dict[str, float]]], start: float, end: float) -> dict[str, float]:
+    """CPU cores each process used between the samples nearest to `start` and `end`."""
+    inside = [(t, cpu) for t, cpu in samples if start <= t <= end]
+    if len(inside) < 2:
+        return {}
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    return {name: round((last[name] - first[name]) / (t1 - t0), 2) for name in first}
+
+
+# ---- the speaker bots (a child process) -----------------------------------------------------------
+
+async def _speak(config: dict) -> dict:
+    """Connects the publisher of clip `index`, waits until the agent subscribed, then speaks.
+    One process per bot: the livekit FFI hands every event to every room of a process, so many
+    bots in one process cost quadratically more than one each."""
+    from types import SimpleNamespace
+
+    from .bots import Publisher
+    from .captions import TOPIC_TRANSCRIPTION
+
+    server = SimpleNamespace(url=config["url"], api_key=config["api_key"], api_secret=config["api_secret"])
+    with np.load(config["clips"]) as archive:
+        clips = {config["index"]: archive[f"arr_{config['index']}"]}
+    deadline = time.monotonic() + config["timeout_s"]
     voices: list[Voice] = []
     try:
-        for i, clip in enumerate(clips):
-            publisher = await Publisher(server, room, f"speaker-{i:02d}", auto_subscribe=False,
+        for i, clip in clips.items():
+            publisher = await Publisher(server, config["room"], f"speaker-{i:02d}", auto_subscribe=False,
                                         queue_size_ms=PUBLISHER_QUEUE_MS).connect()
             onset = onset_of(clip)
             if onset is None:
@@ -221,34 +318,26 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             # Participants' clients receive the captions too (and would log each one unread).
             publisher.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, _drain)
             voices.append(voice)
-        chorus = Chorus(voices, tail_s)
+        chorus = Chorus(voices, config["tail_s"])
         ready: asyncio.Future = asyncio.get_running_loop().create_future()
         playing = asyncio.create_task(chorus.run(ready, deadline))
         try:
-            await _wait_for_agent(sub, voices, playing)
-            ready.set_result(lead_in_s)
-            cpu_before = {name: _cpu_seconds(pid) for name, pid in _processes(server, worker).items()}
-            wall_before = time.monotonic()
+            await _wait_for_agent(voices, playing)
+            ready.set_result(config["lead_in_s"])
             await playing
         finally:
             if not playing.done():
                 playing.cancel()
                 with contextlib.suppress(asyncio.CancelledError, BenchError):
                     await playing
-        wall = time.monotonic() - wall_before
-        cpu = {name: round((_cpu_seconds(pid) - cpu_before[name]) / wall, 2)
-               for name, pid in _processes(server, worker).items()}
-        load_after = [round(x, 2) for x in os.getloadavg()]
-        await _wait_until_settled(sub, min(SETTLE_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
-        voices_info = {v.publisher.identity: (v.publisher.track_sid, v.clip_onset) for v in voices}
-        return Session(len(clips), voices_info, {v.publisher.identity: v.clip for v in voices},
-                       chorus.speech_started_at, list(sub.captions), chorus.lateness, load_before,
-                       load_after, cpu)
+        [voice] = voices
+        return {"identity": voice.publisher.identity, "track_sid": voice.publisher.track_sid,
+                "clip_onset": voice.clip_onset, "speech_started_at": chorus.speech_started_at,
+                "ended_at": time.time(), "lateness": chorus.lateness, "handed_at": chorus.handed_at}
     finally:
         for voice in voices:
             with contextlib.suppress(Exception):
                 await voice.publisher.disconnect()
-        await sub.disconnect()
 
 
 def _drain(reader, _identity: str) -> None:
@@ -260,19 +349,9 @@ def _drain(reader, _identity: str) -> None:
 _DRAINING: set[asyncio.Future] = set()
 
 
-def _processes(server, worker) -> dict[str, int]:
-    return {"worker": worker.process.pid, "livekit_server": server.process.pid, "bench_bots": os.getpid()}
-
-
-async def _wait_for_agent(sub, voices: list[Voice], playing: asyncio.Task) -> None:
-    """Until the agent is live in the room and has subscribed to every microphone."""
-    from .captions import ATTR_AGENT_STATUS
-
-    async def all_subscribed() -> None:
-        await sub.wait_for_agent(timeout=SUBSCRIBE_TIMEOUT_S)
-        await asyncio.gather(*(v.subscribed.wait() for v in voices))
-
-    waiting = asyncio.create_task(all_subscribed())
+async def _wait_for_agent(voices: list[Voice], playing: asyncio.Task) -> None:
+    """Until the agent has subscribed to every microphone (the bots send silence meanwhile)."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(v.subscribed.wait() for v in voices)))
     done, _ = await asyncio.wait({waiting, playing}, timeout=SUBSCRIBE_TIMEOUT_S,
                                  return_when=asyncio.FIRST_COMPLETED)
     if playing in done:
@@ -280,11 +359,25 @@ async def _wait_for_agent(sub, voices: list[Voice], playing: asyncio.Task) -> No
         playing.result()  # raises what stopped the bots
     if waiting not in done:
         waiting.cancel()
-        agent = sub.agent()
-        status = agent.attributes.get(ATTR_AGENT_STATUS) if agent is not None else None
-        raise BenchError(f"the agent did not subscribe to all {len(voices)} speakers within "
-                         f"{SUBSCRIBE_TIMEOUT_S:.0f} s (agent status: {status})")
-    waiting.result()
+        missing = sum(not v.subscribed.is_set() for v in voices)
+        raise BenchError(f"the agent did not subscribe to {missing} of {len(voices)} speakers within "
+                         f"{SUBSCRIBE_TIMEOUT_S:.0f} s")
+
+
+def _child_main(config_path: str) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    # The bots stand for people on other machines: they yield the CPU to the agent under test.
+    os.nice(BOT_NICENESS)
+    config = json.loads(Path(config_path).read_text())
+    try:
+        result = asyncio.run(_speak(config))
+    except BenchError as e:
+        print(f"speaker bots: {e}", file=sys.stderr)
+        return 1
+    Path(config["out"]).write_text(json.dumps(result))
+    return 0
 
 
 async def _wait_until_settled(sub, timeout: float, quiet_s: float = 1.5) -> None:
@@ -338,7 +431,7 @@ def latency_records(session: Session, alignments: dict[str, Alignment]) -> tuple
         alignment = alignments.get(caption.sender) or Alignment.from_onset(timing["onset_sample"], clip_onset)
         # The end of frame k, on the publisher's microphone timeline.
         stream_end = (timing["frame"] + 1) * FRAME_SIZE
-        captured = session.speech_started_at + alignment.clip_index(stream_end) / SAMPLE_RATE
+        captured = captured_at(session, caption.sender, alignment.clip_index(stream_end))
         records.append({
             "speaker": caption.sender,
             "final": caption.final,
@@ -353,6 +446,18 @@ def latency_records(session: Session, alignments: dict[str, Alignment]) -> tuple
             "onset_sample": timing["onset_sample"],
         })
     return records, skipped
+
+
+def captured_at(session: Session, identity: str, clip_end: int) -> float:
+    """When the clip's samples before `clip_end` had all been captured: the moment the bot handed
+    the 20 ms holding the last of them to WebRTC. That is its schedule (a microphone delivers 20 ms
+    once recorded), or later when the bot was late: the bot's own lateness is not the pipeline's,
+    and is reported apart."""
+    tick = (clip_end - 1) // TICK_SAMPLES
+    handed = session.handed_at[identity]
+    if 0 <= tick < len(handed):
+        return handed[tick]
+    return session.speech_started_at[identity] + clip_end / SAMPLE_RATE
 
 
 @dataclass
@@ -459,6 +564,10 @@ def alignment_summary(alignments: dict[str, Alignment], speakers: int) -> dict:
         "onset_error_ms": summarize_ms([abs(d["onset_error_ms"]) / 1000 for d in described]),
         "drift_ms": summarize_ms([abs(d["drift_ms"]) / 1000 for d in described]),
         "largest_jump_ms": max((d["largest_jump_ms"] for d in described), default=None),
+        # A jump as large as the search window means the shift moved further than we looked: the
+        # stream lost or gained that much audio (an overloaded machine), and the split is unreliable.
+        "reliable": bool(described) and len(described) == speakers and all(
+            d["largest_jump_ms"] < 0.9 * ALIGN_SEARCH_S * 1000 for d in described),
         "per_speaker": {identity: a.describe() for identity, a in alignments.items()},
     }
 
@@ -510,7 +619,8 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
             worker = await asyncio.to_thread(start_captions_worker, server, checkpoint,
                                              workdir / f"worker-{n}", n, ("--timing-attributes",))
             try:
-                session = await run_session(server, worker, clips[:n], args.lead_in, args.tail, args.timeout)
+                session = await run_session(server, worker, clips[:n], args.lead_in, args.tail, args.timeout,
+                                            workdir / f"worker-{n}")
             finally:
                 await asyncio.to_thread(worker.stop)
             alignments = speaker_alignments(session, worker.record_dir)
@@ -542,13 +652,15 @@ def _targets(runs: list[dict]) -> dict:
 def markdown_table(report: dict) -> str:
     """The README table, generated from the JSON (figures are never typed in by hand)."""
     lines = [("| speakers | word updates | total p50 / p95 / p99 (ms) | transport | queue | step | agent | "
-              "delivery | load (1 min) before / after |"),
-             "|---:|---:|---|---|---|---|---|---|---|"]
+              "delivery | bots late p95 | alignment | load (1 min) before / after |"),
+             "|---:|---:|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         lat = run["latency_ms"]
         parts = " | ".join(f"{lat[key]['p50']:.1f} / {lat[key]['p95']:.1f}" for key in COMPONENTS)
         lines.append(f"| {run['speakers']} | {run['word_updates']} | {lat['total']['p50']:.1f} / "
                      f"{lat['total']['p95']:.1f} / {lat['total']['p99']:.1f} | {parts} | "
+                     f"{run['publisher_lateness_ms']['p95']:.1f} | "
+                     f"{'ok' if run['alignment']['reliable'] else 'LOST'} | "
                      f"{run['load_average_before'][0]:.2f} / {run['load_average_after'][0]:.2f} |")
     lines.append("")
     lines.append("Components: p50 / p95 in ms (percentiles of the parts do not add up; their means do).")
@@ -695,3 +807,7 @@ def run(args: argparse.Namespace) -> int:
         plot(report, args.plot)
     print(markdown_table(report))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(sys.argv[1]))

@@ -1,0 +1,90 @@
+"""`captions bench latency`, run as a user runs it, with tiny settings (one speaker, a few seconds):
+a real livekit-server, the real worker and WebRTC bots. The JSON it writes holds the documented
+figures, consistent with each other. No timing targets here: figures vary by machine and load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.livekit, pytest.mark.timeout(400)]
+
+COMPONENTS = ["transport", "queue", "step", "agent", "delivery"]
+
+
+def captions(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def latency_report(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-latency")
+    result = captions("bench", "latency", "--model", str(tiny_checkpoint), "--speakers", "1",
+                      "--seconds", "4", "--workdir", str(out / "work"), "--json", str(out / "latency.json"),
+                      "--plot", str(out / "latency.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "latency.json").read_text()), out / "latency.png", result.stdout
+
+
+def test_json_describes_the_machine_and_the_settings(latency_report):
+    report, _, _ = latency_report
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["cpu_cores"] >= 1 and machine["ram_gib"] > 0
+    assert machine["date"][:2] == "20" and machine["torch"] and len(machine["load_average_at_start"]) == 3
+    assert report["settings"]["speakers"] == [1] and report["settings"]["seconds_per_speaker"] == 4
+    # The model's own text delay is reported beside the figures (the tiny checkpoint's config: 0.5 s).
+    assert report["model_text_delay_s"] == pytest.approx(0.5)
+
+
+def test_every_word_update_has_a_latency_whose_parts_add_up(latency_report):
+    report, _, _ = latency_report
+    [run] = report["runs"]
+    assert run["speakers"] == 1 and run["speakers_captioned"] == 1
+    assert run["word_updates"] > 0 and run["captions_received"] >= run["word_updates"]
+    assert set(run["skipped_updates"].values()) == {0}, run["skipped_updates"]
+    latency = run["latency_ms"]
+    for key in ["total", *COMPONENTS]:
+        assert latency[key]["count"] == run["word_updates"]
+        assert latency[key]["p50"] <= latency[key]["p95"] <= latency[key]["p99"]
+    # Means add up exactly; each sample too (a caption's parts telescope to its total).
+    parts = sum(latency[key]["mean"] for key in COMPONENTS)
+    assert parts == pytest.approx(latency["total"]["mean"], abs=0.01)
+    samples = run["samples_ms"]
+    for i, total in enumerate(samples["total"]):
+        assert sum(samples[key][i] for key in COMPONENTS) == pytest.approx(total, abs=0.1)
+    assert latency["agent"]["mean"] == pytest.approx(
+        latency["agent_hop"]["mean"] + latency["agent_publish_queue"]["mean"], abs=0.01)
+    # Stepping and publishing take time; a step never ends before it starts.
+    assert latency["step"]["p50"] > 0 and latency["delivery"]["p50"] > 0
+    assert latency["total"]["p50"] > 0
+
+
+def test_alignment_was_measured_from_the_recording(latency_report):
+    report, _, _ = latency_report
+    alignment = report["runs"][0]["alignment"]
+    assert alignment["speakers_measured"] == 1 and alignment["speakers_onset_only"] == 0
+    assert alignment["reliable"] is True and alignment["onset_error_ms"]["count"] == 1 and alignment["per_speaker"]["speaker-00"]["anchors"] > 0
+
+
+def test_plot_and_table_are_written(latency_report):
+    report, plot, stdout = latency_report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    rows = [line for line in stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 1 and str(report["runs"][0]["word_updates"]) in rows[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--speakers", "1,eight"], "comma-separated integers"),
+    (["--speakers", "0"], "positive integers"),
+    (["--seconds", "0.1"], "between 1 and 600"),
+    (["--model", "/nonexistent/checkpoint"], "does not exist"),
+])
+def test_bad_input_gets_a_clear_error(args, message):
+    result = captions("bench", "latency", *args, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
