@@ -67,7 +67,8 @@ def test_alignment_was_measured_from_the_recording(latency_report):
     report, _, _ = latency_report
     alignment = report["runs"][0]["alignment"]
     assert alignment["speakers_measured"] == 1 and alignment["speakers_onset_only"] == 0
-    assert alignment["reliable"] is True and alignment["onset_error_ms"]["count"] == 1 and alignment["per_speaker"]["speaker-00"]["anchors"] > 0
+    assert alignment["reliable"] is True and alignment["onset_error_ms"]["count"] == 1
+    assert alignment["per_speaker"]["speaker-00"]["anchors"] > 0
 
 
 def test_plot_and_table_are_written(latency_report):
