@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import machine_description, summarize_ms, write_json
-from .config import add_option
+from .config import add_option, device_name
 from .log import logger
 
 FRAME_S = 0.08
@@ -505,7 +505,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds spent on the one-state-per-stream baseline at each batch size")
     add_option(parser, "--timeout", env="CAPTIONS_BENCH_TIMEOUT", type=float, default=900.0,
                help="give up on a run after this many seconds")
-    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", type=device_name,
+               help="auto, cpu, cuda or cuda:N")
     add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
                help="where built checkpoints are kept")
     add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import add_option, device_name
 from .log import logger
 
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr"
@@ -26,6 +27,14 @@ _DEFAULT_FILE_NAMES = {
 
 
 _NO_COMPILE = None
+
+
+def add_model_options(parser) -> None:
+    """--model and --device, shared by every command that loads the engine."""
+    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
+               help="Hugging Face repo id or local checkpoint directory")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", type=device_name,
+               help="auto, cpu, cuda or cuda:N")
 
 
 class CheckpointError(Exception):

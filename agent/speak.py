@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 from .config import add_livekit_options, add_option
 
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("text", nargs="?", help="what to say (spoken by espeak-ng)")
     parser.add_argument("--wav", type=Path, help="a 16-bit PCM WAV file to play instead of TEXT")

@@ -15,8 +15,7 @@ import numpy as np
 
 from .audio import AudioError, read_audio_file
 from .captions import Word
-from .config import add_option
-from .model import DEFAULT_MODEL, CheckpointError
+from .model import CheckpointError, add_model_options
 
 
 def transcribe_audio(engine, audio: np.ndarray) -> list[Word]:
@@ -43,9 +42,7 @@ def transcribe_audio(engine, audio: np.ndarray) -> list[Word]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("audio", help="audio file: wav, mp3, ogg/opus or flac, any rate and channels")
-    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
-               help="Hugging Face repo id or local checkpoint directory")
-    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_options(parser)
     parser.add_argument("--json", action="store_true", help="print words with start/end times as JSON")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from .config import add_option, positive_int
 from .lkserver import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
 from .log import logger
-from .model import DEFAULT_MODEL
+from .model import add_model_options
 from .worker import READY_MESSAGE
 
 STOP_TIMEOUT_S = 30.0
@@ -38,9 +38,7 @@ STOP_ORDER = ["caption worker", "viewer", "livekit-server"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
-               help="Hugging Face repo id or local checkpoint directory")
-    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_model_options(parser)
     add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
                help="engine slots: speakers captioned at once")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,

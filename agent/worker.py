@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import add_livekit_options, add_option, device_name, positive_int
+from .config import add_livekit_options, add_option, positive_int
 from .log import logger
 from .metrics import METRICS, Readiness
-from .model import DEFAULT_MODEL
+from .model import add_model_options
 
 READY_MESSAGE = "caption worker registered with LiveKit"
 """Logged once the worker can take rooms (`captions up` and the tests wait for it)."""
@@ -35,10 +35,7 @@ LOAD_THRESHOLD = 0.95
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
-    add_option(parser, "--model", env="CAPTIONS_MODEL", default=DEFAULT_MODEL,
-               help="Hugging Face repo id or local checkpoint directory")
-    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", type=device_name,
-               help="auto, cpu, cuda or cuda:N")
+    add_model_options(parser)
     add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
                help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
