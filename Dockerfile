@@ -2,7 +2,7 @@
 # The caption worker and the viewer server (`captions worker`, `captions web`) in one image.
 #
 #   docker build -t kyutai-livekit-captions .
-#   docker compose up            (see docker-compose.yml and deploy/README-deploy.md)
+#   docker compose up            (see docker-compose.yml and README.md (Deployment))
 #
 # Reproducible: Python packages come only from uv.lock (`uv sync --frozen`), the viewer's JavaScript
 # only from web/package-lock.json (`npm ci`). The model is NOT in the image: it is downloaded once

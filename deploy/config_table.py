@@ -1,4 +1,4 @@
-"""Prints the configuration table of deploy/README-deploy.md from the commands' own argument parsers.
+"""Prints the configuration table of README.md from the commands' own argument parsers.
 
     uv run python deploy/config_table.py
 

@@ -327,5 +327,5 @@ def test_image_installs_from_the_lock_runs_unprivileged_and_keeps_the_model_out(
 
 
 def test_readme_configuration_table_is_generated_from_the_parsers():
-    readme = (ROOT / "deploy" / "README-deploy.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert config_table.table() in readme, "regenerate it: uv run python deploy/config_table.py"
