@@ -75,12 +75,17 @@ ALIGN_WINDOW_S = 0.5
 ALIGN_STEP_S = 0.5
 ALIGN_SEARCH_S = 0.06
 ALIGN_MIN_PEAK = 1000
+RUN_ATTEMPTS = 2
 TARGET_SPEAKERS = 8
 TARGET_P95_MS = 150.0
 
 
 class BenchError(Exception):
     """The benchmark cannot run or its figures would be wrong; the message says why."""
+
+
+class BotFailed(BenchError):
+    """A speaker bot process failed."""
 
 
 # ---- the speaking bots ---------------------------------------------------------------------------
@@ -248,7 +253,7 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             sampler.cancel()
         for child, (_, stderr) in zip(children, results):
             if child.returncode != 0:
-                raise BenchError(f"a speaker bot failed: {stderr.decode(errors='replace')[-2000:]}")
+                raise BotFailed(f"a speaker bot failed: {stderr.decode(errors='replace')[-2000:]}")
         spoken = [json.loads((workdir / f"speaker-{i:02d}.json").read_text()) for i in range(len(clips))]
         load_after = [round(x, 2) for x in os.getloadavg()]
         await _wait_until_settled(sub, min(SETTLE_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
@@ -616,13 +621,21 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
     try:
         for n in args.speakers:
             logger.info("latency with %d speakers: starting a worker with %d slots", n, n)
-            worker = await asyncio.to_thread(start_captions_worker, server, checkpoint,
-                                             workdir / f"worker-{n}", n, ("--timing-attributes",))
-            try:
-                session = await run_session(server, worker, clips[:n], args.lead_in, args.tail, args.timeout,
-                                            workdir / f"worker-{n}")
-            finally:
-                await asyncio.to_thread(worker.stop)
+            for attempt in range(1, RUN_ATTEMPTS + 1):
+                worker = await asyncio.to_thread(start_captions_worker, server, checkpoint,
+                                                 workdir / f"worker-{n}-{attempt}", n,
+                                                 ("--timing-attributes",))
+                try:
+                    session = await run_session(server, worker, clips[:n], args.lead_in, args.tail,
+                                                args.timeout, workdir / f"worker-{n}-{attempt}")
+                    break
+                except BotFailed as e:
+                    # A bot's WebRTC library crashed (seen once, under heavy load): say so, run again.
+                    if attempt == RUN_ATTEMPTS:
+                        raise
+                    logger.warning("%d speakers, attempt %d: %s; running again", n, attempt, e)
+                finally:
+                    await asyncio.to_thread(worker.stop)
             alignments = speaker_alignments(session, worker.record_dir)
             records, skipped = latency_records(session, alignments)
             if not records:
@@ -632,6 +645,7 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
                 raise BenchError("a speaker's engine stream began after its speech had started "
                                  f"(onset at sample {min(onsets)}): raise --lead-in")
             run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
+            run["attempt"] = attempt
             logger.info("%d speakers: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, load %s > %s",
                         n, run["word_updates"], run["latency_ms"]["total"]["p50"],
                         run["latency_ms"]["total"]["p95"], run["latency_ms"]["total"]["p99"],
