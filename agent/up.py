@@ -21,13 +21,11 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .config import add_option, positive_int
+from .config import add_option
 from .lkserver import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
 from .log import logger
-from .model import add_model_options
-from .worker import READY_MESSAGE
+from .worker import READY_MESSAGE, add_captioning_options
 
 STOP_TIMEOUT_S = 30.0
 LINK_TTL_S = 7 * 24 * 3600
@@ -38,13 +36,7 @@ STOP_ORDER = ["caption worker", "viewer", "livekit-server"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    add_model_options(parser)
-    add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
-               help="engine slots: speakers captioned at once")
-    add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
-               help="where room transcripts are written")
-    add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
-               help="if set, save each speaker's engine audio (WAV)")
+    add_captioning_options(parser)
     add_option(parser, "--room", env="CAPTIONS_UP_ROOM", default="demo", help="room of the printed viewer link")
     parser.add_argument("--host", default="127.0.0.1", help="address for livekit-server and the viewer")
     parser.add_argument("--livekit-port", type=int, default=7880, help="livekit-server signal port")

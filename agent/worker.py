@@ -32,9 +32,8 @@ LOAD_THRESHOLD = 0.95
 """In `start` mode, a worker with (almost) every slot taken answers "unavailable" to new rooms."""
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
-                        help="start (deployments, default) or dev (verbose, never refuses rooms)")
+def add_captioning_options(parser: argparse.ArgumentParser) -> None:
+    """What the worker captions with; `captions up` passes the same options on to its worker."""
     add_model_options(parser)
     add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
                help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
@@ -42,6 +41,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="where each room's transcript (<room>.jsonl) is written")
     add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
                help="if set, save the 24 kHz audio each speaker's engine stream consumed (WAV)")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
+                        help="start (deployments, default) or dev (verbose, never refuses rooms)")
+    add_captioning_options(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_option(parser, "--health-port", env="CAPTIONS_HEALTH_PORT", default=None, type=int,
