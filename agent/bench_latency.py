@@ -251,8 +251,9 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             raise BenchError(f"the speaker bots did not finish within {timeout_s:.0f} s") from None
         finally:
             sampler.cancel()
-        for child, (_, stderr) in zip(children, results):
-            if child.returncode != 0:
+        for i, (child, (_, stderr)) in enumerate(zip(children, results)):
+            # The result is written before the bot disconnects: a crash while leaving loses nothing.
+            if child.returncode != 0 and not (workdir / f"speaker-{i:02d}.json").is_file():
                 raise BotFailed(f"a speaker bot failed: {stderr.decode(errors='replace')[-2000:]}")
         spoken = [json.loads((workdir / f"speaker-{i:02d}.json").read_text()) for i in range(len(clips))]
         load_after = [round(x, 2) for x in os.getloadavg()]
@@ -336,9 +337,11 @@ async def _speak(config: dict) -> dict:
                 with contextlib.suppress(asyncio.CancelledError, BenchError):
                     await playing
         [voice] = voices
-        return {"identity": voice.publisher.identity, "track_sid": voice.publisher.track_sid,
-                "clip_onset": voice.clip_onset, "speech_started_at": chorus.speech_started_at,
-                "ended_at": time.time(), "lateness": chorus.lateness, "handed_at": chorus.handed_at}
+        result = {"identity": voice.publisher.identity, "track_sid": voice.publisher.track_sid,
+                  "clip_onset": voice.clip_onset, "speech_started_at": chorus.speech_started_at,
+                  "ended_at": time.time(), "lateness": chorus.lateness, "handed_at": chorus.handed_at}
+        Path(config["out"]).write_text(json.dumps(result))
+        return result
     finally:
         for voice in voices:
             with contextlib.suppress(Exception):
@@ -377,11 +380,10 @@ def _child_main(config_path: str) -> int:
     os.nice(BOT_NICENESS)
     config = json.loads(Path(config_path).read_text())
     try:
-        result = asyncio.run(_speak(config))
+        asyncio.run(_speak(config))
     except BenchError as e:
         print(f"speaker bots: {e}", file=sys.stderr)
         return 1
-    Path(config["out"]).write_text(json.dumps(result))
     return 0
 
 
