@@ -156,15 +156,23 @@ def _banner(args: argparse.Namespace, link: str | None) -> str:
               f"{DEV_API_SECRET}; dev keys, loopback only)")]
     if link:
         lines.append(f"  Open the captions of room '{args.room}':  {link}")
-    lines += ["  Speak in that room from any LiveKit client (e.g. LiveKit Meet with a custom server);",
-              "  every speaker's microphone is captioned. The model may still be loading: the viewer",
-              "  shows when captions are live.", "Press Ctrl-C to stop.", ""]
+    lines += ["  Speak in that room from any LiveKit client (every microphone is captioned), or let a bot:",
+              (f"    uv run captions speak --room {args.room} --url ws://{args.host}:{args.livekit_port} "
+               '"Hello, this is a caption test."'),
+              "Press Ctrl-C to stop.", ""]
     return "\n".join(lines)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     status = 0
+    # SIGTERM (a service manager, `timeout`, `kill`) stops everything as Ctrl-C does: the children
+    # run in their own sessions, so dying without stopping them would leave them running.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         link = _start_children(args, children)
         print(_banner(args, link), flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,9 +21,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from agent.bots import Caption, Publisher, Subscriber
 from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
 from agent.transcript import read_transcript, transcript_path
-from agent.bots import Caption, Publisher, Subscriber
 from tests.conftest import espeak_wav
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
@@ -275,32 +276,53 @@ def captions_worker_streams(worker, room: str) -> list[Path]:
 
 
 
-async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(tiny_checkpoint, tmp_path,
-                                                                               speech_dir):
-    """`captions up` with a local checkpoint: the printed viewer link works, a speaker in the room
-    is captioned, and one Ctrl-C stops the whole process tree with status 0."""
+async def _start_captions_up(checkpoint: Path, tmp_path: Path):
+    """`captions up` as a user starts it; returns (process, output file, LiveKit port, web port,
+    the printed viewer link) once the link is printed."""
     import socket
-    import urllib.request
 
-    from tests.conftest import LiveKitServer, free_port_triple
+    from tests.conftest import free_port_triple
 
     livekit_port = free_port_triple()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         web_port = s.getsockname()[1]
     out_path = tmp_path / "up.out"
-    command = [str(Path(sys.executable).parent / "captions"), "up", "--model", str(tiny_checkpoint),
+    command = [str(Path(sys.executable).parent / "captions"), "up", "--model", str(checkpoint),
                "--device", "cpu", "--batch-size", "2", "--data-dir", str(tmp_path / "data"),
                "--livekit-port", str(livekit_port), "--web-port", str(web_port), "--room", "up-room"]
     up = _start_logged(command, out_path)
+    link = None
+    deadline = time.monotonic() + 120
+    while link is None and time.monotonic() < deadline and up.poll() is None:
+        match = re.search(r"Open the captions of room 'up-room':\s+(\S+)", out_path.read_text(errors="replace"))
+        link = match.group(1) if match else None
+        await asyncio.sleep(0.2)
+    if link is None:
+        up.kill()
+    assert link, f"no viewer link printed:\n{out_path.read_text(errors='replace')[-3000:]}"
+    return up, out_path, livekit_port, web_port, link
+
+
+def _assert_all_stopped(livekit_port: int, web_port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", livekit_port)) != 0, "livekit-server still running"
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", web_port)) != 0, "viewer still running"
+
+
+async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(tiny_checkpoint, tmp_path,
+                                                                               speech_dir):
+    """`captions up` with a local checkpoint: the printed viewer link works, a speaker in the room
+    is captioned, and one Ctrl-C stops the whole process tree with status 0."""
+    import urllib.request
+
+    from tests.conftest import LiveKitServer
+
+    up, out_path, livekit_port, web_port, link = await _start_captions_up(tiny_checkpoint, tmp_path)
     try:
-        link = None
-        deadline = time.monotonic() + 120
-        while link is None and time.monotonic() < deadline and up.poll() is None:
-            match = re.search(r"Open the captions of room 'up-room':\s+(\S+)", out_path.read_text(errors="replace"))
-            link = match.group(1) if match else None
-            await asyncio.sleep(0.2)
-        assert link, f"no viewer link printed:\n{out_path.read_text(errors='replace')[-3000:]}"
         assert (await asyncio.to_thread(urllib.request.urlopen, link, timeout=5)).status == 200
 
         server = LiveKitServer(f"ws://127.0.0.1:{livekit_port}", "", "devkey", "secret", up)
@@ -317,9 +339,16 @@ async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(ti
             up.send_signal(2)
         status = up.wait(timeout=90)
     assert status == 0, out_path.read_text(errors="replace")[-3000:]
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", livekit_port)) != 0, "livekit-server still running after Ctrl-C"
-        assert s.connect_ex(("127.0.0.1", web_port)) != 0, "viewer still running after Ctrl-C"
+    _assert_all_stopped(livekit_port, web_port)
+
+
+async def test_captions_up_stops_everything_on_sigterm(tiny_checkpoint, tmp_path):
+    """A service manager's SIGTERM stops the whole tree too (the children run in their own
+    sessions: without this they would outlive `captions up`)."""
+    up, out_path, livekit_port, web_port, _ = await _start_captions_up(tiny_checkpoint, tmp_path)
+    up.send_signal(signal.SIGTERM)
+    assert up.wait(timeout=90) == 0, out_path.read_text(errors="replace")[-3000:]
+    _assert_all_stopped(livekit_port, web_port)
 
 
 def _start_logged(command: list[str], out_path: Path) -> subprocess.Popen:
@@ -334,9 +363,9 @@ async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech
     here, with tests/fake_engine.py as the engine (the worker subprocess cannot be told to drop)."""
     from livekit import rtc
 
+    from agent.bots import make_token
     from agent.room import RoomCaptioner, RoomOptions
     from agent.slots import SlotQueue
-    from agent.bots import make_token
     from tests.fake_engine import FakeEngine
 
     room_name = f"e2e-reconnect-{scenario.lower()}"
