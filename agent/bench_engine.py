@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import machine_description, summarize_ms, write_json
+from .bench import machine_description, positive_ints, save_figure, summarize_ms, write_json
 from .config import add_option, device_name
 from .log import logger
 
@@ -445,23 +445,10 @@ def plot(report: dict, path: Path) -> None:
     machine = report["machine"]
     fig.suptitle(f"captions bench engine - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
                  f"{machine['device']}, {machine['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- command line ---------------------------------------------------------------------------------
-
-def _batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8,32, got {text!r}")
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return sorted(set(sizes))
-
 
 def _seconds(text: str) -> float:
     value = float(text)
@@ -497,7 +484,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--checkpoints", env="CAPTIONS_BENCH_CHECKPOINTS", type=_checkpoint_names,
                default=list(BUILT_CHECKPOINTS),
                help=f"built checkpoints to measure without --model ({', '.join(BUILT_CHECKPOINTS)})")
-    add_option(parser, "--batch-sizes", env="CAPTIONS_BENCH_BATCH_SIZES", type=_batch_sizes,
+    add_option(parser, "--batch-sizes", env="CAPTIONS_BENCH_BATCH_SIZES", type=positive_ints("batch sizes"),
                default=[1, 8, 32, 64], help="batch sizes; each runs that many streams at once")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=2.5,
                help="seconds of speech per stream")

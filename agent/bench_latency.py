@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import machine_description, summarize_ms, write_json
+from .bench import machine_description, positive_ints, save_figure, summarize_ms, write_json
 from .config import add_option
 from .log import logger
 
@@ -723,23 +723,10 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"captions bench latency - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
                  f"{machine['date'][:10]}; model text delay ({report['model_text_delay_s']} s) not included",
                  fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ---- command line ---------------------------------------------------------------------------------
-
-def _speaker_counts(text: str) -> list[int]:
-    try:
-        counts = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,8,32, got {text!r}")
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"speaker counts must be positive integers, got {text!r}")
-    return sorted(set(counts))
-
 
 def _seconds(text: str) -> float:
     value = float(text)
@@ -751,7 +738,7 @@ def _seconds(text: str) -> float:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .bench_engine import default_cache_dir
 
-    add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=_speaker_counts, default=[1, 8, 32],
+    add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"), default=[1, 8, 32],
                help="speaker counts; each runs that many bots at once, with as many engine slots")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=20.0,
                help="seconds of speech per speaker")
