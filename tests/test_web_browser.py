@@ -311,10 +311,13 @@ async def test_two_speakers_interim_then_final_without_duplicates(agentless_live
     await bot.interim("alice", segment, "good morning")
     await page.wait_for_selector("#captions .seg.interim", timeout=WAIT_MS)
     assert await segment_texts(page) == [{"text": "good morning", "interim": True, "speaker": "Alice Martin"}]
+    # Screen readers hear a segment once, when final, not each interim word.
+    assert await page.get_attribute("#captions .seg.interim", "aria-hidden") == "true"
     await bot.interim("alice", segment, "good morning every")
     await bot.final("alice", segment, "good morning everyone", time.time())
     await page.wait_for_selector("#captions .seg:not(.interim)", timeout=WAIT_MS)
     assert await segment_texts(page) == [{"text": "good morning everyone", "interim": False, "speaker": "Alice Martin"}]
+    assert await page.get_attribute("#captions .seg", "aria-hidden") is None
 
     await bot.say("bob", "thanks Alice let us start with the budget")
     await bot.say("alice", "sure the numbers are ready")

@@ -121,6 +121,9 @@ class Transcript {
     segment.final = final;
     segment.node.textContent = text;
     segment.node.classList.toggle('interim', !final);
+    // The captions region is aria-live: announce each segment once, final, not every interim word.
+    if (final) segment.node.removeAttribute('aria-hidden');
+    else segment.node.setAttribute('aria-hidden', 'true');
     if (final) this.finish(segment, words);
   }
 
