@@ -128,3 +128,11 @@ def positive_ints(what: str):
         return sorted(set(values))
 
     return parse
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """--json and --plot, shared by every benchmark."""
+    from .config import add_option
+
+    add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
+    add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")

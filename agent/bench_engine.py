@@ -34,7 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import machine_description, positive_ints, save_figure, summarize_ms, write_json
+from .bench import (
+    add_output_options,
+    machine_description,
+    positive_ints,
+    save_figure,
+    summarize_ms,
+    write_json,
+)
 from .config import add_option, device_name
 from .log import logger
 
@@ -496,8 +503,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="auto, cpu, cuda or cuda:N")
     add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
                help="where built checkpoints are kept")
-    add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
-    add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")
+    add_output_options(parser)
     add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
                help="measure nothing: print the table (and --plot) of an earlier run's JSON")
 

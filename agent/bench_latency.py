@@ -52,7 +52,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import machine_description, positive_ints, save_figure, summarize_ms, write_json
+from .bench import (
+    add_output_options,
+    machine_description,
+    positive_ints,
+    save_figure,
+    summarize_ms,
+    write_json,
+)
 from .config import add_option
 from .log import logger
 
@@ -754,8 +761,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="where the built test checkpoint is kept")
     add_option(parser, "--workdir", env="CAPTIONS_BENCH_WORKDIR", type=Path, default=None,
                help="keep the server and worker logs and recordings here (default: a temporary directory)")
-    add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
-    add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")
+    add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
