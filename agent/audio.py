@@ -40,6 +40,11 @@ class FrameBuffer:
         self.frame_size = frame_size
         self._tail = np.zeros(0, dtype=np.float32)
 
+    @property
+    def pending(self) -> int:
+        """Samples waiting for the rest of their frame."""
+        return self._tail.size
+
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         data = np.concatenate([self._tail, pcm]) if self._tail.size else pcm

@@ -7,6 +7,13 @@ stepping loop: each step advances every slot that has a frame waiting, with mosh
 just taken starts from a fresh state). A slot that fell behind has several frames waiting and
 catches up at the loop's full speed; so does the silence that flushes a closing stream.
 
+Live streams share one frame clock. WebRTC hands every remote track of a process 10 ms of audio on
+the same 10 ms tick, but each stream's 80 ms frames would complete at its own phase (when it
+started), and every step costs the full batch: 8 speakers at 8 phases cost up to 8 steps per 80 ms.
+So a live stream's first push is preceded by up to 80 ms of silence, chosen so that its frames
+complete on the same tick as the other streams' (`lead_samples`), and a step waits a few ms for the
+slots whose frame completes on this tick. Then all speakers cost one step per 80 ms.
+
 GPU notes: the batch size never changes (moshi captures CUDA graphs for fixed shapes), and a step
 ends with a single device-to-host copy holding every slot's token and pause probability.
 """
@@ -31,6 +38,13 @@ from .words import WordDecoder
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
 # 3 s for i = 0..3; Kyutai's own tools take head 2 > 0.5 as the end of a turn.
 PAUSE_HEAD = 2
+GATHER_WAIT_S = 0.004
+"""How long a step waits for slots whose frame completes on this tick (their push is due: the 10 ms
+frames of one tick reach the engine within about a millisecond of each other)."""
+GRID_STALE_S = 0.2
+"""A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
+_now = time.monotonic
+"""The clock of the frame alignment (a test drives it by hand)."""
 _SILENCE = None  # a queued frame of silence (prefix or flush), not counted as the stream's audio
 
 
@@ -57,6 +71,9 @@ class StreamEvent:
     """Unix time (time.time()) at which the step that produced this event started (0: no step)."""
     step_ended: float = 0.0
     """Unix time at which that step's tokens were decoded, just before its events were delivered."""
+    lead_samples: int = 0
+    """Silence the engine put before the stream's first sample to align its frames with the other
+    streams' (see the module notes): `frames` count it, word times do not."""
 
 
 @dataclass
@@ -78,6 +95,8 @@ class EngineStream:
         self._engine = engine
         self.id = stream_id
         self._slot = slot
+        self.lead_samples = 0
+        """Silence the engine put before this stream's audio (known after the first push)."""
 
     @property
     def slot_index(self) -> int:
@@ -110,10 +129,16 @@ class _Slot:
     flush: bool = True
     fresh: bool = False
     """Taken since its last step: reset its model state before stepping it."""
+    pushed: int = 0
+    """Samples of its own audio pushed so far."""
+    lead_samples: int = 0
+    last_chunk: int = 0
+    """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
+    last_push_at: float = 0.0
 
 
 class SttEngine:
-    def __init__(self, model: SttModel, batch_size: int, profile: bool = False):
+    def __init__(self, model: SttModel, batch_size: int, profile: bool = False, align_frames: bool = True):
         import torch
         from moshi.models import LMGen
 
@@ -122,6 +147,8 @@ class SttEngine:
         self.model = model
         self.batch_size = batch_size
         self.profile = profile
+        self.align_frames = align_frames
+        """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
         self.sample_rate = model.sample_rate
         self.frame_size = model.frame_size
         self.frame_rate = model.frame_rate
@@ -144,12 +171,16 @@ class SttEngine:
         self.step_listeners: list[Callable[[StepTimings], None]] = []
         self.steps = 0
         self.failed_steps = 0
+        self._clock: tuple[float, int] | None = None
+        """The shared frame clock: (time.monotonic() of the latest live push, samples of an unfinished
+        frame that push left in its slot)."""
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False) -> SttEngine:
+    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False,
+             align_frames: bool = True) -> SttEngine:
         """Loads the checkpoint, builds B slots and warms up (CUDA graphs get captured here)."""
         started = time.perf_counter()
-        engine = cls(load_stt_model(model, device), batch_size, profile=profile)
+        engine = cls(load_stt_model(model, device), batch_size, profile=profile, align_frames=align_frames)
         engine.warm_up()
         logger.info("engine ready: %s on %s, %d slots, loaded in %.1f s", model, engine.model.device,
                     batch_size, time.perf_counter() - started)
@@ -186,6 +217,7 @@ class SttEngine:
             slot.decoder = WordDecoder(self.model.tokenizer, self.frame_rate, self.model.time_offset_s,
                                        self.model.padding_id)
             slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
+            slot.pushed, slot.lead_samples, slot.last_chunk, slot.last_push_at = 0, 0, 0, 0.0
             self._cond.notify()
         return stream
 
@@ -217,10 +249,33 @@ class SttEngine:
             slot = stream._slot
             if slot.stream is not stream or slot.closing:
                 raise RuntimeError(f"stream {stream.id} is closed")
+            now = _now()
+            size = int(np.size(pcm))
+            if slot.pushed == 0 and size:
+                slot.lead_samples = stream.lead_samples = self._lead_for(size, now)
+                if slot.lead_samples:
+                    slot.buffer.push(np.zeros(slot.lead_samples, dtype=np.float32))
+                    slot.decoder.time_offset_s += slot.lead_samples / self.sample_rate
             frames = slot.buffer.push(pcm)
+            slot.pushed += size
+            slot.last_chunk, slot.last_push_at = size, now
+            if size < self.frame_size:
+                self._clock = (now, slot.buffer.pending)
             if frames:
                 slot.queue.extend(frames)
                 self._cond.notify()
+
+    def _lead_for(self, chunk: int, now: float) -> int:
+        """Silence to put before a live stream's first chunk so that its frames complete on the same
+        tick as the others': after this push it should hold as many samples of an unfinished frame
+        as the last live push left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
+        if not self.align_frames or chunk >= self.frame_size or self._clock is None:
+            return 0  # offline input (whole frames at once), or no live clock to join
+        at, pending = self._clock
+        if now - at > GRID_STALE_S:
+            return 0
+        ticks = round((now - at) * self.sample_rate / chunk)
+        return (pending + ticks * chunk - chunk) % self.frame_size
 
     def _close(self, stream: EngineStream, flush: bool) -> None:
         with self._cond:
@@ -251,6 +306,8 @@ class SttEngine:
             with self._cond:
                 while not self._stopped and not self._has_work():
                     self._cond.wait()
+                if self.align_frames:
+                    self._gather()
                 if self._stopped:
                     return
                 finished = [s for s in self._slots if s.stream is not None and s.closing and not s.queue]
@@ -265,6 +322,22 @@ class SttEngine:
                 self._step(batch, reset)
             with self._cond:
                 self._busy = False
+
+    def _gather(self) -> None:
+        """Waits (lock released, at most GATHER_WAIT_S) for the slots whose frame completes on this
+        tick: one chunk short of a frame, and their push for this tick not in yet."""
+        deadline = time.monotonic() + GATHER_WAIT_S
+        while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
+            now = _now()
+            # Due: its next chunk completes a frame and it has not pushed on this tick yet (its last
+            # push is more than half a chunk old).
+            due = any(s.stream is not None and not s.queue and not s.closing
+                      and 0 < s.last_chunk < self.frame_size
+                      and s.buffer.pending + s.last_chunk >= self.frame_size
+                      and now - s.last_push_at > s.last_chunk / self.sample_rate / 2 for s in self._slots)
+            if not due:
+                return
+            self._cond.wait(remaining)
 
     def _run_model(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray):
         """One model step for the slots in `batch`; returns (tokens, pause probs, timings)."""
@@ -326,7 +399,8 @@ class SttEngine:
                 slot.audio_frames += 1
             pause_prob = float(pause[slot.index]) if self.has_vad else None
             events.append((slot.on_event, StreamEvent(slot.stream.id, slot.audio_frames, words,
-                                                      slot.decoder.partial, pause_prob, max(token, -1))))
+                                                      slot.decoder.partial, pause_prob, max(token, -1),
+                                                      lead_samples=slot.lead_samples)))
         step_ended = time.time()
         for on_event, event in events:
             event.step_started, event.step_ended = step_started, step_ended
@@ -346,7 +420,8 @@ class SttEngine:
     def _finish(self, slot: _Slot, error: str | None = None) -> None:
         """Emits the stream's last words and `ended`, then frees the slot."""
         words = slot.decoder.finish() if slot.flush and error is None else []
-        event = StreamEvent(slot.stream.id, slot.audio_frames, words, "", None, ended=True, error=error)
+        event = StreamEvent(slot.stream.id, slot.audio_frames, words, "", None, ended=True, error=error,
+                            lead_samples=slot.lead_samples)
         on_event = slot.on_event
         with self._cond:
             slot.stream, slot.on_event, slot.decoder, slot.buffer = None, None, None, None

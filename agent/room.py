@@ -52,6 +52,7 @@ from .transcript import TranscriptStore, backlog_payload, transcript_path
 
 SAMPLE_RATE = 24000
 FRAME_MS = 80
+AUDIO_CHUNK_MS = 10
 FINAL_PUBLISH_ATTEMPTS = 5
 """A final caption is retried (e.g. across a reconnection); an interim one is superseded anyway."""
 FLUSH_TIMEOUT_S = 10.0
@@ -69,6 +70,9 @@ class RoomOptions:
     segmenter: SegmenterOptions = field(default_factory=SegmenterOptions)
     timing_attributes: bool = False
     """Attach ATTR_TIMING to every caption (diagnostics; costs a little per audio frame)."""
+    audio_chunk_ms: int = AUDIO_CHUNK_MS
+    """Audio read from each track at a time. 10 ms (WebRTC's own tick) lets the engine put every
+    speaker's frames on one clock (agent/engine.py); 80 ms frames keep each speaker's phase."""
 
 
 @dataclass
@@ -87,7 +91,8 @@ def _safe_name(text: str) -> str:
 
 
 class _Recorder:
-    """Writes exactly the audio pushed into one engine stream as a 24 kHz 16-bit mono WAV."""
+    """Writes exactly the audio one engine stream consumed as a 24 kHz 16-bit mono WAV: the silence
+    the engine put first to align its frames (`lead_samples`), then every sample pushed."""
 
     def __init__(self, directory: Path, room: str, identity: str, stream_id: int):
         directory.mkdir(parents=True, exist_ok=True)
@@ -101,8 +106,12 @@ class _Recorder:
         self._wav.setnchannels(1)
         self._wav.setsampwidth(2)
         self._wav.setframerate(SAMPLE_RATE)
+        self._started = False
 
-    def write(self, pcm_int16: np.ndarray) -> None:
+    def write(self, pcm_int16: np.ndarray, lead_samples: int) -> None:
+        if not self._started:
+            self._started = True
+            self._wav.writeframes(bytes(2 * lead_samples))
         self._wav.writeframes(pcm_int16.tobytes())
 
     def close(self) -> None:
@@ -128,10 +137,10 @@ class _StreamTiming:
         self._samples += pcm16.size
         self._chunks.append((self._samples, received_at))
 
-    def frame_received_at(self, frame: int) -> float | None:
+    def frame_received_at(self, frame: int, lead_samples: int) -> float | None:
         """When the last sample of engine frame `frame` (0-based) was received. Events come in
         frame order, so the chunks before it are dropped."""
-        last = (frame + 1) * self.frame_size - 1
+        last = (frame + 1) * self.frame_size - lead_samples - 1
         while self._chunks and self._chunks[0][0] <= last:
             self._chunks.popleft()
         return self._chunks[0][1] if self._chunks else None
@@ -140,7 +149,8 @@ class _StreamTiming:
         if event.frames <= 0 or not event.step_started:
             return None
         frame = event.frames - 1
-        return {"frame": frame, "frame_received": self.frame_received_at(frame),
+        return {"frame": frame, "lead_samples": event.lead_samples,
+                "frame_received": self.frame_received_at(frame, event.lead_samples),
                 "onset_sample": self.onset_sample, "step_started": event.step_started,
                 "step_ended": event.step_ended, "event_handled": time.time()}
 
@@ -240,7 +250,7 @@ class Speaker:
 
     async def _read_audio(self) -> None:
         audio = rtc.AudioStream.from_track(track=self._track, sample_rate=SAMPLE_RATE, num_channels=1,
-                                           frame_size_ms=FRAME_MS)
+                                           frame_size_ms=self._captioner.options.audio_chunk_ms)
         try:
             async for event in audio:
                 self._push(event.frame)
@@ -259,11 +269,11 @@ class Speaker:
         pcm16 = np.frombuffer(frame.data, dtype=np.int16)
         if session.origin is None:
             session.origin = time.time() - frame.duration
+        session.stream.push(pcm16.astype(np.float32) / 32768.0)
         if session.recorder is not None:
-            session.recorder.write(pcm16)
+            session.recorder.write(pcm16, session.stream.lead_samples)
         if session.timing is not None:
             session.timing.record(pcm16, received_at)
-        session.stream.push(pcm16.astype(np.float32) / 32768.0)
 
     # Engine events ------------------------------------------------------------------------------
 

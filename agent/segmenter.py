@@ -25,6 +25,7 @@ from typing import Protocol
 from .captions import Word
 
 FRAME_DURATION_S = 0.08
+SAMPLE_RATE = 24000
 
 
 class EngineEvent(Protocol):
@@ -35,6 +36,7 @@ class EngineEvent(Protocol):
     partial: str
     pause_prob: float | None
     ended: bool
+    lead_samples: int
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Segmenter:
     def feed(self, event: EngineEvent) -> list[CaptionUpdate]:
         """The updates this event produces, in publishing order (at most one final, one interim)."""
         assert not self.finished, "the stream already ended"
-        now = event.frames * FRAME_DURATION_S
+        now = event.frames * FRAME_DURATION_S - event.lead_samples / SAMPLE_RATE  # in word time
         updates: list[CaptionUpdate] = []
         if event.words:
             self._ensure_open()

@@ -31,7 +31,9 @@ class WordDecoder:
     def __init__(self, tokenizer, frame_rate: float, time_offset_s: float, padding_id: int = 3):
         self._tokenizer = tokenizer
         self._frame_rate = frame_rate
-        self._offset = time_offset_s
+        self.time_offset_s = time_offset_s
+        """Seconds to subtract from step times: the model's delay, plus any silence the engine put
+        before the stream's audio."""
         self._padding_id = padding_id
         self._eos_id = tokenizer.eos_id()
         self._pos = 0
@@ -44,7 +46,7 @@ class WordDecoder:
         was most of the engine's host-side time (profiled at B=64)."""
 
     def _time(self, position: float) -> float:
-        return max(0.0, position / self._frame_rate - self._offset)
+        return max(0.0, position / self._frame_rate - self.time_offset_s)
 
     def _text(self, tokens: list[int]) -> str:
         return self._tokenizer.decode([t for t in tokens if t > self._padding_id])

@@ -61,6 +61,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         default=_env_flag("CAPTIONS_TIMING_ATTRIBUTES"),
                         help="diagnostics: attach a captions.timing attribute (receive/step/publish "
                              "times) to every caption stream [env CAPTIONS_TIMING_ATTRIBUTES, default off]")
+    parser.add_argument("--unaligned-frames", action="store_true",
+                        default=_env_flag("CAPTIONS_UNALIGNED_FRAMES"),
+                        help="diagnostics: give up the shared frame clock (each speaker's 80 ms frames "
+                             "keep their own phase, up to one step per speaker per 80 ms), for "
+                             "comparison benchmarks [env CAPTIONS_UNALIGNED_FRAMES, default off]")
     add_livekit_options(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -117,17 +122,19 @@ async def _caption_room(ctx) -> None:
 
 def _load_service(args: argparse.Namespace) -> CaptionService:
     from .engine import SttEngine
-    from .room import RoomOptions
+    from .room import AUDIO_CHUNK_MS, FRAME_MS, RoomOptions
     from .slots import SlotQueue
 
-    engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size)
+    engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size,
+                            align_frames=not args.unaligned_frames)
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)  # metrics read slots/queue at scrape time, step timings live
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
-    options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes)
+    options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes,
+                          audio_chunk_ms=FRAME_MS if args.unaligned_frames else AUDIO_CHUNK_MS)
     return CaptionService(engine, slots, options)
 
 

@@ -36,6 +36,7 @@ class StreamEvent:
     pause_prob: float | None = None
     ended: bool = False
     error: str | None = None
+    lead_samples: int = 0
 
 
 def tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
@@ -58,6 +59,7 @@ class FakeStream:
         self._run_start: int | None = None
         self.pushed: list[np.ndarray] = []
         self.ended = False
+        self.lead_samples = 0
 
     def push(self, pcm: np.ndarray) -> None:
         assert not self.ended, "push after the stream ended"

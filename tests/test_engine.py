@@ -316,3 +316,78 @@ def test_checkpoint_is_deterministic_for_a_seed(tmp_path):
     b = make_test_checkpoint(tmp_path / "b", seed=3)
     for name in ("config.json", "model.safetensors", "mimi.safetensors", "tokenizer.model"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+# ---- live streams on one frame clock ---------------------------------------------------------------
+
+TICK_SAMPLES = 240  # WebRTC hands 10 ms of every remote track per tick, on one tick for all tracks
+
+
+def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[int], clock: list[float]):
+    """Streams start at `start_ticks` and push 10 ms per tick (the clock moves 10 ms per tick), the
+    engine draining between ticks. Returns the collectors and the active slots of each step taken
+    while every stream was pushing speech."""
+    collectors = [Collector() for _ in audios]
+    streams: list = [None] * len(audios)
+    offsets = [0] * len(audios)
+    active: list[int] = []
+    window = [False]
+    engine.step_listeners.append(lambda timings: window[0] and active.append(timings.active))
+    try:
+        for tick in itertools.count():
+            clock[0] += 0.01
+            for i, audio in enumerate(audios):
+                if tick < start_ticks[i] or offsets[i] > audio.size:
+                    continue
+                if streams[i] is None:
+                    streams[i] = engine.open_stream(collectors[i])
+                    wait_idle(engine)  # the prefix silence: stepped at once, out of the clock
+                if offsets[i] == audio.size:
+                    streams[i].close()
+                    offsets[i] += 1
+                    continue
+                streams[i].push(audio[offsets[i]:offsets[i] + TICK_SAMPLES])
+                offsets[i] += TICK_SAMPLES
+            wait_idle(engine)
+            # From when the last stream has pushed a frame and a half until the first one stops.
+            window[0] = (tick >= max(start_ticks) + 12 and all(o < a.size for o, a in zip(offsets, audios)))
+            if all(o > a.size for o, a in zip(offsets, audios)):
+                break
+        for collector in collectors:
+            assert collector.done.wait(30), "stream never ended"
+    finally:
+        engine.step_listeners.clear()
+    return collectors, active
+
+
+@pytest.mark.parametrize("align", [True, False], ids=["shared-clock", "unaligned"])
+def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_checkpoint, clips, engine_b1,
+                                                                        monkeypatch, align):
+    """Four speakers join at different 10 ms ticks. On the shared clock every step carries all four
+    (one step per 80 ms, instead of one per speaker), and each still gets exactly the words of its
+    own audio, timed in its own audio. Unaligned (the behaviour before), steps carry fewer."""
+    clock = [1000.0]
+    monkeypatch.setattr("agent.engine._now", lambda: clock[0])
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4, align_frames=align)
+    engine.start()
+    try:
+        audios = [clips[i % 3][: FRAME * 24 + TICK_SAMPLES * i] for i in range(4)]
+        collectors, active = drive_live(engine, audios, start_ticks=[0, 3, 13, 22], clock=clock)
+        leads = [collector.events[-1].lead_samples for collector in collectors]
+    finally:
+        engine.close()
+    assert len(active) >= 8
+    if not align:
+        assert leads == [0, 0, 0, 0]
+        assert sum(active) / len(active) < 3, "unaligned speakers should not share most steps"
+        return
+    assert active == [4] * len(active), "a step left out a speaker whose frame was due"
+    assert len(set(leads[1:])) > 1 and all(0 < lead < FRAME for lead in leads[1:])
+    for audio, lead, collector in zip(audios, leads, collectors):
+        # The engine put `lead` samples of silence first: the model heard exactly that, alone.
+        solo = run_solo(engine_b1, np.concatenate([np.zeros(lead, np.float32), audio]))
+        assert collector.tokens == solo.tokens
+        shift = lead / 24000
+        assert collector.words == [(text, pytest.approx(max(0.0, start - shift)), pytest.approx(max(0.0, end - shift)))
+                                   for text, start, end in solo.words]
+        assert collector.words, "the clip should give words"

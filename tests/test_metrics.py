@@ -19,8 +19,8 @@ import pytest
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import CaptionMetrics
 from agent.bots import Publisher, Subscriber
+from agent.metrics import CaptionMetrics
 from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300)]
