@@ -60,7 +60,7 @@ from .bench import (
     summarize_ms,
     write_json,
 )
-from .config import add_option
+from .config import add_option, positive_int
 from .log import logger
 
 SAMPLE_RATE = 24000
@@ -80,7 +80,7 @@ SUBSCRIBE_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 30.0
 ALIGN_WINDOW_S = 0.5
 ALIGN_STEP_S = 0.5
-ALIGN_SEARCH_S = 0.06
+ALIGN_SEARCH_S = 0.15
 ALIGN_MIN_PEAK = 1000
 RUN_ATTEMPTS = 2
 TARGET_SPEAKERS = 8
@@ -215,6 +215,8 @@ class Session:
     load_before: list[float]
     load_after: list[float]
     cpu_cores: dict[str, float]
+    engine: dict[str, float]
+    """Engine steps while the bots played, from the worker's /metrics (see `engine_activity`)."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -227,26 +229,30 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float, tail_s: float,
-                      timeout_s: float, workdir: Path) -> Session:
-    """N bots speak at once in a fresh room; the subscriber, here, collects every caption. Each bot
-    runs in its own child process (`_speak`), so that their pacing and this process's arrival times
-    do not wait on each other's event loop."""
+                      timeout_s: float, workdir: Path, bots_per_process: int = 1) -> Session:
+    """N bots speak at once in a fresh room; the subscriber, here, collects every caption. The bots
+    run in child processes (`_speak`), `bots_per_process` in each, so that their pacing and this
+    process's arrival times do not wait on each other's event loop."""
     from .bots import Subscriber
 
     room = f"bench-latency-{len(clips)}-{uuid.uuid4().hex[:6]}"
     deadline = time.monotonic() + timeout_s
     load_before = [round(x, 2) for x in os.getloadavg()]
+    steps_before = await asyncio.to_thread(engine_counters, worker.metrics_port)
+    started = time.time()
     np.savez(workdir / "clips.npz", *clips)
     sub = await Subscriber(server, room).connect()
     children: list[asyncio.subprocess.Process] = []
     try:
-        for i in range(len(clips)):
+        for first in range(0, len(clips), bots_per_process):
+            indices = list(range(first, min(len(clips), first + bots_per_process)))
             config = {"url": server.url, "api_key": server.api_key, "api_secret": server.api_secret,
-                      "room": room, "clips": str(workdir / "clips.npz"), "index": i, "lead_in_s": lead_in_s,
-                      "tail_s": tail_s, "timeout_s": timeout_s, "out": str(workdir / f"speaker-{i:02d}.json")}
-            (workdir / f"speaker-{i:02d}-config.json").write_text(json.dumps(config))
+                      "room": room, "clips": str(workdir / "clips.npz"), "indices": indices, "lead_in_s": lead_in_s,
+                      "tail_s": tail_s, "timeout_s": timeout_s, "out_dir": str(workdir)}
+            config_path = workdir / f"bots-{first:02d}-config.json"
+            config_path.write_text(json.dumps(config))
             children.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "agent.bench_latency", str(workdir / f"speaker-{i:02d}-config.json"),
+                sys.executable, "-m", "agent.bench_latency", str(config_path),
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE))
         processes = {"worker": [worker.process.pid], "livekit_server": [server.process.pid],
                      "speaker_bots": [c.pid for c in children], "subscriber": [os.getpid()]}
@@ -258,12 +264,16 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             raise BenchError(f"the speaker bots did not finish within {timeout_s:.0f} s") from None
         finally:
             sampler.cancel()
-        for i, (child, (_, stderr)) in enumerate(zip(children, results)):
-            # The result is written before the bot disconnects: a crash while leaving loses nothing.
-            if child.returncode != 0 and not (workdir / f"speaker-{i:02d}.json").is_file():
-                raise BotFailed(f"a speaker bot failed: {stderr.decode(errors='replace')[-2000:]}")
+        # Results are written before the bots disconnect: a crash while leaving loses nothing.
+        missing = [i for i in range(len(clips)) if not (workdir / f"speaker-{i:02d}.json").is_file()]
+        if missing:
+            errors = "\n".join(stderr.decode(errors="replace")[-2000:] for child, (_, stderr)
+                               in zip(children, results) if child.returncode != 0)
+            raise BotFailed(f"speaker bots {missing} failed: {errors}")
         spoken = [json.loads((workdir / f"speaker-{i:02d}.json").read_text()) for i in range(len(clips))]
         load_after = [round(x, 2) for x in os.getloadavg()]
+        engine = engine_activity(steps_before, await asyncio.to_thread(engine_counters, worker.metrics_port),
+                                 time.time() - started)
         await _wait_until_settled(sub, min(SETTLE_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
         cpu = _cores_used(_CPU_SAMPLES, max(r["speech_started_at"] for r in spoken),
                           min(r["ended_at"] for r in spoken))
@@ -272,13 +282,37 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             {r["identity"]: clips[i] for i, r in enumerate(spoken)},
             {r["identity"]: r["speech_started_at"] for r in spoken},
             {r["identity"]: r["handed_at"] for r in spoken}, list(sub.captions),
-            [late for r in spoken for late in r["lateness"]], load_before, load_after, cpu)
+            [late for r in spoken for late in r["lateness"]], load_before, load_after, cpu, engine)
     finally:
         for child in children:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
         await sub.disconnect()
+
+
+def engine_counters(port: int) -> tuple[float, float]:
+    """(engine steps so far, sum over them of the streams each carried), from the worker's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("captions_engine_step_active_streams_count", "captions_engine_step_active_streams_sum"):
+            values[name] = float(value)
+    return values.get("captions_engine_step_active_streams_count", 0.0), values.get(
+        "captions_engine_step_active_streams_sum", 0.0)
+
+
+def engine_activity(before: tuple[float, float], after: tuple[float, float], seconds: float) -> dict:
+    """Steps per second and streams per step while the bots played: with every speaker's frames
+    on one clock, about 12.5 steps/s each carrying every speaker."""
+    steps, streams = after[0] - before[0], after[1] - before[1]
+    return {"steps": int(steps), "seconds": round(seconds, 2),
+            "steps_per_s": round(steps / seconds, 2) if seconds > 0 else None,
+            "streams_per_step": round(streams / steps, 2) if steps else None}
 
 
 _CPU_SAMPLES: list[tuple[float, dict[str, float]]] = []
@@ -304,10 +338,10 @@ def _cores_used(samples: list[tuple[float, dict[str, float]]], start: float, end
 
 # ---- the speaker bots (a child process) -----------------------------------------------------------
 
-async def _speak(config: dict) -> dict:
-    """Connects the publisher of clip `index`, waits until the agent subscribed, then speaks.
-    One process per bot: the livekit FFI hands every event to every room of a process, so many
-    bots in one process cost quadratically more than one each."""
+async def _speak(config: dict) -> None:
+    """Connects the publishers of clips `indices`, waits until the agent subscribed to them all,
+    then speaks; writes each speaker's result. The livekit FFI hands every event to every room of a
+    process, so many bots in one process cost quadratically more (see `--bots-per-process`)."""
     from types import SimpleNamespace
 
     from .bots import Publisher
@@ -315,7 +349,7 @@ async def _speak(config: dict) -> dict:
 
     server = SimpleNamespace(url=config["url"], api_key=config["api_key"], api_secret=config["api_secret"])
     with np.load(config["clips"]) as archive:
-        clips = {config["index"]: archive[f"arr_{config['index']}"]}
+        clips = {i: archive[f"arr_{i}"] for i in config["indices"]}
     deadline = time.monotonic() + config["timeout_s"]
     voices: list[Voice] = []
     try:
@@ -343,12 +377,12 @@ async def _speak(config: dict) -> dict:
                 playing.cancel()
                 with contextlib.suppress(asyncio.CancelledError, BenchError):
                     await playing
-        [voice] = voices
-        result = {"identity": voice.publisher.identity, "track_sid": voice.publisher.track_sid,
-                  "clip_onset": voice.clip_onset, "speech_started_at": chorus.speech_started_at,
-                  "ended_at": time.time(), "lateness": chorus.lateness, "handed_at": chorus.handed_at}
-        Path(config["out"]).write_text(json.dumps(result))
-        return result
+        ended_at = time.time()
+        for i, voice in zip(clips, voices):
+            result = {"identity": voice.publisher.identity, "track_sid": voice.publisher.track_sid,
+                      "clip_onset": voice.clip_onset, "speech_started_at": chorus.speech_started_at,
+                      "ended_at": ended_at, "lateness": chorus.lateness, "handed_at": chorus.handed_at}
+            (Path(config["out_dir"]) / f"speaker-{i:02d}.json").write_text(json.dumps(result))
     finally:
         for voice in voices:
             with contextlib.suppress(Exception):
@@ -444,7 +478,7 @@ def latency_records(session: Session, alignments: dict[str, Alignment]) -> tuple
         _, clip_onset = session.voices[caption.sender]
         alignment = alignments.get(caption.sender) or Alignment.from_onset(timing["onset_sample"], clip_onset)
         # The end of frame k, on the publisher's microphone timeline.
-        stream_end = (timing["frame"] + 1) * FRAME_SIZE
+        stream_end = (timing["frame"] + 1) * FRAME_SIZE - timing.get("lead_samples", 0)
         captured = captured_at(session, caption.sender, alignment.clip_index(stream_end))
         records.append({
             "speaker": caption.sender,
@@ -552,18 +586,20 @@ def speaker_alignments(session: Session, record_dir: Path) -> dict[str, Alignmen
     """Each speaker's measured alignment, from the worker's recording of its one engine stream."""
     from .room import ATTR_TIMING
 
-    onsets = {}
+    onsets, leads = {}, {}
     for caption in session.captions:
         raw = caption.attributes.get(ATTR_TIMING)
         if raw is not None and json.loads(raw).get("onset_sample") is not None:
             onsets.setdefault(caption.sender, json.loads(raw)["onset_sample"])
+            leads.setdefault(caption.sender, json.loads(raw).get("lead_samples", 0))
     alignments = {}
     for identity, onset in onsets.items():
         recordings = sorted(record_dir.glob(f"*-{identity}-*.wav"))
         if identity not in session.voices or len(recordings) != 1:
             continue  # one engine stream per speaker expected; otherwise fall back to the onset
         _, clip_onset = session.voices[identity]
-        recorded = _read_wav(recordings[0])
+        # The recording starts with the engine's alignment silence; stream indices count pushed audio.
+        recorded = _read_wav(recordings[0])[leads[identity]:]
         alignments[identity] = measure_alignment(session.clips[identity], clip_onset, recorded, onset)
     return alignments
 
@@ -602,6 +638,7 @@ def summarize_run(session: Session, records: list[dict], skipped: dict, alignmen
         "publisher_lateness_ms": summarize_ms(session.lateness),
         "alignment": alignment,
         "cpu_cores_used": session.cpu_cores,
+        "engine": session.engine,
         "load_average_before": session.load_before,
         "load_average_after": session.load_after,
         "samples_ms": {key: [round(r[key] * 1000, 2) for r in records] for key in ("total", *COMPONENTS)},
@@ -621,7 +658,6 @@ def model_text_delay_s(checkpoint: Path) -> float | None:
 
 
 async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> list[dict]:
-    from .devstack import start_captions_worker
     from .lkserver import start_dev_server
 
     clips = speech_clips(max(args.speakers), args.seconds)
@@ -629,44 +665,55 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
     runs = []
     try:
         for n in args.speakers:
-            logger.info("latency with %d speakers: starting a worker with %d slots", n, n)
-            for attempt in range(1, RUN_ATTEMPTS + 1):
-                worker = await asyncio.to_thread(start_captions_worker, server, checkpoint,
-                                                 workdir / f"worker-{n}-{attempt}", n,
-                                                 ("--timing-attributes",))
-                try:
-                    session = await run_session(server, worker, clips[:n], args.lead_in, args.tail,
-                                                args.timeout, workdir / f"worker-{n}-{attempt}")
-                    break
-                except BotFailed as e:
-                    # A bot's WebRTC library crashed (seen once, under heavy load): say so, run again.
-                    if attempt == RUN_ATTEMPTS:
-                        raise
-                    logger.warning("%d speakers, attempt %d: %s; running again", n, attempt, e)
-                finally:
-                    await asyncio.to_thread(worker.stop)
-            alignments = speaker_alignments(session, worker.record_dir)
-            records, skipped = latency_records(session, alignments)
-            if not records:
-                raise BenchError(f"no caption with timings arrived with {n} speakers; see {worker.log_path}")
-            onsets = [r["onset_sample"] for r in records]
-            if min(onsets) < args.lead_in * SAMPLE_RATE / 2:
-                raise BenchError("a speaker's engine stream began after its speech had started "
-                                 f"(onset at sample {min(onsets)}): raise --lead-in")
-            run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
-            run["attempt"] = attempt
-            logger.info("%d speakers: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, load %s > %s",
-                        n, run["word_updates"], run["latency_ms"]["total"]["p50"],
-                        run["latency_ms"]["total"]["p95"], run["latency_ms"]["total"]["p99"],
-                        run["load_average_before"], run["load_average_after"])
-            runs.append(run)
+            for frames in args.frames:
+                runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames))
     finally:
         await asyncio.to_thread(server.stop)
     return runs
 
 
+async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: Path, clips: list[np.ndarray],
+                   frames: str) -> dict:
+    """One speaker count with one frame mode: a fresh worker, the bots, the analysis."""
+    from .devstack import start_captions_worker
+
+    n = len(clips)
+    worker_args = ("--timing-attributes", *(("--unaligned-frames",) if frames == "unaligned" else ()))
+    logger.info("latency with %d speakers (%s frames): starting a worker with %d slots", n, frames, n)
+    for attempt in range(1, RUN_ATTEMPTS + 1):
+        workdir_n = workdir / f"worker-{n}-{frames}-{attempt}"
+        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, workdir_n, n, worker_args)
+        try:
+            session = await run_session(server, worker, clips, args.lead_in, args.tail, args.timeout, workdir_n,
+                                        args.bots_per_process)
+            break
+        except BotFailed as e:
+            # A bot's WebRTC library crashed (seen once, under heavy load): say so, run again.
+            if attempt == RUN_ATTEMPTS:
+                raise
+            logger.warning("%d speakers, attempt %d: %s; running again", n, attempt, e)
+        finally:
+            await asyncio.to_thread(worker.stop)
+    alignments = speaker_alignments(session, worker.record_dir)
+    records, skipped = latency_records(session, alignments)
+    if not records:
+        raise BenchError(f"no caption with timings arrived with {n} speakers; see {worker.log_path}")
+    onsets = [r["onset_sample"] for r in records]
+    if min(onsets) < args.lead_in * SAMPLE_RATE / 2:
+        raise BenchError("a speaker's engine stream began after its speech had started "
+                         f"(onset at sample {min(onsets)}): raise --lead-in")
+    run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
+    run["frames"] = frames
+    run["attempt"] = attempt
+    logger.info("%d speakers, %s frames: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, "
+                "%.1f steps/s, load %s > %s", n, frames, run["word_updates"], run["latency_ms"]["total"]["p50"],
+                run["latency_ms"]["total"]["p95"], run["latency_ms"]["total"]["p99"],
+                run["engine"]["steps_per_s"] or 0.0, run["load_average_before"], run["load_average_after"])
+    return run
+
+
 def _targets(runs: list[dict]) -> dict:
-    by_n = {run["speakers"]: run for run in runs}
+    by_n = {run["speakers"]: run for run in runs if run.get("frames", "shared") == "shared"}
     p95 = by_n[TARGET_SPEAKERS]["latency_ms"]["total"]["p95"] if TARGET_SPEAKERS in by_n else None
     return {"p95_ms_at_8_speakers": p95,
             "p95_at_8_speakers_at_most_150_ms": None if p95 is None else p95 <= TARGET_P95_MS}
@@ -674,20 +721,29 @@ def _targets(runs: list[dict]) -> dict:
 
 def markdown_table(report: dict) -> str:
     """The README table, generated from the JSON (figures are never typed in by hand)."""
-    lines = [("| speakers | word updates | total p50 / p95 / p99 (ms) | transport | queue | step | agent | "
-              "delivery | bots late p95 | alignment | load (1 min) before / after |"),
-             "|---:|---:|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| speakers | frames | steps/s (speakers per step) | word updates | total p50 / p95 / p99 (ms) | "
+              "transport | queue | step | agent | delivery | bots late p95 | alignment | CPU cores: worker / bots "
+              "| load (1 min) before / after |"),
+             "|---:|---|---|---:|---|---|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         lat = run["latency_ms"]
         parts = " | ".join(f"{lat[key]['p50']:.1f} / {lat[key]['p95']:.1f}" for key in COMPONENTS)
-        lines.append(f"| {run['speakers']} | {run['word_updates']} | {lat['total']['p50']:.1f} / "
+        engine, cores = run.get("engine") or {}, run.get("cpu_cores_used") or {}
+        lines.append(f"| {run['speakers']} | {run.get('frames', 'shared')} | "
+                     f"{engine.get('steps_per_s') or 0:.1f} ({engine.get('streams_per_step') or 0:.1f}) | "
+                     f"{run['word_updates']} | {lat['total']['p50']:.1f} / "
                      f"{lat['total']['p95']:.1f} / {lat['total']['p99']:.1f} | {parts} | "
                      f"{run['publisher_lateness_ms']['p95']:.1f} | "
                      f"{'ok' if run['alignment']['reliable'] else 'LOST'} | "
+                     f"{cores.get('worker', float('nan')):.2f} / {cores.get('speaker_bots', float('nan')):.2f} | "
                      f"{run['load_average_before'][0]:.2f} / {run['load_average_after'][0]:.2f} |")
     lines.append("")
     lines.append("Components: p50 / p95 in ms (percentiles of the parts do not add up; their means do).")
     return "\n".join(lines)
+
+
+def _label(run: dict) -> str:
+    return f"{run['speakers']} speakers, {run.get('frames', 'shared')} frames"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -705,7 +761,7 @@ def plot(report: dict, path: Path) -> None:
     fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.8))
     for run in runs:
         values = np.sort(np.asarray(run["samples_ms"]["total"]))
-        cdf.plot(values, np.arange(1, values.size + 1) / values.size, label=f"{run['speakers']} speakers "
+        cdf.plot(values, np.arange(1, values.size + 1) / values.size, label=f"{_label(run)} "
                  f"(p95 {run['latency_ms']['total']['p95']:.0f} ms)")
     cdf.axvline(TARGET_P95_MS, color="grey", linestyle=":",
                 label=f"target p95 at 8 speakers: {TARGET_P95_MS:.0f} ms")
@@ -721,8 +777,8 @@ def plot(report: dict, path: Path) -> None:
         values = np.array([run["latency_ms"][key]["mean"] for run in runs])
         bars.bar(positions, values, bottom=bottom, label=key)
         bottom += values
-    bars.set_xticks(positions, [str(run["speakers"]) for run in runs])
-    bars.set_xlabel("speakers (engine batch size = speakers)")
+    bars.set_xticks(positions, [_label(run).replace(" speakers, ", "\n") for run in runs], fontsize=8)
+    bars.set_xlabel("speakers (engine batch size = speakers), frame clock")
     bars.set_ylabel("mean latency (ms)")
     bars.set_title("Where the time goes (means)")
     bars.legend(fontsize=8)
@@ -742,11 +798,24 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _frame_modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(modes) - {"shared", "unaligned"})
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"expected shared and/or unaligned, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .bench_engine import default_cache_dir
 
     add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"), default=[1, 8, 32],
                help="speaker counts; each runs that many bots at once, with as many engine slots")
+    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=_frame_modes, default=["shared"],
+               help="frame clocks to measure, comma-separated: shared (the worker's default: every "
+                    "speaker's frames on one clock) and/or unaligned (each speaker its own phase, as before)")
+    add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,
+               default=2, help="speaker bots sharing one process (and one WebRTC stack)")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=20.0,
                help="seconds of speech per speaker")
     add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
@@ -788,11 +857,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.update({
-        "settings": {"speakers": args.speakers, "seconds_per_speaker": args.seconds,
+        "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_speaker": args.seconds,
                      "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
                      "checkpoint": str(checkpoint),
                      "worker": "captions worker dev --device cpu --batch-size <speakers> "
-                               "--timing-attributes"},
+                               "--timing-attributes [--unaligned-frames]"},
         "model_text_delay_s": model_text_delay_s(checkpoint),
         "model_text_delay_note": (
             "the model's learnt wait before writing a word; not included in the figures (each is measured "

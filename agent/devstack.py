@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,8 @@ class CaptionsWorker:
     data_dir: Path
     record_dir: Path
     log_path: Path
+    metrics_port: int
+    """Where its /metrics, /healthz and /readyz answer (127.0.0.1)."""
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -48,6 +51,12 @@ def captions_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "agent.cli"]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
                           extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
                           env: dict[str, str] | None = None) -> CaptionsWorker:
@@ -59,14 +68,15 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
 
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir, record_dir, log_path = workdir / "data", workdir / "recordings", workdir / "worker.log"
+    metrics_port = _free_port()
     environment = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
                        LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
     command = [*captions_command(), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
                "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
-               "--health-port", "0", "--metrics-port", "0", *extra_args]
+               "--health-port", "0", "--metrics-port", str(metrics_port), *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    worker = CaptionsWorker(process, data_dir, record_dir, log_path)
+    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
