@@ -21,6 +21,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "batched engine throughput against one model state per stream (batch size 1)"),
     "latency": ("agent.bench_latency",
                 "caption latency per word through a real livekit-server and the real worker, with its split"),
+    "clock": ("agent.bench_clock",
+              "engine steps and latency for live speakers with frames on one clock or each at its own phase"),
 }
 
 
@@ -128,6 +130,19 @@ def positive_ints(what: str):
         return sorted(set(values))
 
     return parse
+
+
+FRAME_MODES = ("shared", "unaligned")
+"""How live speakers' frames meet the engine: on one clock (the worker's default) or each at its
+own phase (`captions worker --unaligned-frames`, the behaviour before)."""
+
+
+def frame_modes(text: str) -> list[str]:
+    """argparse type for a comma-separated subset of FRAME_MODES."""
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or set(modes) - set(FRAME_MODES):
+        raise argparse.ArgumentTypeError(f"expected shared and/or unaligned, got {text!r}")
+    return list(dict.fromkeys(modes))
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:

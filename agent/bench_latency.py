@@ -54,6 +54,7 @@ import numpy as np
 
 from .bench import (
     add_output_options,
+    frame_modes,
     machine_description,
     positive_ints,
     save_figure,
@@ -798,20 +799,12 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _frame_modes(text: str) -> list[str]:
-    modes = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = sorted(set(modes) - {"shared", "unaligned"})
-    if not modes or unknown:
-        raise argparse.ArgumentTypeError(f"expected shared and/or unaligned, got {text!r}")
-    return list(dict.fromkeys(modes))
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     from .bench_engine import default_cache_dir
 
     add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"), default=[1, 8, 32],
                help="speaker counts; each runs that many bots at once, with as many engine slots")
-    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=_frame_modes, default=["shared"],
+    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=["shared"],
                help="frame clocks to measure, comma-separated: shared (the worker's default: every "
                     "speaker's frames on one clock) and/or unaligned (each speaker its own phase, as before)")
     add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,

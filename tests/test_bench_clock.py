@@ -1,0 +1,56 @@
+"""`captions bench clock`, run as a user runs it, with tiny settings: its JSON, table and plot hold
+the documented figures, consistent with each other. No timing targets here: figures vary by machine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_bench import captions
+
+
+@pytest.fixture(scope="module")
+def clock_report(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-clock")
+    result = captions("bench", "clock", "--model", str(tiny_checkpoint), "--speakers", "3", "--seconds", "2",
+                      "--json", str(out / "clock.json"), "--plot", str(out / "clock.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "clock.json").read_text()), out / "clock.png", result.stdout
+
+
+def test_both_frame_modes_are_measured_in_one_run(clock_report):
+    report, _, _ = clock_report
+    assert report["machine"]["cpu_cores"] >= 1 and report["settings"]["frames"] == ["shared", "unaligned"]
+    assert [(r["speakers"], r["frames"]) for r in report["results"]] == [(3, "shared"), (3, "unaligned")]
+
+
+def test_every_frame_of_every_stream_gets_an_event(clock_report):
+    report, _, _ = clock_report
+    for result in report["results"]:
+        # 2 s of speech = 25 frames per stream; the shared clock adds a partial frame of silence
+        # before a stream's audio, whose last frame is then cut short and not pushed.
+        assert 3 * 24 <= result["frames_captioned"] <= 3 * 25
+        latency = result["push_to_event_ms"]
+        assert latency["count"] == result["frames_captioned"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+        assert 1 <= result["streams_per_step"] <= 3 and result["steps_per_s"] > 0
+
+
+def test_only_the_shared_clock_puts_silence_before_streams(clock_report):
+    report, _, _ = clock_report
+    shared, unaligned = report["results"]
+    assert unaligned["leads"] == [0, 0, 0]
+    assert all(0 <= lead < 1920 and lead % 240 == 0 for lead in shared["leads"])
+
+
+def test_table_and_plot_are_written(clock_report):
+    report, plot, stdout = clock_report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for result in report["results"]:
+        assert f"| 3 | {result['frames']} | {result['steps_per_s']} |" in stdout
+
+
+def test_bad_frame_mode_is_refused_with_a_clear_error():
+    result = captions("bench", "clock", "--frames", "shared,sideways", timeout=60)
+    assert result.returncode == 2 and "expected shared and/or unaligned" in result.stderr
