@@ -138,8 +138,8 @@ def markdown_table(report: dict) -> str:
              "|---:|---|---:|---:|---|"]
     for r in report["results"]:
         lat = r["push_to_event_ms"]
-        lines.append(f"| {r['speakers']} | {r['frames']} | {r['steps_per_s']} | {r['streams_per_step']} | "
-                     f"{lat['p50']} / {lat['p95']} / {lat['p99']} |")
+        lines.append(f"| {r['speakers']} | {r['frames']} | {r['steps_per_s']:.1f} | {r['streams_per_step']:.1f} | "
+                     f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} |")
     return "\n".join(lines)
 
 
@@ -210,20 +210,22 @@ def plot(report: dict, path: Path) -> None:
     modes = [m for m in FRAME_MODES if any(r["frames"] == m for r in results)]
     fig, (steps, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(modes)
+    colours = {"shared": "tab:blue", "unaligned": "tab:orange"}
+    steps.axhline(12.5, color="grey", linestyle=":", label="one step per 80 ms")
     for k, mode in enumerate(modes):
         rows = {r["speakers"]: r for r in results if r["frames"] == mode}
         x = np.arange(len(speakers)) + k * width
-        steps.bar(x, [rows[n]["steps_per_s"] or 0 for n in speakers], width, label=f"{mode} frames")
+        colour = colours[mode]
+        steps.bar(x, [rows[n]["steps_per_s"] or 0 for n in speakers], width, label=f"{mode} frames", color=colour)
         latency.bar(x, [rows[n]["push_to_event_ms"]["p95"] or 0 for n in speakers], width,
-                    label=f"{mode} frames, p95", alpha=0.55)
+                    label=f"{mode} frames, p95", color=colour, alpha=0.4)
         latency.bar(x, [rows[n]["push_to_event_ms"]["p50"] or 0 for n in speakers], width * 0.5,
-                    label=f"{mode} frames, p50")
+                    label=f"{mode} frames, p50", color=colour)
     for axis in (steps, latency):
         axis.set_xticks(np.arange(len(speakers)) + width * (len(modes) - 1) / 2, [str(n) for n in speakers])
         axis.set_xlabel("live speakers (engine batch size)")
         axis.grid(True, axis="y", alpha=0.3)
         axis.legend(fontsize=8)
-    steps.axhline(12.5, color="grey", linestyle=":", label="one step per 80 ms")
     steps.set_ylabel("engine steps per second")
     steps.set_title("Steps (each costs the full batch)")
     latency.set_ylabel("push that completed a frame -> its event (ms)")

@@ -83,6 +83,7 @@ ALIGN_WINDOW_S = 0.5
 ALIGN_STEP_S = 0.5
 ALIGN_SEARCH_S = 0.15
 ALIGN_MIN_PEAK = 1000
+ALIGN_MIN_CORRELATION = 0.5
 RUN_ATTEMPTS = 2
 TARGET_SPEAKERS = 8
 TARGET_P95_MS = 150.0
@@ -567,15 +568,24 @@ def measure_alignment(clip: np.ndarray, clip_onset: int, recorded: np.ndarray,
 
 
 def _best_lag(reference: np.ndarray, signal: np.ndarray, expected: int, search: int) -> int | None:
-    """The offset of `reference` in `signal` near `expected` (cross-correlation, FFT)."""
+    """The offset of `reference` in `signal` near `expected`: the peak of the normalised
+    cross-correlation (FFT), or None when no offset matches well (Opus-coded speech against its
+    source correlates well above ALIGN_MIN_CORRELATION; a raw correlation would favour loud
+    stretches and jump to a wrong offset)."""
     lo = max(0, expected - search)
     hi = min(signal.size, expected + search + reference.size)
     segment = signal[lo:hi].astype(np.float64)
+    reference = reference.astype(np.float64)
     if segment.size < reference.size or not np.any(reference):
         return None
     n = 1 << int(np.ceil(np.log2(segment.size + reference.size)))
-    corr = np.fft.irfft(np.fft.rfft(segment, n) * np.conj(np.fft.rfft(reference.astype(np.float64), n)), n)
-    return lo + int(np.argmax(corr[: segment.size - reference.size + 1]))
+    lags = segment.size - reference.size + 1
+    corr = np.fft.irfft(np.fft.rfft(segment, n) * np.conj(np.fft.rfft(reference, n)), n)[:lags]
+    energy = np.concatenate([[0.0], np.cumsum(segment ** 2)])
+    local = np.sqrt(np.maximum(energy[reference.size:reference.size + lags] - energy[:lags], 1e-9))
+    normalised = corr / (local * np.linalg.norm(reference))
+    best = int(np.argmax(normalised))
+    return lo + best if normalised[best] >= ALIGN_MIN_CORRELATION else None
 
 
 def _read_wav(path: Path) -> np.ndarray:

@@ -296,12 +296,12 @@ class SttEngine:
         return any(slot.stream is not None and (slot.queue or slot.closing) for slot in self._slots)
 
     def _loop(self) -> None:
-        # Steps as soon as any slot has a frame. With headroom that can mean one full-batch step per
-        # speaker per 80 ms; when steps are slow, frames queue up meanwhile and steps batch by
-        # themselves. Waiting up to 40 ms to gather frames was measured (tiny checkpoint, 2-core
-        # CPU, staggered live streams) and rejected: 8 streams at B=8, 53.5 -> 20 steps/s but
-        # push-to-event p95 38 -> 64 ms; 64 streams at B=64, 17.5 -> 15.5 steps/s and p95 117 ->
-        # 224 ms. Latency matters more than idle compute.
+        # Steps as soon as a slot has a frame (after `_gather`'s few ms for the slots due on the same
+        # tick). Live frames share one clock, so that is one step per 80 ms for every speaker;
+        # audio pushed in bulk (a slot catching up, files) steps at full speed. A blind 40 ms
+        # gather window was measured before the shared clock and rejected: fewer steps, but
+        # push-to-event p95 38 -> 64 ms at 8 streams. The shared clock gives both (`captions bench
+        # clock`: 8 streams at B=8, 54 -> 12.5 steps/s and p95 40 -> 18 ms).
         while True:
             with self._cond:
                 while not self._stopped and not self._has_work():

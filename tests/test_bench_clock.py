@@ -48,7 +48,7 @@ def test_table_and_plot_are_written(clock_report):
     report, plot, stdout = clock_report
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for result in report["results"]:
-        assert f"| 3 | {result['frames']} | {result['steps_per_s']} |" in stdout
+        assert f"| 3 | {result['frames']} | {result['steps_per_s']:.1f} |" in stdout
 
 
 def test_bad_frame_mode_is_refused_with_a_clear_error():
