@@ -131,7 +131,6 @@ class _Slot:
     """Taken since its last step: reset its model state before stepping it."""
     pushed: int = 0
     """Samples of its own audio pushed so far."""
-    lead_samples: int = 0
     last_chunk: int = 0
     """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
     last_push_at: float = 0.0
@@ -217,7 +216,7 @@ class SttEngine:
             slot.decoder = WordDecoder(self.model.tokenizer, self.frame_rate, self.model.time_offset_s,
                                        self.model.padding_id)
             slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
-            slot.pushed, slot.lead_samples, slot.last_chunk, slot.last_push_at = 0, 0, 0, 0.0
+            slot.pushed, slot.last_chunk, slot.last_push_at = 0, 0, 0.0
             self._cond.notify()
         return stream
 
@@ -252,10 +251,10 @@ class SttEngine:
             now = _now()
             size = int(np.size(pcm))
             if slot.pushed == 0 and size:
-                slot.lead_samples = stream.lead_samples = self._lead_for(size, now)
-                if slot.lead_samples:
-                    slot.buffer.push(np.zeros(slot.lead_samples, dtype=np.float32))
-                    slot.decoder.time_offset_s += slot.lead_samples / self.sample_rate
+                stream.lead_samples = self._lead_for(size, now)
+                if stream.lead_samples:
+                    slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
+                    slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
             frames = slot.buffer.push(pcm)
             slot.pushed += size
             slot.last_chunk, slot.last_push_at = size, now
@@ -400,7 +399,7 @@ class SttEngine:
             pause_prob = float(pause[slot.index]) if self.has_vad else None
             events.append((slot.on_event, StreamEvent(slot.stream.id, slot.audio_frames, words,
                                                       slot.decoder.partial, pause_prob, max(token, -1),
-                                                      lead_samples=slot.lead_samples)))
+                                                      lead_samples=slot.stream.lead_samples)))
         step_ended = time.time()
         for on_event, event in events:
             event.step_started, event.step_ended = step_started, step_ended
@@ -421,7 +420,7 @@ class SttEngine:
         """Emits the stream's last words and `ended`, then frees the slot."""
         words = slot.decoder.finish() if slot.flush and error is None else []
         event = StreamEvent(slot.stream.id, slot.audio_frames, words, "", None, ended=True, error=error,
-                            lead_samples=slot.lead_samples)
+                            lead_samples=slot.stream.lead_samples)
         on_event = slot.on_event
         with self._cond:
             slot.stream, slot.on_event, slot.decoder, slot.buffer = None, None, None, None
