@@ -328,12 +328,13 @@ class SttEngine:
         deadline = time.monotonic() + GATHER_WAIT_S
         while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
             now = _now()
-            # Due: its next chunk completes a frame and it has not pushed on this tick yet (its last
-            # push is more than half a chunk old).
+            # Due: its next chunk completes a frame, and its last push was on the previous tick
+            # (between half a chunk and a chunk and a half ago): not yet on this one, and not stalled.
             due = any(s.stream is not None and not s.queue and not s.closing
                       and 0 < s.last_chunk < self.frame_size
                       and s.buffer.pending + s.last_chunk >= self.frame_size
-                      and now - s.last_push_at > s.last_chunk / self.sample_rate / 2 for s in self._slots)
+                      and 0.5 < (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
+                      for s in self._slots)
             if not due:
                 return
             self._cond.wait(remaining)
