@@ -300,7 +300,7 @@ class SttEngine:
         # audio pushed in bulk (a slot catching up, files) steps at full speed. A blind 40 ms
         # gather window was measured before the shared clock and rejected: fewer steps, but
         # push-to-event p95 38 -> 64 ms at 8 streams. The shared clock gives both (`captions bench
-        # clock`: 8 streams at B=8, 54 -> 12.5 steps/s and p95 40 -> 18 ms).
+        # clock`, figures in the README).
         while True:
             with self._cond:
                 while not self._stopped and not self._has_work():
