@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from agent.bench_latency import engine_activity, engine_counters
 from agent.bots import Caption, Publisher, Subscriber
 from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
 from agent.transcript import read_transcript, transcript_path
-from tests.conftest import espeak_wav
+from tests.conftest import espeak_wav, start_captions_worker
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 
@@ -239,6 +240,45 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
         assert len(files) == 2, f"{name}: one engine stream before and one after, got {files}"
         offline = [w for f in files for w in transcribe(tiny_checkpoint, f)]
         assert words_of([c for c in sub.captions if c.sender == name]) == offline, name
+
+
+async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share_each_step(
+        livekit_server, tiny_checkpoint, speech_dir, tmp_path):
+    """Two rooms open at the same moment on a worker that has served none yet (as after a deploy):
+    both get the agent. Then three people in them, who joined at different moments, talk at once:
+    the engine advances all three in each step (the shared frame clock) instead of one step per
+    speaker, read from the worker's /metrics as an operator would."""
+    worker = await asyncio.to_thread(start_captions_worker, livekit_server, tiny_checkpoint, tmp_path)
+    rooms = {"alice": "e2e-clock-a", "bob": "e2e-clock-a", "carol": "e2e-clock-b"}
+    try:
+        subs = await asyncio.gather(*(Subscriber(livekit_server, room).connect()
+                                      for room in sorted(set(rooms.values()))))
+        speakers = {}
+        for name, room in rooms.items():
+            speakers[name] = await publisher(livekit_server, room, name)
+            await asyncio.sleep(0.37)  # joins at another phase of the 80 ms frame
+        await asyncio.gather(*(sub.wait_for_agent() for sub in subs))
+        await asyncio.sleep(1.0)  # the agent subscribes to the three microphones
+
+        async def talk(p: Publisher, name: str) -> None:
+            await p.play(speech(speech_dir, name))
+            await p.silence(4.0)  # keeps streaming: the window below is inside everyone's audio
+
+        talking = asyncio.gather(*(talk(p, name) for name, p in speakers.items()))
+        await asyncio.sleep(1.0)
+        before, started = engine_counters(worker.metrics_port), time.time()
+        await asyncio.sleep(2.5)
+        activity = engine_activity(before, engine_counters(worker.metrics_port), time.time() - started)
+        await talking
+        for p in speakers.values():
+            await p.disconnect()
+        for sub in subs:
+            await sub.disconnect()
+    finally:
+        await asyncio.to_thread(worker.stop)
+    assert activity["steps"] >= 10, activity
+    # Unaligned (`--unaligned-frames`), three speakers at three phases averaged about 1 per step.
+    assert activity["streams_per_step"] >= 2.5, activity
 
 
 async def test_more_speakers_than_slots_wait_visibly_then_are_served(livekit_server, captions_worker, speech_dir):
