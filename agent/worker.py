@@ -28,8 +28,13 @@ from .model import add_model_options
 
 READY_MESSAGE = "caption worker registered with LiveKit"
 """Logged once the worker can take rooms (`captions up` and the tests wait for it)."""
+LOAD_WHEN_FULL = 0.6
+"""The load reported with every slot taken. livekit-server (1.13.5) dispatches a new room only while
+some worker's load is below its `agents.target_load` (default 0.7), and a room not dispatched when it
+is created never gets the agent. So a full worker must still take rooms (their speakers wait in the
+visible queue); with several workers, LiveKit picks one weighted by 1 - load, favouring free slots."""
 LOAD_THRESHOLD = 0.95
-"""In `start` mode, a worker with (almost) every slot taken answers "unavailable" to new rooms."""
+"""livekit-agents' own "full" threshold in `start` mode (it must be below 1 there); never reached."""
 
 
 def add_captioning_options(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +94,8 @@ class CaptionService:
     room_options: Any
 
     def load(self) -> float:
-        """The load livekit-agents reports to LiveKit: occupied slots / B."""
-        return self.engine.slots_in_use / self.engine.batch_size
+        """The load livekit-agents reports to LiveKit: occupied slots / B, scaled to LOAD_WHEN_FULL."""
+        return LOAD_WHEN_FULL * self.engine.slots_in_use / self.engine.batch_size
 
 
 _service: CaptionService | None = None

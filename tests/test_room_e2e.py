@@ -25,7 +25,7 @@ from agent.bench_latency import engine_activity, engine_counters
 from agent.bots import Caption, Publisher, Subscriber
 from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
 from agent.transcript import read_transcript, transcript_path
-from tests.conftest import espeak_wav, start_captions_worker
+from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
 
@@ -243,12 +243,14 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
 
 
 async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share_each_step(
-        livekit_server, tiny_checkpoint, speech_dir, tmp_path):
+        tiny_checkpoint, speech_dir, tmp_path):
     """Two rooms open at the same moment on a worker that has served none yet (as after a deploy):
     both get the agent. Then three people in them, who joined at different moments, talk at once:
     the engine advances all three in each step (the shared frame clock) instead of one step per
-    speaker, read from the worker's /metrics as an operator would."""
-    worker = await asyncio.to_thread(start_captions_worker, livekit_server, tiny_checkpoint, tmp_path)
+    speaker, read from the worker's /metrics as an operator would. A server of its own: with the
+    session's worker also registered, LiveKit would share the rooms between the two workers."""
+    livekit_server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    worker = await asyncio.to_thread(start_captions_worker, livekit_server, tiny_checkpoint, tmp_path / "worker")
     rooms = {"alice": "e2e-clock-a", "bob": "e2e-clock-a", "carol": "e2e-clock-b"}
     try:
         subs = await asyncio.gather(*(Subscriber(livekit_server, room).connect()
@@ -276,6 +278,7 @@ async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share
             await sub.disconnect()
     finally:
         await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(livekit_server.stop)
     assert activity["steps"] >= 10, activity
     # Unaligned (`--unaligned-frames`), three speakers at three phases averaged about 1 per step.
     assert activity["streams_per_step"] >= 2.5, activity
@@ -308,6 +311,32 @@ async def test_more_speakers_than_slots_wait_visibly_then_are_served(livekit_ser
     await wait_for_finals_after_leaving(sub, ["dave"])
     await sub.disconnect()
     assert [c for c in sub.finals("dave") if c.text], "the waiting speaker was never captioned"
+
+
+async def test_a_room_opened_while_every_slot_is_taken_still_gets_the_agent(tiny_checkpoint, tmp_path):
+    """A worker with one slot, taken by a speaker in one room, for longer than the worker's load
+    report interval (2.5 s). A room opened then still gets the agent, which shows its speaker waiting
+    (livekit-server dispatches a room only when it is created, and not to a worker reporting a load
+    at or above its target load)."""
+    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 1)
+    try:
+        first_room = await Subscriber(server, "e2e-full-a").connect()
+        alice = await publisher(server, "e2e-full-a", "alice")
+        await first_room.wait_for_agent()
+        await first_room.wait_until(lambda: len(captions_worker_streams(worker, "e2e-full-a")) == 1,
+                                    CAPTION_WAIT_S, "alice in the only slot")
+        await asyncio.sleep(3.5)  # the worker has reported its load with every slot taken
+        second_room = await Subscriber(server, "e2e-full-b").connect()
+        bob = await publisher(server, "e2e-full-b", "bob")
+        agent = await second_room.wait_for_agent()
+        await second_room.wait_until(lambda: agent.attributes.get(ATTR_AGENT_QUEUED) == '["bob"]',
+                                     CAPTION_WAIT_S, "bob shown as waiting")
+        for participant in (alice, bob, first_room, second_room):
+            await participant.disconnect()
+    finally:
+        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(server.stop)
 
 
 def captions_worker_streams(worker, room: str) -> list[Path]:
