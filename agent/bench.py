@@ -145,6 +145,26 @@ def frame_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
+def add_test_checkpoint_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """--model (unset: the tiny test checkpoint) and --cache-dir (where that one is built once)."""
+    from .bench_engine import default_cache_dir
+    from .config import add_option
+
+    add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
+               help=f"{model_help}; unset: the tiny test checkpoint, built once")
+    add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
+               help="where the built test checkpoint is kept")
+
+
+def resolve_test_checkpoint(args: argparse.Namespace) -> Path:
+    """The directory of --model, or the tiny test checkpoint (built on first use); raises
+    CheckpointError for a bad --model."""
+    from .bench_engine import ensure_checkpoint
+    from .model import resolve_checkpoint_dir
+
+    return resolve_checkpoint_dir(args.model) if args.model else ensure_checkpoint("tiny", args.cache_dir)
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """--json and --plot, shared by every benchmark."""
     from .config import add_option

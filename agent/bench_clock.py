@@ -28,9 +28,11 @@ import numpy as np
 from .bench import (
     FRAME_MODES,
     add_output_options,
+    add_test_checkpoint_options,
     frame_modes,
     machine_description,
     positive_ints,
+    resolve_test_checkpoint,
     save_figure,
     summarize_ms,
     write_json,
@@ -40,10 +42,6 @@ from .config import add_option, device_name
 TICK_S = 0.01
 TICK_SAMPLES = 240
 FRAME_SIZE = 1920
-
-
-class BenchError(Exception):
-    """The benchmark cannot run; the message says why."""
 
 
 def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int) -> dict:
@@ -144,35 +142,29 @@ def markdown_table(report: dict) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from .bench_engine import default_cache_dir
-
     add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"),
                default=[8, 32, 64], help="live streams at once (engine batch size = streams)")
     add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=list(FRAME_MODES),
                help="shared (one clock, the default of the worker) and/or unaligned (each stream its phase)")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=8.0,
                help="seconds of speech per stream")
-    add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
-               help="checkpoint directory or Hugging Face repo; unset: the tiny test checkpoint, built once")
+    add_test_checkpoint_options(parser, "checkpoint directory or Hugging Face repo")
     add_option(parser, "--device", env="CAPTIONS_DEVICE", default="cpu", type=device_name,
                help="cpu, cuda or auto")
-    add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
-               help="where the built test checkpoint is kept")
     add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench_engine import ensure_checkpoint
-    from .model import CheckpointError, resolve_checkpoint_dir
+    from .model import CheckpointError
 
     if args.seconds < 1:
         print("captions bench clock: --seconds must be at least 1", file=sys.stderr)
         return 2
     try:
-        checkpoint = resolve_checkpoint_dir(args.model) if args.model else ensure_checkpoint("tiny", args.cache_dir)
+        checkpoint = resolve_test_checkpoint(args)
         report = {"benchmark": "clock", "machine": machine_description(args.device)}
         results = run_all(args, checkpoint)
-    except (BenchError, CheckpointError, RuntimeError) as e:
+    except (CheckpointError, RuntimeError) as e:
         print(f"captions bench clock: {e}", file=sys.stderr)
         return 1
     report.update({

@@ -54,9 +54,11 @@ import numpy as np
 
 from .bench import (
     add_output_options,
+    add_test_checkpoint_options,
     frame_modes,
     machine_description,
     positive_ints,
+    resolve_test_checkpoint,
     save_figure,
     summarize_ms,
     write_json,
@@ -810,8 +812,6 @@ def _seconds(text: str) -> float:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    from .bench_engine import default_cache_dir
-
     add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"), default=[1, 8, 32],
                help="speaker counts; each runs that many bots at once, with as many engine slots")
     add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=["shared"],
@@ -821,33 +821,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                default=2, help="speaker bots sharing one process (and one WebRTC stack)")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=20.0,
                help="seconds of speech per speaker")
-    add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
-               help="local checkpoint directory for the worker; unset: the tiny test checkpoint, built once")
+    add_test_checkpoint_options(parser, "local checkpoint directory for the worker")
     add_option(parser, "--lead-in", env="CAPTIONS_BENCH_LEAD_IN", type=float, default=1.0,
                help="seconds of silence between the agent's subscription and the speech")
     add_option(parser, "--tail", env="CAPTIONS_BENCH_TAIL", type=float, default=1.5,
                help="seconds of silence after the speech, before the bots leave")
     add_option(parser, "--timeout", env="CAPTIONS_BENCH_TIMEOUT", type=float, default=300.0,
                help="give up on one speaker count after this many seconds")
-    add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
-               help="where the built test checkpoint is kept")
     add_option(parser, "--workdir", env="CAPTIONS_BENCH_WORKDIR", type=Path, default=None,
                help="keep the server and worker logs and recordings here (default: a temporary directory)")
     add_output_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench_engine import ensure_checkpoint
     from .lkserver import find_livekit_server
-    from .model import CheckpointError, resolve_checkpoint_dir
+    from .model import CheckpointError
 
     try:
         if find_livekit_server() is None:
             raise BenchError("livekit-server is missing: run `captions server --install-only`")
-        if args.model:
-            checkpoint = resolve_checkpoint_dir(args.model)
-        else:
-            checkpoint = ensure_checkpoint("tiny", args.cache_dir)
+        checkpoint = resolve_test_checkpoint(args)
         with contextlib.ExitStack() as stack:
             workdir = args.workdir
             if workdir is None:

@@ -5,19 +5,14 @@ figures, consistent with each other. No timing targets here: figures vary by mac
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from tests.test_bench import captions
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(400)]
 
 COMPONENTS = ["transport", "queue", "step", "agent", "delivery"]
-
-
-def captions(*args: str, timeout: float = 360) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +20,7 @@ def latency_report(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-latency")
     result = captions("bench", "latency", "--model", str(tiny_checkpoint), "--speakers", "1",
                       "--seconds", "4", "--workdir", str(out / "work"), "--json", str(out / "latency.json"),
-                      "--plot", str(out / "latency.png"))
+                      "--plot", str(out / "latency.png"), timeout=360)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "latency.json").read_text()), out / "latency.png", result.stdout
 

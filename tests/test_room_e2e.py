@@ -9,6 +9,7 @@ the audio the engine consumed (recorded by the worker with --record-dir).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -242,17 +243,29 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
         assert words_of([c for c in sub.captions if c.sender == name]) == offline, name
 
 
+@contextlib.asynccontextmanager
+async def own_server_and_worker(checkpoint: Path, tmp_path: Path, batch_size: int = 3):
+    """A livekit-server and a fresh worker of the test's own (with the session's worker registered
+    too, LiveKit would share the test's rooms between the two workers)."""
+    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    try:
+        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, tmp_path / "worker", batch_size)
+        try:
+            yield server, worker
+        finally:
+            await asyncio.to_thread(worker.stop)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share_each_step(
         tiny_checkpoint, speech_dir, tmp_path):
     """Two rooms open at the same moment on a worker that has served none yet (as after a deploy):
     both get the agent. Then three people in them, who joined at different moments, talk at once:
     the engine advances all three in each step (the shared frame clock) instead of one step per
-    speaker, read from the worker's /metrics as an operator would. A server of its own: with the
-    session's worker also registered, LiveKit would share the rooms between the two workers."""
-    livekit_server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
-    worker = await asyncio.to_thread(start_captions_worker, livekit_server, tiny_checkpoint, tmp_path / "worker")
+    speaker, read from the worker's /metrics as an operator would."""
     rooms = {"alice": "e2e-clock-a", "bob": "e2e-clock-a", "carol": "e2e-clock-b"}
-    try:
+    async with own_server_and_worker(tiny_checkpoint, tmp_path) as (livekit_server, worker):
         subs = await asyncio.gather(*(Subscriber(livekit_server, room).connect()
                                       for room in sorted(set(rooms.values()))))
         speakers = {}
@@ -276,9 +289,6 @@ async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share
             await p.disconnect()
         for sub in subs:
             await sub.disconnect()
-    finally:
-        await asyncio.to_thread(worker.stop)
-        await asyncio.to_thread(livekit_server.stop)
     assert activity["steps"] >= 10, activity
     # Unaligned (`--unaligned-frames`), three speakers at three phases averaged about 1 per step.
     assert activity["streams_per_step"] >= 2.5, activity
@@ -318,9 +328,7 @@ async def test_a_room_opened_while_every_slot_is_taken_still_gets_the_agent(tiny
     report interval (2.5 s). A room opened then still gets the agent, which shows its speaker waiting
     (livekit-server dispatches a room only when it is created, and not to a worker reporting a load
     at or above its target load)."""
-    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
-    worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 1)
-    try:
+    async with own_server_and_worker(tiny_checkpoint, tmp_path, batch_size=1) as (server, worker):
         first_room = await Subscriber(server, "e2e-full-a").connect()
         alice = await publisher(server, "e2e-full-a", "alice")
         await first_room.wait_for_agent()
@@ -334,9 +342,6 @@ async def test_a_room_opened_while_every_slot_is_taken_still_gets_the_agent(tiny
                                      CAPTION_WAIT_S, "bob shown as waiting")
         for participant in (alice, bob, first_room, second_room):
             await participant.disconnect()
-    finally:
-        await asyncio.to_thread(worker.stop)
-        await asyncio.to_thread(server.stop)
 
 
 def captions_worker_streams(worker, room: str) -> list[Path]:
