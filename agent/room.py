@@ -44,6 +44,7 @@ from .captions import (
     Word,
     words_attribute,
 )
+from .lkffi import open_audio_stream
 from .log import logger
 from .metrics import METRICS
 from .segmenter import CaptionUpdate, Segmenter, SegmenterOptions
@@ -249,8 +250,8 @@ class Speaker:
     # Audio --------------------------------------------------------------------------------------
 
     async def _read_audio(self) -> None:
-        audio = rtc.AudioStream.from_track(track=self._track, sample_rate=SAMPLE_RATE, num_channels=1,
-                                           frame_size_ms=self._captioner.options.audio_chunk_ms)
+        audio = open_audio_stream(self._track, sample_rate=SAMPLE_RATE,
+                                  frame_size_ms=self._captioner.options.audio_chunk_ms)
         try:
             async for event in audio:
                 self._push(event.frame)

@@ -125,22 +125,13 @@ async def _caption_room(ctx) -> None:
     logger.info("captioning room %s", ctx.room.name)
 
 
-def _start_livekit_runtime() -> None:
-    """Creates the process's livekit FFI client now, before any job thread can. Its lazy singleton
-    has no lock: two rooms dispatched at once to a fresh worker each created one, the native library
-    kept the second's event callback, and the first room never saw its connect answer (measured with
-    livekit 1.1.21: 3 of 4 tries left one room uncaptioned)."""
-    from livekit.rtc._ffi_client import FfiClient
-
-    FfiClient.instance  # noqa: B018 - the access creates it
-
-
 def _load_service(args: argparse.Namespace) -> CaptionService:
     from .engine import SttEngine
+    from .lkffi import start_livekit_runtime
     from .room import AUDIO_CHUNK_MS, FRAME_MS, RoomOptions
     from .slots import SlotQueue
 
-    _start_livekit_runtime()
+    start_livekit_runtime()
     engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size,
                             align_frames=not args.unaligned_frames)
     engine.start()
