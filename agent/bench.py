@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "caption latency per word through a real livekit-server and the real worker, with its split"),
     "clock": ("agent.bench_clock",
               "engine steps and latency for live speakers with frames on one clock or each at its own phase"),
+    "ingest": ("agent.bench_ingest",
+               "CPU cost of receiving every speaker's audio in the worker's process, per chunk size and fan-out"),
 }
 
 

@@ -1,0 +1,51 @@
+"""`captions bench ingest`, run as a user runs it, with tiny settings, through its own real
+livekit-server: its JSON, table and plot hold the documented figures. No timing targets here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_bench import captions
+
+pytestmark = pytest.mark.livekit
+
+
+@pytest.fixture(scope="module")
+def ingest_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-ingest")
+    result = captions("bench", "ingest", "--tracks", "2", "--streams-per-track", "1,2", "--chunk-ms", "10",
+                      "--seconds", "2", "--json", str(out / "ingest.json"), "--plot", str(out / "ingest.png"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "ingest.json").read_text()), out / "ingest.png", result.stdout
+
+
+def test_both_fanouts_are_measured_for_every_stream_count_in_one_run(ingest_report):
+    report, _, _ = ingest_report
+    assert report["machine"]["livekit"] and report["machine"]["cpu_cores"] >= 1
+    assert [(r["streams"], r["fanout"]) for r in report["runs"]] == [
+        (2, "sdk"), (2, "narrowed"), (4, "sdk"), (4, "narrowed")]
+
+
+def test_every_stream_receives_its_audio_in_real_time(ingest_report):
+    report, _, _ = ingest_report
+    for run in report["runs"]:
+        # 2 tracks of 10 ms chunks: 100 events per second per stream, whatever the fan-out.
+        assert 0.8 <= run["delivered"] <= 1.05, run
+        assert run["events_per_s"] == pytest.approx(100 * run["streams"] * run["delivered"], rel=0.02)
+        assert 0 < run["cores"] and run["cores_per_stream"] == pytest.approx(run["cores"] / run["streams"], abs=1e-3)
+
+
+def test_table_and_plot_are_written(ingest_report):
+    report, plot, stdout = ingest_report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in report["runs"]:
+        assert f"| {run['streams']} (2 x {run['streams_per_track']}) | 10 ms | {run['fanout']} | {run['cores']:.2f} |" in stdout
+
+
+def test_bad_fanout_and_chunk_size_are_refused_with_a_clear_error():
+    result = captions("bench", "ingest", "--fanout", "sdk,sideways", timeout=60)
+    assert result.returncode == 2 and "expected sdk and/or narrowed" in result.stderr
+    result = captions("bench", "ingest", "--chunk-ms", "15", timeout=60)
+    assert result.returncode == 1 and "multiples of 10 ms" in result.stderr
