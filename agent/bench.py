@@ -167,6 +167,20 @@ def resolve_test_checkpoint(args: argparse.Namespace) -> Path:
     return resolve_checkpoint_dir(args.model) if args.model else ensure_checkpoint("tiny", args.cache_dir)
 
 
+def finish_report(args: argparse.Namespace, report: dict, plot, markdown_table) -> int:
+    """The end of every benchmark: the load average now, --json, --plot, and the table on stdout."""
+    import contextlib
+
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.json:
+        write_json(args.json, report)
+    if args.plot:
+        plot(report, args.plot)
+    with contextlib.suppress(BrokenPipeError):
+        print(markdown_table(report))
+    return 0
+
+
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """--json and --plot, shared by every benchmark."""
     from .config import add_option

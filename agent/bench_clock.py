@@ -16,7 +16,6 @@ same through a real server; this one isolates the engine from the bots' and WebR
 from __future__ import annotations
 
 import argparse
-import contextlib
 import random
 import sys
 import threading
@@ -29,13 +28,13 @@ from .bench import (
     FRAME_MODES,
     add_output_options,
     add_test_checkpoint_options,
+    finish_report,
     frame_modes,
     machine_description,
     positive_ints,
     resolve_test_checkpoint,
     save_figure,
     summarize_ms,
-    write_json,
 )
 from .config import add_option, device_name
 
@@ -177,13 +176,7 @@ def run(args: argparse.Namespace) -> int:
             "push_to_event_ms": "push that completed a frame -> the engine's event for it"},
         "results": results,
     })
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-    with contextlib.suppress(BrokenPipeError):
-        print(markdown_table(report))
-    return 0
+    return finish_report(args, report, plot, markdown_table)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -36,11 +36,11 @@ import numpy as np
 
 from .bench import (
     add_output_options,
+    finish_report,
     machine_description,
     positive_ints,
     save_figure,
     summarize_ms,
-    write_json,
 )
 from .config import add_option, device_name
 from .log import logger
@@ -532,11 +532,5 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, CheckpointError, subprocess.CalledProcessError) as e:
         print(f"captions bench engine: {e}", file=sys.stderr)
         return 1
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-    print(markdown_table(report))
-    return 0
+    return finish_report(args, report, plot, markdown_table)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import add_output_options, machine_description, positive_ints, save_figure, write_json
+from .bench import add_output_options, finish_report, machine_description, positive_ints, save_figure
 from .config import add_option, positive_int
 
 FANOUTS = ("sdk", "narrowed")
@@ -290,17 +290,11 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, RuntimeError) as e:
         print(f"captions bench ingest: {e}", file=sys.stderr)
         return 1
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["settings"] = {"tracks": args.tracks, "streams_per_track": args.streams_per_track,
                           "chunk_ms": args.chunk_ms, "fanout": args.fanout, "seconds": args.seconds,
                           "sample_rate": SAMPLE_RATE, "bots_per_process": args.bots_per_process}
     report["runs"] = runs
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-    print(markdown_table(report))
-    return 0
+    return finish_report(args, report, plot, markdown_table)
 
 
 if __name__ == "__main__":

@@ -55,13 +55,13 @@ import numpy as np
 from .bench import (
     add_output_options,
     add_test_checkpoint_options,
+    finish_report,
     frame_modes,
     machine_description,
     positive_ints,
     resolve_test_checkpoint,
     save_figure,
     summarize_ms,
-    write_json,
 )
 from .config import add_option, positive_int
 from .log import logger
@@ -860,7 +860,6 @@ def run(args: argparse.Namespace) -> int:
     except (BenchError, CheckpointError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"captions bench latency: {e}", file=sys.stderr)
         return 1
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report.update({
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_speaker": args.seconds,
                      "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
@@ -884,12 +883,7 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "targets": _targets(runs),
     })
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        plot(report, args.plot)
-    print(markdown_table(report))
-    return 0
+    return finish_report(args, report, plot, markdown_table)
 
 
 if __name__ == "__main__":
