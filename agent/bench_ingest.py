@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from .bench import add_output_options, finish_report, machine_description, positive_ints, save_figure
+from .bench_latency import BOT_NICENESS  # the bots stand for people on other machines
 from .config import add_option, positive_int
 
 FANOUTS = ("sdk", "narrowed")
 SAMPLE_RATE = 24000
 CAPTURE_MS = 10
 """The bots hand WebRTC 10 ms frames (its direct capture takes nothing else)."""
-BOT_NICENESS = 10
-"""The bots stand for people on other machines: they yield the CPU to the listener."""
 WARMUP_S = 2.0
 SUBSCRIBE_TIMEOUT_S = 30.0
 
@@ -54,21 +53,15 @@ def fanouts(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _server_namespace(config: dict):
-    from types import SimpleNamespace
-
-    return SimpleNamespace(url=config["url"], api_key=config["api_key"], api_secret=config["api_secret"])
-
-
 # ---- child processes -------------------------------------------------------------------------------
 
 async def _publish(config: dict) -> None:
     """Publishes tracks `indices` (tone 200 + 150 i Hz) in real time until `until` (time.time())."""
     from livekit import rtc
 
-    from .bots import Publisher
+    from .bots import Publisher, server_from_config
 
-    server = _server_namespace(config)
+    server = server_from_config(config)
     publishers = [await Publisher(server, config["room"], f"mic-{i:02d}", auto_subscribe=False,
                                   queue_size_ms=0).connect() for i in config["indices"]]
     samples = SAMPLE_RATE * CAPTURE_MS // 1000
@@ -95,13 +88,13 @@ async def _listen(config: dict) -> None:
     """Measures, writes the figures to config['out'] and ends the process."""
     from livekit import rtc
 
-    from .bots import make_token
+    from .bots import make_token, server_from_config
     from .lkffi import open_audio_stream
 
     room = rtc.Room()
     tracks: list[rtc.Track] = []
     room.on("track_subscribed", lambda track, *_: tracks.append(track))
-    await room.connect(config["url"], make_token(_server_namespace(config), config["room"], f"listener-{os.getpid()}"))
+    await room.connect(config["url"], make_token(server_from_config(config), config["room"], f"listener-{os.getpid()}"))
     deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
     while len(tracks) < config["tracks"]:
         if time.monotonic() > deadline:

@@ -40,6 +40,13 @@ def make_token(server, room: str, identity: str, *, name: str = "", hidden: bool
             .with_name(name or identity).with_grants(grants).to_jwt())
 
 
+def server_from_config(config: dict):
+    """The server address a benchmark hands its bot processes in their JSON config (url, key, secret)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(url=config["url"], api_key=config["api_key"], api_secret=config["api_secret"])
+
+
 def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
     """int16 samples (interleaved), sample rate, channels."""
     with wave.open(str(path), "rb") as w:
