@@ -47,7 +47,8 @@ ENV UV_PYTHON=/usr/bin/python3 \
 COPY --chown=captions:captions pyproject.toml uv.lock README.md ./
 RUN --mount=type=cache,target=/home/captions/.cache/uv,uid=10001,gid=10001 \
     uv sync --frozen --no-dev --no-install-project
-COPY --chown=captions:captions agent ./agent
+# The product only: .dockerignore leaves out captions/dev and captions/bench (tools it never imports).
+COPY --chown=captions:captions captions ./captions
 COPY --chown=captions:captions web ./web
 COPY --from=web --chown=captions:captions /app/web/node_modules ./web/node_modules
 RUN --mount=type=cache,target=/home/captions/.cache/uv,uid=10001,gid=10001 \

@@ -2,7 +2,7 @@
 
     uv run python deploy/config_table.py
 
-Every option made with `agent.config.add_option` carries its environment variable and default in its
+Every option made with `captions.config.add_option` carries its environment variable and default in its
 help text; this reads them back, so the table cannot drift from the code (tests/test_deploy.py checks
 that the README holds exactly this output).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.cli import COMMANDS
+from captions.cli import COMMANDS
 
 TABLE_COMMANDS = ("worker", "web", "token")
 """The commands a deployment runs (`captions up`, `server` and the test helpers are for laptops)."""
@@ -39,7 +39,7 @@ def clean_environment():
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
-    """The parser `captions <command>` uses, built the way agent/cli.py builds it."""
+    """The parser `captions <command>` uses, built the way captions/cli.py builds it."""
     module = importlib.import_module(COMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"captions {command}", description=COMMANDS[command][1])
     configure = getattr(module, f"configure_{command.replace('-', '_')}_parser", None) or module.configure_parser

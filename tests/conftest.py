@@ -3,18 +3,19 @@ project's tiny random checkpoint in the real on-disk format."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from captions.dev.livekit_server import LiveKitServer, start_dev_server
+from captions.dev.speech import espeak_wav  # noqa: F401 - used by the test modules
+
 # The launchers live in the package (the latency benchmark uses them too); re-exported for tests.
-from agent.devstack import CaptionsWorker, start_captions_worker
-from agent.lkserver import LiveKitServer, free_port_triple, start_dev_server  # noqa: F401
+from captions.dev.worker_process import CaptionsWorker, start_captions_worker
 
 
 def start_livekit_server(log_path: Path) -> LiveKitServer:
-    """A livekit-server --dev on free loopback ports (see agent.lkserver.start_dev_server)."""
+    """A livekit-server --dev on free loopback ports (see captions.dev.livekit_server.start_dev_server)."""
     return start_dev_server(log_path)
 
 
@@ -26,15 +27,6 @@ def livekit_server(tmp_path_factory) -> LiveKitServer:
     server.stop()
 
 
-def espeak_wav(text: str, path: Path, rate: int = 24000, channels: int = 1, voice: str = "en") -> Path:
-    """Real synthetic speech: espeak-ng writes a WAV, sox converts it to the wanted rate/channels."""
-    raw = path.with_suffix(".espeak.wav")
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(raw), text], check=True)
-    subprocess.run(["sox", str(raw), "-r", str(rate), "-c", str(channels), "-b", "16", str(path)], check=True)
-    raw.unlink()
-    return path
-
-
 @pytest.fixture(scope="session")
 def speech_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("speech")
@@ -43,7 +35,7 @@ def speech_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The project's tiny random checkpoint (seed 0), in the real Kyutai on-disk layout."""
-    from agent.tiny_checkpoint import make_test_checkpoint
+    from captions.dev.tiny_checkpoint import make_test_checkpoint
 
     out = tmp_path_factory.mktemp("ckpt") / "tiny-stt"
     make_test_checkpoint(out, seed=0)

@@ -1,4 +1,4 @@
-"""A stand-in for agent.engine.SttEngine with the same API, for unit tests (no torch, no model).
+"""A stand-in for captions.stt.engine.SttEngine with the same API, for unit tests (no torch, no model).
 
 Words come deterministically from the audio: every run of loud 80 ms frames becomes one word,
 "w<frames>" (its length in frames), completed at the first quiet frame after it, stamped with the
@@ -11,32 +11,12 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from agent.captions import Word
+from captions.stt.api import FRAME_S, FRAME_SIZE, SAMPLE_RATE, EngineFull, EventCallback, StreamEvent, Word
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920
-FRAME_S = FRAME_SIZE / SAMPLE_RATE
 LOUD_RMS = 0.05
-
-
-class EngineFull(Exception):
-    pass
-
-
-@dataclass
-class StreamEvent:
-    stream_id: int
-    frames: int
-    words: list[Word] = field(default_factory=list)
-    partial: str = ""
-    pause_prob: float | None = None
-    ended: bool = False
-    error: str | None = None
-    lead_samples: int = 0
 
 
 def tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
@@ -50,7 +30,7 @@ def silence(seconds: float) -> np.ndarray:
 
 
 class FakeStream:
-    def __init__(self, engine: FakeEngine, stream_id: int, on_event: Callable[[StreamEvent], None]):
+    def __init__(self, engine: FakeEngine, stream_id: int, on_event: EventCallback):
         self.id = stream_id
         self._engine = engine
         self._on_event = on_event
@@ -135,7 +115,7 @@ class FakeEngine:
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def open_stream(self, on_event: Callable[[StreamEvent], None]) -> FakeStream:
+    def open_stream(self, on_event: EventCallback) -> FakeStream:
         with self._lock:
             if len(self._streams) >= self.batch_size:
                 raise EngineFull(f"all {self.batch_size} slots are taken")

@@ -13,7 +13,7 @@ BATCH_SIZES = [1, 3]
 
 
 def captions(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "captions.cli", *args], check=False, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -34,7 +34,7 @@ def test_every_stream_receives_its_audio_in_real_time(ingest_report):
         # 2 tracks of 10 ms chunks: 100 events per second per stream, whatever the fan-out.
         assert 0.8 <= run["delivered"] <= 1.05, run
         assert run["events_per_s"] == pytest.approx(100 * run["streams"] * run["delivered"], rel=0.02)
-        assert 0 < run["cores"] and run["cores_per_stream"] == pytest.approx(run["cores"] / run["streams"], abs=1e-3)
+        assert run["cores"] > 0 and run["cores_per_stream"] == pytest.approx(run["cores"] / run["streams"], abs=1e-3)
 
 
 def test_table_and_plot_are_written(ingest_report):

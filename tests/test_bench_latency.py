@@ -75,15 +75,15 @@ def test_plot_and_table_are_written(latency_report):
 
 def test_a_run_whose_alignment_was_lost_gets_no_verdict_on_the_target():
     # Lost alignment means wrong capture times: a saturated machine must not read as a figure.
-    from agent.bench_latency import _targets
+    from captions.bench.latency.report import targets
 
     def run(p95: float, reliable: bool) -> dict:
         return {"speakers": 8, "frames": "shared", "latency_ms": {"total": {"p95": p95}},
                 "alignment": {"reliable": reliable}}
 
-    assert _targets([run(134.0, True)])["p95_at_8_speakers_at_most_150_ms"] is True
-    assert _targets([run(216.0, True)])["p95_at_8_speakers_at_most_150_ms"] is False
-    lost = _targets([run(-80.0, False)])
+    assert targets([run(134.0, True)])["p95_at_8_speakers_at_most_150_ms"] is True
+    assert targets([run(216.0, True)])["p95_at_8_speakers_at_most_150_ms"] is False
+    lost = targets([run(-80.0, False)])
     assert lost["p95_at_8_speakers_at_most_150_ms"] is None and lost["alignment_reliable"] is False
 
 

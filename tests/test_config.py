@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, check_livekit
+from captions.config import ConfigError, check_livekit
+from captions.dev.processes import free_port
 
 CAPTIONS = str(Path(sys.executable).parent / "captions")
 
@@ -27,9 +28,7 @@ def worker(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -
 
 def closed_port() -> int:
     """A loopback port nothing listens on (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def the_error(result: subprocess.CompletedProcess) -> str:
@@ -72,8 +71,8 @@ def test_unreachable_livekit_url_stops_before_loading_the_model(tmp_path):
 def test_a_url_that_is_not_a_livekit_url_is_rejected(url):
     result = worker(env={"LIVEKIT_URL": url})
     assert result.returncode == 2
-    assert the_error(result) == f"captions worker: LIVEKIT_URL {url!r} is not a LiveKit URL: " \
-                                "use ws://host:7880 or wss://host"
+    assert the_error(result) == (f"captions worker: LIVEKIT_URL {url!r} is not a LiveKit URL: "
+                                 "use ws://host:7880 or wss://host")
 
 
 @pytest.mark.livekit

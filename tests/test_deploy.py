@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -24,8 +23,9 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.config import ConfigError, check_livekit
-from agent.lkserver import LIVEKIT_SERVER_VERSION, find_livekit_server
+from captions.config import ConfigError, check_livekit
+from captions.dev.livekit_server import LIVEKIT_SERVER_VERSION, find_livekit_server
+from captions.dev.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -248,12 +248,6 @@ def test_livekit_config_is_accepted_by_the_strict_parser_and_opens_the_documente
     assert "could not parse config" not in output, output
     assert re.search(r"7880 - HTTP service", output) and re.search(r"7881 - ICE/TCP", output), output
     assert "7882" in output.split("UDP Ports", 1)[1], output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.livekit

@@ -16,11 +16,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.audio import read_audio_file
-from agent.engine import EngineFull, StreamEvent, SttEngine
-from agent.model import load_stt_model
-from agent.tiny_checkpoint import make_test_checkpoint
-from agent.transcribe import transcribe_audio
+from captions.dev.tiny_checkpoint import make_test_checkpoint
+from captions.stt.audio import read_audio_file
+from captions.stt.engine import EngineFull, StreamEvent, SttEngine
+from captions.stt.model import load_stt_model
+from captions.stt.transcribe import transcribe_audio
 from tests.conftest import espeak_wav
 
 FRAME = 1920
@@ -367,7 +367,7 @@ def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_check
     (one step per 80 ms, instead of one per speaker), and each still gets exactly the words of its
     own audio, timed in its own audio. Unaligned (the behaviour before), steps carry fewer."""
     clock = [1000.0]
-    monkeypatch.setattr("agent.engine._now", lambda: clock[0])
+    monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
     engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4, align_frames=align)
     engine.start()
     try:

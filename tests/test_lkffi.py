@@ -1,4 +1,4 @@
-"""agent/lkffi.py against the real livekit SDK and a real livekit-server: each speaker's audio stream
+"""captions/live/sdk_fixes.py against the real livekit SDK and a real livekit-server: each speaker's audio stream
 is woken by its own track only, and still gets all of its own audio."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from livekit import rtc
 
-from agent.bots import Publisher, make_token
-from agent.lkffi import open_audio_stream
+from captions.dev.bots import Publisher, make_token
+from captions.live.sdk_fixes import open_audio_stream
 
 pytestmark = pytest.mark.livekit
 
@@ -106,7 +106,7 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
             f"{name}'s stream was handed other streams' audio: {dict(counter.handles)}")
         assert counter.handles[handles[name]] >= 100, f"{name}'s stream got {dict(counter.handles)}"
     # Without the fix every stream sees every stream's events. When this fails, the SDK filters by
-    # stream itself (livekit >= 1.2 does): agent/lkffi.open_audio_stream can go.
+    # stream itself (livekit >= 1.2 does): captions/live/sdk_fixes.open_audio_stream can go.
     assert set(plain_counter.handles) > {plain._ffi_handle.handle}, (
         f"the SDK no longer fans audio out to every stream: {dict(plain_counter.handles)}")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,20 +18,15 @@ import pytest
 from livekit import api
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.bots import Publisher, Subscriber
-from agent.metrics import CaptionMetrics
+from captions.dev.bots import Publisher, Subscriber
+from captions.dev.processes import free_port
+from captions.live.metrics import CaptionMetrics
 from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300)]
 
 AGENT_NAME = "metrics-test"
 """Explicit dispatch, so that this test's worker (B=1) gets this test's room, not another worker."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str) -> tuple[int, str]:
@@ -105,7 +99,7 @@ async def test_metrics_after_two_speakers_share_one_slot(livekit_server, tiny_ch
         await alice.disconnect()
         await bob.disconnect()
         # Whoever got the one slot first is captioned; the other one left while still waiting.
-        await sub.wait_until(lambda: sub.finals(), 30, "a final caption")
+        await sub.wait_until(sub.finals, 30, "a final caption")
         await sub.disconnect()
         after = scrape(port)
     finally:

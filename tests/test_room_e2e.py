@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agent.bench_latency import engine_activity, engine_counters
-from agent.bots import Caption, Publisher, Subscriber
-from agent.captions import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
-from agent.transcript import read_transcript, transcript_path
+from captions.dev.bots import Caption, Publisher, Subscriber
+from captions.dev.processes import free_port, free_port_triple
+from captions.dev.worker_process import engine_activity, engine_counters
+from captions.live.transcripts import read_transcript, transcript_path
+from captions.protocol import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
 from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
@@ -346,21 +347,14 @@ async def test_a_room_opened_while_every_slot_is_taken_still_gets_the_agent(tiny
 
 def captions_worker_streams(worker, room: str) -> list[Path]:
     """Engine streams opened in `room` so far (one recording each)."""
-    return [p for p in worker.record_dir.glob(f"{room}-*.wav")]
+    return list(worker.record_dir.glob(f"{room}-*.wav"))
 
 
 
 async def _start_captions_up(checkpoint: Path, tmp_path: Path):
     """`captions up` as a user starts it; returns (process, output file, LiveKit port, web port,
     the printed viewer link) once the link is printed."""
-    import socket
-
-    from tests.conftest import free_port_triple
-
-    livekit_port = free_port_triple()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        web_port = s.getsockname()[1]
+    livekit_port, web_port = free_port_triple(), free_port()
     out_path = tmp_path / "up.out"
     command = [str(Path(sys.executable).parent / "captions"), "up", "--model", str(checkpoint),
                "--device", "cpu", "--batch-size", "2", "--data-dir", str(tmp_path / "data"),
@@ -437,9 +431,9 @@ async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech
     here, with tests/fake_engine.py as the engine (the worker subprocess cannot be told to drop)."""
     from livekit import rtc
 
-    from agent.bots import make_token
-    from agent.room import RoomCaptioner, RoomOptions
-    from agent.slots import SlotQueue
+    from captions.dev.bots import make_token
+    from captions.live.room import RoomCaptioner, RoomOptions
+    from captions.live.slots import SlotQueue
     from tests.fake_engine import FakeEngine
 
     room_name = f"e2e-reconnect-{scenario.lower()}"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.captions import Word
-from agent.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
+from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
+from captions.protocol import Word
 from tests.fake_engine import StreamEvent
 
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent.slots import SlotQueue, Waiter
+from captions.live.slots import SlotQueue, Waiter
 from tests.fake_engine import FakeEngine
 
 
@@ -108,7 +108,7 @@ def test_waiters_from_many_threads_are_all_served_exactly_once(engine, queue):
     served = dict(immediate)
     deadline = time.monotonic() + 20
     while len(served) < len(recorders) and time.monotonic() < deadline:
-        for label, stream in list(served.items()):
+        for _label, stream in list(served.items()):
             if stream is not None and not stream.ended:
                 stream.close()  # a speaker finishes, which frees a slot for the next one
         for r in recorders:

@@ -6,11 +6,11 @@ import subprocess
 import sys
 import uuid
 
-from agent.lkserver import start_dev_server
+from captions.dev.livekit_server import start_dev_server
 
 
 def speak(server, room: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "agent.cli", "speak", "--room", room, "--url", server.url,
+    command = [sys.executable, "-m", "captions.cli", "speak", "--room", room, "--url", server.url,
                "--api-key", server.api_key, "--api-secret", server.api_secret, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
 

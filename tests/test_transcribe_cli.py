@@ -13,7 +13,7 @@ from tests.conftest import espeak_wav
 
 
 def captions(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], check=False, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "captions.cli", *args], check=False, capture_output=True, text=True,
                           timeout=300)
 
 

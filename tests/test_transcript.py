@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from agent.captions import FinalSegment
-from agent.transcript import TranscriptStore, backlog_payload, read_transcript, transcript_path
+from captions.live.transcripts import TranscriptStore, backlog_payload, read_transcript, transcript_path
+from captions.protocol import FinalSegment
 
 
 def segment(n: int, end: float | None = None) -> FinalSegment:

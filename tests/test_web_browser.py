@@ -2,7 +2,7 @@
 livekit-server and the real `captions web` server.
 
 The captions come from `CaptionAgentBot`, a LiveKit participant of kind AGENT that publishes exactly
-what the caption agent publishes (agent/captions.py): per segment, interim ``lk.transcription`` text
+what the caption agent publishes (captions/protocol.py): per segment, interim ``lk.transcription`` text
 streams carrying the full text so far with ``sender_identity`` = the speaker, then the final one with
 ``captions.words``; the ``captions.status``/``captions.queued`` attributes; and the
 ``captions.backlog`` RPC answered with a ``captions.backlog`` text stream of FinalSegment lines. That
@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agent.captions import (
+from captions.dev.livekit_server import start_dev_server
+from captions.dev.processes import free_port
+from captions.protocol import (
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
     ATTR_SEGMENT_ID,
@@ -37,8 +39,8 @@ from agent.captions import (
     TOPIC_TRANSCRIPTION,
     FinalSegment,
 )
-from agent.lkserver import start_dev_server
-from agent.web import WEB_DIR, sign_access, viewer_link
+from captions.viewer.links import sign_access, viewer_link
+from captions.viewer.server import WEB_DIR
 
 pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
@@ -69,19 +71,11 @@ class WebServer:
         return url + "".join(f"&{k}={v}" for k, v in extra.items())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_web_server(livekit_server, log_path: Path, secret: str = "viewer-test-secret") -> WebServer:
     """`captions web` as a subprocess, in signed-link mode (not --open), up when /healthz answers."""
     assert (WEB_DIR / "node_modules").is_dir(), "run `npm ci` in web/ first"
-    port = _free_port()
-    command = [sys.executable, "-m", "agent.cli", "web", "--port", str(port), "--url", livekit_server.url,
+    port = free_port()
+    command = [sys.executable, "-m", "captions.cli", "web", "--port", str(port), "--url", livekit_server.url,
                "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
                "--viewer-secret", secret, "--token-ttl", "600"]
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
@@ -490,7 +484,7 @@ async def test_bad_livekit_token_is_refused_with_a_message(agentless_web, open_v
 async def test_unreachable_livekit_shows_disconnected_and_retries(agentless_livekit, tmp_path, open_viewer):
     from types import SimpleNamespace
 
-    dead = SimpleNamespace(url=f"ws://127.0.0.1:{_free_port()}", api_key=agentless_livekit.api_key,
+    dead = SimpleNamespace(url=f"ws://127.0.0.1:{free_port()}", api_key=agentless_livekit.api_key,
                            api_secret=agentless_livekit.api_secret)
     server = start_web_server(dead, tmp_path / "web.log")
     try:
@@ -589,7 +583,7 @@ async def test_phone_sized_screen_keeps_controls_and_captions_usable(agentless_l
 
 
 async def _named_publisher(server, room: str, identity: str, name: str):
-    from agent.bots import Publisher, make_token
+    from captions.dev.bots import Publisher, make_token
 
     publisher = Publisher(server, room, identity)
     await publisher.room.connect(server.url, make_token(server, room, identity, name=name))

@@ -15,18 +15,9 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from agent.cli import main as cli_main
-from agent.web import (
-    WEB_DIR,
-    AccessDenied,
-    WebSettings,
-    check_access,
-    check_web_dir,
-    create_app,
-    mint_viewer_token,
-    sign_access,
-    viewer_link,
-)
+from captions.cli import main as cli_main
+from captions.viewer.links import AccessDenied, check_access, sign_access, viewer_link
+from captions.viewer.server import WEB_DIR, WebSettings, check_web_dir, create_app, mint_viewer_token
 
 API_SECRET = "api-secret-that-never-leaves-the-server"
 VIEWER_SECRET = "viewer-link-secret"
@@ -193,7 +184,7 @@ async def test_nothing_but_the_viewer_files_is_served(client, path):
 def test_missing_node_modules_is_a_clear_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(RuntimeError, match=r"run `npm ci` in web/"):
         check_web_dir(tmp_path)
-    monkeypatch.setattr("agent.web.WEB_DIR", tmp_path)
+    monkeypatch.setattr("captions.viewer.server.WEB_DIR", tmp_path)
     assert cli_main(["web", "--port", "1"]) == 1
     assert "npm ci" in capsys.readouterr().err
 
@@ -201,7 +192,7 @@ def test_missing_node_modules_is_a_clear_error(tmp_path, capsys, monkeypatch):
 def test_open_mode_comes_from_the_environment(monkeypatch):
     import argparse
 
-    from agent.web import configure_web_parser
+    from captions.viewer.server import configure_web_parser
 
     monkeypatch.setenv("CAPTIONS_WEB_OPEN", "1")
     parser = argparse.ArgumentParser()

@@ -1,0 +1,33 @@
+"""`captions bench <kind>`: the benchmarks whose figures the README publishes.
+
+Each kind lives in its own module, listed in BENCHMARKS, exposing `configure_parser(parser)` and
+`run(args) -> int` like a top-level command (`captions bench engine ...`, `captions bench latency
+...`); what they share is in common.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "engine": ("captions.bench.engine",
+               "batched engine throughput against one model state per stream (batch size 1)"),
+    "latency": ("captions.bench.latency",
+                "caption latency per word through a real livekit-server and the real worker, with its split"),
+    "clock": ("captions.bench.clock",
+              "engine steps and latency for live speakers with frames on one clock or each at its own phase"),
+    "ingest": ("captions.bench.ingest",
+               "CPU cost of receiving every speaker's audio in the worker's process, per chunk size and fan-out"),
+}
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    kinds = parser.add_subparsers(dest="benchmark", required=True, metavar="{" + ",".join(BENCHMARKS) + "}")
+    for name, (module, text) in BENCHMARKS.items():
+        sub = kinds.add_parser(name, help=text, description=text)
+        importlib.import_module(module).configure_parser(sub)
+
+
+def run(args: argparse.Namespace) -> int:
+    return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)

@@ -1,0 +1,221 @@
+"""`captions bench clock`: what putting every live speaker's frames on one clock saves, in process.
+
+The engine alone (no WebRTC, no worker): N live streams start at different 10 ms ticks (seeded)
+and each gets 10 ms of speech per tick from one driver thread, as WebRTC hands the worker every
+remote track's audio on one shared tick. Two ways of feeding the engine, measured in one run:
+
+    shared      10 ms chunks; the engine aligns every stream's frames on one clock (the default)
+    unaligned   80 ms frames, each completing at its stream's own phase (the worker before)
+
+Reported per mode: engine steps per second (12.5 when every step carries every stream), streams per
+step, and push-to-event latency: from the push that completed a frame to the engine's event for
+that frame (queueing before the step + the step + delivery). `captions bench latency` measures the
+same through a real server; this one isolates the engine from the bots' and WebRTC's noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from captions.bench.common import (
+    FRAME_MODES,
+    add_output_options,
+    add_test_checkpoint_options,
+    finish_report,
+    frame_modes,
+    machine_description,
+    positive_ints,
+    resolve_test_checkpoint,
+    save_figure,
+    speech_streams,
+    summarize_ms,
+)
+from captions.config import add_option, device_name
+from captions.stt.api import FRAME_SIZE
+
+TICK_S = 0.01
+TICK_SAMPLES = 240
+
+
+def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int) -> dict:
+    """Drives one engine with live streams pushing `chunk` samples whenever that much is due."""
+    lock = threading.Lock()
+    completed: dict[tuple[int, int], float] = {}
+    latencies: list[float] = []
+
+    def on_event(index: int):
+        def handle(event) -> None:
+            if event.ended or event.frames <= 0:
+                return
+            with lock:
+                pushed_at = completed.pop((index, event.frames - 1), None)
+            if pushed_at is not None:
+                latencies.append(time.monotonic() - pushed_at)
+        return handle
+
+    streams: list = [None] * len(clips)
+    offsets = [0] * len(clips)
+    per_push = chunk // TICK_SAMPLES
+    ticks = max(start + clip.size // TICK_SAMPLES for start, clip in zip(start_ticks, clips))
+    steps, active = [], []
+    engine.step_listeners.append(lambda timings: (steps.append(time.monotonic()), active.append(timings.active)))
+    origin = time.monotonic()
+    try:
+        for tick in range(ticks):
+            delay = origin + tick * TICK_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            for i, clip in enumerate(clips):
+                if tick < start_ticks[i]:
+                    continue
+                if streams[i] is None:
+                    streams[i] = engine.open_stream(on_event(i))
+                # An 80 ms reader hands over its frame on the tick that completes it.
+                if (tick - start_ticks[i] + 1) % per_push or offsets[i] + chunk > clip.size:
+                    continue
+                streams[i].push(clip[offsets[i]:offsets[i] + chunk])
+                now = time.monotonic()
+                lead = streams[i].lead_samples
+                with lock:
+                    for frame in range((offsets[i] + lead) // FRAME_SIZE, (offsets[i] + chunk + lead) // FRAME_SIZE):
+                        completed[(i, frame)] = now
+                offsets[i] += chunk
+        # Steady state: from when the last stream started until the first one ran out of speech.
+        steady_from = origin + (max(start_ticks) + 8) * TICK_S
+        steady_to = origin + (min(s + c.size // TICK_SAMPLES for s, c in zip(start_ticks, clips)) - 8) * TICK_S
+        time.sleep(0.5)
+    finally:
+        for stream in streams:
+            if stream is not None:
+                stream.abort()
+        engine.step_listeners.clear()
+    inside = [a for t, a in zip(steps, active) if steady_from <= t <= steady_to]
+    seconds = steady_to - steady_from
+    return {"steps_per_s": round(len(inside) / seconds, 2) if seconds > 0 else None,
+            "streams_per_step": round(float(np.mean(inside)), 2) if inside else None,
+            "push_to_event_ms": summarize_ms(latencies),
+            "frames_captioned": len(latencies),
+            "leads": [stream.lead_samples for stream in streams]}
+
+
+def run_all(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
+    from captions.stt.engine import SttEngine
+
+    results = []
+    for n in args.speakers:
+        clips = speech_streams(n, args.seconds)
+        rng = random.Random(n)
+        start_ticks = sorted(rng.randrange(0, 24) for _ in range(n))  # a quarter second of arrivals
+        for mode in args.frames:
+            engine = SttEngine.load(str(checkpoint), device=args.device, batch_size=n,
+                                    align_frames=mode == "shared")
+            engine.start()
+            try:
+                result = measure(engine, clips, start_ticks, TICK_SAMPLES if mode == "shared" else FRAME_SIZE)
+            finally:
+                engine.close()
+            result.update(speakers=n, frames=mode)
+            latency = result["push_to_event_ms"]
+            print(f"{n} speakers, {mode} frames: {result['steps_per_s']} steps/s, "
+                  f"{result['streams_per_step']} streams per step, push-to-event p50 {latency['p50']} / "
+                  f"p95 {latency['p95']} ms", file=sys.stderr)
+            results.append(result)
+    return results
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| speakers | frames | steps/s | streams per step | push-to-event p50 / p95 / p99 (ms) |",
+             "|---:|---|---:|---:|---|"]
+    for r in report["results"]:
+        lat = r["push_to_event_ms"]
+        lines.append(f"| {r['speakers']} | {r['frames']} | {r['steps_per_s']:.1f} | {r['streams_per_step']:.1f} | "
+                     f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} |")
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"),
+               default=[8, 32, 64], help="live streams at once (engine batch size = streams)")
+    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=list(FRAME_MODES),
+               help="shared (one clock, the default of the worker) and/or unaligned (each stream its phase)")
+    add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=8.0,
+               help="seconds of speech per stream")
+    add_test_checkpoint_options(parser, "checkpoint directory or Hugging Face repo")
+    add_option(parser, "--device", env="CAPTIONS_DEVICE", default="cpu", type=device_name,
+               help="cpu, cuda or auto")
+    add_output_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from captions.stt.model import CheckpointError
+
+    if args.seconds < 1:
+        print("captions bench clock: --seconds must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        checkpoint = resolve_test_checkpoint(args)
+        report = {"benchmark": "clock", "machine": machine_description(args.device)}
+        results = run_all(args, checkpoint)
+    except (CheckpointError, RuntimeError) as e:
+        print(f"captions bench clock: {e}", file=sys.stderr)
+        return 1
+    report.update({
+        "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_stream": args.seconds,
+                     "checkpoint": str(checkpoint), "tick_ms": TICK_S * 1000,
+                     "starts": "each stream at a random 10 ms tick of the first 240 ms (seeded)"},
+        "definitions": {
+            "steps_per_s": "engine steps per second while every stream is speaking (12.5 = one per 80 ms)",
+            "streams_per_step": "mean streams advanced by one step, same window",
+            "push_to_event_ms": "push that completed a frame -> the engine's event for it"},
+        "results": results,
+    })
+    return finish_report(args, report, plot, markdown_table)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Steps per second and push-to-event p50/p95 per speaker count, one bar per frame mode."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+    results = report["results"]
+    speakers = sorted({r["speakers"] for r in results})
+    modes = [m for m in FRAME_MODES if any(r["frames"] == m for r in results)]
+    fig, (steps, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(modes)
+    colours = {"shared": "tab:blue", "unaligned": "tab:orange"}
+    steps.axhline(12.5, color="grey", linestyle=":", label="one step per 80 ms")
+    for k, mode in enumerate(modes):
+        rows = {r["speakers"]: r for r in results if r["frames"] == mode}
+        x = np.arange(len(speakers)) + k * width
+        colour = colours[mode]
+        steps.bar(x, [rows[n]["steps_per_s"] or 0 for n in speakers], width, label=f"{mode} frames", color=colour)
+        latency.bar(x, [rows[n]["push_to_event_ms"]["p95"] or 0 for n in speakers], width,
+                    label=f"{mode} frames, p95", color=colour, alpha=0.4)
+        latency.bar(x, [rows[n]["push_to_event_ms"]["p50"] or 0 for n in speakers], width * 0.5,
+                    label=f"{mode} frames, p50", color=colour)
+    for axis in (steps, latency):
+        axis.set_xticks(np.arange(len(speakers)) + width * (len(modes) - 1) / 2, [str(n) for n in speakers])
+        axis.set_xlabel("live speakers (engine batch size)")
+        axis.grid(True, axis="y", alpha=0.3)
+        axis.legend(fontsize=8)
+    steps.set_ylabel("engine steps per second")
+    steps.set_title("Steps (each costs the full batch)")
+    latency.set_ylabel("push that completed a frame -> its event (ms)")
+    latency.set_title("Engine latency per frame")
+    machine = report["machine"]
+    fig.suptitle(f"captions bench clock - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+                 f"{machine['device']}, {machine['date'][:10]}", fontsize=10)
+    save_figure(fig, path)

@@ -1,0 +1,206 @@
+"""`captions bench latency`: how long a spoken word takes to reach a viewer, through a real server.
+
+For each speaker count N: a livekit-server --dev on free loopback ports, the real worker as a
+subprocess (`captions worker dev --batch-size N --timing-attributes`), N publisher bots speaking
+espeak-ng speech in real time into one room, and one hidden subscriber collecting the
+`lk.transcription` streams. Every clock is this machine's time.time().
+
+Latency of a caption update that adds a word = its arrival at the subscriber minus the capture
+time of the last audio frame the model had consumed when it emitted the update. The worker's
+`captions.timing` attribute (captions/live/timing.py) splits it:
+
+    transport   frame received by the agent (rtc.AudioStream)  - frame captured at the publisher
+    queue       engine step started                             - frame received
+    step        engine step ended (tokens decoded)              - step started
+    agent       caption handed to LiveKit (stream_text)         - step ended
+                (= event hop to the room's loop + waiting in the room's publish queue)
+    delivery    caption read whole by the subscriber            - handed to LiveKit
+
+Aligning the publisher's audio with the agent's stream: the bots send digital silence until the
+agent has subscribed to every microphone, then a fixed lead-in, then speech. The speech starts at
+clip sample s0 (first |sample| > ONSET_THRESHOLD) captured at known wall time; the agent reports
+the index of its stream's first such sample (`onset_sample`), so stream sample p was captured at
+T(s0) + (p - onset) / 24000. The sender or the receiver's jitter buffer may insert or drop samples
+later on, so the worker's recording of each stream is cross-correlated with the clip every 0.5 s
+and the shift measured there replaces the onset's (its error and drift are reported).
+
+The bots (a child process) are microphones: the 20 ms holding timeline samples [480 j, 480 j + 480)
+are complete (captured) at origin + (j + 1) * 20 ms and are handed to WebRTC then, with no queue in
+between; the bots' lateness against that schedule is reported (it counts as transport, as a slow
+sender would).
+
+The model's own text delay (0.5 s for stt-1b-en_fr, learnt: the model waits that long before
+writing a word) is not in these figures: it is reported beside them. The tiny test checkpoint
+answers at once (see tiny_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from captions.bench.common import (
+    BenchError,
+    add_output_options,
+    add_test_checkpoint_options,
+    finish_report,
+    frame_modes,
+    machine_description,
+    positive_ints,
+    resolve_test_checkpoint,
+)
+from captions.bench.latency.alignment import alignment_summary, speaker_alignments
+from captions.bench.latency.report import (
+    latency_records,
+    markdown_table,
+    model_text_delay_s,
+    plot,
+    summarize_run,
+    targets,
+)
+from captions.bench.latency.session import run_session
+from captions.bench.latency.speakers import TICK_S, BotFailed, speech_clips
+from captions.config import add_option, positive_int
+from captions.log import logger
+from captions.stt.api import SAMPLE_RATE
+
+RUN_ATTEMPTS = 2
+
+
+async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> list[dict]:
+    from captions.dev.livekit_server import start_dev_server
+
+    clips = speech_clips(max(args.speakers), args.seconds)
+    server = await asyncio.to_thread(start_dev_server, workdir / "livekit-server.log")
+    runs = []
+    try:
+        for n in args.speakers:
+            for frames in args.frames:
+                runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames))
+    finally:
+        await asyncio.to_thread(server.stop)
+    return runs
+
+
+async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: Path, clips: list[np.ndarray],
+                   frames: str) -> dict:
+    """One speaker count with one frame mode: a fresh worker, the bots, the analysis."""
+    from captions.dev.worker_process import start_captions_worker
+
+    n = len(clips)
+    worker_args = ("--timing-attributes", *(("--unaligned-frames",) if frames == "unaligned" else ()))
+    logger.info("latency with %d speakers (%s frames): starting a worker with %d slots", n, frames, n)
+    for attempt in range(1, RUN_ATTEMPTS + 1):
+        workdir_n = workdir / f"worker-{n}-{frames}-{attempt}"
+        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, workdir_n, n, worker_args)
+        try:
+            session = await run_session(server, worker, clips, args.lead_in, args.tail, args.timeout, workdir_n,
+                                        args.bots_per_process)
+            break
+        except BotFailed as e:
+            # A bot's WebRTC library crashed (seen once, under heavy load): say so, run again.
+            if attempt == RUN_ATTEMPTS:
+                raise
+            logger.warning("%d speakers, attempt %d: %s; running again", n, attempt, e)
+        finally:
+            await asyncio.to_thread(worker.stop)
+    alignments = speaker_alignments(session, worker.record_dir)
+    records, skipped = latency_records(session, alignments)
+    if not records:
+        raise BenchError(f"no caption with timings arrived with {n} speakers; see {worker.log_path}")
+    onsets = [r["onset_sample"] for r in records]
+    if min(onsets) < args.lead_in * SAMPLE_RATE / 2:
+        raise BenchError("a speaker's engine stream began after its speech had started "
+                         f"(onset at sample {min(onsets)}): raise --lead-in")
+    run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
+    run["frames"] = frames
+    run["attempt"] = attempt
+    logger.info("%d speakers, %s frames: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, "
+                "%.1f steps/s, load %s > %s", n, frames, run["word_updates"], run["latency_ms"]["total"]["p50"],
+                run["latency_ms"]["total"]["p95"], run["latency_ms"]["total"]["p99"],
+                run["engine"]["steps_per_s"] or 0.0, run["load_average_before"], run["load_average_after"])
+    return run
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 1.0 <= value <= 600:
+        raise argparse.ArgumentTypeError(f"seconds of speech must be between 1 and 600, got {text}")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"), default=[1, 8, 32],
+               help="speaker counts; each runs that many bots at once, with as many engine slots")
+    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=["shared"],
+               help="frame clocks to measure, comma-separated: shared (the worker's default: every "
+                    "speaker's frames on one clock) and/or unaligned (each speaker its own phase, as before)")
+    add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,
+               default=2, help="speaker bots sharing one process (and one WebRTC stack)")
+    add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=20.0,
+               help="seconds of speech per speaker")
+    add_test_checkpoint_options(parser, "local checkpoint directory for the worker")
+    add_option(parser, "--lead-in", env="CAPTIONS_BENCH_LEAD_IN", type=float, default=1.0,
+               help="seconds of silence between the agent's subscription and the speech")
+    add_option(parser, "--tail", env="CAPTIONS_BENCH_TAIL", type=float, default=1.5,
+               help="seconds of silence after the speech, before the bots leave")
+    add_option(parser, "--timeout", env="CAPTIONS_BENCH_TIMEOUT", type=float, default=300.0,
+               help="give up on one speaker count after this many seconds")
+    add_option(parser, "--workdir", env="CAPTIONS_BENCH_WORKDIR", type=Path, default=None,
+               help="keep the server and worker logs and recordings here (default: a temporary directory)")
+    add_output_options(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from captions.dev.livekit_server import find_livekit_server
+    from captions.stt.model import CheckpointError
+
+    try:
+        if find_livekit_server() is None:
+            raise BenchError("livekit-server is missing: run `captions server --install-only`")
+        checkpoint = resolve_test_checkpoint(args)
+        with contextlib.ExitStack() as stack:
+            workdir = args.workdir
+            if workdir is None:
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-latency-")))
+            workdir.mkdir(parents=True, exist_ok=True)
+            report = {"benchmark": "latency", "machine": machine_description("cpu")}
+            runs = asyncio.run(_measure_all(args, checkpoint, workdir))
+    except (BenchError, CheckpointError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(f"captions bench latency: {e}", file=sys.stderr)
+        return 1
+    report.update({
+        "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_speaker": args.seconds,
+                     "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
+                     "checkpoint": str(checkpoint),
+                     "worker": "captions worker dev --device cpu --batch-size <speakers> "
+                               "--timing-attributes [--unaligned-frames]"},
+        "model_text_delay_s": model_text_delay_s(checkpoint),
+        "model_text_delay_note": (
+            "the model's learnt wait before writing a word; not included in the figures (each is measured "
+            "from the last frame the model consumed). The tiny test checkpoint does not actually wait; "
+            "stt-1b-en_fr adds 0.5 s per word."),
+        "definitions": {
+            "total": "caption read whole at the subscriber - capture of the end of the last audio frame the "
+                     "engine consumed before emitting it (word-adding updates only)",
+            "transport": "frame received from rtc.AudioStream by the agent - its capture at the publisher",
+            "queue": "engine step start - frame received", "step": "engine step end - start",
+            "agent": "caption handed to LiveKit - step end (agent_hop: to the room's loop; "
+                     "agent_publish_queue: the rest)",
+            "delivery": "caption read whole by the subscriber - handed to LiveKit",
+        },
+        "runs": runs,
+        "targets": targets(runs),
+    })
+    return finish_report(args, report, plot, markdown_table)
+
+

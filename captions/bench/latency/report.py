@@ -1,0 +1,213 @@
+"""The figures of `captions bench latency`: per word update, its latency and its split; per run,
+the summary, the target's verdict, the README table and the plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from captions.bench.common import save_figure, summarize_ms
+from captions.bench.latency.speakers import TICK_SAMPLES
+from captions.stt.api import FRAME_SIZE, SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from captions.bench.latency.alignment import Alignment
+    from captions.bench.latency.session import Session
+
+COMPONENTS = ("transport", "queue", "step", "agent", "delivery")
+AGENT_PARTS = ("agent_hop", "agent_publish_queue")
+TARGET_SPEAKERS = 8
+TARGET_P95_MS = 150.0
+
+
+# ---- analysis -------------------------------------------------------------------------------------
+
+def word_updates(captions: list) -> list:
+    """The caption updates that add a word: more words than the segment's previous update
+    (the first update of a segment counts when it has text)."""
+    counts: dict[str, int] = {}
+    added = []
+    for caption in sorted(captions, key=lambda c: c.order):
+        words = len(caption.text.split())
+        if words > counts.get(caption.segment_id, 0):
+            added.append(caption)
+        counts[caption.segment_id] = max(words, counts.get(caption.segment_id, 0))
+    return added
+
+
+def latency_records(session: Session, alignments: dict[str, Alignment]) -> tuple[list[dict], dict]:
+    """One record of seconds per word-adding update, and counts of what could not be used."""
+    from captions.live.timing import ATTR_TIMING
+
+    records, skipped = [], {"no_timing": 0, "unknown_speaker": 0, "no_receive_time": 0, "no_onset": 0}
+    for caption in word_updates(session.captions):
+        if caption.sender not in session.voices:
+            skipped["unknown_speaker"] += 1
+            continue
+        raw = caption.attributes.get(ATTR_TIMING)
+        if raw is None:
+            skipped["no_timing"] += 1
+            continue
+        timing = json.loads(raw)
+        if timing.get("frame_received") is None:
+            skipped["no_receive_time"] += 1
+            continue
+        if timing.get("onset_sample") is None:
+            skipped["no_onset"] += 1
+            continue
+        _, clip_onset = session.voices[caption.sender]
+        alignment = alignments.get(caption.sender) or Alignment.from_onset(timing["onset_sample"], clip_onset)
+        # The end of frame k, on the publisher's microphone timeline.
+        stream_end = (timing["frame"] + 1) * FRAME_SIZE - timing.get("lead_samples", 0)
+        captured = captured_at(session, caption.sender, alignment.clip_index(stream_end))
+        records.append({
+            "speaker": caption.sender,
+            "final": caption.final,
+            "total": caption.received_at - captured,
+            "transport": timing["frame_received"] - captured,
+            "queue": timing["step_started"] - timing["frame_received"],
+            "step": timing["step_ended"] - timing["step_started"],
+            "agent": timing["published"] - timing["step_ended"],
+            "agent_hop": timing["event_handled"] - timing["step_ended"],
+            "agent_publish_queue": timing["published"] - timing["event_handled"],
+            "delivery": caption.received_at - timing["published"],
+            "onset_sample": timing["onset_sample"],
+        })
+    return records, skipped
+
+
+def captured_at(session: Session, identity: str, clip_end: int) -> float:
+    """When the clip's samples before `clip_end` had all been captured: the moment the bot handed
+    the 20 ms holding the last of them to WebRTC. That is its schedule (a microphone delivers 20 ms
+    once recorded), or later when the bot was late: the bot's own lateness is not the pipeline's,
+    and is reported apart."""
+    tick = (clip_end - 1) // TICK_SAMPLES
+    handed = session.handed_at[identity]
+    if 0 <= tick < len(handed):
+        return handed[tick]
+    return session.speech_started_at[identity] + clip_end / SAMPLE_RATE
+
+
+def summarize_run(session: Session, records: list[dict], skipped: dict, alignment: dict) -> dict:
+    keys = ("total", *COMPONENTS, *AGENT_PARTS)
+    latency = {key: summarize_ms([r[key] for r in records]) for key in keys}
+    component_sum = sum(latency[key]["mean"] or 0.0 for key in COMPONENTS)
+    return {
+        "speakers": session.speakers,
+        "captions_received": len(session.captions),
+        "finals_received": sum(c.final for c in session.captions),
+        "word_updates": len(records),
+        "skipped_updates": skipped,
+        "speakers_captioned": len({r["speaker"] for r in records}),
+        "latency_ms": latency,
+        "components_mean_sum_ms": round(component_sum, 3),
+        "publisher_lateness_ms": summarize_ms(session.lateness),
+        "alignment": alignment,
+        "cpu_cores_used": session.cpu_cores,
+        "engine": session.engine,
+        "load_average_before": session.load_before,
+        "load_average_after": session.load_after,
+        "samples_ms": {key: [round(r[key] * 1000, 2) for r in records] for key in ("total", *COMPONENTS)},
+    }
+
+
+
+def model_text_delay_s(checkpoint: Path) -> float | None:
+    """The checkpoint's configured text delay (stt_config.audio_delay_seconds)."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    delay = (config.get("stt_config") or {}).get("audio_delay_seconds")
+    return float(delay) if delay is not None else None
+
+
+def targets(runs: list[dict]) -> dict:
+    by_n = {run["speakers"]: run for run in runs if run.get("frames", "shared") == "shared"}
+    run = by_n.get(TARGET_SPEAKERS)
+    p95 = run["latency_ms"]["total"]["p95"] if run is not None else None
+    # Without a reliable alignment the capture times are wrong: no verdict either way.
+    valid = run is not None and run["alignment"]["reliable"]
+    return {"p95_ms_at_8_speakers": p95, "alignment_reliable": run["alignment"]["reliable"] if run else None,
+            "p95_at_8_speakers_at_most_150_ms": p95 <= TARGET_P95_MS if valid else None}
+
+
+def markdown_table(report: dict) -> str:
+    """The README table, generated from the JSON (figures are never typed in by hand)."""
+    lines = [("| speakers | frames | steps/s (speakers per step) | word updates | total p50 / p95 / p99 (ms) | "
+              "transport | queue | step | agent | delivery | bots late p95 | alignment | CPU cores: worker / bots "
+              "| load (1 min) before / after |"),
+             "|---:|---|---|---:|---|---|---|---|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        lat = run["latency_ms"]
+        parts = " | ".join(f"{lat[key]['p50']:.1f} / {lat[key]['p95']:.1f}" for key in COMPONENTS)
+        engine, cores = run.get("engine") or {}, run.get("cpu_cores_used") or {}
+        lines.append(f"| {run['speakers']} | {run.get('frames', 'shared')} | "
+                     f"{engine.get('steps_per_s') or 0:.1f} ({engine.get('streams_per_step') or 0:.1f}) | "
+                     f"{run['word_updates']} | {lat['total']['p50']:.1f} / "
+                     f"{lat['total']['p95']:.1f} / {lat['total']['p99']:.1f} | {parts} | "
+                     f"{run['publisher_lateness_ms']['p95']:.1f} | "
+                     f"{'ok' if run['alignment']['reliable'] else 'LOST'} | "
+                     f"{cores.get('worker', float('nan')):.2f} / {cores.get('speaker_bots', float('nan')):.2f} | "
+                     f"{run['load_average_before'][0]:.2f} / {run['load_average_after'][0]:.2f} |")
+    lines.append("")
+    lines.append("Components: p50 / p95 in ms (percentiles of the parts do not add up; their means do).")
+    return "\n".join(lines)
+
+
+def _label(run: dict) -> str:
+    return f"{run['speakers']} speakers, {run.get('frames', 'shared')} frames"
+
+
+def plot(report: dict, path: Path) -> None:
+    """The latency distribution per speaker count (CDF), and the mean split of each."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.8))
+    # A row whose alignment was lost has wrong capture times: drawn apart, never as a figure.
+    valid = [run["alignment"]["reliable"] for run in runs]
+    for run, ok in zip(runs, valid):
+        values = np.sort(np.asarray(run["samples_ms"]["total"]))
+        note = f"p95 {run['latency_ms']['total']['p95']:.0f} ms" if ok else "alignment LOST: not valid"
+        cdf.plot(values, np.arange(1, values.size + 1) / values.size, label=f"{_label(run)} ({note})",
+                 linestyle="-" if ok else ":", alpha=1.0 if ok else 0.5)
+    cdf.axvline(TARGET_P95_MS, color="grey", linestyle=":",
+                label=f"target p95 at 8 speakers: {TARGET_P95_MS:.0f} ms")
+    cdf.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+    cdf.set_xlabel("caption latency per new word (ms): arrival - capture of the last frame consumed")
+    cdf.set_ylabel("fraction of word updates")
+    cdf.set_title("Latency distribution (CDF)")
+    cdf.grid(True, alpha=0.3)
+    cdf.legend(fontsize=8)
+    positions = np.arange(len(runs))
+    bottom = np.zeros(len(runs))
+    for key in COMPONENTS:
+        values = np.array([run["latency_ms"][key]["mean"] if ok else 0.0 for run, ok in zip(runs, valid)])
+        bars.bar(positions, values, bottom=bottom, label=key)
+        bottom += values
+    for position, ok in zip(positions, valid):
+        if not ok:
+            bars.text(position, 0, "alignment\nLOST:\nnot valid", ha="center", va="bottom", fontsize=8)
+    bars.set_xticks(positions, [_label(run).replace(" speakers, ", "\n") for run in runs], fontsize=8)
+    bars.set_xlabel("speakers (engine batch size = speakers), frame clock")
+    bars.set_ylabel("mean latency (ms)")
+    bars.set_title("Where the time goes (means)")
+    bars.legend(fontsize=8)
+    machine = report["machine"]
+    fig.suptitle(f"captions bench latency - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
+                 f"{machine['date'][:10]}; model text delay ({report['model_text_delay_s']} s) not included",
+                 fontsize=10)
+    save_figure(fig, path)
+
+

@@ -1,0 +1,58 @@
+"""Child processes and ports for the dev tools, tests and benchmarks."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+
+def stop_process(process: subprocess.Popen, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
+    """Asks `process` to stop with `sig` (SIGINT: as Ctrl-C, so it can flush), waits up to `timeout`
+    seconds, then kills it. Returns its exit status."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _ports_free(host: str, base: int) -> bool:
+    ports = ((base, socket.SOCK_STREAM), (base + 1, socket.SOCK_STREAM), (base + 2, socket.SOCK_DGRAM))
+    for port, kind in ports:
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_triple(host: str = "127.0.0.1") -> int:
+    """A base port with base, base+1 (TCP) and base+2 (UDP) free on `host`: livekit-server's signal,
+    ICE/TCP and media ports (see captions.dev.livekit_server.dev_server_command)."""
+    for _ in range(50):
+        base = free_port(host)
+        if base + 2 < 65535 and _ports_free(host, base):
+            return base
+    raise RuntimeError(f"no free port triple on {host}")
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a service manager, `timeout`, `kill`) stops this command as Ctrl-C does, so that its
+    `finally` blocks stop the children it started instead of leaving them running."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -1,0 +1,99 @@
+"""The real caption worker as a subprocess of this process, for end-to-end tests and benchmarks.
+
+`start_captions_worker` runs `captions worker dev` on a local checkpoint (CPU) against a running
+livekit-server (captions.dev.livekit_server.start_dev_server) and returns once the worker has registered, so a
+room created afterwards gets the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from captions.dev.livekit_server import LiveKitServer
+from captions.dev.processes import free_port, stop_process
+
+
+@dataclass
+class CaptionsWorker:
+    """A `captions worker` subprocess (the real worker, real engine) and where it writes."""
+
+    process: subprocess.Popen
+    data_dir: Path
+    record_dir: Path
+    log_path: Path
+    metrics_port: int
+    """Where its /metrics, /healthz and /readyz answer (127.0.0.1)."""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> int:
+        """Ctrl-C, as a user would; returns the exit status."""
+        return stop_process(self.process, signal.SIGINT, timeout)
+
+
+def captions_command() -> list[str]:
+    """The `captions` entry point of this interpreter's environment."""
+    script = Path(sys.executable).parent / "captions"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "captions.cli"]
+
+
+def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
+                          extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
+                          env: dict[str, str] | None = None) -> CaptionsWorker:
+    """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered.
+
+    It writes transcripts to workdir/data, the audio of every engine stream to workdir/recordings
+    and its log to workdir/worker.log."""
+    from captions.live.worker import READY_MESSAGE
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_dir, record_dir, log_path = workdir / "data", workdir / "recordings", workdir / "worker.log"
+    metrics_port = free_port()
+    environment = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
+                       LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
+    command = [*captions_command(), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
+               "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
+               "--health-port", "0", "--metrics-port", str(metrics_port), *extra_args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
+    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"captions worker exited early:\n{worker.log_tail()}")
+        if READY_MESSAGE.encode() in log_path.read_bytes():
+            return worker
+        time.sleep(0.2)
+    worker.stop()
+    raise RuntimeError(f"captions worker did not register in {ready_timeout:g} s:\n{worker.log_tail()}")
+
+
+def engine_counters(port: int) -> tuple[float, float]:
+    """(engine steps so far, sum over them of the streams each carried), from the worker's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("captions_engine_step_active_streams_count", "captions_engine_step_active_streams_sum"):
+            values[name] = float(value)
+    return values.get("captions_engine_step_active_streams_count", 0.0), values.get(
+        "captions_engine_step_active_streams_sum", 0.0)
+
+
+def engine_activity(before: tuple[float, float], after: tuple[float, float], seconds: float) -> dict:
+    """Steps per second and streams per step while the bots played: with every speaker's frames
+    on one clock, about 12.5 steps/s each carrying every speaker."""
+    steps, streams = after[0] - before[0], after[1] - before[1]
+    return {"steps": int(steps), "seconds": round(seconds, 2),
+            "steps_per_s": round(steps / seconds, 2) if seconds > 0 else None,
+            "streams_per_step": round(streams / steps, 2) if steps else None}

@@ -1,0 +1,290 @@
+"""Prometheus metrics, health and readiness of the caption worker.
+
+The worker owns one `CaptionMetrics` (module-level `METRICS`, because rooms run as threads of the one
+worker process and all report into it) and serves it with `start_observability_server` on its own
+thread, started before the model loads so that probes get answers during a long load:
+
+- ``/metrics``: Prometheus text format, every metric named ``captions_*``.
+- ``/healthz``: 200 while the process is alive and serving HTTP (liveness).
+- ``/readyz``: 200 once the model is loaded AND the worker is registered with LiveKit, else 503 with
+  what is missing (readiness).
+
+What is measured where:
+- engine state (slots used/free, batch size, open streams, queued speakers, failed steps) is read
+  from the engine and the slot queue at scrape time (`attach_engine`), so it is never stale;
+- step timings come from `engine.step_listeners` (`StepTimings`: host / encode / LM / total); on a GPU,
+  encode and LM are only separated when the engine runs with ``profile=True``, otherwise the LM part
+  also holds the encode's asynchronous GPU work;
+- the room code reports rooms, caption latency, dropped frames and errors through small methods.
+
+Nothing here ever sees audio or caption text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from captions.log import logger
+from captions.stt.api import StepTimings
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from captions.live.slots import SlotQueue
+    from captions.stt.engine import SttEngine
+
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.12, 0.16, 0.25, 0.5, 1.0, 2.5)
+"""Seconds; 0.08 is one frame: a total step time above it means the engine falls behind real time."""
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+RTF_WINDOW_STEPS = 100
+"""The real-time factor is computed over this many recent steps."""
+ERROR_KINDS = ("engine_step", "stream", "publish", "transcript", "room")
+"""Error counters that exist (at 0) from the start, so that rate() and alerts work before the first."""
+DROP_REASONS = ("waiting_for_slot", "closing")
+STEP_PARTS = ("host", "encode", "lm", "total")
+
+
+class CaptionMetrics:
+    """Every metric of one worker process, in its own registry (livekit-agents has its own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rooms = Gauge("captions_rooms", "Rooms this worker is captioning", registry=r)
+        self.step_seconds = Histogram(
+            "captions_engine_step_seconds", "Time of one batched engine step, by part (host = CPU-side "
+            "preparation and decoding, encode = Mimi, lm = language model, total)", ["part"],
+            buckets=STEP_BUCKETS, registry=r)
+        for part in STEP_PARTS:
+            self.step_seconds.labels(part)
+        self.step_streams = Histogram(
+            "captions_engine_step_active_streams", "Streams advanced by one engine step",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.caption_latency = Histogram(
+            "captions_caption_latency_seconds", "From the end of a spoken word (capture time) to its "
+            "caption being queued for publishing; includes the model's text delay", buckets=LATENCY_BUCKETS,
+            registry=r)
+        self.frames_dropped = Counter(
+            "captions_frames_dropped", "80 ms audio frames received but not captioned, by reason", ["reason"],
+            registry=r)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(reason)
+        self.ready_check: Callable[[], list[str]] | None = None
+        """What /readyz asks; also exported as captions_ready."""
+        self._errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
+        self._lock = threading.Lock()
+        self._recent_steps: collections.deque[float] = collections.deque(maxlen=RTF_WINDOW_STEPS)
+        self._frame_s = 0.08
+        self._engine: SttEngine | None = None
+        self._slots: SlotQueue | None = None
+        r.register(_EngineCollector(self))
+
+    # ---- wiring -------------------------------------------------------------------------------
+
+    def attach_engine(self, engine: SttEngine, slots: SlotQueue | None = None) -> None:
+        """Reads `engine` (and the `SlotQueue` `slots`) at scrape time and records its step timings."""
+        self._engine, self._slots = engine, slots
+        self._frame_s = engine.frame_size / engine.sample_rate
+        engine.step_listeners.append(self.observe_step)
+
+    # ---- what the engine and the rooms report -----------------------------------------------
+
+    def observe_step(self, timings: StepTimings) -> None:
+        """An `engine.step_listeners` callback (engine thread): one step's `StepTimings`."""
+        self.step_seconds.labels("host").observe(timings.host_s)
+        self.step_seconds.labels("encode").observe(timings.encode_s)
+        self.step_seconds.labels("lm").observe(timings.lm_s)
+        self.step_seconds.labels("total").observe(timings.total_s)
+        self.step_streams.observe(timings.active)
+        with self._lock:
+            self._recent_steps.append(timings.total_s)
+
+    def room_started(self) -> None:
+        self.rooms.inc()
+
+    def room_ended(self) -> None:
+        self.rooms.dec()
+
+    def observe_caption_latency(self, seconds: float) -> None:
+        """Wall-clock time from the end of a word's audio to its caption; negative clocks skew ignored."""
+        if seconds >= 0:
+            self.caption_latency.observe(seconds)
+
+    def frame_dropped(self, reason: str) -> None:
+        """An audio frame that will never be captioned (`DROP_REASONS`)."""
+        self.frames_dropped.labels(reason).inc()
+
+    def error(self, kind: str) -> None:
+        """Counts one error of `kind` (`ERROR_KINDS`; others are accepted and appear when first used)."""
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+
+    # ---- derived values -----------------------------------------------------------------------
+
+    def realtime_factor(self) -> float | None:
+        """How many times faster than real time the engine steps: one frame of audio (80 ms) per
+        slot over the mean step time of recent steps. Above 1 the engine keeps up with every slot
+        it steps; None before the first step."""
+        with self._lock:
+            steps = list(self._recent_steps)
+        mean = sum(steps) / len(steps) if steps else 0.0
+        return self._frame_s / mean if mean > 0 else None
+
+    def errors(self) -> dict[str, int]:
+        with self._lock:
+            errors = dict(self._errors)
+        if self._engine is not None:
+            errors["engine_step"] += int(getattr(self._engine, "failed_steps", 0))
+        return errors
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Values read from the engine, the slot queue and the error counts at scrape time."""
+
+    def __init__(self, metrics: CaptionMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        errors = CounterMetricFamily("captions_errors", "Errors by kind: engine_step (a failed batched "
+                                     "step), stream (an engine stream ended by an error), publish (a "
+                                     "caption that could not be sent), transcript (a write failed), room",
+                                     labels=["kind"])
+        for kind, count in sorted(m.errors().items()):
+            errors.add_metric([kind], count)
+        yield errors
+        rtf = m.realtime_factor()
+        if rtf is not None:
+            yield GaugeMetricFamily("captions_engine_realtime_factor", "Audio time per step time over "
+                                    f"the last {RTF_WINDOW_STEPS} steps (above 1: faster than real time)",
+                                    value=rtf)
+        if m.ready_check is not None:
+            yield GaugeMetricFamily("captions_ready", "1 when the model is loaded and the worker is "
+                                    "registered with LiveKit", value=0 if m.ready_check() else 1)
+        engine = m._engine
+        if engine is None:
+            return
+        used, size = engine.slots_in_use, engine.batch_size
+        yield GaugeMetricFamily("captions_engine_batch_size", "Engine slots (B)", value=size)
+        yield GaugeMetricFamily("captions_engine_slots_used", "Engine slots holding a stream", value=used)
+        yield GaugeMetricFamily("captions_engine_slots_free", "Engine slots free", value=size - used)
+        yield GaugeMetricFamily("captions_streams", "Open engine streams (speakers being captioned)",
+                                value=used)
+        yield CounterMetricFamily("captions_engine_steps", "Batched engine steps run",
+                                  value=int(getattr(engine, "steps", 0)))
+        if m._slots is not None:
+            yield GaugeMetricFamily("captions_queued_speakers", "Speakers waiting for a free slot",
+                                    value=len(m._slots))
+
+
+METRICS = CaptionMetrics()
+"""The worker process's metrics; rooms (threads of the worker) report into it."""
+
+
+# ---- health and readiness -------------------------------------------------------------------------
+
+
+@dataclass
+class Readiness:
+    """Ready = the model is loaded and the worker is registered with LiveKit."""
+
+    model_loaded: bool = False
+    registered: bool = False
+    extra_checks: list[tuple[str, Callable[[], bool]]] = field(default_factory=list)
+    """(what is missing when it fails, check) pairs, e.g. a live connection to LiveKit."""
+
+    def missing(self) -> list[str]:
+        """What keeps the worker from being ready; empty when it is ready."""
+        missing = []
+        if not self.model_loaded:
+            missing.append("model loading")
+        if not self.registered:
+            missing.append("not registered with LiveKit")
+        missing += [reason for reason, check in self.extra_checks if not check()]
+        return missing
+
+
+class ObservabilityServer:
+    """/metrics, /healthz and /readyz on a thread of their own (the worker's main thread is busy
+    loading the model, then runs livekit-agents' loop)."""
+
+    def __init__(self, host: str, port: int, metrics: CaptionMetrics, ready_check: Callable[[], list[str]]):
+        self.host, self.port = host, port
+        self._metrics, self._ready_check = metrics, ready_check
+        self._loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="observability", daemon=True)
+
+    def start(self) -> ObservabilityServer:
+        self._thread.start()
+        self._started.wait(timeout=10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as e:  # noqa: BLE001 - reported to start() (e.g. the port is taken)
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._on_metrics)
+        app.router.add_get("/healthz", self._on_health)
+        app.router.add_get("/readyz", self._on_ready)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the real port when 0 was asked
+
+    async def _on_metrics(self, request: web.Request) -> web.Response:
+        body = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _on_health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _on_ready(self, request: web.Request) -> web.Response:
+        missing = self._ready_check()
+        if missing:
+            return web.Response(status=503, text="not ready: " + ", ".join(missing) + "\n")
+        return web.Response(text="ready\n")
+
+
+def start_observability_server(host: str, port: int, ready_check: Callable[[], list[str]],
+                               metrics: CaptionMetrics = METRICS) -> ObservabilityServer:
+    """Serves /metrics, /healthz and /readyz on `host:port` (0: any free port, see `.port`).
+    `ready_check()` returns what is missing for readiness (empty list: ready)."""
+    metrics.ready_check = ready_check
+    server = ObservabilityServer(host, port, metrics, ready_check).start()
+    logger.info("metrics and health at http://%s:%d (/metrics, /healthz, /readyz)", host, server.port)
+    return server

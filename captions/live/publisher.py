@@ -1,0 +1,94 @@
+"""Publishing one room's captions on `lk.transcription` (LiveKit's transcription protocol).
+
+One task per room sends the captions in the order they were made, one stream each: an interim
+update carries the segment's full text so far, and is skipped when a newer text of the same segment
+is already waiting (publishing fell behind); a final one is retried, e.g. across a reconnection.
+
+Threads: everything here runs on the room's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from livekit import rtc
+
+from captions.live.metrics import METRICS
+from captions.live.segmenter import CaptionUpdate
+from captions.live.timing import ATTR_TIMING
+from captions.log import logger
+from captions.protocol import (
+    ATTR_SEGMENT_ID,
+    ATTR_TRANSCRIBED_TRACK_ID,
+    ATTR_TRANSCRIPTION_FINAL,
+    ATTR_WORDS,
+    TOPIC_TRANSCRIPTION,
+)
+
+FINAL_PUBLISH_ATTEMPTS = 5
+"""A final caption is retried (e.g. across a reconnection); an interim one is superseded anyway."""
+
+
+@dataclass
+class OutgoingCaption:
+    identity: str
+    """The speaker: the stream is sent with this `sender_identity`."""
+    track_sid: str
+    update: CaptionUpdate
+    words_attr: str | None = None
+    """The final caption's `captions.words` attribute."""
+    timing: dict | None = None
+    """`captions.timing` fields (diagnostics), completed with the publish time."""
+
+
+class CaptionPublisher:
+    """The room's publish queue, drained by `run()`."""
+
+    def __init__(self, participant: rtc.LocalParticipant):
+        self._participant = participant
+        self._outbox: list[OutgoingCaption] = []
+        self._ready = asyncio.Event()
+
+    def put(self, caption: OutgoingCaption) -> None:
+        self._outbox.append(caption)
+        self._ready.set()
+
+    async def run(self) -> None:
+        """Publishes forever (cancel to stop)."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._outbox:
+                item = self._outbox.pop(0)
+                if not item.update.final and any(o.update.segment_id == item.update.segment_id
+                                                 for o in self._outbox):
+                    continue  # a newer text of this segment is already queued: publishing is behind
+                await self._publish(item)
+
+    async def _publish(self, item: OutgoingCaption) -> None:
+        attributes = {
+            ATTR_SEGMENT_ID: item.update.segment_id,
+            ATTR_TRANSCRIBED_TRACK_ID: item.track_sid,
+            ATTR_TRANSCRIPTION_FINAL: "true" if item.update.final else "false",
+        }
+        if item.words_attr is not None:
+            attributes[ATTR_WORDS] = item.words_attr
+        attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
+        for attempt in range(attempts):
+            if item.timing is not None:
+                attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
+            try:
+                writer = await self._participant.stream_text(
+                    topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=attributes)
+                if item.update.text:
+                    await writer.write(item.update.text)
+                await writer.aclose()
+                return
+            except Exception as e:  # noqa: BLE001 - a failed publish must not stop the publisher
+                logger.warning("publishing a caption failed (attempt %d/%d): %s", attempt + 1, attempts, e)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(0.5 * 2**attempt)
+        METRICS.error("publish")  # every attempt failed: this caption never reached the room

@@ -1,0 +1,394 @@
+"""The batched Kyutai STT engine: one model instance serves every stream of every room.
+
+B fixed slots share one Mimi encoder and one LM in moshi's batched streaming mode. A stream takes a
+free slot, pushes 24 kHz mono audio, and releases the slot when it ends. One thread runs the
+stepping loop: each step advances every slot that has a frame waiting, with moshi's per-slot
+`exec_mask` (slots without a frame keep their state untouched) and `reset_mask` (a slot that was
+just taken starts from a fresh state). A slot that fell behind has several frames waiting and
+catches up at the loop's full speed; so does the silence that flushes a closing stream.
+
+Live streams share one frame clock. WebRTC hands every remote track of a process 10 ms of audio on
+the same 10 ms tick, but each stream's 80 ms frames would complete at its own phase (when it
+started), and every step costs the full batch: 8 speakers at 8 phases cost up to 8 steps per 80 ms.
+So a live stream's first push is preceded by up to 80 ms of silence, chosen so that its frames
+complete on the same tick as the other streams' (`lead_samples`), and a step waits a few ms for the
+slots whose frame completes on this tick. Then all speakers cost one step per 80 ms.
+
+GPU notes: the batch size never changes (moshi captures CUDA graphs for fixed shapes), and a step
+ends with a single device-to-host copy holding every slot's token and pause probability.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from captions.log import logger
+from captions.stt.api import EngineFull, EventCallback, StepTimings, StreamEvent
+from captions.stt.audio import FrameBuffer
+from captions.stt.model import SttModel, load_stt_model
+from captions.stt.words import WordDecoder
+
+# Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
+# 3 s for i = 0..3; Kyutai's own tools take head 2 > 0.5 as the end of a turn.
+PAUSE_HEAD = 2
+GATHER_WAIT_S = 0.004
+"""How long a step waits for slots whose frame completes on this tick (their push is due: the 10 ms
+frames of one tick reach the engine within about a millisecond of each other)."""
+GRID_STALE_S = 0.2
+"""A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
+_now = time.monotonic
+"""The clock of the frame alignment (a test drives it by hand)."""
+_SILENCE = None  # a queued frame of silence (prefix or flush), not counted as the stream's audio
+
+
+class SlotStream:
+    """The engine's `EngineStream` (captions.stt.api): a caller's handle on one slot. `push` is
+    thread-safe; events arrive on the engine thread."""
+
+    def __init__(self, engine: SttEngine, stream_id: int, slot: _Slot):
+        self._engine = engine
+        self.id = stream_id
+        self._slot = slot
+        self.lead_samples = 0
+        """Silence the engine put before this stream's audio (known after the first push)."""
+
+    @property
+    def slot_index(self) -> int:
+        return self._slot.index
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Queues 24 kHz mono float32 audio of any length."""
+        self._engine._push(self, pcm)
+
+    def close(self) -> None:
+        """End of audio: flush the model's delay with silence so that the last words come out, then
+        free the slot. The last event has `ended=True`."""
+        self._engine._close(self, flush=True)
+
+    def abort(self) -> None:
+        """Free the slot without flushing (the last event still has `ended=True`)."""
+        self._engine._close(self, flush=False)
+
+
+@dataclass
+class _Slot:
+    index: int
+    stream: SlotStream | None = None
+    on_event: EventCallback | None = None
+    queue: deque = field(default_factory=deque)
+    buffer: FrameBuffer | None = None
+    decoder: WordDecoder | None = None
+    audio_frames: int = 0
+    closing: bool = False
+    flush: bool = True
+    fresh: bool = False
+    """Taken since its last step: reset its model state before stepping it."""
+    pushed: int = 0
+    """Samples of its own audio pushed so far."""
+    last_chunk: int = 0
+    """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
+    last_push_at: float = 0.0
+
+
+class SttEngine:
+    def __init__(self, model: SttModel, batch_size: int, profile: bool = False, align_frames: bool = True):
+        import torch
+        from moshi.models import LMGen
+
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.profile = profile
+        self.align_frames = align_frames
+        """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
+        self.sample_rate = model.sample_rate
+        self.frame_size = model.frame_size
+        self.frame_rate = model.frame_rate
+        self.text_delay_s = model.delay_s
+        self.has_vad = model.has_vad
+        # Greedy decoding, as Kyutai's reference. support_out_of_sync: slots start at different
+        # times, so a slot's "not generated yet" steps are masked per slot rather than globally.
+        self._lm_gen = LMGen(model.lm, temp=0, temp_text=0, support_out_of_sync=True)
+        model.mimi.streaming_forever(batch_size)
+        self._lm_gen.streaming_forever(batch_size)
+        self._torch = torch
+        self._slots = [_Slot(i) for i in range(batch_size)]
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._input = np.zeros((batch_size, 1, self.frame_size), dtype=np.float32)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._busy = False
+        self._slot_freed_listeners: list[Callable[[], None]] = []
+        self.step_listeners: list[Callable[[StepTimings], None]] = []
+        self.steps = 0
+        self.failed_steps = 0
+        self._clock: tuple[float, int] | None = None
+        """The shared frame clock: (time.monotonic() of the latest live push, samples of an unfinished
+        frame that push left in its slot)."""
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False,
+             align_frames: bool = True) -> SttEngine:
+        """Loads the checkpoint, builds B slots and warms up (CUDA graphs get captured here)."""
+        started = time.perf_counter()
+        engine = cls(load_stt_model(model, device), batch_size, profile=profile, align_frames=align_frames)
+        engine.warm_up()
+        logger.info("engine ready: %s on %s, %d slots, loaded in %.1f s", model, engine.model.device,
+                    batch_size, time.perf_counter() - started)
+        return engine
+
+    # ---- public API -------------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        with self._cond:
+            return sum(slot.stream is not None for slot in self._slots)
+
+    @property
+    def idle(self) -> bool:
+        """No frame waiting and no stream closing: every pushed frame has been stepped."""
+        with self._cond:
+            return not self._has_work() and not self._busy
+
+    def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs on the engine thread each time a slot becomes free."""
+        self._slot_freed_listeners.append(callback)
+
+    def open_stream(self, on_event: EventCallback) -> SlotStream:
+        """Takes a free slot; raises EngineFull when there is none. `on_event` runs on the engine
+        thread, once per step of this stream: hand the event over to your own loop, never block."""
+        with self._cond:
+            slot = next((s for s in self._slots if s.stream is None), None)
+            if slot is None:
+                raise EngineFull(f"all {self.batch_size} engine slots are busy")
+            stream = SlotStream(self, next(self._ids), slot)
+            slot.stream, slot.on_event = stream, on_event
+            slot.queue = deque([_SILENCE] * self.model.prefix_frames)
+            slot.buffer = FrameBuffer(self.frame_size)
+            slot.decoder = WordDecoder(self.model.tokenizer, self.frame_rate, self.model.time_offset_s,
+                                       self.model.padding_id)
+            slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
+            slot.pushed, slot.last_chunk, slot.last_push_at = 0, 0, 0.0
+            self._cond.notify()
+        return stream
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="stt-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def warm_up(self, steps: int = 4) -> None:
+        """A few full-batch steps of silence, then every slot back to a fresh state."""
+        batch = [(slot, _SILENCE) for slot in self._slots]
+        for _ in range(steps):
+            self._run_model(batch, reset=np.zeros(self.batch_size, dtype=bool))
+        reset = self._torch.ones(self.batch_size, dtype=self._torch.bool)
+        self.model.mimi.reset_streaming(reset)
+        self._lm_gen.reset_streaming(reset)
+
+    # ---- called by SlotStream ---------------------------------------------------------------
+
+    def _push(self, stream: SlotStream, pcm: np.ndarray) -> None:
+        with self._cond:
+            slot = stream._slot
+            if slot.stream is not stream or slot.closing:
+                raise RuntimeError(f"stream {stream.id} is closed")
+            now = _now()
+            size = int(np.size(pcm))
+            if slot.pushed == 0 and size:
+                stream.lead_samples = self._lead_for(size, now)
+                if stream.lead_samples:
+                    slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
+                    slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
+            frames = slot.buffer.push(pcm)
+            slot.pushed += size
+            slot.last_chunk, slot.last_push_at = size, now
+            if size < self.frame_size:
+                self._clock = (now, slot.buffer.pending)
+            if frames:
+                slot.queue.extend(frames)
+                self._cond.notify()
+
+    def _lead_for(self, chunk: int, now: float) -> int:
+        """Silence to put before a live stream's first chunk so that its frames complete on the same
+        tick as the others': after this push it should hold as many samples of an unfinished frame
+        as the last live push left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
+        if not self.align_frames or chunk >= self.frame_size or self._clock is None:
+            return 0  # offline input (whole frames at once), or no live clock to join
+        at, pending = self._clock
+        if now - at > GRID_STALE_S:
+            return 0
+        ticks = round((now - at) * self.sample_rate / chunk)
+        return (pending + ticks * chunk - chunk) % self.frame_size
+
+    def _close(self, stream: SlotStream, flush: bool) -> None:
+        with self._cond:
+            slot = stream._slot
+            if slot.stream is not stream or slot.closing:
+                return
+            slot.closing, slot.flush = True, flush
+            if flush:
+                slot.queue.extend(slot.buffer.flush())
+                slot.queue.extend([_SILENCE] * self.model.flush_frames)
+            else:
+                slot.queue.clear()
+            self._cond.notify()
+
+    # ---- the stepping loop ---------------------------------------------------------------------
+
+    def _has_work(self) -> bool:
+        return any(slot.stream is not None and (slot.queue or slot.closing) for slot in self._slots)
+
+    def _loop(self) -> None:
+        # Steps as soon as a slot has a frame (after `_gather`'s few ms for the slots due on the same
+        # tick). Live frames share one clock, so that is one step per 80 ms for every speaker;
+        # audio pushed in bulk (a slot catching up, files) steps at full speed. A blind gather
+        # window (wait for more slots' frames) gave fewer steps but later captions; the shared clock
+        # gives both (README, `captions bench clock`).
+        while True:
+            with self._cond:
+                while not self._stopped and not self._has_work():
+                    self._cond.wait()
+                if self.align_frames:
+                    self._gather()
+                if self._stopped:
+                    return
+                finished = [s for s in self._slots if s.stream is not None and s.closing and not s.queue]
+                batch = [(s, s.queue.popleft()) for s in self._slots if s.stream is not None and s.queue]
+                reset = np.array([s.fresh for s in self._slots])
+                for slot, _ in batch:
+                    slot.fresh = False
+                self._busy = bool(batch or finished)
+            for slot in finished:
+                self._finish(slot)
+            if batch:
+                self._step(batch, reset)
+            with self._cond:
+                self._busy = False
+
+    def _gather(self) -> None:
+        """Waits (lock released, at most GATHER_WAIT_S) for the slots whose frame completes on this
+        tick: one chunk short of a frame, and their push for this tick not in yet."""
+        deadline = time.monotonic() + GATHER_WAIT_S
+        while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
+            now = _now()
+            # Due: its next chunk completes a frame, and its last push was on the previous tick
+            # (between half a chunk and a chunk and a half ago): not yet on this one, and not stalled.
+            due = any(s.stream is not None and not s.queue and not s.closing
+                      and 0 < s.last_chunk < self.frame_size
+                      and s.buffer.pending + s.last_chunk >= self.frame_size
+                      and 0.5 < (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
+                      for s in self._slots)
+            if not due:
+                return
+            self._cond.wait(remaining)
+
+    def _run_model(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray):
+        """One model step for the slots in `batch`; returns (tokens, pause probs, timings)."""
+        torch = self._torch
+        started = time.perf_counter()
+        execute = np.zeros(self.batch_size, dtype=bool)
+        self._input.fill(0.0)
+        for slot, frame in batch:
+            execute[slot.index] = True
+            if frame is not _SILENCE:
+                self._input[slot.index, 0] = frame
+        mimi, device = self.model.mimi, self.model.device
+        with torch.no_grad():
+            reset_mask = torch.from_numpy(reset & execute)
+            if reset_mask.any():
+                mimi.reset_streaming(reset_mask)
+                self._lm_gen.reset_streaming(reset_mask)
+            exec_mask = torch.from_numpy(execute).to(device)
+            mimi.set_exec_mask(exec_mask)
+            self._lm_gen.set_exec_mask(exec_mask)
+            audio = torch.from_numpy(self._input).to(device, non_blocking=True)
+            prepared = time.perf_counter()
+            codes = mimi.encode(audio)
+            if self.profile and device.type == "cuda":
+                torch.cuda.synchronize()
+            encoded = time.perf_counter()
+            if self.has_vad:
+                tokens, heads = self._lm_gen.step_with_extra_heads(codes)
+                pause = heads[PAUSE_HEAD][:, 0, 0].float()
+            else:
+                tokens = self._lm_gen.step(codes)
+                pause = torch.zeros(self.batch_size, device=device)
+            # The one device-to-host copy of the step: every slot's token and pause probability.
+            out = torch.stack([tokens[:, 0, 0].float(), pause]).cpu().numpy()
+        stepped = time.perf_counter()
+        timings = StepTimings(len(batch), encode_s=encoded - prepared, lm_s=stepped - encoded,
+                              host_s=prepared - started, total_s=stepped - started)
+        return out[0].astype(np.int64), out[1], timings
+
+    def _step(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray) -> None:
+        step_started = time.time()  # wall clock, for latency diagnostics (room.py's timing attributes)
+        try:
+            tokens, pause, timings = self._run_model(batch, reset)
+        except Exception as e:  # noqa: BLE001 - e.g. CUDA OOM: end the affected streams, keep serving
+            self.failed_steps += 1
+            logger.exception("engine step failed for %d streams", len(batch))
+            if self.model.device.type == "cuda":
+                self._torch.cuda.empty_cache()
+            for slot, _ in batch:
+                self._finish(slot, error=f"transcription failed: {type(e).__name__}: {e}")
+            return
+        decoded = time.perf_counter()
+        events = []
+        for slot, frame in batch:
+            token = int(tokens[slot.index])
+            # -2: moshi's "not generated yet" (the model's own delay after a reset): no text.
+            words = slot.decoder.push(token) if token >= 0 else []
+            if frame is not _SILENCE:
+                slot.audio_frames += 1
+            pause_prob = float(pause[slot.index]) if self.has_vad else None
+            events.append((slot.on_event, StreamEvent(slot.stream.id, slot.audio_frames, words,
+                                                      slot.decoder.partial, pause_prob, max(token, -1),
+                                                      lead_samples=slot.stream.lead_samples)))
+        step_ended = time.time()
+        for on_event, event in events:
+            event.step_started, event.step_ended = step_started, step_ended
+            self._deliver(on_event, event)
+        timings.host_s += time.perf_counter() - decoded
+        timings.total_s += time.perf_counter() - decoded
+        self.steps += 1
+        for listener in self.step_listeners:
+            listener(timings)
+
+    def _deliver(self, on_event: EventCallback, event: StreamEvent) -> None:
+        try:
+            on_event(event)
+        except Exception:  # noqa: BLE001 - a caller's bug must not stop every other stream
+            logger.exception("stream %d: event handler failed", event.stream_id)
+
+    def _finish(self, slot: _Slot, error: str | None = None) -> None:
+        """Emits the stream's last words and `ended`, then frees the slot."""
+        words = slot.decoder.finish() if slot.flush and error is None else []
+        event = StreamEvent(slot.stream.id, slot.audio_frames, words, "", None, ended=True, error=error,
+                            lead_samples=slot.stream.lead_samples)
+        on_event = slot.on_event
+        with self._cond:
+            slot.stream, slot.on_event, slot.decoder, slot.buffer = None, None, None, None
+            slot.queue.clear()
+        self._deliver(on_event, event)
+        for listener in self._slot_freed_listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - same: the engine thread keeps serving
+                logger.exception("slot-freed listener failed")

@@ -1,0 +1,112 @@
+"""Turning a stream's text tokens into timed words, incrementally.
+
+Kyutai STT writes one text token per 80 ms step: padding (3) most of the time, an "end of padding"
+token (0) right before a word begins, then the word's pieces. Our rules follow Kyutai's reference
+(delayed-streams-modeling scripts/stt_from_file_pytorch.py, `tokens_to_timestamped_text`):
+
+* a segment runs from just after one 0 to the next 0; its decoded text is usually one word, whose
+  time is (segment start, segment end); when it holds several words, each takes as many steps as it
+  has tokens and the last one takes the rest;
+* tokens before the first 0 are not words;
+* at the end of the stream the last segment ends at the first end-of-sequence token or one second
+  after it started, whichever comes first.
+
+Live captions cannot wait for the next word to learn that the current one ended: the last word
+before a pause would hang until the speaker talks again. So a segment whose text is followed by
+padding for a full second is emitted then, with the end-of-stream rule's one-second end. The text
+is the same as the reference's; only such a word's end time is earlier (it no longer spans the
+pause).
+"""
+
+from __future__ import annotations
+
+import math
+
+from captions.stt.api import Word
+
+END_OF_PADDING_ID = 0
+
+
+class WordDecoder:
+    def __init__(self, tokenizer, frame_rate: float, time_offset_s: float, padding_id: int = 3):
+        self._tokenizer = tokenizer
+        self._frame_rate = frame_rate
+        self.time_offset_s = time_offset_s
+        """Seconds to subtract from step times: the model's delay, plus any silence the engine put
+        before the stream's audio."""
+        self._padding_id = padding_id
+        self._eos_id = tokenizer.eos_id()
+        self._pos = 0
+        self._seg_start: int | None = None
+        self._seg_tokens: list[int] = []
+        self._emitted = 0
+        """How many of `_seg_tokens` were already emitted as words (eagerly, after a pause)."""
+        self._partial = ""
+        """`partial`, kept up to date as tokens arrive: decoding it on every step for every stream
+        was most of the engine's host-side work at large batch sizes."""
+
+    def _time(self, position: float) -> float:
+        return max(0.0, position / self._frame_rate - self.time_offset_s)
+
+    def _text(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode([t for t in tokens if t > self._padding_id])
+
+    def _words(self, start: int, tokens: list[int], end: float) -> list[Word]:
+        pieces = self._text(tokens).split()
+        words = []
+        for piece in pieces[:-1]:
+            n_tokens = len(self._tokenizer.encode(piece))
+            words.append(Word(piece, self._time(start), self._time(start + n_tokens)))
+            start += n_tokens
+        if pieces:
+            words.append(Word(pieces[-1], self._time(start), self._time(end)))
+        return words
+
+    def _emit_open_segment(self, end: float, upto: int | None = None) -> list[Word]:
+        assert self._seg_start is not None, "no open segment"
+        upto = len(self._seg_tokens) if upto is None else upto
+        tokens = self._seg_tokens[self._emitted:upto]
+        words = self._words(self._seg_start + self._emitted, tokens, end)
+        self._emitted = max(self._emitted, upto)
+        return words
+
+    def push(self, token: int) -> list[Word]:
+        """Feeds one step's token; returns the words that it completed."""
+        words: list[Word] = []
+        if token == END_OF_PADDING_ID:
+            if self._seg_start is not None:
+                words = self._emit_open_segment(end=self._pos)
+            self._seg_start, self._seg_tokens, self._emitted = self._pos + 1, [], 0
+        elif self._seg_start is not None:
+            self._seg_tokens.append(token)
+            waited = len(self._seg_tokens) >= self._frame_rate
+            if waited and token <= self._padding_id and self._text(self._seg_tokens[self._emitted:]).strip():
+                words = self._emit_open_segment(end=max(self._seg_start + self._frame_rate, self._pos))
+        self._pos += 1
+        if words or token == END_OF_PADDING_ID or token > self._padding_id:
+            self._partial = self._open_text()
+        return words
+
+    def _open_text(self) -> str:
+        if self._seg_start is None:
+            return ""
+        return self._text(self._seg_tokens[self._emitted:]).strip()
+
+    @property
+    def partial(self) -> str:
+        """The text of the word being written, not yet emitted."""
+        return self._partial
+
+    def finish(self) -> list[Word]:
+        """End of stream: the reference's last-segment rule."""
+        if self._seg_start is None:
+            return []
+        if self._eos_id in self._seg_tokens:
+            upto = self._seg_tokens.index(self._eos_id)
+            end: float = self._seg_start + upto
+        else:
+            end = min(self._pos, self._seg_start + self._frame_rate)
+            upto = math.ceil(end - self._seg_start)
+        words = self._emit_open_segment(end=end, upto=upto) if upto > self._emitted else []
+        self._seg_start, self._partial = None, ""
+        return words

@@ -1,0 +1,298 @@
+// The viewer's connection to the room: a token from the viewer server, the LiveKit room (hidden,
+// subscribe-only), caption and backlog streams into the transcript, the state shown to the
+// reader (live, no captioner, waiting for capacity, reconnecting, refused, expired), and retries.
+
+import {
+  ConnectionError,
+  ConnectionErrorReason,
+  DisconnectReason,
+  ParticipantKind,
+  Room,
+  RoomEvent,
+} from './vendor/livekit-client.esm.mjs';
+import {
+  ATTR_AGENT_QUEUED,
+  ATTR_AGENT_STATUS,
+  ATTR_SEGMENT_ID,
+  ATTR_TRANSCRIPTION_FINAL,
+  ATTR_WORDS,
+  RPC_BACKLOG,
+  TOPIC_BACKLOG,
+  TOPIC_TRANSCRIPTION,
+  parseJsonArray,
+  parseWords,
+} from './protocol.js';
+
+const RETRY_DELAYS_S = [1, 2, 4, 8, 15, 30];
+
+const STATES = {
+  connecting: ['Connecting…', ''],
+  live: ['Live', ''],
+  'no-agent': ['No captioner', 'The caption agent is not in this room. Captions start as soon as it joins.'],
+  loading: ['Captions loading…', 'The caption agent is starting up; captions begin in a moment.'],
+  waiting: ['Waiting for capacity', ''],
+  reconnecting: ['Reconnecting…', 'The connection dropped; reconnecting to the room.'],
+  retrying: ['Disconnected', ''],
+  refused: ['Access refused', ''],
+  expired: ['Link expired', ''],
+  ended: ['Disconnected', ''],
+};
+
+class AccessError extends Error {
+  constructor(message, state) {
+    super(message);
+    this.state = state; // 'refused' or 'expired': retrying would not help
+  }
+}
+
+async function readJson(response) {
+  try {
+    return await response.json();
+  } catch {
+    return {};
+  }
+}
+
+/** The LiveKit URL and token: from the viewer server for a signed link, or a token in the URL. */
+async function fetchGrant(params) {
+  if (params.has('token')) {
+    const response = await fetch('/api/config', { cache: 'no-store' });
+    const config = await readJson(response);
+    if (!response.ok || !config.livekit_url) throw new Error('the viewer server did not answer');
+    return { url: config.livekit_url, token: params.get('token'), room: params.get('room') || '' };
+  }
+  const query = new URLSearchParams();
+  for (const key of ['room', 'exp', 'access']) if (params.has(key)) query.set(key, params.get(key));
+  const response = await fetch(`/api/token?${query}`, { cache: 'no-store' });
+  const body = await readJson(response);
+  if (response.ok) return body;
+  const message = body.error || `the viewer server answered HTTP ${response.status}`;
+  if (response.status === 400 || response.status === 403) {
+    throw new AccessError(message, body.reason === 'expired' ? 'expired' : 'refused');
+  }
+  throw new Error(message);
+}
+
+function agentsIn(room) {
+  return [...room.remoteParticipants.values()].filter((p) => p.kind === ParticipantKind.AGENT);
+}
+
+function refusedByLiveKit(error) {
+  return error instanceof ConnectionError && error.reason === ConnectionErrorReason.NotAllowed;
+}
+
+export class Session {
+  /**
+   * `ui`: the status, notice and room-name elements; `onCaptions()`: called after the transcript
+   * changed (to follow the live edge).
+   */
+  constructor({ ui, params, transcript, speakers, onCaptions }) {
+    this.ui = ui;
+    this.params = params;
+    this.transcript = transcript;
+    this.speakers = speakers;
+    this.onCaptions = onCaptions;
+    this.room = null;
+    this.phase = 'connecting';
+    this.attempt = 0;
+    this.retryTimer = null;
+    this.closing = false;
+    this.backlog = { requested: false, received: false };
+  }
+
+  showState(state, detail) {
+    const [label, defaultDetail] = STATES[state];
+    this.ui.status.dataset.state = state;
+    this.ui.statusText.textContent = label;
+    const message = detail || defaultDetail;
+    this.ui.notice.textContent = message;
+    this.ui.notice.hidden = !message;
+    this.ui.notice.dataset.state = state;
+    document.body.dataset.state = state;
+  }
+
+  /** Live / agent absent / loading / waiting, from the agent's participant attributes. */
+  refreshRoomState() {
+    if (this.phase !== 'connected' || !this.room) return;
+    const agents = agentsIn(this.room);
+    if (!agents.length) return this.showState('no-agent');
+    const statuses = agents.map((a) => a.attributes[ATTR_AGENT_STATUS]);
+    const queued = agents.flatMap((a) => parseJsonArray(a.attributes[ATTR_AGENT_QUEUED]));
+    if (statuses.includes('waiting') || queued.length) {
+      const who = queued.map((identity) => this.speakers.nameOf(identity)).join(', ');
+      const detail = who
+        ? `No free captioning capacity yet for: ${who}. They will be captioned as soon as a slot frees.`
+        : 'Some speakers are waiting for captioning capacity.';
+      return this.showState('waiting', detail);
+    }
+    if (statuses.length && statuses.every((s) => s === 'loading')) return this.showState('loading');
+    this.showState('live');
+  }
+
+  async onCaptionStream(reader, participantInfo) {
+    const attributes = reader.info.attributes || {};
+    let text;
+    try {
+      text = await reader.readAll();
+    } catch (error) {
+      console.warn('caption stream failed', error);
+      return;
+    }
+    const final = attributes[ATTR_TRANSCRIPTION_FINAL] === 'true';
+    this.transcript.update({
+      id: attributes[ATTR_SEGMENT_ID] || reader.info.id,
+      identity: participantInfo.identity,
+      text: text.trim(),
+      final,
+      words: final ? parseWords(attributes[ATTR_WORDS]) : [],
+      start: Date.now() / 1000,
+    });
+    this.onCaptions();
+  }
+
+  async onBacklogStream(reader) {
+    let content;
+    try {
+      content = await reader.readAll();
+    } catch (error) {
+      console.warn('backlog stream failed', error);
+      return;
+    }
+    this.backlog.received = true;
+    const records = [];
+    for (const line of content.split('\n')) {
+      if (!line.trim()) continue;
+      try {
+        records.push(JSON.parse(line));
+      } catch {
+        console.warn('skipping a malformed backlog line');
+      }
+    }
+    this.transcript.addBacklog(records);
+    this.onCaptions();
+  }
+
+  /** Asks the agent for the captions so far; the answer comes as a captions.backlog text stream. */
+  async requestBacklog(room) {
+    const [agent] = agentsIn(room);
+    if (!agent || this.backlog.requested) return;
+    this.backlog.requested = true;
+    try {
+      // A hidden viewer's identity is blanked by the server on the request, so it travels in the
+      // payload; the RPC's own response cannot be routed back to a hidden caller and may time out.
+      await room.localParticipant.performRpc({
+        destinationIdentity: agent.identity,
+        method: RPC_BACKLOG,
+        payload: JSON.stringify({ reply_to: room.localParticipant.identity }),
+        responseTimeout: 10000,
+      });
+    } catch (error) {
+      await new Promise((resolve) => setTimeout(resolve, 1500));
+      if (!this.backlog.received && this.room === room) {
+        console.warn('backlog request failed', error);
+        this.transcript.note('Earlier captions could not be loaded; new captions appear below.');
+      }
+    }
+  }
+
+  rememberNames(room) {
+    for (const p of room.remoteParticipants.values()) {
+      if (p.kind === ParticipantKind.AGENT) continue;
+      if (this.speakers.learn(p.identity, p.name || p.identity)) this.transcript.renameSpeaker(p.identity);
+    }
+  }
+
+  wireRoom(room) {
+    room.registerTextStreamHandler(TOPIC_TRANSCRIPTION, (reader, info) => this.onCaptionStream(reader, info));
+    room.registerTextStreamHandler(TOPIC_BACKLOG, (reader) => this.onBacklogStream(reader));
+    const changed = () => {
+      this.rememberNames(room);
+      this.refreshRoomState();
+      if (this.phase === 'connected') this.requestBacklog(room);
+    };
+    room.on(RoomEvent.ParticipantConnected, changed);
+    room.on(RoomEvent.ParticipantDisconnected, changed);
+    room.on(RoomEvent.ParticipantAttributesChanged, changed);
+    room.on(RoomEvent.ParticipantNameChanged, changed);
+    room.on(RoomEvent.Reconnecting, () => {
+      this.phase = 'reconnecting';
+      this.showState('reconnecting');
+    });
+    room.on(RoomEvent.Reconnected, () => {
+      this.phase = 'connected';
+      changed();
+    });
+    room.on(RoomEvent.Disconnected, (reason) => this.onDisconnected(room, reason));
+  }
+
+  onDisconnected(room, reason) {
+    if (this.room !== room || this.closing) return;
+    this.room = null;
+    if (reason === DisconnectReason.ROOM_DELETED) {
+      return this.end('ended', 'The room has ended. Reload the page to join again.');
+    }
+    if (reason === DisconnectReason.PARTICIPANT_REMOVED) {
+      return this.end('ended', 'This viewer was removed from the room.');
+    }
+    this.scheduleRetry('The connection to the room was lost.');
+  }
+
+  end(state, message) {
+    this.phase = state;
+    clearTimeout(this.retryTimer);
+    this.showState(state, message);
+  }
+
+  scheduleRetry(reason) {
+    clearTimeout(this.retryTimer);
+    const delay = RETRY_DELAYS_S[Math.min(this.attempt, RETRY_DELAYS_S.length - 1)];
+    this.attempt += 1;
+    this.phase = 'retrying';
+    let left = delay;
+    const tick = () => {
+      if (left <= 0) return this.connect();
+      this.showState('retrying', `${reason} Retrying in ${left} s…`);
+      left -= 1;
+      this.retryTimer = setTimeout(tick, 1000);
+    };
+    tick();
+  }
+
+  async connect() {
+    this.phase = 'connecting';
+    this.showState('connecting');
+    let grant;
+    try {
+      grant = await fetchGrant(this.params);
+    } catch (error) {
+      if (error instanceof AccessError) return this.end(error.state, error.message);
+      return this.scheduleRetry(`Could not reach the viewer server (${error.message}).`);
+    }
+    if (grant.room) this.ui.roomName.textContent = grant.room;
+    const room = new Room({ adaptiveStream: false, dynacast: false });
+    this.wireRoom(room);
+    try {
+      // Captions arrive as data; the viewer never plays the room's audio or video.
+      await room.connect(grant.url, grant.token, { autoSubscribe: false });
+    } catch (error) {
+      if (refusedByLiveKit(error)) {
+        return this.end('refused', 'The LiveKit server refused this viewer token: it is invalid or has expired. '
+          + 'Ask the operator for a new link.');
+      }
+      return this.scheduleRetry(`Could not connect to the room (${error.message}).`);
+    }
+    if (!grant.room) this.ui.roomName.textContent = room.name;
+    this.room = room; // only now: a failed connect must not also count as a lost connection
+    this.attempt = 0;
+    this.phase = 'connected';
+    this.backlog.requested = false;
+    this.rememberNames(room);
+    this.refreshRoomState();
+    this.requestBacklog(room);
+  }
+
+  close() {
+    this.closing = true;
+    this.room?.disconnect();
+  }
+}
