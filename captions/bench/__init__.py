@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine": ("captions.bench.engine",
@@ -30,4 +31,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "plot", None) and not _have_matplotlib():
+        # Checked before minutes of measuring, not when the plot is drawn.
+        print(f"captions bench {args.benchmark}: --plot needs matplotlib, from the bench dependency group: "
+              "uv sync --all-groups (or drop --plot)", file=sys.stderr)
+        return 2
+    from captions.dev.processes import stop_on_sigterm
+
+    stop_on_sigterm()  # the benchmarks start servers, workers and bots: their `finally` stops them
     return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captions import PROJECT_ROOT
-from captions.dev.processes import free_port_triple, stop_process
+from captions.dev.processes import free_port_triple, stop_on_sigterm, stop_process
 from captions.log import logger
 
 LIVEKIT_SERVER_MODULE = "github.com/livekit/livekit-server/cmd/server"
@@ -132,4 +132,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"LIVEKIT_URL=ws://{args.host}:{args.port}\nLIVEKIT_API_KEY={DEV_API_KEY}\n"
           f"LIVEKIT_API_SECRET={DEV_API_SECRET}", flush=True)
-    return subprocess.call(dev_server_command(binary, args.host, args.port))
+    stop_on_sigterm()
+    server = subprocess.Popen(dev_server_command(binary, args.host, args.port))
+    try:
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C (which the server got too) or SIGTERM: never leave it running
+        return stop_process(server, signal.SIGTERM, timeout=10)

@@ -27,6 +27,7 @@ _DEFAULT_FILE_NAMES = {
 
 
 _NO_COMPILE = None
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 def add_model_options(parser) -> None:
@@ -65,18 +66,42 @@ def resolve_checkpoint_dir(model: str) -> Path:
         return directory
     from huggingface_hub import hf_hub_download
 
+    # Offline, the hub client retries for half a minute before failing: ask once, quickly, and use
+    # the local cache (or say how to do without the hub) when it cannot be reached.
+    offline = _hub_unreachable()
     try:
-        config_path = Path(hf_hub_download(model, "config.json"))
+        config_path = Path(hf_hub_download(model, "config.json", local_files_only=bool(offline)))
         config = json.loads(config_path.read_text())
         for name in _checkpoint_files(config).values():
             logger.info("fetching %s from %s (cached after the first time)", name, model)
-            hf_hub_download(model, name)
+            hf_hub_download(model, name, local_files_only=bool(offline))
     except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        reason = f"cannot reach {offline}" if offline else f"{type(e).__name__}: {e}"
         raise CheckpointError(
-            f"cannot download {model!r} from Hugging Face ({type(e).__name__}: {e}); "
-            "pass --model with a local checkpoint directory instead"
+            f"cannot download {model!r} from Hugging Face ({reason}); pass --model with a local "
+            "checkpoint directory instead (for a try-out without the hub: captions make-test-checkpoint "
+            "ckpt/tiny, then --model ckpt/tiny)"
         ) from e
     return config_path.parent
+
+
+def _hub_unreachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face endpoint answers a TCP connection within `timeout_s`; else what
+    could not be reached (also when HF_HUB_OFFLINE is set)."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "the hub (HF_HUB_OFFLINE is set)"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{constants.ENDPOINT}: {e.strerror or e}"
+    return None
 
 
 @dataclass
