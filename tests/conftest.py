@@ -3,6 +3,7 @@ project's tiny random checkpoint in the real on-disk format."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ from captions.dev.speech import espeak_wav  # noqa: F401 - used by the test modu
 
 # The launchers live in the package (the latency benchmark uses them too); re-exported for tests.
 from captions.dev.worker_process import CaptionsWorker, start_captions_worker
+
+# No test may reach the Hugging Face hub (no machine here can): a command that would download a model
+# fails at once instead of depending on argument parsing failing first. Subprocesses inherit it; the
+# captions modules import huggingface_hub only when they load a model.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def start_livekit_server(log_path: Path) -> LiveKitServer:

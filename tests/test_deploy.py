@@ -229,6 +229,7 @@ def livekit_binary() -> Path:
     return binary
 
 
+@pytest.mark.livekit
 def test_livekit_service_is_the_tested_release_and_its_flags_exist(compose, livekit_binary):
     service = compose["services"]["livekit"]
     assert service["image"] == f"livekit/livekit-server:{LIVEKIT_SERVER_VERSION}"
@@ -240,6 +241,7 @@ def test_livekit_service_is_the_tested_release_and_its_flags_exist(compose, live
     assert (ROOT / config_mount.split(":")[0]).resolve() == ROOT / "deploy" / "livekit.yaml"
 
 
+@pytest.mark.livekit
 def test_livekit_config_is_accepted_by_the_strict_parser_and_opens_the_documented_ports(livekit_binary):
     result = subprocess.run([str(livekit_binary), "--config", str(ROOT / "deploy" / "livekit.yaml"),
                              "--keys", "key: " + "s" * 32, "--node-ip", "127.0.0.1", "ports"],

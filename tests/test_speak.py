@@ -6,7 +6,11 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from captions.dev.livekit_server import start_dev_server
+
+pytestmark = pytest.mark.livekit
 
 
 def speak(server, room: str, *args: str) -> subprocess.CompletedProcess:

@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"captions bench {args.benchmark}: --plot needs matplotlib, from the bench dependency group: "
               "uv sync --all-groups (or drop --plot)", file=sys.stderr)
         return 2
-    from captions.dev.processes import stop_on_sigterm
+    from captions.dev.processes import stop_on_signals
 
-    stop_on_sigterm()  # the benchmarks start servers, workers and bots: their `finally` stops them
+    stop_on_signals()  # the benchmarks start servers, workers and bots: their `finally` stops them
     return importlib.import_module(BENCHMARKS[args.benchmark][0]).run(args)
 
 

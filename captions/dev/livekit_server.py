@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from captions import PROJECT_ROOT
-from captions.dev.processes import free_port_triple, stop_on_sigterm, stop_process
+from captions.dev.processes import free_port_triple, stop_on_signals, stop_process
 from captions.log import logger
 
 LIVEKIT_SERVER_MODULE = "github.com/livekit/livekit-server/cmd/server"
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"LIVEKIT_URL=ws://{args.host}:{args.port}\nLIVEKIT_API_KEY={DEV_API_KEY}\n"
           f"LIVEKIT_API_SECRET={DEV_API_SECRET}", flush=True)
-    stop_on_sigterm()
+    stop_on_signals()
     server = subprocess.Popen(dev_server_command(binary, args.host, args.port))
     try:
         return server.wait()

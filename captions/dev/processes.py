@@ -52,7 +52,10 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
+def stop_on_signals() -> None:
     """SIGTERM (a service manager, `timeout`, `kill`) stops this command as Ctrl-C does, so that its
-    `finally` blocks stop the children it started instead of leaving them running."""
+    `finally` blocks stop the children it started instead of leaving them running. SIGINT is set too:
+    Python leaves it ignored when the process started with it ignored (a background job of a
+    non-interactive shell), and Ctrl-C or `kill -INT` would then do nothing."""
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from captions.config import add_option
 from captions.dev.livekit_server import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
-from captions.dev.processes import stop_on_sigterm, stop_process
+from captions.dev.processes import stop_on_signals, stop_process
 from captions.live.worker import READY_MESSAGE, add_captioning_options
 from captions.log import logger
 
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     children: list[Child] = []
     status = 0
     # The children run in their own sessions: dying without stopping them would leave them running.
-    stop_on_sigterm()
+    stop_on_signals()
     try:
         link = _start_children(args, children)
         print(_banner(args, link), flush=True)
