@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
+
 BATCH_SIZES = [1, 3]
 
 

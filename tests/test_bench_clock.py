@@ -9,6 +9,8 @@ import pytest
 
 from tests.test_bench import captions
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def clock_report(tiny_checkpoint, tmp_path_factory):

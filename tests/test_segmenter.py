@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
-from captions.protocol import Word
-from tests.fake_engine import StreamEvent
+from captions.stt.api import StreamEvent, Word
 
 
 def event(frames: int, words=(), partial: str = "", pause: float | None = None, ended: bool = False):
-    return StreamEvent(1, frames, list(words), partial, pause, ended)
+    return StreamEvent(1, frames, list(words), partial, pause, ended=ended)
 
 
 def word(text: str, start: float, end: float | None = None) -> Word:

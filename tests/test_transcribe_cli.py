@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import espeak_wav
 
+pytestmark = pytest.mark.slow
+
 
 def captions(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captions.cli", *args], check=False, capture_output=True, text=True,
