@@ -28,6 +28,25 @@ class BenchError(Exception):
 BOT_NICENESS = 10
 """Speaker bots stand for people on other machines: they run niced, so the worker comes first."""
 
+
+def run_child_process(main, config_path: str, label: str, bots: bool = True) -> int:
+    """The body of a benchmark's child process: `asyncio.run(main(config))` with the JSON config at
+    `config_path`, warnings-only logging, niced when it runs bots; a BenchError is one line on stderr."""
+    import asyncio
+    import logging
+    import sys
+
+    logging.basicConfig(level=logging.WARNING)
+    if bots:
+        os.nice(BOT_NICENESS)
+    config = json.loads(Path(config_path).read_text())
+    try:
+        asyncio.run(main(config))
+    except BenchError as e:
+        print(f"{label}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
 # Checkpoints the benchmark builds itself: make_test_checkpoint arguments.
 BUILT_CHECKPOINTS: dict[str, dict] = {
     "tiny": {},

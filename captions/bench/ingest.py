@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from captions.bench.common import (
-    BOT_NICENESS,
     BenchError,
     add_output_options,
     finish_report,
     machine_description,
     positive_ints,
+    run_child_process,
     save_figure,
 )
 from captions.config import add_option, positive_int
@@ -137,20 +137,9 @@ async def _listen(config: dict) -> None:
 
 
 def _child_main(role: str, config_path: str) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    config = json.loads(Path(config_path).read_text())
-    try:
-        if role == "bots":
-            os.nice(BOT_NICENESS)
-            asyncio.run(_publish(config))
-        else:
-            asyncio.run(_listen(config))
-    except BenchError as e:
-        print(f"bench ingest {role}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    if role == "bots":
+        return run_child_process(_publish, config_path, "bench ingest bots")
+    return run_child_process(_listen, config_path, "bench ingest listener", bots=False)
 
 
 # ---- the parent --------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captions.bench.common import BOT_NICENESS, BenchError, speech_streams
+from captions.bench.common import BenchError, run_child_process, speech_streams
 from captions.stt.api import SAMPLE_RATE
 
 TICK_S = 0.02
@@ -203,22 +203,5 @@ async def _wait_for_agent(voices: list[Voice], playing: asyncio.Task) -> None:
                          f"{SUBSCRIBE_TIMEOUT_S:.0f} s")
 
 
-def _child_main(config_path: str) -> int:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    # The bots stand for people on other machines: they yield the CPU to the agent under test.
-    os.nice(BOT_NICENESS)
-    config = json.loads(Path(config_path).read_text())
-    try:
-        asyncio.run(_speak(config))
-    except BenchError as e:
-        print(f"speaker bots: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-
-
 if __name__ == "__main__":
-    raise SystemExit(_child_main(sys.argv[1]))
+    raise SystemExit(run_child_process(_speak, sys.argv[1], "speaker bots"))
