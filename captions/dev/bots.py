@@ -27,6 +27,7 @@ from captions.protocol import (
     TOPIC_TRANSCRIPTION,
     FinalSegment,
 )
+from captions.stt.api import SAMPLE_RATE
 
 FRAME_MS = 10
 
@@ -58,7 +59,7 @@ def read_wav(path: Path) -> tuple[np.ndarray, int, int]:
 class Publisher:
     """A participant with one microphone track fed from WAV files at their native rate/channels."""
 
-    def __init__(self, server, room: str, identity: str, sample_rate: int = 24000, channels: int = 1,
+    def __init__(self, server, room: str, identity: str, sample_rate: int = SAMPLE_RATE, channels: int = 1,
                  auto_subscribe: bool = True, queue_size_ms: int = 1000, name: str = ""):
         self.server, self.room_name, self.identity, self.name = server, room, identity, name
         self.queue_size_ms = queue_size_ms

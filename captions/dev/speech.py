@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captions.stt.api import SAMPLE_RATE
+
 
 class SpeechUnavailable(RuntimeError):
     """A tool that makes speech is not installed; the message says how to get it."""
@@ -29,7 +31,7 @@ def espeak(text: str, path: Path, *, voice: str = "en", speed: int = 150) -> Pat
     return path
 
 
-def espeak_wav(text: str, path: Path, rate: int = 24000, channels: int = 1, voice: str = "en",
+def espeak_wav(text: str, path: Path, rate: int = SAMPLE_RATE, channels: int = 1, voice: str = "en",
                speed: int = 150) -> Path:
     """Speech as a 16-bit WAV at `rate` Hz with `channels` channels (sox converts espeak-ng's)."""
     _require("sox", "sox")
@@ -40,7 +42,7 @@ def espeak_wav(text: str, path: Path, rate: int = 24000, channels: int = 1, voic
 
 
 def speech_samples(text: str, directory: Path, *, voice: str = "en", speed: int = 150,
-                   sample_rate: int = 24000) -> np.ndarray:
+                   sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Speech as mono float32 samples at `sample_rate` (a scratch WAV is written in `directory`)."""
     from captions.stt.audio import read_audio_file
 
