@@ -47,6 +47,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_livekit_options(parser: argparse.ArgumentParser) -> None:
     """The three standard LiveKit variables, named as LiveKit's own tools name them."""
     add_option(parser, "--url", env="LIVEKIT_URL", default="ws://127.0.0.1:7880",

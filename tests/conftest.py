@@ -14,6 +14,9 @@ from captions.dev.speech import espeak_wav  # noqa: F401 - used by the test modu
 # The launchers live in the package (the latency benchmark uses them too); re-exported for tests.
 from captions.dev.worker_process import CaptionsWorker, start_captions_worker
 
+# The viewer tests' servers, browser and caption-agent bot.
+pytest_plugins = ["tests.viewer_harness"]
+
 # No test may reach the Hugging Face hub (no machine here can): a command that would download a model
 # fails at once instead of depending on argument parsing failing first. Subprocesses inherit it; the
 # captions modules import huggingface_hub only when they load a model.

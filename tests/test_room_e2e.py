@@ -26,7 +26,7 @@ from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.processes import free_port, free_port_triple
 from captions.dev.worker_process import engine_activity, engine_counters
 from captions.live.transcripts import read_transcript, transcript_path
-from captions.protocol import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS
+from captions.protocol import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS, FinalSegment
 from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
@@ -187,26 +187,26 @@ async def test_live_captions_equal_captions_transcribe_of_the_recorded_audio(
         assert live == transcribe(tiny_checkpoint, files[0]), name
 
 
-async def test_a_late_viewer_receives_the_backlog(conversation, livekit_server, captions_worker):
-    """A viewer joining after everyone left gets the room's captions so far from the agent. The
-    hidden viewer (as the web viewer's tokens are) gets the stream; a visible one also gets the
-    RPC's response."""
+async def test_a_late_viewer_receives_the_backlog_from_the_viewer_server(conversation, captions_worker):
+    """A viewer joining after everyone left gets the room's captions so far: the viewer server reads
+    them from the worker's transcript file, for the room its signed link names (and no other)."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from captions.viewer.links import sign_access
+    from captions.viewer.server import WebSettings, create_app
+
     expected = read_transcript(transcript_path(captions_worker.data_dir, conversation.room))
-    # The agent stays in the room for the server's empty-room timeout, so it can still answer.
-    speaker = await publisher(livekit_server, conversation.room, "alice")  # keeps the room alive
-    try:
-        hidden = await Subscriber(livekit_server, conversation.room, identity="late-hidden").connect()
-        visible = await Subscriber(livekit_server, conversation.room, identity="late-visible",
-                                   hidden=False).connect()
-        response, segments = await hidden.request_backlog()
-        assert segments == expected
-        response, segments = await visible.request_backlog()
-        assert response == {"segments": len(expected)}
-        assert segments == expected
-        await hidden.disconnect()
-        await visible.disconnect()
-    finally:
-        await speaker.disconnect()
+    assert expected, "the conversation left no transcript"
+    settings = WebSettings("ws://unused", "ws://unused", "key", "secret", "viewer-secret",
+                           data_dir=captions_worker.data_dir)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        exp = int(time.time()) + 600
+        link = {"room": conversation.room, "exp": str(exp), "access": sign_access("viewer-secret", conversation.room, exp)}
+        response = await client.get("/api/backlog", params=link)
+        assert response.status == 200
+        assert [FinalSegment(**s) for s in (await response.json())["segments"]] == expected
+        other = {**link, "room": "e2e-queue"}  # a valid room, but not the one the link was signed for
+        assert (await client.get("/api/backlog", params=other)).status == 403
 
 
 async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(

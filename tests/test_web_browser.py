@@ -1,294 +1,45 @@
 """The captions viewer in a real browser (Debian's Chromium driven by Playwright) against a real
-livekit-server and the real `captions web` server.
-
-The captions come from `CaptionAgentBot`, a LiveKit participant of kind AGENT that publishes exactly
-what the caption agent publishes (captions/protocol.py): per segment, interim ``lk.transcription`` text
-streams carrying the full text so far with ``sender_identity`` = the speaker, then the final one with
-``captions.words``; the ``captions.status``/``captions.queued`` attributes; and the
-``captions.backlog`` RPC answered with a ``captions.backlog`` text stream of FinalSegment lines. That
-keeps these tests independent of the model; the last test runs the real worker instead.
-"""
+livekit-server and the real `captions web` server. The captions come from `CaptionAgentBot`
+(tests/viewer_harness.py), which publishes exactly what the caption agent publishes; the last test
+runs the real worker instead. Forgery attempts are in test_authenticity.py."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
-from captions.dev.livekit_server import start_dev_server
 from captions.dev.processes import free_port
-from captions.protocol import (
-    ATTR_AGENT_QUEUED,
-    ATTR_AGENT_STATUS,
-    ATTR_SEGMENT_ID,
-    ATTR_TRANSCRIBED_TRACK_ID,
-    ATTR_TRANSCRIPTION_FINAL,
-    ATTR_WORDS,
-    RPC_BACKLOG,
-    TOPIC_BACKLOG,
-    TOPIC_TRANSCRIPTION,
-    FinalSegment,
+from captions.viewer.links import sign_access
+from tests.viewer_harness import (
+    WAIT_MS,
+    CaptionAgentBot,
+    WebServer,
+    join,
+    screenshot_path,
+    segment_texts,
+    setup_room,
+    start_web_server,
+    stop,
+    wait_state,
 )
-from captions.viewer.links import sign_access, viewer_link
-from captions.viewer.server import WEB_DIR
 
 pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.asyncio(loop_scope="session")]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = PROJECT_ROOT / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--no-first-run", "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
 XSS_NAME = "<img src=x onerror=alert(1)>"
-WAIT_MS = 15000
-# The page runs under a strict Content-Security-Policy (no eval): predicates for wait_for_function
-# are always written as functions ("() => ..."), which Playwright calls without eval.
-
-
-# ---------------------------------------------------------------- servers and browser
-
-
-@dataclass
-class WebServer:
-    base_url: str
-    secret: str
-    process: subprocess.Popen
-
-    def link(self, room: str, ttl_s: int = 600, **extra: str) -> str:
-        url = viewer_link(self.base_url, self.secret, room, ttl_s)
-        return url + "".join(f"&{k}={v}" for k, v in extra.items())
-
-
-def start_web_server(livekit_server, log_path: Path, secret: str = "viewer-test-secret") -> WebServer:
-    """`captions web` as a subprocess, in signed-link mode (not --open), up when /healthz answers."""
-    assert (WEB_DIR / "node_modules").is_dir(), "run `npm ci` in web/ first"
-    port = free_port()
-    command = [sys.executable, "-m", "captions.cli", "web", "--port", str(port), "--url", livekit_server.url,
-               "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
-               "--viewer-secret", secret, "--token-ttl", "600"]
-    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"captions web exited early, see {log_path}"
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-            return WebServer(base, secret, proc)
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"captions web did not come up, see {log_path}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
-@pytest.fixture(scope="session")
-def web_server(livekit_server, tmp_path_factory) -> WebServer:
-    server = start_web_server(livekit_server, tmp_path_factory.mktemp("web") / "web.log")
-    yield server
-    stop(server.process)
 
 
 @pytest.fixture(scope="module")
-def agentless_livekit(tmp_path_factory):
-    """A livekit-server of this module's own where no caption worker ever registers: the tests that
-    play the agent with a bot must not meet the session's real worker, which automatic dispatch
-    sends into every new room of the shared server."""
-    server = start_dev_server(tmp_path_factory.mktemp("agentless") / "livekit-server.log")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def agentless_web(agentless_livekit, tmp_path_factory) -> WebServer:
-    server = start_web_server(agentless_livekit, tmp_path_factory.mktemp("agentless-web") / "web.log")
+def web_server(livekit_server, captions_worker, tmp_path_factory) -> WebServer:
+    """`captions web` next to the session's real worker, serving its transcripts."""
+    server = start_web_server(livekit_server, tmp_path_factory.mktemp("web") / "web.log", captions_worker.data_dir)
     yield server
     stop(server.process)
-
-
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def browser():
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        await chromium.close()
-
-
-@dataclass
-class Viewer:
-    page: object
-    dialogs: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def open_viewer(browser):
-    """Opens viewer pages in fresh contexts; records every dialog (nothing may ever pop one)."""
-    contexts = []
-
-    async def opener(url: str, width: int = 1100, height: int = 760) -> Viewer:
-        context = await browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
-        contexts.append(context)
-        page = await context.new_page()
-        viewer = Viewer(page)
-
-        async def on_dialog(dialog):
-            viewer.dialogs.append(dialog.message)
-            await dialog.dismiss()
-
-        page.on("dialog", on_dialog)
-        page.on("pageerror", lambda error: viewer.errors.append(str(error)))
-        await page.goto(url)
-        return viewer
-
-    yield opener
-    for context in contexts:
-        await context.close()
-
-
-# ---------------------------------------------------------------- LiveKit bots
-
-
-def _token(server, identity: str, name: str, room: str, agent: bool = False) -> str:
-    from livekit import api
-
-    token = api.AccessToken(server.api_key, server.api_secret).with_identity(identity).with_name(name)
-    if agent:
-        token = token.with_kind("agent")
-    # The agent sets its own attributes (captions.status), which needs can_update_own_metadata.
-    grants = api.VideoGrants(room_join=True, room=room, agent=agent, can_update_own_metadata=agent)
-    return token.with_grants(grants).to_jwt()
-
-
-async def join(server, room_name: str, identity: str, name: str, agent: bool = False):
-    from livekit import rtc
-
-    room = rtc.Room()
-    await room.connect(server.url, _token(server, identity, name, room_name, agent))
-    return room
-
-
-class CaptionAgentBot:
-    """Publishes captions the way the caption agent does, and answers the backlog RPC."""
-
-    def __init__(self, room, names: dict[str, str]):
-        self.room = room
-        self.names = names
-        self.finals: list[FinalSegment] = []
-        self.backlog_gate = asyncio.Event()
-        self.backlog_gate.set()
-        self.backlog_requests: list[dict] = []
-        room.local_participant.register_rpc_method(RPC_BACKLOG, self._on_backlog)
-
-    @classmethod
-    async def start(cls, server, room_name: str, names: dict[str, str], status: str = "live"):
-        room = await join(server, room_name, "captions-agent", "Captions", agent=True)
-        bot = cls(room, names)
-        await bot.set_status(status)
-        return bot
-
-    async def set_status(self, status: str, queued: list[str] | None = None) -> None:
-        await self.room.local_participant.set_attributes(
-            {ATTR_AGENT_STATUS: status, ATTR_AGENT_QUEUED: json.dumps(queued or [])})
-
-    async def _send(self, speaker: str, segment_id: str, text: str, final: bool, words=None) -> None:
-        attributes = {ATTR_SEGMENT_ID: segment_id, ATTR_TRANSCRIPTION_FINAL: "true" if final else "false",
-                      ATTR_TRANSCRIBED_TRACK_ID: f"TR_{speaker}"}
-        if final:
-            attributes[ATTR_WORDS] = json.dumps(words)
-        writer = await self.room.local_participant.stream_text(
-            topic=TOPIC_TRANSCRIPTION, sender_identity=speaker, attributes=attributes)
-        await writer.write(text)
-        await writer.aclose()
-
-    async def interim(self, speaker: str, segment_id: str, text: str) -> None:
-        await self._send(speaker, segment_id, text, final=False)
-
-    async def final(self, speaker: str, segment_id: str, text: str, start: float) -> FinalSegment:
-        words = [[w, round(start + 0.4 * i, 3), round(start + 0.4 * i + 0.3, 3)] for i, w in enumerate(text.split())]
-        await self._send(speaker, segment_id, text, final=True, words=words)
-        segment = FinalSegment(segment_id, speaker, self.names.get(speaker, speaker), f"TR_{speaker}", text,
-                               words[0][1], words[-1][2], words)
-        self.finals.append(segment)
-        return segment
-
-    async def say(self, speaker: str, text: str, start: float | None = None) -> str:
-        """Interim updates word by word, then the final: one segment."""
-        segment_id = f"SG_{uuid.uuid4().hex[:10]}"
-        words = text.split()
-        for n in range(1, len(words)):
-            await self.interim(speaker, segment_id, " ".join(words[:n]))
-        await self.final(speaker, segment_id, text, time.time() if start is None else start)
-        return segment_id
-
-    async def _on_backlog(self, data) -> str:
-        # A hidden viewer's identity is blank on the request; it names itself in the payload.
-        reply_to = data.caller_identity or json.loads(data.payload or "{}").get("reply_to", "")
-        self.backlog_requests.append({"caller": data.caller_identity, "reply_to": reply_to})
-        await self.backlog_gate.wait()
-        content = "".join(segment.to_json() + "\n" for segment in self.finals)
-        writer = await self.room.local_participant.stream_text(
-            topic=TOPIC_BACKLOG, destination_identities=[reply_to])
-        await writer.write(content)
-        await writer.aclose()
-        return json.dumps({"segments": len(self.finals)})
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def rooms():
-    """Connected LiveKit rooms of a test, disconnected at its end."""
-    joined = []
-    yield joined
-    for room in joined:
-        await room.disconnect()
-
-
-async def setup_room(livekit_server, rooms, speakers: dict[str, str], status: str = "live"):
-    """A fresh room with named speaker participants and a caption agent bot."""
-    room_name = f"room-{uuid.uuid4().hex[:8]}"
-    for identity, name in speakers.items():
-        rooms.append(await join(livekit_server, room_name, identity, name))
-    bot = await CaptionAgentBot.start(livekit_server, room_name, speakers, status)
-    rooms.append(bot.room)
-    return room_name, bot
-
-
-async def wait_state(page, state: str) -> None:
-    await page.wait_for_selector(f'#status[data-state="{state}"]', timeout=WAIT_MS)
-
-
-async def segment_texts(page) -> list[dict]:
-    return await page.eval_on_selector_all(
-        "#captions .seg",
-        "nodes => nodes.map(n => ({text: n.textContent, interim: n.classList.contains('interim'),"
-        " speaker: n.closest('.turn').querySelector('.name').textContent}))",
-    )
-
-
-def screenshot_path(name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    return ARTIFACTS / name
 
 
 # ---------------------------------------------------------------- tests
@@ -333,31 +84,35 @@ async def test_two_speakers_interim_then_final_without_duplicates(agentless_live
 
 
 async def test_late_viewer_sees_backlog_once(agentless_livekit, agentless_web, rooms, open_viewer):
+    """The viewer server serves the room's earlier captions; a segment the viewer already got live
+    (the backlog request is held until then) is shown once."""
     speakers = {"carol": "Carol Diaz", "dan": "Dan Wu"}
-    room_name, bot = await setup_room(agentless_livekit, rooms, speakers)
+    room_name, bot = await setup_room(agentless_livekit, rooms, speakers, web=agentless_web)
     earlier = time.time() - 60
     await bot.say("carol", "this was said before anyone watched", start=earlier)
     await bot.say("dan", "and so was this", start=earlier + 5)
-    bot.backlog_gate.clear()  # hold the backlog answer until a live caption has arrived
+    held: list = []
 
-    viewer = await open_viewer(agentless_web.link(room_name))
+    async def hold_backlog(page) -> None:
+        await page.route("**/api/backlog?*", lambda route: held.append(route))  # noqa: PLW0108 - playwright wraps the handler
+
+    viewer = await open_viewer(agentless_web.link(room_name), before_load=hold_backlog)
     page = viewer.page
     await wait_state(page, "live")
     deadline = time.monotonic() + 10
-    while not bot.backlog_requests and time.monotonic() < deadline:
+    while not held and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert bot.backlog_requests, "the viewer never asked for the backlog"
-    assert bot.backlog_requests[0]["reply_to"].startswith("viewer-")
-
+    assert held, "the viewer never asked for the backlog"
     live_id = await bot.say("carol", "this one is live")
     await page.wait_for_selector("#captions .seg", timeout=WAIT_MS)
-    bot.backlog_gate.set()  # the backlog now holds the live segment too: it must not show twice
+    await held[0].continue_()  # the backlog now holds the live segment too: it must not show twice
     await page.wait_for_selector("#captions .turn.backlog", timeout=WAIT_MS)
     texts = [s["text"] for s in await segment_texts(page)]
     assert texts == ["this was said before anyone watched", "and so was this", "this one is live"]
     assert live_id in {s.segment_id for s in bot.finals}
     names = await page.eval_on_selector_all("#captions .turn .name", "ns => ns.map(n => n.textContent)")
     assert names == ["Carol Diaz", "Dan Wu", "Carol Diaz"]
+    assert viewer.errors == []
 
 
 async def test_html_in_names_and_captions_is_shown_as_text(agentless_livekit, agentless_web, rooms, open_viewer):
@@ -486,7 +241,7 @@ async def test_unreachable_livekit_shows_disconnected_and_retries(agentless_live
 
     dead = SimpleNamespace(url=f"ws://127.0.0.1:{free_port()}", api_key=agentless_livekit.api_key,
                            api_secret=agentless_livekit.api_secret)
-    server = start_web_server(dead, tmp_path / "web.log")
+    server = start_web_server(dead, tmp_path / "web.log", tmp_path / "data")
     try:
         viewer = await open_viewer(server.link("any-room"))
         await wait_state(viewer.page, "retrying")

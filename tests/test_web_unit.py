@@ -16,7 +16,10 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from captions.cli import main as cli_main
+from captions.live.transcripts import TranscriptStore, transcript_path
+from captions.protocol import CaptionSigner, FinalSegment, caption_message
 from captions.viewer.links import AccessDenied, check_access, sign_access, viewer_link
+from captions.viewer.ratelimit import RateLimiter
 from captions.viewer.server import WEB_DIR, WebSettings, check_web_dir, create_app, mint_viewer_token
 
 API_SECRET = "api-secret-that-never-leaves-the-server"
@@ -88,6 +91,7 @@ def test_viewer_token_is_hidden_subscribe_only_for_one_room_and_short_lived():
     assert video["room"] == "standup" and video["roomJoin"] is True
     assert video["hidden"] is True and video["canSubscribe"] is True
     assert video["canPublish"] is False
+    assert video["canPublishData"] is False, "a viewer link's holder could put data into the room"
     assert not video.get("roomAdmin") and not video.get("roomCreate") and not video.get("canUpdateOwnMetadata")
     assert claims["sub"].startswith("viewer-") and claims["sub"] == body["identity"]
     assert 890 <= claims["exp"] - time.time() <= 900
@@ -144,6 +148,84 @@ async def test_server_says_when_a_link_has_expired(client):
     assert response.status == 403
     body = await response.json()
     assert body["reason"] == "expired" and "expired" in body["error"]
+
+
+async def test_tokens_are_rate_limited_per_link_and_per_address_with_a_clear_answer(client):
+    params = link_params(viewer_link("http://x", VIEWER_SECRET, "standup", ttl_s=600))
+    statuses = [(await client.get("/api/token", params=params)).status for _ in range(12)]
+    assert statuses[:10] == [200] * 10 and statuses[-1] == 429, statuses
+    response = await client.get("/api/token", params=params)
+    assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
+    body = await response.json()
+    assert body["reason"] == "rate_limited" and "try again in" in body["error"]
+    # Other links from the same address still work until the address's own budget runs out.
+    other = link_params(viewer_link("http://x", VIEWER_SECRET, "board", ttl_s=600))
+    statuses = [(await client.get("/api/token", params=other)).status for _ in range(10)]
+    assert 200 in statuses and statuses[-1] == 429, statuses
+
+
+@pytest.mark.parametrize("client", [{"behind_proxy": True}], indirect=True)
+async def test_behind_a_proxy_each_client_address_has_its_own_budget(client):
+    def link(room: str) -> dict:
+        return link_params(viewer_link("http://x", VIEWER_SECRET, room, ttl_s=600))
+
+    first = [(await client.get("/api/token", params=link(f"r{n}"), headers={"X-Forwarded-For": "203.0.113.7"})).status
+             for n in range(22)]
+    assert first[-1] == 429
+    other = await client.get("/api/token", params=link("r-other"), headers={"X-Forwarded-For": "198.51.100.9"})
+    assert other.status == 200
+
+
+def test_rate_limiter_refills_over_time_and_forgets_idle_keys():
+    now = [0.0]
+    limiter = RateLimiter(per_minute=6, burst=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.take("a") == pytest.approx(10.0)  # 6 a minute: one every 10 s
+    now[0] += 10.0
+    assert limiter.take("a") == 0.0
+    assert limiter.take("b") == 0.0, "keys do not share a budget"
+
+
+@pytest.fixture
+def transcripts(tmp_path) -> Path:
+    store = TranscriptStore(transcript_path(tmp_path, "standup"))
+    now = time.time()
+    for n, text in enumerate(["<b>earlier</b>", "now"]):
+        store.append(FinalSegment(f"SG_{n}", "alice", "Alice <i>", "TR_1", text, now - 10 + n, now - 9 + n, []))
+    store.close()
+    return tmp_path
+
+
+async def test_backlog_is_served_for_a_valid_link_of_its_room_only(transcripts):
+    async with TestClient(TestServer(create_app(settings(data_dir=transcripts)))) as client:
+        params = link_params(viewer_link("http://x", VIEWER_SECRET, "standup", ttl_s=600))
+        response = await client.get("/api/backlog", params=params)
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        body = await response.json()
+        assert [(s["segment_id"], s["text"], s["participant_name"]) for s in body["segments"]] == [
+            ("SG_0", "<b>earlier</b>", "Alice <i>"), ("SG_1", "now", "Alice <i>")]
+        for bad in ({**params, "room": "board"}, {**params, "access": "0" * 64}, {**params, "exp": "9999999999"},
+                    {"room": "standup"}):
+            assert (await client.get("/api/backlog", params=bad)).status == 403, bad
+        assert (await client.get("/api/backlog", params={**params, "room": "../standup"})).status == 403
+        # Invalid requests spend the budget too (no guessing links at full speed): 6 at once.
+        response = await client.get("/api/backlog", params=params)
+        assert response.status == 429 and (await response.json())["reason"] == "rate_limited"
+
+
+async def test_backlog_of_an_expired_link_says_so(transcripts):
+    async with TestClient(TestServer(create_app(settings(data_dir=transcripts)))) as client:
+        expiry = int(time.time()) - 1
+        expired = {"room": "standup", "exp": str(expiry), "access": sign_access(VIEWER_SECRET, "standup", expiry)}
+        response = await client.get("/api/backlog", params=expired)
+        assert response.status == 403 and (await response.json())["reason"] == "expired"
+
+
+async def test_backlog_without_access_to_the_transcripts_says_so(tmp_path):
+    async with TestClient(TestServer(create_app(settings(data_dir=None)))) as client:
+        params = link_params(viewer_link("http://x", VIEWER_SECRET, "standup", ttl_s=600))
+        response = await client.get("/api/backlog", params=params)
+        assert response.status == 404 and (await response.json())["reason"] == "no_backlog"
 
 
 @pytest.mark.parametrize("client", [{"open_access": True}], indirect=True)
@@ -260,3 +342,38 @@ def test_export_orders_cues_by_time_and_gives_every_cue_a_duration():
 
 def test_web_dir_is_where_the_server_looks():
     assert (WEB_DIR / "index.html").is_file() and Path(WEB_DIR / "package-lock.json").is_file()
+
+
+# ---------------------------------------------------------------- caption signatures (web/protocol.js under node)
+
+
+def verify_in_node(public_key: str, caption: dict) -> bool:
+    """What the viewer does with a caption (protocol.js's message, WebCrypto's Ed25519), under node."""
+    script = (
+        "import { captionMessage, fromBase64 } from './protocol.js';"
+        "const [key, caption] = [process.argv[1], JSON.parse(process.argv[2])];"
+        "const imported = await crypto.subtle.importKey('raw', fromBase64(key), {name: 'Ed25519'}, false, ['verify']);"
+        "const ok = await crypto.subtle.verify({name: 'Ed25519'}, imported, fromBase64(caption.signature),"
+        " captionMessage(caption));"
+        "console.log(JSON.stringify(ok));"
+    )
+    result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", script, public_key,
+                             json.dumps(caption)], cwd=WEB_DIR, capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(result.stdout)
+
+
+def test_a_caption_signed_by_the_agent_verifies_in_the_viewer_and_any_change_breaks_it():
+    signer = CaptionSigner()
+    fields = {"room": "réunion: 1", "agent": "agent-AJ_1", "speaker": "alice", "trackSid": "TR_1",
+              "segmentId": "SG_1", "seq": 3, "final": True, "words": '[["h\\u00e9llo", 1.0, 1.5]]',
+              "text": "héllo 5:world 🎉"}
+    message = caption_message(room=fields["room"], agent=fields["agent"], speaker=fields["speaker"],
+                              track_sid=fields["trackSid"], segment_id=fields["segmentId"], seq=fields["seq"],
+                              final=fields["final"], words=fields["words"], text=fields["text"])
+    caption = {**fields, "signature": signer.sign(message)}
+    assert verify_in_node(signer.public_key, caption) is True
+    for field, other in [("text", "héllo 5:world 🎉!"), ("speaker", "bob"), ("segmentId", "SG_2"), ("seq", 4),
+                         ("final", False), ("room", "réunion: 2"), ("agent", "agent-AJ_2"), ("words", "[]"),
+                         ("trackSid", "TR_2")]:
+        assert verify_in_node(signer.public_key, {**caption, field: other}) is False, field
+    assert verify_in_node(CaptionSigner().public_key, caption) is False, "another agent's key"

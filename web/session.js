@@ -1,6 +1,7 @@
 // The viewer's connection to the room: a token from the viewer server, the LiveKit room (hidden,
-// subscribe-only), caption and backlog streams into the transcript, the state shown to the
-// reader (live, no captioner, waiting for capacity, reconnecting, refused, expired), and retries.
+// subscribe-only, no data publishing), verified caption streams into the transcript, the backlog
+// from the viewer server, the state shown to the reader (live, no captioner, waiting for capacity,
+// reconnecting, refused, expired, insecure page), and retries.
 
 import {
   ConnectionError,
@@ -10,20 +11,25 @@ import {
   Room,
   RoomEvent,
 } from './vendor/livekit-client.esm.mjs';
+import { CaptionVerifier } from './authenticity.js';
 import {
+  ATTR_AGENT,
   ATTR_AGENT_QUEUED,
   ATTR_AGENT_STATUS,
   ATTR_SEGMENT_ID,
+  ATTR_SEQ,
+  ATTR_SIGNATURE,
+  ATTR_TRANSCRIBED_TRACK_ID,
   ATTR_TRANSCRIPTION_FINAL,
   ATTR_WORDS,
-  RPC_BACKLOG,
-  TOPIC_BACKLOG,
+  MAX_CAPTION_CHARS,
   TOPIC_TRANSCRIPTION,
   parseJsonArray,
   parseWords,
 } from './protocol.js';
 
 const RETRY_DELAYS_S = [1, 2, 4, 8, 15, 30];
+const STREAM_TIMEOUT_MS = 30000;
 
 const STATES = {
   connecting: ['Connecting…', ''],
@@ -36,6 +42,10 @@ const STATES = {
   refused: ['Access refused', ''],
   expired: ['Link expired', ''],
   ended: ['Disconnected', ''],
+  insecure: ['Captions cannot be verified',
+    'This page is not secure (plain http from another machine), so this browser cannot check that captions '
+    + 'come from the caption agent, and none are shown. Open the viewer over https://, or on the machine '
+    + 'that runs it.'],
 };
 
 class AccessError extends Error {
@@ -73,6 +83,16 @@ async function fetchGrant(params) {
   throw new Error(message);
 }
 
+/** A stream's whole text, refusing (with an error) to read past `limit` characters. */
+async function readBounded(reader, limit) {
+  let text = '';
+  for await (const chunk of reader) {
+    text += chunk;
+    if (text.length > limit) throw new Error(`longer than ${limit} characters`);
+  }
+  return text;
+}
+
 function agentsIn(room) {
   return [...room.remoteParticipants.values()].filter((p) => p.kind === ParticipantKind.AGENT);
 }
@@ -97,7 +117,8 @@ export class Session {
     this.attempt = 0;
     this.retryTimer = null;
     this.closing = false;
-    this.backlog = { requested: false, received: false };
+    this.backlog = { loaded: false };
+    this.verifier = new CaptionVerifier(() => this.room);
   }
 
   showState(state, detail) {
@@ -114,6 +135,7 @@ export class Session {
   /** Live / agent absent / loading / waiting, from the agent's participant attributes. */
   refreshRoomState() {
     if (this.phase !== 'connected' || !this.room) return;
+    if (!CaptionVerifier.available) return this.showState('insecure');
     const agents = agentsIn(this.room);
     if (!agents.length) return this.showState('no-agent');
     const statuses = agents.map((a) => a.attributes[ATTR_AGENT_STATUS]);
@@ -129,70 +151,70 @@ export class Session {
     this.showState('live');
   }
 
+  /** One caption stream: read (bounded), verified, then shown; anything else is dropped with a warning. */
   async onCaptionStream(reader, participantInfo) {
     const attributes = reader.info.attributes || {};
-    let text;
-    try {
-      text = await reader.readAll();
-    } catch (error) {
-      console.warn('caption stream failed', error);
+    const caption = {
+      agent: attributes[ATTR_AGENT] || '',
+      speaker: participantInfo.identity || '',
+      trackSid: attributes[ATTR_TRANSCRIBED_TRACK_ID] || '',
+      segmentId: attributes[ATTR_SEGMENT_ID] || '',
+      seq: Number(attributes[ATTR_SEQ]),
+      final: attributes[ATTR_TRANSCRIPTION_FINAL] === 'true',
+      words: attributes[ATTR_WORDS] || '',
+      signature: attributes[ATTR_SIGNATURE] || '',
+    };
+    if (!caption.agent || !caption.speaker || !caption.segmentId || !Number.isSafeInteger(caption.seq)
+        || caption.seq < 0 || !caption.signature) {
+      console.warn('ignoring a caption stream without the agent\'s signature fields', reader.info.id);
       return;
     }
-    const final = attributes[ATTR_TRANSCRIPTION_FINAL] === 'true';
+    try {
+      caption.text = await readBounded(reader.withAbortSignal(AbortSignal.timeout(STREAM_TIMEOUT_MS)),
+        MAX_CAPTION_CHARS);
+    } catch (error) {
+      console.warn('ignoring a caption stream:', error.message);
+      return;
+    }
+    if (!CaptionVerifier.available) return;
+    if (!(await this.verifier.verify(caption))) {
+      console.warn(`ignoring a caption for ${caption.speaker} that the caption agent did not sign`);
+      return;
+    }
     this.transcript.update({
-      id: attributes[ATTR_SEGMENT_ID] || reader.info.id,
-      identity: participantInfo.identity,
-      text: text.trim(),
-      final,
-      words: final ? parseWords(attributes[ATTR_WORDS]) : [],
+      id: caption.segmentId,
+      identity: caption.speaker,
+      text: caption.text.trim(),
+      final: caption.final,
+      words: caption.final ? parseWords(caption.words) : [],
       start: Date.now() / 1000,
+      seq: caption.seq,
     });
     this.onCaptions();
   }
 
-  async onBacklogStream(reader) {
-    let content;
+  /** The room's captions so far, from the viewer server (the same signed link as the token). */
+  async loadBacklog() {
+    if (this.backlog.loaded || this.params.has('token')) return; // a raw token has no link to show
+    this.backlog.loaded = true;
+    const query = new URLSearchParams();
+    for (const key of ['room', 'exp', 'access']) if (this.params.has(key)) query.set(key, this.params.get(key));
+    let body = {};
+    let response;
     try {
-      content = await reader.readAll();
+      response = await fetch(`/api/backlog?${query}`, { cache: 'no-store' });
+      body = await readJson(response);
     } catch (error) {
-      console.warn('backlog stream failed', error);
+      console.warn('backlog request failed', error);
+    }
+    if (!response?.ok || !Array.isArray(body.segments)) {
+      this.transcript.note(body.error
+        ? `Earlier captions could not be loaded: ${body.error}`
+        : 'Earlier captions could not be loaded; new captions appear below.');
       return;
     }
-    this.backlog.received = true;
-    const records = [];
-    for (const line of content.split('\n')) {
-      if (!line.trim()) continue;
-      try {
-        records.push(JSON.parse(line));
-      } catch {
-        console.warn('skipping a malformed backlog line');
-      }
-    }
-    this.transcript.addBacklog(records);
+    this.transcript.addBacklog(body.segments);
     this.onCaptions();
-  }
-
-  /** Asks the agent for the captions so far; the answer comes as a captions.backlog text stream. */
-  async requestBacklog(room) {
-    const [agent] = agentsIn(room);
-    if (!agent || this.backlog.requested) return;
-    this.backlog.requested = true;
-    try {
-      // A hidden viewer's identity is blanked by the server on the request, so it travels in the
-      // payload; the RPC's own response cannot be routed back to a hidden caller and may time out.
-      await room.localParticipant.performRpc({
-        destinationIdentity: agent.identity,
-        method: RPC_BACKLOG,
-        payload: JSON.stringify({ reply_to: room.localParticipant.identity }),
-        responseTimeout: 10000,
-      });
-    } catch (error) {
-      await new Promise((resolve) => setTimeout(resolve, 1500));
-      if (!this.backlog.received && this.room === room) {
-        console.warn('backlog request failed', error);
-        this.transcript.note('Earlier captions could not be loaded; new captions appear below.');
-      }
-    }
   }
 
   rememberNames(room) {
@@ -204,11 +226,9 @@ export class Session {
 
   wireRoom(room) {
     room.registerTextStreamHandler(TOPIC_TRANSCRIPTION, (reader, info) => this.onCaptionStream(reader, info));
-    room.registerTextStreamHandler(TOPIC_BACKLOG, (reader) => this.onBacklogStream(reader));
     const changed = () => {
       this.rememberNames(room);
       this.refreshRoomState();
-      if (this.phase === 'connected') this.requestBacklog(room);
     };
     room.on(RoomEvent.ParticipantConnected, changed);
     room.on(RoomEvent.ParticipantDisconnected, changed);
@@ -285,10 +305,9 @@ export class Session {
     this.room = room; // only now: a failed connect must not also count as a lost connection
     this.attempt = 0;
     this.phase = 'connected';
-    this.backlog.requested = false;
     this.rememberNames(room);
     this.refreshRoomState();
-    this.requestBacklog(room);
+    this.loadBacklog();
   }
 
   close() {

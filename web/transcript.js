@@ -30,7 +30,12 @@ export class Speakers {
   }
 }
 
-/** Segments keyed by lk.segment_id, rendered as turns. */
+/** A segment's key: its speaker and its id, so that nobody else's update can reach it. */
+function segmentKey(identity, id) {
+  return `${identity}\u0000${id}`;
+}
+
+/** Segments keyed by speaker and lk.segment_id, rendered as turns. */
 export class Transcript {
   constructor(container, empty, speakers) {
     this.container = container;
@@ -41,19 +46,24 @@ export class Transcript {
     this.nameLabels = new Map(); // identity -> name elements of that speaker's turns
   }
 
-  /** Applies one caption update: new segment, interim replacement, or the final text. */
-  update({ id, identity, name, text, final, words, start }) {
-    let segment = this.segments.get(id);
-    if (segment && segment.final) return; // final is final: never duplicated nor reverted
+  /**
+   * Applies one (verified) caption update: new segment, interim replacement, or the final text.
+   * `seq` numbers a segment's updates: an older one arriving late never replaces a newer one.
+   */
+  update({ id, identity, name, text, final, words, start, seq }) {
+    const key = segmentKey(identity, id);
+    let segment = this.segments.get(key);
+    if (segment && (segment.final || seq <= segment.seq)) return; // final is final, never reverted
     if (!segment) {
       if (!text) return;
-      segment = { id, identity, text: '', final: false, words: [], start, end: start };
+      segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1 };
       segment.node = document.createElement('span');
       segment.node.className = 'seg';
       this.turnFor(identity, name, start).append(segment.node);
-      this.segments.set(id, segment);
+      this.segments.set(key, segment);
       this.empty.hidden = true;
     }
+    segment.seq = seq;
     segment.text = text;
     segment.final = final;
     segment.node.textContent = text;
@@ -107,17 +117,21 @@ export class Transcript {
   /** Puts the room's earlier captions above the live ones, skipping segments already shown. */
   addBacklog(records) {
     const fresh = records
-      .filter((r) => r && r.segment_id && !this.segments.has(r.segment_id) && r.text)
+      .filter((r) => r && typeof r.segment_id === 'string' && typeof r.participant_identity === 'string'
+        && typeof r.text === 'string' && r.text && Number.isFinite(r.start)
+        && !this.segments.has(segmentKey(r.participant_identity, r.segment_id)))
       .sort((a, b) => a.start - b.start);
     if (!fresh.length) return 0;
     const fragment = document.createDocumentFragment();
     let turn = null;
     for (const r of fresh) {
-      if (r.participant_name && !this.speakers.names.has(r.participant_identity)) {
+      if (typeof r.participant_name === 'string' && r.participant_name
+          && !this.speakers.names.has(r.participant_identity)) {
         this.speakers.learn(r.participant_identity, r.participant_name);
       }
       if (!turn || turn.identity !== r.participant_identity) {
-        turn = this.buildTurn(r.participant_identity, r.participant_name, r.start);
+        const name = typeof r.participant_name === 'string' ? r.participant_name : '';
+        turn = this.buildTurn(r.participant_identity, name, r.start);
         turn.element.classList.add('backlog');
         fragment.append(turn.element);
       }
@@ -126,9 +140,9 @@ export class Transcript {
       node.textContent = r.text;
       turn.text.append(node);
       const words = Array.isArray(r.words) ? r.words : [];
-      this.segments.set(r.segment_id, {
+      this.segments.set(segmentKey(r.participant_identity, r.segment_id), {
         id: r.segment_id, identity: r.participant_identity, text: r.text, final: true,
-        words, start: r.start, end: r.end, node,
+        words, start: r.start, end: Number.isFinite(r.end) ? r.end : r.start, node, seq: Infinity,
       });
     }
     const firstLive = this.container.querySelector('.turn:not(.backlog)');

@@ -1,12 +1,11 @@
-"""Real WebRTC clients for end-to-end tests and the latency benchmark: a publisher that speaks a WAV
-file in real time and a subscriber that collects caption streams (and can ask the agent for the
-backlog). Only the tests and `captions bench latency` import this module."""
+"""Real WebRTC clients for end-to-end tests and the benchmarks: a publisher that speaks a WAV file in
+real time and a subscriber that collects caption streams. Only the tests, `captions speak` and the
+benchmarks import this module."""
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import json
 import time
 import wave
@@ -22,10 +21,7 @@ from captions.protocol import (
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
     ATTR_WORDS,
-    RPC_BACKLOG,
-    TOPIC_BACKLOG,
     TOPIC_TRANSCRIPTION,
-    FinalSegment,
 )
 from captions.stt.api import SAMPLE_RATE
 
@@ -168,11 +164,10 @@ class Subscriber:
     room_name: str
     identity: str = "viewer"
     hidden: bool = True
-    can_publish_data: bool = True
-    """Needed to call the backlog RPC (an RPC request is a data packet)."""
+    can_publish_data: bool = False
+    """Viewers publish nothing; a test may make one that can (an attacker)."""
     room: rtc.Room = field(default_factory=rtc.Room)
     captions: list[Caption] = field(default_factory=list)
-    backlogs: list[str] = field(default_factory=list)
     statuses: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     """(participant identity, attributes) each time an agent's attributes changed."""
     _tasks: set = field(default_factory=set)
@@ -180,7 +175,6 @@ class Subscriber:
 
     async def connect(self) -> Subscriber:
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_caption_stream)
-        self.room.register_text_stream_handler(TOPIC_BACKLOG, self._on_backlog_stream)
         self.room.on("participant_attributes_changed", self._on_attributes)
         token = make_token(self.server, self.room_name, self.identity, hidden=self.hidden,
                            can_publish=False, can_publish_data=self.can_publish_data)
@@ -207,11 +201,6 @@ class Subscriber:
             attributes=attrs, received_at=time.time(), order=order)
         bisect.insort(self.captions, caption, key=lambda c: c.order)
 
-    def _on_backlog_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
-        async def read() -> None:
-            self.backlogs.append(await reader.read_all())
-        self._spawn(read())
-
     def _on_attributes(self, changed: dict[str, str], participant: rtc.Participant) -> None:
         if ATTR_AGENT_STATUS in participant.attributes:
             self.statuses.append((participant.identity, dict(participant.attributes)))
@@ -229,25 +218,6 @@ class Subscriber:
                 return agent
             await asyncio.sleep(0.1)
         raise TimeoutError(f"no captions agent in {self.room_name} after {timeout} s")
-
-    async def request_backlog(self, timeout: float = 10) -> tuple[dict | None, list[FinalSegment]]:
-        """Calls the agent's backlog RPC; returns its response (None for a hidden caller, whom the
-        response cannot reach) and the segments streamed to us."""
-        agent = await self.wait_for_agent()
-        before = len(self.backlogs)
-        call = asyncio.ensure_future(self.room.local_participant.perform_rpc(
-            destination_identity=agent.identity, method=RPC_BACKLOG,
-            payload=json.dumps({"reply_to": self.identity}), response_timeout=timeout))
-        try:
-            await self.wait_until(lambda: len(self.backlogs) > before, timeout, "the backlog stream")
-            response = None if self.hidden else json.loads(await call)
-        finally:
-            if not call.done():
-                call.cancel()
-            with contextlib.suppress(BaseException):
-                await call
-        lines = self.backlogs[before].splitlines()
-        return response, [FinalSegment.from_json(line) for line in lines if line.strip()]
 
     def finals(self, sender: str | None = None) -> list[Caption]:
         return [c for c in self.captions if c.final and (sender is None or c.sender == sender)]

@@ -129,7 +129,8 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str:
     # The viewer signs links with CAPTIONS_VIEWER_SECRET when set: give this run its own, so that the
     # printed link is signed with exactly the key the viewer child checks.
     viewer_secret = os.environ.setdefault("CAPTIONS_VIEWER_SECRET", secrets.token_urlsafe(32))
-    web = _spawn("viewer", _captions_command("web", "--host", args.host, "--port", str(args.web_port), *lk))
+    web = _spawn("viewer", _captions_command("web", "--host", args.host, "--port", str(args.web_port),
+                                             "--data-dir", str(args.data_dir), *lk))
     children.append(web)
     base_url = f"http://{args.host}:{args.web_port}"
     _wait_for_http(f"{base_url}/healthz", web)

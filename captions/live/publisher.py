@@ -3,6 +3,7 @@
 One task per room sends the captions in the order they were made, one stream each: an interim
 update carries the segment's full text so far, and is skipped when a newer text of the same segment
 is already waiting (publishing fell behind); a final one is retried, e.g. across a reconnection.
+Every caption is signed with the agent's key (captions/protocol.py), numbered within its segment.
 
 Threads: everything here runs on the room's event loop.
 """
@@ -21,11 +22,16 @@ from captions.live.segmenter import CaptionUpdate
 from captions.live.timing import ATTR_TIMING
 from captions.log import logger
 from captions.protocol import (
+    ATTR_AGENT,
     ATTR_SEGMENT_ID,
+    ATTR_SEQ,
+    ATTR_SIGNATURE,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
     ATTR_WORDS,
     TOPIC_TRANSCRIPTION,
+    CaptionSigner,
+    caption_message,
 )
 
 FINAL_PUBLISH_ATTEMPTS = 5
@@ -47,10 +53,13 @@ class OutgoingCaption:
 class CaptionPublisher:
     """The room's publish queue, drained by `run()`."""
 
-    def __init__(self, participant: rtc.LocalParticipant):
-        self._participant = participant
+    def __init__(self, room: rtc.Room, signer: CaptionSigner):
+        self._room = room
+        self._signer = signer
         self._outbox: list[OutgoingCaption] = []
         self._ready = asyncio.Event()
+        self._next_seq: dict[str, int] = {}
+        """Per open segment, the number of its next update (a segment's entry goes with its final)."""
 
     def put(self, caption: OutgoingCaption) -> None:
         self._outbox.append(caption)
@@ -68,20 +77,34 @@ class CaptionPublisher:
                     continue  # a newer text of this segment is already queued: publishing is behind
                 await self._publish(item)
 
-    async def _publish(self, item: OutgoingCaption) -> None:
+    def _signed_attributes(self, item: OutgoingCaption) -> dict[str, str]:
+        update, agent = item.update, self._room.local_participant.identity
+        seq = self._next_seq.pop(update.segment_id, 0)
+        if not update.final:
+            self._next_seq[update.segment_id] = seq + 1
+        message = caption_message(room=self._room.name, agent=agent, speaker=item.identity,
+                                  track_sid=item.track_sid, segment_id=update.segment_id, seq=seq,
+                                  final=update.final, words=item.words_attr or "", text=update.text)
         attributes = {
-            ATTR_SEGMENT_ID: item.update.segment_id,
+            ATTR_SEGMENT_ID: update.segment_id,
             ATTR_TRANSCRIBED_TRACK_ID: item.track_sid,
-            ATTR_TRANSCRIPTION_FINAL: "true" if item.update.final else "false",
+            ATTR_TRANSCRIPTION_FINAL: "true" if update.final else "false",
+            ATTR_AGENT: agent,
+            ATTR_SEQ: str(seq),
+            ATTR_SIGNATURE: self._signer.sign(message),
         }
         if item.words_attr is not None:
             attributes[ATTR_WORDS] = item.words_attr
+        return attributes
+
+    async def _publish(self, item: OutgoingCaption) -> None:
+        attributes = self._signed_attributes(item)
         attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
         for attempt in range(attempts):
             if item.timing is not None:
                 attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
             try:
-                writer = await self._participant.stream_text(
+                writer = await self._room.local_participant.stream_text(
                     topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=attributes)
                 if item.update.text:
                     await writer.write(item.update.text)

@@ -33,14 +33,14 @@ from captions.live.sdk_fixes import open_audio_stream
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
 from captions.live.slots import SlotQueue, Waiter
 from captions.live.timing import StreamTiming
-from captions.live.transcripts import TranscriptStore, backlog_payload, transcript_path
+from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.log import logger
 from captions.protocol import (
+    ATTR_AGENT_KEY,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
-    RPC_BACKLOG,
-    TOPIC_BACKLOG,
     AgentStatus,
+    CaptionSigner,
     FinalSegment,
     words_attribute,
 )
@@ -223,14 +223,16 @@ class Speaker:
 class RoomCaptioner:
     """Captions every speaker of one connected `rtc.Room` with the shared engine."""
 
-    def __init__(self, room: rtc.Room, slots: SlotQueue, options: RoomOptions):
+    def __init__(self, room: rtc.Room, slots: SlotQueue, options: RoomOptions, signer: CaptionSigner | None = None):
+        """`signer`: the worker's key (one per process); a room made without one gets its own."""
         self.room = room
         self.slots = slots
         self.options = options
         self.room_name = room.name
         self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name))
         self._speakers: dict[str, Speaker] = {}
-        self._publisher = CaptionPublisher(room.local_participant)
+        self._signer = signer or CaptionSigner()
+        self._publisher = CaptionPublisher(room, self._signer)
         self._tasks: set[asyncio.Task[None]] = set()
         self._status_dirty = asyncio.Event()
         self._closed = False
@@ -243,7 +245,6 @@ class RoomCaptioner:
         self.room.on("track_muted", self._on_track_muted)
         self.room.on("track_unmuted", self._on_track_unmuted)
         self.room.on("participant_disconnected", self._on_participant_disconnected)
-        self.room.local_participant.register_rpc_method(RPC_BACKLOG, self._on_backlog_rpc)
         self._spawn(self._publisher.run(), "publisher")
         self._spawn(self._update_status_forever(), "status")
         self.status_changed()
@@ -337,7 +338,7 @@ class RoomCaptioner:
             words_attr = words_attribute(words)
         self._publisher.put(OutgoingCaption(speaker.identity, speaker.track_sid, update, words_attr, timing))
 
-    # Status and backlog -------------------------------------------------------------------------
+    # Status -------------------------------------------------------------------------------------
 
     def status_changed(self) -> None:
         self._status_dirty.set()
@@ -345,7 +346,8 @@ class RoomCaptioner:
     def _status_attributes(self) -> dict[str, str]:
         queued = [s.identity for s in self._speakers.values() if s.waiting]
         status = AgentStatus.WAITING if queued else AgentStatus.LIVE
-        return {ATTR_AGENT_STATUS: status.value, ATTR_AGENT_QUEUED: json.dumps(queued)}
+        return {ATTR_AGENT_STATUS: status.value, ATTR_AGENT_QUEUED: json.dumps(queued),
+                ATTR_AGENT_KEY: self._signer.public_key}
 
     async def _update_status_forever(self) -> None:
         sent: dict[str, str] = {}
@@ -363,14 +365,6 @@ class RoomCaptioner:
                 await asyncio.sleep(1.0)
                 self._status_dirty.set()
 
-    async def _on_backlog_rpc(self, data: rtc.RpcInvocationData) -> str:
-        segments = self.transcript.backlog()
-        caller = data.caller_identity or _identity_from_payload(data.payload)
-        await self.room.local_participant.send_text(
-            backlog_payload(segments), topic=TOPIC_BACKLOG, destination_identities=[caller])
-        logger.info("room %s: sent a backlog of %d segments to %r", self.room_name, len(segments), caller)
-        return json.dumps({"segments": len(segments)})
-
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.room_name}")
         self._tasks.add(task)
@@ -381,17 +375,3 @@ class RoomCaptioner:
         if not task.cancelled() and (exc := task.exception()) is not None:
             METRICS.error("room")
             logger.error("room %s: task %s failed", self.room_name, task.get_name(), exc_info=exc)
-
-
-def _identity_from_payload(payload: str) -> str:
-    """LiveKit does not tell a hidden participant's identity to the RPC handler (caller_identity is
-    empty, and the RPC's own response cannot reach such a caller), so a hidden viewer names itself
-    in the payload, `{"reply_to": "<its identity>"}`, and the backlog stream is addressed to it."""
-    try:
-        identity = json.loads(payload).get("reply_to", "") if payload else ""
-    except (ValueError, AttributeError):
-        identity = ""
-    if not isinstance(identity, str) or not identity:
-        raise rtc.RpcError(rtc.RpcError.ErrorCode.APPLICATION_ERROR,
-                           'hidden callers must send {"reply_to": "<their identity>"} as the payload')
-    return identity

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captions.config import add_livekit_options, add_option, positive_int
+from captions.config import add_livekit_options, add_option, non_negative_int, positive_int
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
 from captions.stt.model import add_model_options
@@ -29,6 +29,7 @@ from captions.stt.model import add_model_options
 if TYPE_CHECKING:
     from captions.live.room import RoomOptions
     from captions.live.slots import SlotQueue
+    from captions.protocol import CaptionSigner
     from captions.stt.engine import SttEngine
 
 READY_MESSAGE = "caption worker registered with LiveKit"
@@ -48,9 +49,11 @@ def add_captioning_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
                help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
-               help="where each room's transcript (<room>.jsonl) is written")
+               help="where each room's transcript (<room>.jsonl) is written (the viewer server reads it too)")
     add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
                help="if set, save the 24 kHz audio each speaker's engine stream consumed (WAV)")
+    add_option(parser, "--retention-days", env="CAPTIONS_RETENTION_DAYS", default=30, type=non_negative_int,
+               help="delete transcripts (and recordings) not written for this many days; 0 keeps them forever")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +100,8 @@ class CaptionService:
     engine: SttEngine
     slots: SlotQueue
     room_options: RoomOptions
+    signer: CaptionSigner
+    """The worker's caption-signing key, shared by its rooms (captions/protocol.py)."""
 
     def load(self) -> float:
         """The load livekit-agents reports to LiveKit: occupied slots / B, scaled to LOAD_WHEN_FULL."""
@@ -117,7 +122,7 @@ async def _caption_room(ctx) -> None:
 
     assert _service is not None, "the engine is loaded before the worker registers"
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
-    captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options)
+    captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer)
     ctx.add_shutdown_callback(captioner.aclose)
     await captioner.start()
     # Metrics: count the room until its job shuts down.
@@ -134,6 +139,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     from captions.live.room import AUDIO_CHUNK_MS, RoomOptions
     from captions.live.sdk_fixes import start_livekit_runtime
     from captions.live.slots import SlotQueue
+    from captions.live.transcripts import start_retention
+    from captions.protocol import CaptionSigner
     from captions.stt.api import FRAME_S
     from captions.stt.engine import SttEngine
 
@@ -146,9 +153,11 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
+    if args.retention_days > 0:
+        start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
     options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes,
                           audio_chunk_ms=round(FRAME_S * 1000) if args.unaligned_frames else AUDIO_CHUNK_MS)
-    return CaptionService(engine, slots, options)
+    return CaptionService(engine, slots, options, CaptionSigner())
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):

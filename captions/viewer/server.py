@@ -1,18 +1,24 @@
-"""`captions web` serves the captions viewer and mints viewer tokens.
+"""`captions web` serves the captions viewer, mints viewer tokens and serves late viewers the backlog.
 
-Access control is the operator's: the server mints a LiveKit token only for a valid, unexpired
-signed link of exactly that room (links.py). ``--open`` (dev only) lets anyone view any room. The
-LiveKit API secret never leaves this process.
+Access control is the operator's: the server mints a LiveKit token, or reads a room's transcript,
+only for a valid, unexpired signed link of exactly that room (links.py). ``--open`` (dev only) lets
+anyone view any room. The LiveKit API secret never leaves this process.
 
-Viewer tokens are for one room, short lived, hidden from the participant list, subscribe-only for
-media. They do allow data publishing: the viewer asks the agent for the backlog with the
-``captions.backlog`` RPC, and livekit-server (measured with v1.13.5) drops every data packet, RPC
-requests included, from a participant without ``canPublishData``.
+Viewer tokens are for one room, short lived, hidden from the participant list, and can publish
+nothing, data included (livekit-server drops every data packet of a participant without
+``canPublishData``): a viewer link's holder can read the room's captions and send nothing into it.
+So a late viewer's backlog comes from here, over HTTP (``/api/backlog``), read from the transcript
+files the worker writes (``--data-dir``, the worker's), not from the agent.
+
+Every request that costs something (a token, a transcript read) has a per-link and per-address
+budget (ratelimit.py); past it the answer is 429 with the seconds to wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import re
 import secrets
 import sys
@@ -24,8 +30,10 @@ from urllib.parse import urlsplit
 
 from captions import PROJECT_ROOT
 from captions.config import add_livekit_options, add_option, positive_int
+from captions.live.transcripts import BACKLOG_WINDOW_S, recent_segments, transcript_path
 from captions.log import logger
 from captions.viewer.links import ROOM_NAME, AccessDenied, add_viewer_secret_option, check_access
+from captions.viewer.ratelimit import RateLimiter
 
 WEB_DIR = PROJECT_ROOT / "web"
 LIVEKIT_CLIENT_PATH = Path("node_modules/livekit-client/dist/livekit-client.esm.mjs")
@@ -50,6 +58,13 @@ class WebSettings:
     open_access: bool = False
     """Dev only: any room may be viewed without a signed link."""
     web_dir: Path = WEB_DIR
+    data_dir: Path | None = None
+    """The worker's transcripts, for late viewers' backlog; None: no backlog from this server."""
+    behind_proxy: bool = False
+    """Take the client's address from X-Forwarded-For (set by a reverse proxy in front of this one)."""
+    tokens_per_minute_per_link: float = 30
+    tokens_per_minute_per_address: float = 60
+    backlogs_per_minute_per_address: float = 12
 
 
 def mint_viewer_token(settings: WebSettings, room: str, link_expiry: int | None = None) -> dict:
@@ -66,8 +81,8 @@ def mint_viewer_token(settings: WebSettings, room: str, link_expiry: int | None 
         hidden=True,
         can_subscribe=True,
         can_publish=False,
-        # Needed for the backlog RPC request (see the module docstring); no media publishing.
-        can_publish_data=True,
+        # Nothing at all: a viewer link must never let its holder put data into the room.
+        can_publish_data=False,
         can_update_own_metadata=False,
     )
     token = (
@@ -87,11 +102,21 @@ def mint_viewer_token(settings: WebSettings, room: str, link_expiry: int | None 
     }
 
 
-def _json_error(status: int, message: str, reason: str):
+class _Refused(Exception):
+    """A request answered with an error (`response`) before any work is done for it."""
+
+    def __init__(self, response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _json_error(status: int, message: str, reason: str, retry_after_s: float | None = None):
     from aiohttp import web
 
-    body = {"error": message, "reason": reason}
-    return web.json_response(body, status=status, headers={"Cache-Control": "no-store"})
+    headers = {"Cache-Control": "no-store"}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after_s)))
+    return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
 
 
 def _content_security_policy(public_livekit_url: str) -> str:
@@ -107,7 +132,8 @@ def _content_security_policy(public_livekit_url: str) -> str:
 
 
 def create_app(settings: WebSettings):
-    """The aiohttp application: static viewer, ``/api/token``, ``/api/config``, ``/healthz``."""
+    """The aiohttp application: static viewer, ``/api/token``, ``/api/backlog``, ``/api/config``,
+    ``/healthz``."""
     from aiohttp import web
 
     csp = _content_security_policy(settings.public_livekit_url)
@@ -122,21 +148,63 @@ def create_app(settings: WebSettings):
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    async def token(request: web.Request) -> web.Response:
+    token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
+    token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
+    backlog_addresses = RateLimiter(settings.backlogs_per_minute_per_address, burst=6)
+
+    def client_address(request: web.Request) -> str:
+        if settings.behind_proxy and (forwarded := request.headers.get("X-Forwarded-For", "")):
+            return forwarded.split(",")[-1].strip()  # the address the proxy itself saw
+        return request.remote or "unknown"
+
+    def too_many(*waits: float) -> web.Response | None:
+        wait = max(waits)
+        if wait <= 0:
+            return None
+        return _json_error(429, f"Too many requests from this link or address; try again in {max(1, round(wait))} s.",
+                           "rate_limited", wait)
+
+    def checked_room(request: web.Request, what: str) -> tuple[str, int | None]:
+        """The room of a valid link (and its expiry); raises _Refused otherwise."""
         room = request.query.get("room", "")
         if not ROOM_NAME.match(room):
-            return _json_error(400, "No room given. Open a viewer link that names a room (?room=...).", "missing")
-        expiry = None
-        if not settings.open_access:
-            try:
-                check_access(settings.viewer_secret, room, request.query.get("exp", ""),
-                             request.query.get("access", ""))
-            except AccessDenied as e:
-                logger.info("viewer token refused for a room: %s", e)
-                return _json_error(403, str(e), e.reason)
-            expiry = int(request.query["exp"])
+            raise _Refused(_json_error(400, "No room given. Open a viewer link that names a room (?room=...).",
+                                       "missing"))
+        if settings.open_access:
+            return room, None
+        try:
+            check_access(settings.viewer_secret, room, request.query.get("exp", ""), request.query.get("access", ""))
+        except AccessDenied as e:
+            logger.info("viewer %s refused for a room: %s", what, e)
+            raise _Refused(_json_error(403, str(e), e.reason)) from None
+        return room, int(request.query["exp"])
+
+    async def token(request: web.Request) -> web.Response:
+        link = f"{request.query.get('room', '')}\n{request.query.get('exp', '')}\n{request.query.get('access', '')}"
+        if (refused := too_many(token_links.take(link), token_addresses.take(client_address(request)))) is not None:
+            return refused
+        try:
+            room, expiry = checked_room(request, "token")
+        except _Refused as e:
+            return e.response
         body = mint_viewer_token(settings, room, expiry)
         return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+    async def backlog(request: web.Request) -> web.Response:
+        if (refused := too_many(backlog_addresses.take(client_address(request)))) is not None:
+            return refused
+        try:
+            room, _ = checked_room(request, "backlog")
+        except _Refused as e:
+            return e.response
+        if settings.data_dir is None:
+            return _json_error(404, "This viewer server has no access to the transcripts: earlier captions "
+                               "are not available.", "no_backlog")
+        path = transcript_path(settings.data_dir, room)
+        segments = await asyncio.to_thread(recent_segments, path)
+        return web.json_response({"room": room, "window_s": BACKLOG_WINDOW_S,
+                                  "segments": [dataclasses.asdict(seg) for seg in segments]},
+                                 headers={"Cache-Control": "no-store"})
 
     async def config(request: web.Request) -> web.Response:
         return web.json_response({"livekit_url": settings.public_livekit_url})
@@ -161,6 +229,7 @@ def create_app(settings: WebSettings):
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/api/token", token)
+    app.router.add_get("/api/backlog", backlog)
     app.router.add_get("/api/config", config)
     app.router.add_get("/vendor/livekit-client.esm.mjs", livekit_client)
     app.router.add_get("/{name}", static_file)
@@ -197,6 +266,10 @@ def configure_web_parser(parser: argparse.ArgumentParser) -> None:
                help="lifetime in seconds of a viewer's LiveKit token")
     add_option(parser, "--open", env="CAPTIONS_WEB_OPEN", default=False, type=_truthy, nargs="?", const=True,
                help="DEV ONLY: let anyone view any room without a signed link")
+    add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
+               help="the worker's transcript directory, read for late viewers' backlog")
+    add_option(parser, "--behind-proxy", env="CAPTIONS_WEB_BEHIND_PROXY", default=False, type=_truthy, nargs="?",
+               const=True, help="a reverse proxy is in front: per-address limits use X-Forwarded-For")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
@@ -209,6 +282,8 @@ def settings_from_args(args: argparse.Namespace) -> WebSettings:
         viewer_secret=args.viewer_secret or args.api_secret,
         token_ttl_s=args.token_ttl,
         open_access=bool(args.open),
+        data_dir=args.data_dir,
+        behind_proxy=bool(args.behind_proxy),
     )
 
 

@@ -1,0 +1,182 @@
+"""Nobody can put words in someone else's captions (issue: caption authenticity).
+
+Real livekit-server, the real `captions web`, the viewer in Chromium, the caption agent played by
+`CaptionAgentBot` (it signs as the worker does), and two attackers: one holding a viewer link's
+token (as anyone in a public event's audience can fetch it), one a room participant with data
+rights. Every forgery is attempted while real captions flow; the page and its exports must show
+the real captions and nothing forged, with a console warning for what it dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from livekit import rtc
+
+from captions.dev.bots import Subscriber
+from captions.live.transcripts import TranscriptStore, transcript_path
+from captions.protocol import (
+    ATTR_AGENT,
+    ATTR_SEGMENT_ID,
+    ATTR_SEQ,
+    ATTR_SIGNATURE,
+    ATTR_TRANSCRIBED_TRACK_ID,
+    ATTR_TRANSCRIPTION_FINAL,
+    TOPIC_TRANSCRIPTION,
+    FinalSegment,
+)
+from tests.viewer_harness import WAIT_MS, CaptionAgentBot, join, screenshot_path, setup_room, wait_state
+
+pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.timeout(240),
+              pytest.mark.asyncio(loop_scope="session")]
+
+FORGED = "I approve the merger and resign effective today"
+BOGUS_SIGNATURE = "A" * 86 + "=="  # 64 bytes of base64, signed by nobody
+
+
+async def send_caption(room: rtc.Room, text: str, **attributes: str) -> None:
+    writer = await room.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION, attributes=attributes)
+    await writer.write(text)
+    await writer.aclose()
+
+
+def viewer_token(web, room: str) -> dict:
+    """What the viewer page fetches for a link: anyone holding the link can do the same."""
+    link = web.link(room).replace(web.base_url + "/?", web.base_url + "/api/token?")
+    with urllib.request.urlopen(link, timeout=5) as response:
+        return json.loads(response.read())
+
+
+async def page_text(page) -> str:
+    return await page.text_content("#captions")
+
+
+async def exports(page) -> str:
+    texts = []
+    for format_ in ("txt", "srt", "vtt"):
+        async with page.expect_download() as download:
+            await page.click(f'[data-export="{format_}"]')
+        path = await (await download.value).path()
+        texts.append(Path(path).read_text(encoding="utf-8"))
+    return "\n".join(texts)
+
+
+async def test_a_viewer_links_holder_can_send_nothing_into_the_room(agentless_livekit, agentless_web, rooms,
+                                                                      open_viewer):
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"alice": "Alice (CEO)"}, web=agentless_web)
+    viewer = await open_viewer(agentless_web.link(room_name))
+    await wait_state(viewer.page, "live")
+    listener = await Subscriber(agentless_livekit, room_name, identity="listener").connect()
+    alice_segment = await bot.say("alice", "good morning everyone")
+
+    grant = viewer_token(agentless_web, room_name)
+    attacker = rtc.Room()
+    await attacker.connect(grant["url"], grant["token"], options=rtc.RoomOptions(auto_subscribe=False))
+    try:
+        line = FinalSegment("x", "alice", "Alice (CEO)", "TR_alice", FORGED, time.time() - 5, time.time(), [])
+        await attacker.local_participant.send_text(line.to_json(), topic="captions.backlog")
+        await send_caption(attacker, FORGED)
+        await send_caption(attacker, FORGED, **{ATTR_SEGMENT_ID: alice_segment, ATTR_TRANSCRIPTION_FINAL: "true",
+                                                 ATTR_AGENT: bot.room.local_participant.identity, ATTR_SEQ: "99",
+                                                 ATTR_SIGNATURE: BOGUS_SIGNATURE})
+        with pytest.raises(rtc.RpcError):
+            await attacker.local_participant.perform_rpc(destination_identity=bot.room.local_participant.identity,
+                                                         method="captions.backlog", payload="{}",
+                                                         response_timeout=3)
+        await bot.say("alice", "the real words arrive")
+        await viewer.page.wait_for_function(
+            "() => document.querySelector('#captions').textContent.includes('the real words arrive')", timeout=WAIT_MS)
+        await asyncio.sleep(1.0)  # anything the attacker's packets could still bring
+    finally:
+        await attacker.disconnect()
+        await listener.disconnect()
+    # The server dropped the attacker's data: not even a raw LiveKit client received it.
+    assert {c.sender for c in listener.captions} == {"alice"}
+    assert FORGED not in await page_text(viewer.page)
+    assert FORGED not in await exports(viewer.page)
+    assert viewer.errors == []
+
+
+async def test_a_participant_cannot_forge_captions_for_others_or_itself(agentless_livekit, agentless_web, rooms,
+                                                                       open_viewer):
+    """Mallory joins the meeting with a normal participant token (data rights). She sends a backlog
+    stream, captions of her own, captions claiming the agent, a caption reusing Alice's segment id,
+    oversized and malformed caption streams, and writes into the agent's own caption stream for
+    Alice (LiveKit routes a stream's chunks by stream id alone). None of it is shown."""
+    speakers = {"alice": "Alice (CEO)", "mallory": "Mallory"}
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"alice": speakers["alice"]}, web=agentless_web)
+    mallory = await join(agentless_livekit, room_name, "mallory", "Mallory")
+    rooms.append(mallory)
+    viewer = await open_viewer(agentless_web.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    alice_segment = await bot.say("alice", "good morning everyone")
+    agent = bot.room.local_participant.identity
+
+    line = FinalSegment("x", "alice", "Alice (CEO)", "TR_alice", FORGED, time.time() - 5, time.time(), [])
+    await mallory.local_participant.send_text(line.to_json(), topic="captions.backlog")
+    await send_caption(mallory, FORGED)  # her own captions, unsigned
+    signed_looking = {ATTR_SEGMENT_ID: "SG_m", ATTR_TRANSCRIPTION_FINAL: "true", ATTR_TRANSCRIBED_TRACK_ID: "TR_m",
+                      ATTR_AGENT: agent, ATTR_SEQ: "0", ATTR_SIGNATURE: BOGUS_SIGNATURE}
+    await send_caption(mallory, FORGED, **signed_looking)  # claims the agent's signature
+    await send_caption(mallory, FORGED, **{**signed_looking, ATTR_SEGMENT_ID: alice_segment, ATTR_SEQ: "99"})
+    await send_caption(mallory, "x" * 100_000, **{**signed_looking, ATTR_SEGMENT_ID: "SG_big"})
+    await send_caption(mallory, FORGED, **{**signed_looking, ATTR_SEQ: "not a number"})
+
+    # Into the agent's own stream: Mallory sees its header, then sends her chunks and trailer first.
+    opened: asyncio.Future = asyncio.get_running_loop().create_future()
+    mallory.register_text_stream_handler(
+        TOPIC_TRANSCRIPTION, lambda reader, identity: opened.done() or opened.set_result(reader.info.stream_id))
+    segment = f"SG_{uuid.uuid4().hex[:10]}"
+    writer = await bot.room.local_participant.stream_text(
+        topic=TOPIC_TRANSCRIPTION, sender_identity="alice",
+        attributes=bot.signed_attributes("alice", segment, "quarterly numbers look fine", final=False))
+    stream_id = await asyncio.wait_for(opened, 10)
+    injector = await mallory.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION, stream_id=stream_id)
+    await injector.write(FORGED)
+    await injector.aclose()
+    await asyncio.sleep(0.5)
+    await writer.write("quarterly numbers look fine")
+    await writer.aclose()
+
+    await bot.say("alice", "the real words arrive")
+    await page.wait_for_function(
+        "() => document.querySelector('#captions').textContent.includes('the real words arrive')", timeout=WAIT_MS)
+    await asyncio.sleep(1.0)
+    shown = await page_text(page)
+    assert "good morning everyone" in shown
+    assert FORGED not in shown and "xxxxxxxx" not in shown
+    assert "Mallory" not in await page.text_content("#captions"), "a turn was opened for Mallory"
+    assert FORGED not in await exports(page)
+    warnings = "\n".join(viewer.warnings)
+    assert "did not sign" in warnings, viewer.warnings
+    assert "longer than" in warnings, viewer.warnings
+    assert "without the agent's signature fields" in warnings, viewer.warnings
+    await page.screenshot(path=screenshot_path("viewer-after-forgeries.png"))
+    # livekit-client (2.23) throws, uncaught in its own data handler, on the second header of a stream
+    # id (Mallory's injection): nothing of ours, and the page goes on; anything else is a failure.
+    assert [e for e in viewer.errors if "already in progress for a stream" not in e] == []
+
+
+async def test_html_in_backlog_fields_is_shown_as_text(agentless_livekit, agentless_web, rooms, open_viewer):
+    room_name = f"room-{uuid.uuid4().hex[:8]}"
+    store = TranscriptStore(transcript_path(agentless_web.data_dir, room_name))
+    name, text = "<img src=x onerror=alert(1)>", "<script>alert(2)</script><b>bold?</b>"
+    store.append(FinalSegment("SG_1", "eve", name, "TR_1", text, time.time() - 20, time.time() - 19,
+                              [["<i>", time.time() - 20, time.time() - 19]]))
+    store.close()
+    bot = await CaptionAgentBot.start(agentless_livekit, room_name, {})
+    rooms.append(bot.room)
+    viewer = await open_viewer(agentless_web.link(room_name))
+    page = viewer.page
+    await page.wait_for_selector("#captions .turn.backlog", timeout=WAIT_MS)
+    assert await page.text_content("#captions .turn .name") == name
+    assert await page.text_content("#captions .seg") == text
+    assert await page.locator("#captions img, #captions script, #captions b").count() == 0
+    assert viewer.dialogs == [] and viewer.errors == []
