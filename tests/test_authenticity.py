@@ -46,11 +46,14 @@ async def send_caption(room: rtc.Room, text: str, **attributes: str) -> None:
     await writer.aclose()
 
 
+def fetch_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
 def viewer_token(web, room: str) -> dict:
     """What the viewer page fetches for a link: anyone holding the link can do the same."""
-    link = web.link(room).replace(web.base_url + "/?", web.base_url + "/api/token?")
-    with urllib.request.urlopen(link, timeout=5) as response:
-        return json.loads(response.read())
+    return fetch_json(web.link(room).replace(web.base_url + "/?", web.base_url + "/api/token?"))
 
 
 async def page_text(page) -> str:
@@ -180,3 +183,68 @@ async def test_html_in_backlog_fields_is_shown_as_text(agentless_livekit, agentl
     assert await page.text_content("#captions .seg") == text
     assert await page.locator("#captions img, #captions script, #captions b").count() == 0
     assert viewer.dialogs == [] and viewer.errors == []
+
+
+def verify_caption(caption, room: str, agent_key: str) -> bool:
+    """The viewer's check, in Python: the caption's signature against the agent's published key."""
+    import base64
+
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from captions.protocol import ATTR_WORDS, caption_message
+
+    a = caption.attributes
+    message = caption_message(room=room, agent=a[ATTR_AGENT], speaker=caption.sender,
+                              track_sid=a[ATTR_TRANSCRIBED_TRACK_ID], segment_id=a[ATTR_SEGMENT_ID],
+                              seq=int(a[ATTR_SEQ]), final=a[ATTR_TRANSCRIPTION_FINAL] == "true",
+                              words=a.get(ATTR_WORDS, ""), text=caption.text)
+    try:
+        Ed25519PublicKey.from_public_bytes(base64.b64decode(agent_key)).verify(
+            base64.b64decode(a[ATTR_SIGNATURE]), message)
+    except (InvalidSignature, KeyError, ValueError):
+        return False
+    return True
+
+
+@pytest.mark.timeout(300)
+async def test_forgeries_fail_against_captions_up_and_the_real_workers_captions_verify(
+        tiny_checkpoint, tmp_path, speech_dir):
+    """`captions up` as a newcomer runs it: someone holding the printed viewer link fetches the
+    page's token and tries the three forgeries; nobody receives them, and every caption the real
+    worker publishes verifies against the key it announces."""
+    from captions.dev.livekit_server import LiveKitServer
+    from captions.protocol import ATTR_AGENT_KEY
+    from tests.test_room_e2e import _start_captions_up, publisher, speech
+
+    up, _, livekit_port, _, link = await _start_captions_up(tiny_checkpoint, tmp_path)
+    try:
+        server = LiveKitServer(f"ws://127.0.0.1:{livekit_port}", "", "devkey", "secret", up)
+        listener = await Subscriber(server, "up-room", identity="listener").connect()
+        alice = await publisher(server, "up-room", "alice")
+        agent = await listener.wait_for_agent(timeout=120)
+        grant = await asyncio.to_thread(fetch_json, link.replace("/?", "/api/token?"))
+        attacker = rtc.Room()
+        await attacker.connect(grant["url"], grant["token"], options=rtc.RoomOptions(auto_subscribe=False))
+        line = FinalSegment("x", "alice", "Alice", "TR_x", FORGED, time.time() - 5, time.time(), [])
+        await attacker.local_participant.send_text(line.to_json(), topic="captions.backlog")
+        await send_caption(attacker, FORGED)
+        await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
+        await alice.silence(1.5)
+        await listener.wait_until(lambda: listener.finals("alice"), 30, "alice's captions")
+        segment = listener.finals("alice")[0].segment_id
+        await send_caption(attacker, FORGED, **{ATTR_SEGMENT_ID: segment, ATTR_TRANSCRIPTION_FINAL: "true"})
+        await alice.disconnect()
+        await asyncio.sleep(1.5)
+        await attacker.disconnect()
+        await listener.disconnect()
+    finally:
+        if up.poll() is None:
+            up.send_signal(2)
+        up.wait(timeout=90)
+    assert all(c.sender == "alice" and FORGED not in c.text for c in listener.captions)
+    key = agent.attributes[ATTR_AGENT_KEY]
+    assert listener.captions and all(verify_caption(c, "up-room", key) for c in listener.captions)
+    tampered = listener.captions[-1]
+    tampered.text += " and more"
+    assert not verify_caption(tampered, "up-room", key)
