@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -245,18 +246,26 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
 
 
 @contextlib.asynccontextmanager
+async def own_server(tmp_path: Path):
+    """A livekit-server of the test's own, with no worker registered (the session's worker, on the
+    session's server, joins every new room there)."""
+    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
 async def own_server_and_worker(checkpoint: Path, tmp_path: Path, batch_size: int = 3):
     """A livekit-server and a fresh worker of the test's own (with the session's worker registered
     too, LiveKit would share the test's rooms between the two workers)."""
-    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
-    try:
+    async with own_server(tmp_path) as server:
         worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, tmp_path / "worker", batch_size)
         try:
             yield server, worker
         finally:
             await asyncio.to_thread(worker.stop)
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share_each_step(
@@ -425,42 +434,76 @@ def _start_logged(command: list[str], out_path: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("scenario", ["SIMULATE_SIGNAL_RECONNECT", "SIMULATE_FULL_RECONNECT"])
-async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech_dir, tmp_path, scenario):
+async def test_captions_resume_after_the_agent_reconnects(speech_dir, tmp_path, caplog, scenario):
     """The agent's connection drops (LiveKit's own reconnection scenarios, forced on the agent's
-    room): the speaker goes on being captioned afterwards. The room logic runs in this process
-    here, with tests/fake_engine.py as the engine (the worker subprocess cannot be told to drop)."""
+    room) and comes back: the speaker goes on being captioned, and no word is lost or repeated. The
+    room logic runs in this process, with tests/fake_engine.py as the engine (the worker subprocess
+    cannot be told to drop), on a server of its own: the only agent in the room is the one under
+    test, and every caption must be a word the fake engine made of the audio this agent received.
+    No room event handler may fail along the way (they are the room's only view of the speakers)."""
     from livekit import rtc
 
     from captions.dev.bots import make_token
     from captions.live.room import RoomCaptioner, RoomOptions
     from captions.live.slots import SlotQueue
-    from tests.fake_engine import FakeEngine
+    from tests.fake_engine import FakeEngine, fake_words
 
-    room_name = f"e2e-reconnect-{scenario.lower()}"
-    slots = SlotQueue(FakeEngine(batch_size=2))
+    room_name, agent_identity = "e2e-reconnect", "captions-agent-under-test"
+    engine = FakeEngine(batch_size=2)
+    slots = SlotQueue(engine)
+    connection: dict[str, float] = {}
+    """First time each connection event of the agent's room happened."""
     agent_room = rtc.Room()
-    await agent_room.connect(livekit_server.url, make_token(livekit_server, room_name, "captions-agent",
-                                                             agent=True))
-    captioner = RoomCaptioner(agent_room, slots, RoomOptions(tmp_path / "data"))
-    await captioner.start()
-    sub = await Subscriber(livekit_server, room_name).connect()
-    alice = await publisher(livekit_server, room_name, "alice")
-    try:
-        await sub.wait_for_agent()
-        await asyncio.sleep(0.5)
-        await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
-        await alice.silence(1.5)
-        await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "captions before the drop")
-        before = len(sub.finals("alice"))
-        await agent_room.simulate_scenario(getattr(rtc.SimulateScenarioKind, scenario))
-        await asyncio.sleep(3)  # reconnection
-        await alice.play(speech(speech_dir, "alice"))
-        await alice.silence(1.5)
-        await sub.wait_until(lambda: len(sub.finals("alice")) > before, CAPTION_WAIT_S,
-                             "captions after the agent reconnected")
-    finally:
-        await alice.disconnect()
-        await sub.disconnect()
-        await captioner.aclose()
-        await agent_room.disconnect()
-        slots.close()
+    for event in ("reconnecting", "reconnected", "disconnected"):
+        agent_room.on(event, lambda *_, event=event: connection.setdefault(event, time.time()))
+
+    def pushed_since_reconnection() -> int:
+        """10 ms chunks this agent pushed into a live engine stream since it reconnected."""
+        return sum(len(s.pushed) - chunks_at_reconnection.get(s.id, 0) for s in engine.opened if not s.ended)
+
+    async with own_server(tmp_path) as server:
+        await agent_room.connect(server.url, make_token(server, room_name, agent_identity, agent=True))
+        captioner = RoomCaptioner(agent_room, slots, RoomOptions(tmp_path / "data"))
+        await captioner.start()
+        sub = await Subscriber(server, room_name).connect()
+        alice = await publisher(server, room_name, "alice")
+        try:
+            assert (await sub.wait_for_agent()).identity == agent_identity
+            await sub.wait_until(lambda: engine.opened and engine.opened[0].pushed, CAPTION_WAIT_S,
+                                 "the agent to receive alice's audio")
+            await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
+            await alice.silence(1.5)
+            await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "captions before the drop")
+            streams_before = list(engine.opened)
+
+            await agent_room.simulate_scenario(getattr(rtc.SimulateScenarioKind, scenario))
+            await sub.wait_until(lambda: "reconnected" in connection, CAPTION_WAIT_S, "the agent to reconnect")
+            chunks_at_reconnection = {s.id: len(s.pushed) for s in engine.opened}
+            assert connection["reconnecting"] <= connection["reconnected"], connection
+            await sub.wait_until(lambda: pushed_since_reconnection() >= 10, CAPTION_WAIT_S,
+                                 "audio reaching the engine after the reconnection")
+            await alice.play(speech(speech_dir, "alice"))
+            await alice.silence(1.5)
+            resumed_at = connection["reconnected"]
+            await sub.wait_until(lambda: any(c.words and c.words[0][1] >= resumed_at for c in sub.finals("alice")),
+                                 CAPTION_WAIT_S, "captions of speech after the agent reconnected")
+        finally:
+            await alice.disconnect()
+            await sub.disconnect()
+            await captioner.aclose()
+            await agent_room.disconnect()
+            slots.close()
+
+    failures = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not failures, f"exceptions in the room's handlers: {failures}"
+    assert "disconnected" not in connection or connection["disconnected"] > resumed_at, \
+        "the agent's room gave up instead of reconnecting"
+    if scenario == "SIMULATE_SIGNAL_RECONNECT":
+        # A resume keeps the media connection: the same subscription and engine stream carry on.
+        assert engine.opened == streams_before, "a signal reconnection restarted the speaker's stream"
+    else:
+        # A full reconnection rebuilds the media connection: the track is subscribed anew.
+        assert len(engine.opened) > len(streams_before), "no new subscription after a full reconnection"
+    made = [w for stream in engine.opened for w in fake_words(np.concatenate(stream.pushed))]
+    captioned = [w[0] for c in sub.finals("alice") for w in c.words]
+    assert captioned == made, "the captions are not the words this agent's engine made of alice's audio"
