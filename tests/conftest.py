@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from captions.dev.livekit_server import LiveKitServer, start_dev_server
 from captions.dev.speech import espeak_wav  # noqa: F401 - used by the test modules
@@ -21,6 +22,11 @@ pytest_plugins = ["tests.viewer_harness"]
 # fails at once instead of depending on argument parsing failing first. Subprocesses inherit it; the
 # captions modules import huggingface_hub only when they load a model.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Property tests: a few examples in the fast lane, many in CI (.ci/run sets HYPOTHESIS_PROFILE=ci).
+settings.register_profile("fast", max_examples=10)
+settings.register_profile("ci", max_examples=100)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
 def start_livekit_server(log_path: Path) -> LiveKitServer:

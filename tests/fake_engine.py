@@ -1,9 +1,12 @@
-"""A stand-in for captions.stt.engine.SttEngine with the same API, for unit tests (no torch, no model).
+"""A stand-in for captions.stt.engine.SttEngine with the same API (captions.stt.api's `Engine` and
+`EngineStream`, checked by tests/test_fake_engine.py), for unit tests (no torch, no model).
 
 Words come deterministically from the audio: every run of loud 80 ms frames becomes one word,
 "w<frames>" (its length in frames), completed at the first quiet frame after it, stamped with the
 run's start and end. The word in progress is the partial. Frames are processed synchronously in
-`push`/`close` (on the caller's thread), which keeps tests simple and deterministic.
+`push`/`close` (on the caller's thread), which keeps tests simple and deterministic; `fake_words`
+gives the words a stream makes of some audio, so a test can tell what the fake made of the audio it
+was pushed. Streams are never padded (`lead_samples` stays 0).
 """
 
 from __future__ import annotations
@@ -29,9 +32,19 @@ def silence(seconds: float) -> np.ndarray:
     return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.float32)
 
 
+def fake_words(pcm: np.ndarray) -> list[str]:
+    """The words a fake stream makes of `pcm` pushed in one go and closed."""
+    words: list[str] = []
+    stream = FakeStream(FakeEngine(batch_size=1), 0, 0, lambda event: words.extend(w.text for w in event.words))
+    stream.push(pcm)
+    stream.close()
+    return words
+
+
 class FakeStream:
-    def __init__(self, engine: FakeEngine, stream_id: int, on_event: EventCallback):
+    def __init__(self, engine: FakeEngine, stream_id: int, slot_index: int, on_event: EventCallback):
         self.id = stream_id
+        self._slot_index = slot_index
         self._engine = engine
         self._on_event = on_event
         self._buffer = np.zeros(0, dtype=np.float32)
@@ -40,6 +53,10 @@ class FakeStream:
         self.pushed: list[np.ndarray] = []
         self.ended = False
         self.lead_samples = 0
+
+    @property
+    def slot_index(self) -> int:
+        return self._slot_index
 
     def push(self, pcm: np.ndarray) -> None:
         assert not self.ended, "push after the stream ended"
@@ -119,7 +136,9 @@ class FakeEngine:
         with self._lock:
             if len(self._streams) >= self.batch_size:
                 raise EngineFull(f"all {self.batch_size} slots are taken")
-            stream = FakeStream(self, next(self._ids), on_event)
+            used = {s.slot_index for s in self._streams.values()}
+            slot_index = min(set(range(self.batch_size)) - used)
+            stream = FakeStream(self, next(self._ids), slot_index, on_event)
             self._streams[stream.id] = stream
             self.opened.append(stream)
             return stream

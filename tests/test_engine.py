@@ -123,30 +123,98 @@ def reference_tokens(checkpoint, audio: np.ndarray) -> list[int]:
     return tokens
 
 
-def reference_text(tokens: list[int], tokenizer) -> str:
-    """The reference's segmentation: words live between boundary tokens (0); the last segment ends
-    at end-of-sequence or one second (12.5 steps) after it started."""
+def reference_offset_s(checkpoint) -> float:
+    """What the reference subtracts from a token's time: the silence prefix in whole seconds
+    (`int(n_prefix_chunks / frame_rate)`, as the script writes it) plus the text delay."""
+    import json
+
+    stt_config = json.loads((checkpoint / "config.json").read_text())["stt_config"]
+    n_prefix = math.ceil(stt_config["audio_silence_prefix_seconds"] * 12.5)
+    return int(n_prefix / 12.5) + stt_config["audio_delay_seconds"]
+
+
+def reference_words(tokens: list[int], tokenizer, offset_s: float, *, live: bool = False,
+                    padding_id: int = 3) -> list[tuple[str, float, float]]:
+    """Words and times by the reference's rule (`tokens_to_timestamped_text`): a segment runs from
+    the step after a boundary token (0) to the next boundary; its text is one word timed (start,
+    end), or several words that take as many steps as they have tokens, the last one the rest. The
+    last segment ends at the first end-of-sequence token, or one second (12.5 steps) after it
+    started, or with the tokens. A time is max(0, step / 12.5 - offset_s).
+
+    live=True adds our one rule for live captions (captions/stt/words.py): a segment is cut after
+    the first padding step at least 12.5 steps into it with text pending since the last cut; that
+    text becomes words ending at max(segment start + 12.5, that step), and the segment's next words
+    start after the cut."""
+    def at(step: float) -> float:
+        return max(0.0, step / 12.5 - offset_s)
+
+    def words(start: int, pieces_tokens: list[int], end: float) -> list[tuple[str, float, float]]:
+        pieces = tokenizer.decode([t for t in pieces_tokens if t > padding_id]).split()
+        timed = []
+        for piece in pieces[:-1]:
+            n_tokens = len(tokenizer.encode(piece))
+            timed.append((piece, at(start), at(start + n_tokens)))
+            start += n_tokens
+        return timed + [(pieces[-1], at(start), at(end))] if pieces else timed
+
+    def segment(start: int, stop: int, end: float, last: bool) -> list[tuple[str, float, float]]:
+        timed, cut = [], start
+        for step in range(start, len(tokens) if last else stop):
+            if not live or step - start + 1 < 12.5 or tokens[step] > padding_id:
+                continue
+            if tokenizer.decode([t for t in tokens[cut:step + 1] if t > padding_id]).strip():
+                timed += words(cut, tokens[cut:step + 1], max(start + 12.5, step))
+                cut = step + 1
+        return timed + (words(cut, tokens[cut:stop], end) if stop > cut else [])
+
     boundaries = [i for i, t in enumerate(tokens) if t == 0]
-    if not boundaries:
-        return ""
-    segments = [tokens[a + 1:b] for a, b in itertools.pairwise(boundaries)]
-    last = tokens[boundaries[-1] + 1:]
-    last = last[: last.index(tokenizer.eos_id())] if tokenizer.eos_id() in last else last[: math.ceil(12.5)]
-    words = []
-    for segment in segments + [last]:
-        words += tokenizer.decode([t for t in segment if t > 3]).split()
-    return " ".join(words)
+    timed = []
+    for a, b in itertools.pairwise(boundaries):
+        timed += segment(a + 1, b, b, last=False)
+    if boundaries:
+        start = boundaries[-1] + 1
+        rest = tokens[start:]
+        end = start + rest.index(tokenizer.eos_id()) if tokenizer.eos_id() in rest else min(len(tokens), start + 12.5)
+        timed += segment(start, math.ceil(end), end, last=True)
+    return timed
+
+
+def as_tuples(words) -> list[tuple[str, float, float]]:
+    return [(w.text, w.start, w.end) for w in words]
 
 
 def test_transcribe_equals_kyutai_reference_loop(engine_b1, tiny_checkpoint, clips):
+    """Tokens, words and word times exactly as Kyutai's reference gives them (these clips have no
+    pause long enough for the live rule to cut a segment: checked, so the rule is the reference's)."""
     tokenizer = load_stt_model(str(tiny_checkpoint), "cpu").tokenizer
+    offset_s = reference_offset_s(tiny_checkpoint)
     for audio in clips:
         expected_tokens = reference_tokens(tiny_checkpoint, audio)
         solo = run_solo(engine_b1, audio)
         assert solo.tokens == expected_tokens
-        text = " ".join(w.text for w in transcribe_audio(engine_b1, audio))
-        assert text == reference_text(expected_tokens, tokenizer)
-        assert len(text.split()) >= 3
+        expected = reference_words(expected_tokens, tokenizer, offset_s)
+        assert reference_words(expected_tokens, tokenizer, offset_s, live=True) == expected
+        assert as_tuples(transcribe_audio(engine_b1, audio)) == expected
+        assert len(expected) >= 3
+
+
+def test_a_segment_cut_by_a_pause_keeps_the_reference_words_and_ends_its_word_a_second_in(
+        engine_b1, tiny_checkpoint, clips):
+    """Speech, two seconds of silence, speech: the model writes a word before the pause and its next
+    boundary only after it. The live rule cuts that segment a second in, so the word is captioned
+    during the pause; the words are the reference's, and only the times in the cut segment differ."""
+    tokenizer = load_stt_model(str(tiny_checkpoint), "cpu").tokenizer
+    offset_s = reference_offset_s(tiny_checkpoint)
+    audio = np.concatenate([clips[0], np.zeros(2 * 24000, np.float32), clips[0]])
+    tokens = reference_tokens(tiny_checkpoint, audio)
+    kyutai = reference_words(tokens, tokenizer, offset_s)
+    live = reference_words(tokens, tokenizer, offset_s, live=True)
+    assert [w[0] for w in live] == [w[0] for w in kyutai]
+    assert live != kyutai, "the pause should make the live rule cut a segment"
+    assert as_tuples(transcribe_audio(engine_b1, audio)) == live
+    (text, start, end), reference = next((mine, theirs) for mine, theirs in zip(live, kyutai) if mine != theirs)
+    assert start == reference[1], "the cut segment's first word starts where the reference's does"
+    assert end >= start + 1.0 - 1e-9, f"{text!r} is emitted a second after its segment began, not before"
 
 
 def test_different_speech_gives_different_varied_transcripts(engine_b1, clips):
@@ -245,7 +313,8 @@ def solo_tokens(engine_b1, short_clips) -> list[list[int]]:
     return [run_solo(engine_b1, audio).tokens for audio in short_clips]
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Examples: 10 by default, more in CI (HYPOTHESIS_PROFILE=ci, see tests/conftest.py).
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     clip_of=st.lists(st.integers(0, 2), min_size=2, max_size=4),
     ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10), st.booleans()), max_size=30),
@@ -297,6 +366,9 @@ def test_kyutai_2_6b_style_config_prefix_and_no_vad(tmp_path, clips):
         solo = run_solo(engine, clips[0])
         assert all(e.pause_prob is None for e in solo.events)
         assert solo.tokens == reference_tokens(checkpoint, clips[0])
+        tokenizer = load_stt_model(str(checkpoint), "cpu").tokenizer
+        assert solo.words == reference_words(solo.tokens, tokenizer, reference_offset_s(checkpoint))
+        assert solo.words, "the clip should give words"
         assert len(solo.tokens) == 13 + math.ceil(len(clips[0]) / FRAME) + math.ceil(2.5 * 12.5)
     finally:
         engine.close()

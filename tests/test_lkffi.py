@@ -1,9 +1,15 @@
 """captions/live/sdk_fixes.py against the real livekit SDK and a real livekit-server: each speaker's audio stream
-is woken by its own track only, and still gets all of its own audio."""
+is woken by its own track only, and still gets all of its own audio; and two rooms connecting at once
+in a fresh process both connect once the FFI runtime was created early (and one of them hangs
+without that, which is why the worker does it)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,10 +19,11 @@ from livekit import rtc
 
 from captions.dev.bots import Publisher, make_token
 from captions.live.sdk_fixes import open_audio_stream
+from captions.stt.api import SAMPLE_RATE
 
 pytestmark = pytest.mark.livekit
 
-RATE = 24000
+RATE = SAMPLE_RATE
 TONES_HZ = {"low": 300.0, "high": 1700.0}
 
 
@@ -36,6 +43,19 @@ def tone_wav(path: Path, hz: float, seconds: float) -> Path:
 def dominant_hz(pcm16: np.ndarray) -> float:
     spectrum = np.abs(np.fft.rfft(pcm16.astype(np.float64)))
     return float(np.fft.rfftfreq(pcm16.size, 1 / RATE)[int(np.argmax(spectrum))])
+
+
+def tone_passed(chunks: list[np.ndarray]) -> bool:
+    """The stream has received a loud stretch and, after it, a quiet chunk: the whole tone is in."""
+    loud = [i for i, chunk in enumerate(chunks) if np.abs(chunk).max(initial=0) > 1000]
+    return bool(loud) and loud[-1] < len(chunks) - 1
+
+
+async def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.05)
 
 
 class CountingQueue:
@@ -90,7 +110,8 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
         readers.append(asyncio.create_task(drain(plain)))
         await asyncio.gather(*(speakers[name].play(tone_wav(tmp_path / f"{name}.wav", hz, 1.5))
                                for name, hz in TONES_HZ.items()))
-        await asyncio.sleep(0.3)
+        await wait_until(lambda: all(tone_passed(chunks) for chunks in received.values()), 10,
+                         "the end of each tone to reach its stream")
         for stream in [*narrowed.values(), plain]:
             await stream.aclose()
         for reader in readers:
@@ -116,3 +137,61 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
         loud = pcm[np.abs(pcm) > 1000]
         assert loud.size >= 1.2 * RATE, f"{name}: {loud.size / RATE:.2f} s of its tone arrived"
         assert abs(dominant_hz(pcm) - hz) < 20, f"{name}: heard {dominant_hz(pcm):.0f} Hz, sent {hz:.0f} Hz"
+
+
+# Two rooms connect at the same moment from two threads, each with its own event loop (as the
+# worker's THREAD executor runs two rooms dispatched at once), in a process that has not used the
+# SDK yet. Prints {"0": outcome, "1": outcome}.
+TWO_ROOMS_AT_ONCE = """
+import asyncio, json, os, sys, threading
+from livekit import rtc
+url, early, tokens = sys.argv[1], sys.argv[2] == "early", sys.argv[3:]
+if early:
+    from captions.live.sdk_fixes import start_livekit_runtime
+    start_livekit_runtime()
+barrier, outcomes = threading.Barrier(len(tokens)), {}
+
+def join(i):
+    async def connect():
+        room = rtc.Room()
+        barrier.wait()
+        try:
+            await asyncio.wait_for(room.connect(url, tokens[i]), CONNECT_TIMEOUT_S)
+            outcomes[i] = "connected"
+            await room.disconnect()
+        except Exception as e:
+            outcomes[i] = type(e).__name__
+    asyncio.run(connect())
+
+threads = [threading.Thread(target=join, args=(i,)) for i in range(len(tokens))]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps(outcomes), flush=True)
+os._exit(0)  # a room that never connected would hold the interpreter at exit
+"""
+CONNECT_TIMEOUT_S = 5
+
+
+def connect_two_rooms_at_once(server, attempt: str, early_runtime: bool) -> dict[str, str]:
+    tokens = [make_token(server, f"lkffi-race-{attempt}-{i}", f"agent-{i}") for i in range(2)]
+    code = TWO_ROOMS_AT_ONCE.replace("CONNECT_TIMEOUT_S", str(CONNECT_TIMEOUT_S))
+    out = subprocess.run([sys.executable, "-c", code, server.url, "early" if early_runtime else "lazy", *tokens],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_two_rooms_connecting_at_once_in_a_fresh_process_both_connect_once_the_runtime_exists(livekit_server):
+    """sdk_fixes.start_livekit_runtime, as the worker calls it before registering: every attempt
+    connects both rooms. Without it, livekit 1.1.21 creates its FFI client lazily and without a
+    lock: each thread creates one, the second replaces the first as the one that receives every
+    event, and the room that subscribed to the first never sees its connect answer."""
+    for attempt in range(3):
+        assert connect_two_rooms_at_once(livekit_server, f"early-{attempt}", early_runtime=True) == \
+            {"0": "connected", "1": "connected"}
+    lazy = [connect_two_rooms_at_once(livekit_server, f"lazy-{attempt}", early_runtime=False) for attempt in range(3)]
+    # When this fails, the SDK (livekit.rtc._ffi_client.FfiClient.instance) creates its runtime
+    # safely: start_livekit_runtime can go.
+    assert any(set(outcomes.values()) == {"connected", "TimeoutError"} for outcomes in lazy), (
+        f"without the early runtime both rooms connected every time: {lazy}")

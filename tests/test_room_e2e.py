@@ -2,8 +2,9 @@
 real livekit-server, with WebRTC bots speaking espeak-ng audio and a bot viewer collecting captions.
 
 The tiny model's words are meaningless, so these tests compare structure and consistency: who is
-captioned, interim -> final, the transcript file, and the live words against `captions transcribe` of
-the audio the engine consumed (recorded by the worker with --record-dir).
+captioned, interim -> final, the transcript file, the live words against `captions transcribe` of
+the audio the engine consumed (recorded by the worker with --record-dir), and that recording against
+what each bot sent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -26,7 +28,15 @@ from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.processes import free_port, free_port_triple
 from captions.dev.worker_process import engine_activity, engine_counters
 from captions.live.transcripts import read_transcript, transcript_path
-from captions.protocol import ATTR_AGENT_QUEUED, ATTR_AGENT_STATUS, FinalSegment
+from captions.protocol import (
+    ATTR_AGENT_QUEUED,
+    ATTR_AGENT_STATUS,
+    ATTR_SEGMENT_ID,
+    ATTR_TRANSCRIPTION_FINAL,
+    FinalSegment,
+)
+from captions.stt.audio import read_audio_file
+from tests.audio_match import match_recording
 from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(300), pytest.mark.asyncio(loop_scope="session")]
@@ -66,6 +76,33 @@ def recordings(record_dir: Path, room: str, identity: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+WAV_HEADER_BYTES = 44
+
+
+async def wait_until_captioning(record_dir: Path, room: str, identities: list[str], streams: int = 1) -> None:
+    """Until the worker captions each speaker: its `streams`-th engine stream is open and audio
+    reaches it (the recording, written through a buffer, holds more than its header)."""
+    def captioning() -> bool:
+        for name in identities:
+            files = recordings(record_dir, room, name)
+            if len(files) < streams or files[streams - 1].stat().st_size <= WAV_HEADER_BYTES:
+                return False
+        return True
+
+    deadline = time.monotonic() + CAPTION_WAIT_S
+    while not captioning():
+        assert time.monotonic() < deadline, f"the agent did not caption {identities} in {room} within {CAPTION_WAIT_S} s"
+        await asyncio.sleep(0.05)
+
+
+def segment_ids_on_disk(path: Path) -> set[str]:
+    """Segment ids of the transcript's complete lines (the worker may be writing the next one)."""
+    if not path.exists():
+        return set()
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return {json.loads(line)["segment_id"] for line in lines if line.strip()}
+
+
 def transcribe(checkpoint: Path, wav: Path) -> list[str]:
     """`captions transcribe --json` of a file: the offline reference for the live captions."""
     captions = Path(sys.executable).parent / "captions"
@@ -100,6 +137,9 @@ class Conversation:
     """identity -> microphone track sid"""
     started: float
     ended: float
+    on_disk_when_received: dict[str, bool]
+    """final caption's segment id -> whether the transcript file held it when the caption's stream
+    reached the viewer"""
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -107,10 +147,18 @@ async def conversation(livekit_server, captions_worker, speech_dir) -> Conversat
     """Three people (24 kHz mono, 48 kHz stereo, 16 kHz mono) speak at the same time, then leave."""
     room = "e2e-three-speakers"
     started = time.time()
-    sub = await Subscriber(livekit_server, room).connect()
+    transcript = transcript_path(captions_worker.data_dir, room)
+    on_disk_when_received: dict[str, bool] = {}
+
+    def check_transcript(attributes: dict[str, str]) -> None:
+        if attributes.get(ATTR_TRANSCRIPTION_FINAL) == "true":
+            segment_id = attributes[ATTR_SEGMENT_ID]
+            on_disk_when_received[segment_id] = segment_id in segment_ids_on_disk(transcript)
+
+    sub = await Subscriber(livekit_server, room, on_caption_opened=check_transcript).connect()
     speakers = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
     await sub.wait_for_agent()
-    await asyncio.sleep(0.5)  # let the agent subscribe to the three microphones
+    await wait_until_captioning(captions_worker.record_dir, room, list(speakers))
     await asyncio.gather(*(p.play(speech(speech_dir, name)) for name, p in speakers.items()))
     await asyncio.gather(*(p.silence(1.0) for p in speakers.values()))
     tracks = {name: p.track_sid for name, p in speakers.items()}
@@ -118,7 +166,7 @@ async def conversation(livekit_server, captions_worker, speech_dir) -> Conversat
         await p.disconnect()
     await wait_for_finals_after_leaving(sub, list(speakers))
     await sub.disconnect()
-    return Conversation(room, list(sub.captions), tracks, started, time.time())
+    return Conversation(room, list(sub.captions), tracks, started, time.time(), on_disk_when_received)
 
 
 async def test_three_simultaneous_speakers_are_each_captioned_with_their_identity_and_track(conversation):
@@ -177,6 +225,24 @@ async def test_final_captions_equal_the_transcript_file(conversation, captions_w
         assert segment.words == caption.words
 
 
+async def test_every_final_is_in_the_transcript_file_before_its_caption_arrives(conversation):
+    finals = [c for c in conversation.captions if c.final and c.text]
+    assert finals
+    late = [c.segment_id for c in finals if not conversation.on_disk_when_received.get(c.segment_id)]
+    assert not late, f"finals published before they were in the transcript file: {late}"
+
+
+async def test_the_recorded_audio_is_what_each_speaker_sent(conversation, captions_worker, speech_dir):
+    """The audio the engine consumed (--record-dir) against each bot's clip, converted to 24 kHz
+    mono offline: the whole clip, once, at its speed and level, after the leading silence (so that
+    live == offline below cannot hide an ingest fault present on both sides)."""
+    for name in conversation.tracks:
+        files = recordings(captions_worker.record_dir, conversation.room, name)
+        assert len(files) == 1, f"{name}: expected one engine stream, got {files}"
+        match = match_recording(read_audio_file(speech(speech_dir, name)), read_audio_file(files[0]))
+        assert match.problems() == [], f"{name} ({FORMATS[name]}): {match}"
+
+
 async def test_live_captions_equal_captions_transcribe_of_the_recorded_audio(
         conversation, captions_worker, tiny_checkpoint):
     for name in conversation.tracks:
@@ -217,7 +283,7 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
     sub = await Subscriber(livekit_server, room).connect()
     alice, bob = await publisher(livekit_server, room, "alice"), await publisher(livekit_server, room, "bob")
     await sub.wait_for_agent()
-    await asyncio.sleep(0.5)
+    await wait_until_captioning(captions_worker.record_dir, room, ["alice", "bob"])
     bob_first_track = bob.track_sid
     await asyncio.gather(alice.play(speech(speech_dir, "alice"), stop_after_s=2.0),
                          bob.play(speech(speech_dir, "bob"), stop_after_s=2.0))
@@ -228,7 +294,7 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
 
     alice = await publisher(livekit_server, room, "alice")
     bob.unmute()
-    await asyncio.sleep(0.5)
+    await wait_until_captioning(captions_worker.record_dir, room, ["alice", "bob"], streams=2)
     await asyncio.gather(alice.play(speech(speech_dir, "alice")), bob.play(speech(speech_dir, "bob")))
     await alice.disconnect()
     await bob.disconnect()
@@ -245,18 +311,26 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
 
 
 @contextlib.asynccontextmanager
+async def own_server(tmp_path: Path):
+    """A livekit-server of the test's own, with no worker registered (the session's worker, on the
+    session's server, joins every new room there)."""
+    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
 async def own_server_and_worker(checkpoint: Path, tmp_path: Path, batch_size: int = 3):
     """A livekit-server and a fresh worker of the test's own (with the session's worker registered
     too, LiveKit would share the test's rooms between the two workers)."""
-    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
-    try:
+    async with own_server(tmp_path) as server:
         worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, tmp_path / "worker", batch_size)
         try:
             yield server, worker
         finally:
             await asyncio.to_thread(worker.stop)
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share_each_step(
@@ -274,14 +348,15 @@ async def test_rooms_opened_at_once_on_a_fresh_worker_all_get_captions_and_share
             speakers[name] = await publisher(livekit_server, room, name)
             await asyncio.sleep(0.37)  # joins at another phase of the 80 ms frame
         await asyncio.gather(*(sub.wait_for_agent() for sub in subs))
-        await asyncio.sleep(1.0)  # the agent subscribes to the three microphones
+        for name, room in rooms.items():
+            await wait_until_captioning(worker.record_dir, room, [name])
 
         async def talk(p: Publisher, name: str) -> None:
             await p.play(speech(speech_dir, name))
             await p.silence(4.0)  # keeps streaming: the window below is inside everyone's audio
 
         talking = asyncio.gather(*(talk(p, name) for name, p in speakers.items()))
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # a measuring window inside everyone's speech, not a synchronisation
         before, started = engine_counters(worker.metrics_port), time.time()
         await asyncio.sleep(2.5)
         activity = engine_activity(before, engine_counters(worker.metrics_port), time.time() - started)
@@ -397,7 +472,7 @@ async def test_captions_up_runs_server_worker_and_viewer_and_ctrl_c_stops_all(ti
         sub = await Subscriber(server, "up-room").connect()
         alice = await publisher(server, "up-room", "alice")
         await sub.wait_for_agent(timeout=120)
-        await asyncio.sleep(0.5)
+        await asyncio.wait_for(alice.publication.wait_for_subscription(), CAPTION_WAIT_S)  # by the agent
         await alice.play(speech(speech_dir, "alice"))
         await alice.disconnect()
         await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "alice's captions")
@@ -425,42 +500,76 @@ def _start_logged(command: list[str], out_path: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("scenario", ["SIMULATE_SIGNAL_RECONNECT", "SIMULATE_FULL_RECONNECT"])
-async def test_captions_resume_after_the_agent_reconnects(livekit_server, speech_dir, tmp_path, scenario):
+async def test_captions_resume_after_the_agent_reconnects(speech_dir, tmp_path, caplog, scenario):
     """The agent's connection drops (LiveKit's own reconnection scenarios, forced on the agent's
-    room): the speaker goes on being captioned afterwards. The room logic runs in this process
-    here, with tests/fake_engine.py as the engine (the worker subprocess cannot be told to drop)."""
+    room) and comes back: the speaker goes on being captioned, and no word is lost or repeated. The
+    room logic runs in this process, with tests/fake_engine.py as the engine (the worker subprocess
+    cannot be told to drop), on a server of its own: the only agent in the room is the one under
+    test, and every caption must be a word the fake engine made of the audio this agent received.
+    No room event handler may fail along the way (they are the room's only view of the speakers)."""
     from livekit import rtc
 
     from captions.dev.bots import make_token
     from captions.live.room import RoomCaptioner, RoomOptions
     from captions.live.slots import SlotQueue
-    from tests.fake_engine import FakeEngine
+    from tests.fake_engine import FakeEngine, fake_words
 
-    room_name = f"e2e-reconnect-{scenario.lower()}"
-    slots = SlotQueue(FakeEngine(batch_size=2))
+    room_name, agent_identity = "e2e-reconnect", "captions-agent-under-test"
+    engine = FakeEngine(batch_size=2)
+    slots = SlotQueue(engine)
+    connection: dict[str, float] = {}
+    """First time each connection event of the agent's room happened."""
     agent_room = rtc.Room()
-    await agent_room.connect(livekit_server.url, make_token(livekit_server, room_name, "captions-agent",
-                                                             agent=True))
-    captioner = RoomCaptioner(agent_room, slots, RoomOptions(tmp_path / "data"))
-    await captioner.start()
-    sub = await Subscriber(livekit_server, room_name).connect()
-    alice = await publisher(livekit_server, room_name, "alice")
-    try:
-        await sub.wait_for_agent()
-        await asyncio.sleep(0.5)
-        await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
-        await alice.silence(1.5)
-        await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "captions before the drop")
-        before = len(sub.finals("alice"))
-        await agent_room.simulate_scenario(getattr(rtc.SimulateScenarioKind, scenario))
-        await asyncio.sleep(3)  # reconnection
-        await alice.play(speech(speech_dir, "alice"))
-        await alice.silence(1.5)
-        await sub.wait_until(lambda: len(sub.finals("alice")) > before, CAPTION_WAIT_S,
-                             "captions after the agent reconnected")
-    finally:
-        await alice.disconnect()
-        await sub.disconnect()
-        await captioner.aclose()
-        await agent_room.disconnect()
-        slots.close()
+    for event in ("reconnecting", "reconnected", "disconnected"):
+        agent_room.on(event, lambda *_, event=event: connection.setdefault(event, time.time()))
+
+    def pushed_since_reconnection() -> int:
+        """10 ms chunks this agent pushed into a live engine stream since it reconnected."""
+        return sum(len(s.pushed) - chunks_at_reconnection.get(s.id, 0) for s in engine.opened if not s.ended)
+
+    async with own_server(tmp_path) as server:
+        await agent_room.connect(server.url, make_token(server, room_name, agent_identity, agent=True))
+        captioner = RoomCaptioner(agent_room, slots, RoomOptions(tmp_path / "data"))
+        await captioner.start()
+        sub = await Subscriber(server, room_name).connect()
+        alice = await publisher(server, room_name, "alice")
+        try:
+            assert (await sub.wait_for_agent()).identity == agent_identity
+            await sub.wait_until(lambda: engine.opened and engine.opened[0].pushed, CAPTION_WAIT_S,
+                                 "the agent to receive alice's audio")
+            await alice.play(speech(speech_dir, "alice"), stop_after_s=2.0)
+            await alice.silence(1.5)
+            await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "captions before the drop")
+            streams_before = list(engine.opened)
+
+            await agent_room.simulate_scenario(getattr(rtc.SimulateScenarioKind, scenario))
+            await sub.wait_until(lambda: "reconnected" in connection, CAPTION_WAIT_S, "the agent to reconnect")
+            chunks_at_reconnection = {s.id: len(s.pushed) for s in engine.opened}
+            assert connection["reconnecting"] <= connection["reconnected"], connection
+            await sub.wait_until(lambda: pushed_since_reconnection() >= 10, CAPTION_WAIT_S,
+                                 "audio reaching the engine after the reconnection")
+            await alice.play(speech(speech_dir, "alice"))
+            await alice.silence(1.5)
+            resumed_at = connection["reconnected"]
+            await sub.wait_until(lambda: any(c.words and c.words[0][1] >= resumed_at for c in sub.finals("alice")),
+                                 CAPTION_WAIT_S, "captions of speech after the agent reconnected")
+        finally:
+            await alice.disconnect()
+            await sub.disconnect()
+            await captioner.aclose()
+            await agent_room.disconnect()
+            slots.close()
+
+    failures = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.exc_info]
+    assert not failures, f"exceptions in the room's handlers: {failures}"
+    assert "disconnected" not in connection or connection["disconnected"] > resumed_at, \
+        "the agent's room gave up instead of reconnecting"
+    if scenario == "SIMULATE_SIGNAL_RECONNECT":
+        # A resume keeps the media connection: the same subscription and engine stream carry on.
+        assert engine.opened == streams_before, "a signal reconnection restarted the speaker's stream"
+    else:
+        # A full reconnection rebuilds the media connection: the track is subscribed anew.
+        assert len(engine.opened) > len(streams_before), "no new subscription after a full reconnection"
+    made = [w for stream in engine.opened for w in fake_words(np.concatenate(stream.pushed))]
+    captioned = [w[0] for c in sub.finals("alice") for w in c.words]
+    assert captioned == made, "the captions are not the words this agent's engine made of alice's audio"

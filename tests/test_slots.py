@@ -132,3 +132,98 @@ def test_a_waiter_that_cannot_take_its_stream_frees_it_for_the_next(engine, queu
     queue.request(after.waiter)
     s1.close()
     assert after.granted.wait(5), "the refused stream was aborted, so its slot went to the next waiter"
+
+
+class GrantLog:
+    """The order in which the dispatcher granted slots, and each granted stream, across threads."""
+
+    def __init__(self):
+        self.labels: list[str] = []
+        self.streams: dict[str, object] = {}
+        self._changed = threading.Condition()
+
+    def waiter(self, label: str) -> Waiter:
+        return Waiter(label, on_event=lambda e: None, on_granted=lambda stream: self._granted(label, stream))
+
+    def _granted(self, label: str, stream) -> None:
+        with self._changed:
+            self.labels.append(label)
+            self.streams[label] = stream
+            self._changed.notify_all()
+
+    def serve_one_at_a_time(self, first_to_free, count: int) -> list[str]:
+        """Frees one slot, waits for the next grant, then frees that speaker's slot, `count` times:
+        the grants then come one by one in the queue's order."""
+        to_free = first_to_free
+        for served in range(count):
+            to_free.close()
+            with self._changed:
+                assert self._changed.wait_for(lambda n=served: len(self.labels) > n, 5), \
+                    f"nobody was granted the freed slot after {self.labels}"
+            to_free = self.streams[self.labels[-1]]
+        return self.labels
+
+
+def run_rooms(rooms: list[str], body) -> None:
+    """`body(room)` in one thread per room, as livekit-agents' THREAD executor runs room jobs."""
+    errors: list[BaseException] = []
+
+    def run(room: str) -> None:
+        try:
+            body(room)
+        except BaseException as e:  # noqa: BLE001 - reported by the test's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(room,), name=room) for room in rooms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "a room thread hung"
+    assert not errors, errors
+
+
+def test_speakers_of_several_rooms_are_served_in_the_order_they_arrived(engine, queue):
+    """Speakers of four rooms, each asking from its own room's thread, arrive one after another in
+    a mixed order (a room's speakers sometimes back to back, sometimes between other rooms'): as
+    slots free, they are served in exactly that order, whatever thread each came from."""
+    first = queue.request(Recorder("busy-1").waiter)
+    queue.request(Recorder("busy-2").waiter)  # holds the other slot throughout
+    arrivals = ["r0", "r2", "r2", "r1", "r3", "r0", "r0", "r1", "r3", "r2", "r1", "r3"]
+    expected = [f"{room}/speaker{i}" for i, room in enumerate(arrivals)]
+    log, turn, next_arrival = GrantLog(), threading.Condition(), [0]
+
+    def room(name: str) -> None:
+        for i, label in enumerate(expected):
+            if arrivals[i] != name:
+                continue
+            with turn:
+                assert turn.wait_for(lambda i=i: next_arrival[0] == i, 5), f"{label} never got its turn"
+                assert queue.request(log.waiter(label)) is None, "the engine is full: it must wait"
+                next_arrival[0] += 1
+                turn.notify_all()
+
+    run_rooms(sorted(set(arrivals)), room)
+    assert queue.waiting() == expected
+    assert log.serve_one_at_a_time(first, len(expected)) == expected
+
+
+def test_speakers_arriving_at_once_from_several_rooms_are_served_in_queue_order(engine, queue):
+    """Four rooms' threads ask for slots at the same moment, three speakers each: the queue keeps
+    each room's speakers in the order that room asked, loses none, and serves in its order."""
+    first = queue.request(Recorder("busy-1").waiter)
+    queue.request(Recorder("busy-2").waiter)
+    rooms = [f"r{i}" for i in range(4)]
+    log, start = GrantLog(), threading.Barrier(len(rooms))
+
+    def room(name: str) -> None:
+        start.wait(5)
+        for j in range(3):
+            assert queue.request(log.waiter(f"{name}/speaker{j}")) is None
+
+    run_rooms(rooms, room)
+    order = queue.waiting()
+    assert sorted(order) == sorted(f"{r}/speaker{j}" for r in rooms for j in range(3))
+    for r in rooms:
+        assert [label for label in order if label.startswith(f"{r}/")] == [f"{r}/speaker{j}" for j in range(3)]
+    assert log.serve_one_at_a_time(first, len(order)) == order

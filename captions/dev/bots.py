@@ -9,6 +9,7 @@ import bisect
 import json
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,9 @@ class Subscriber:
     captions: list[Caption] = field(default_factory=list)
     statuses: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     """(participant identity, attributes) each time an agent's attributes changed."""
+    on_caption_opened: Callable[[dict[str, str]], None] | None = None
+    """Called with a caption stream's attributes the moment it opens, before its text is read (a
+    test can check what was true when a caption reached a viewer)."""
     _tasks: set = field(default_factory=set)
     _opened: int = 0
 
@@ -190,6 +194,8 @@ class Subscriber:
         # Streams are opened in the order the agent sent them, but their reads may finish in any
         # order: keep `captions` in opening order.
         self._opened += 1
+        if self.on_caption_opened is not None:
+            self.on_caption_opened(dict(reader.info.attributes or {}))
         self._spawn(self._read_caption(reader, participant_identity, self._opened))
 
     async def _read_caption(self, reader: rtc.TextStreamReader, participant_identity: str, order: int) -> None:

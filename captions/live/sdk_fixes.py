@@ -15,8 +15,9 @@ from captions.log import logger
 
 def start_livekit_runtime() -> None:
     """Creates the process's livekit FFI client now, before any job thread can. Its lazy singleton
-    has no lock: two rooms dispatched at once to a fresh worker each created one, the native library
-    kept the second's event callback, and the first room never saw its connect answer (livekit
+    has no lock: two rooms dispatched at once to a fresh worker each created one, the second
+    replaced the first as `FfiClient.instance` (whose queue receives every native event), and the
+    room that had subscribed to the first client's queue never saw its connect answer (livekit
     1.1.21; a room left uncaptioned)."""
     from livekit.rtc._ffi_client import FfiClient
 

@@ -12,10 +12,13 @@ token (0) right before a word begins, then the word's pieces. Our rules follow K
   after it started, whichever comes first.
 
 Live captions cannot wait for the next word to learn that the current one ended: the last word
-before a pause would hang until the speaker talks again. So a segment whose text is followed by
-padding for a full second is emitted then, with the end-of-stream rule's one-second end. The text
-is the same as the reference's; only such a word's end time is earlier (it no longer spans the
-pause).
+before a pause would hang until the speaker talks again. So once a segment is a second old, its
+pending text is emitted at the next padding step, ending one second after the segment began (or at
+that step, if later), like the end-of-stream rule; words written later in the same segment start
+after that cut. The text is the same as the reference's; times differ only in segments cut this
+way (the reference ends a lone word at the next boundary, across the pause, and gives the words of
+a several-word segment one step per token from the segment's start).
+tests/test_engine.py states both rules independently and compares the engine's words with them.
 """
 
 from __future__ import annotations
