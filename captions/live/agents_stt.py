@@ -80,6 +80,12 @@ class SharedEngine:
     engine: SttEngine
     slots: SlotQueue
 
+    @property
+    def slot_load(self) -> float:
+        """Streams served or waiting over the slots, at most 1: a worker's `load_fnc`, so that
+        LiveKit dispatches new sessions to the workers with free slots."""
+        return min(1.0, (self.engine.slots_in_use + len(self.slots)) / self.engine.batch_size)
+
     def close(self) -> None:
         self.slots.close()
         self.engine.close()
