@@ -160,8 +160,8 @@ class KyutaiSTT(stt.STT):
         return "kyutai"
 
     def load(self) -> SharedEngine:
-        """Loads the shared engine now (blocking), e.g. in a worker's `prewarm_fnc`, so that no
-        session waits for it."""
+        """Loads the shared engine now (blocking), at start-up in the worker's main process, so
+        that no session waits for it (a job process's setup function gets only 10 s)."""
         return shared_engine(self._model, self._device, self._batch_size)
 
     def prewarm(self) -> None:
