@@ -123,3 +123,38 @@ def test_segment_ids_differ_between_segmenters():
     a = Segmenter().feed(event(1, [word("x", 0)]))[0].segment_id
     b = Segmenter().feed(event(1, [word("x", 0)]))[0].segment_id
     assert a != b
+
+
+def test_speaking_spans_length_cuts_and_ends_at_the_pause():
+    seg = Segmenter("S", SegmenterOptions(max_words=2, max_duration_s=100))
+    assert not seg.speaking
+    seen = []
+    for e in [event(1, partial="w"), event(2, [word("w0", 0.0)]), event(3, [word("w1", 0.1)]),
+              event(4, pause=0.1), event(5, pause=0.9), event(6, pause=0.9)]:
+        updates = seg.feed(e)
+        seen.append((finals(updates), seg.speaking))
+    # The length cut at w1 closes a line but not the speech; the pause that follows ends it even
+    # though no word is left open to close.
+    assert seen == [([], True), ([], True), (["w0 w1"], True), ([], True), ([], False), ([], False)]
+
+
+def test_flush_closes_the_open_segment_between_words():
+    seg = Segmenter("S")
+    updates = feed_all(seg, [event(1, [word("one", 0.0)]), event(2, [word("two", 0.3)], partial="thr")])
+    flushed = seg.flush()
+    assert [(u.text, u.final) for u in flushed] == [("one two", True)]
+    assert flushed[0].segment_id == updates[-1].segment_id
+    assert not seg.speaking
+    # The word that was being written opens the next segment, so it is never in two finals.
+    later = feed_all(seg, [event(3, [word("three", 0.6)]), event(4, ended=True)])
+    assert finals(later) == ["three"]
+    assert later[-1].segment_id != flushed[0].segment_id
+    assert seg.finished
+
+
+def test_flush_with_nothing_open_gives_nothing():
+    seg = Segmenter("S")
+    assert seg.flush() == []
+    seg.feed(event(1, [word("one", 0.0)]))
+    assert finals(seg.flush()) == ["one"]
+    assert seg.flush() == []

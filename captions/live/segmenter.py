@@ -13,6 +13,10 @@ closed (final) when
 Time is counted in the stream's own audio (event.frames), never the wall clock, so that the same
 audio always gives the same segments: live captions match an offline run of the recorded audio.
 A segment closes only between words: a word still being written goes to the next segment.
+
+`speaking` follows speech rather than lines: it turns on with a segment's first word (or word in
+progress) and off only at a pause, the stream's end or `flush()`, so speech cut into several
+lines at the readable maximum is one stretch of speech (LiveKit Agents' start/end of speech).
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class Segmenter:
         self._last_text = ""
         self._last_word_at = 0.0
         self.finished = False
+        self.speaking = False
+        """Speech since the last pause: on with the first word or word in progress, off at a pause
+        (the same rule that closes a segment), at the stream's end, or at `flush()`."""
 
     @property
     def open_segment_id(self) -> str | None:
@@ -73,6 +80,8 @@ class Segmenter:
         assert not self.finished, "the stream already ended"
         now = event.frames * FRAME_S - event.lead_samples / SAMPLE_RATE  # in word time
         updates: list[CaptionUpdate] = []
+        if event.words or event.partial:
+            self.speaking = True
         if event.words:
             self._ensure_open()
             self._last_word_at = now
@@ -83,12 +92,22 @@ class Segmenter:
                     self._ensure_open()
         if event.ended:
             return updates + self._finish(event.partial, now)
-        if self._words and not event.partial and self._pause_detected(event, now):
-            updates.append(self._close())
+        if self.speaking and not event.partial and self._pause_detected(event, now):
+            # A pause ends the speech even when a length cut already closed its last line.
+            self.speaking = False
+            if self._words:
+                updates.append(self._close())
         interim = self._interim(event.partial)
         if interim is not None:
             updates.append(interim)
         return updates
+
+    def flush(self) -> list[CaptionUpdate]:
+        """Closes the open segment now, between words (a caller asked for a final): its completed
+        words become final and a word still being written goes to the next segment. Ends `speaking`."""
+        assert not self.finished, "the stream already ended"
+        self.speaking = False
+        return [self._close()] if self._words else []
 
     def _ensure_open(self) -> None:
         if self._segment_id is None:
@@ -126,6 +145,7 @@ class Segmenter:
     def _finish(self, partial: str, now: float) -> list[CaptionUpdate]:
         """End of stream: whatever is open becomes final; a word left half-written is kept."""
         self.finished = True
+        self.speaking = False
         if partial:
             self._ensure_open()
             start = self._words[-1].end if self._words else now
