@@ -54,6 +54,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text}")
+    return value
+
+
 def add_livekit_options(parser: argparse.ArgumentParser) -> None:
     """The three standard LiveKit variables, named as LiveKit's own tools name them."""
     add_option(parser, "--url", env="LIVEKIT_URL", default="ws://127.0.0.1:7880",

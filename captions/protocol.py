@@ -23,7 +23,13 @@ attributes, and only agent tokens make a participant of kind AGENT). A viewer ve
 against that key and drops what does not verify.
 
 The agent's participant attributes: ``captions.status`` (one of `AgentStatus`), ``captions.queued``
-(JSON array of identities of speakers waiting for a free engine slot) and ``captions.key``.
+(JSON array of identities of speakers waiting for a free engine slot), ``captions.key``,
+``captions.since`` (when it joined the room, in Unix milliseconds, as the server says) and
+``captions.alive`` (a counter it advances every couple of seconds while it runs).
+
+A room has one captioner: when a race puts two in a room, the one that joined first stays (the
+smaller identity on a tie), by `elected_captioner`; every captioner, worker and viewer applies the
+same rule, so they agree without talking to each other (captions/live/presence.py).
 
 The transcript file (``<data-dir>/<room>.jsonl``) holds the room's `FinalSegment` records; the
 viewer server serves the recent ones to late viewers over HTTP (captions/viewer/server.py).
@@ -54,6 +60,8 @@ ATTR_SIGNATURE = "captions.sig"
 ATTR_AGENT_STATUS = "captions.status"
 ATTR_AGENT_QUEUED = "captions.queued"
 ATTR_AGENT_KEY = "captions.key"
+ATTR_AGENT_SINCE = "captions.since"
+ATTR_AGENT_ALIVE = "captions.alive"
 
 SIGNATURE_CONTEXT = "lk-captions-v1"
 """First field of every signed message, so a signature can never be taken for another protocol's."""
@@ -124,3 +132,17 @@ class CaptionSigner:
     def sign(self, message: bytes) -> str:
         """Base64 of the 64-byte Ed25519 signature of `message`."""
         return base64.b64encode(self._key.sign(message)).decode()
+
+
+@dataclass(frozen=True)
+class CaptionerInfo:
+    """A caption agent as a room shows it: its identity and when it joined (Unix ms)."""
+
+    identity: str
+    since_ms: int
+
+
+def elected_captioner(captioners: list[CaptionerInfo]) -> CaptionerInfo | None:
+    """The room's captioner among several: the one that joined first, the smaller identity on a tie
+    (web/session.js applies the same rule)."""
+    return min(captioners, key=lambda c: (c.since_ms, c.identity), default=None)

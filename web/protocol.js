@@ -11,6 +11,7 @@ export const ATTR_SIGNATURE = 'captions.sig';
 export const ATTR_AGENT_STATUS = 'captions.status';
 export const ATTR_AGENT_QUEUED = 'captions.queued';
 export const ATTR_AGENT_KEY = 'captions.key';
+export const ATTR_AGENT_SINCE = 'captions.since';
 
 const SIGNATURE_CONTEXT = 'lk-captions-v1';
 
@@ -67,4 +68,19 @@ export function parseWords(text) {
   } catch {
     return [];
   }
+}
+
+/**
+ * The room's captioner among several caption agents ({identity, attributes}): the one that joined
+ * first (captions.since), the smaller identity on a tie (captions/protocol.py `elected_captioner`).
+ */
+export function electedCaptioner(agents) {
+  let best = null;
+  for (const agent of agents) {
+    if (!agent.attributes[ATTR_AGENT_KEY]) continue;
+    const since = Number(agent.attributes[ATTR_AGENT_SINCE]);
+    const key = [Number.isFinite(since) ? since : Infinity, agent.identity];
+    if (!best || key[0] < best.key[0] || (key[0] === best.key[0] && key[1] < best.key[1])) best = { agent, key };
+  }
+  return best ? best.agent : null;
 }

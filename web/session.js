@@ -24,6 +24,7 @@ import {
   ATTR_WORDS,
   MAX_CAPTION_CHARS,
   TOPIC_TRANSCRIPTION,
+  electedCaptioner,
   parseJsonArray,
   parseWords,
 } from './protocol.js';
@@ -181,6 +182,12 @@ export class Session {
       console.warn(`ignoring a caption for ${caption.speaker} that the caption agent did not sign`);
       return;
     }
+    // Two captioners in a room for a moment (a recovery racing LiveKit's dispatch): one is shown.
+    const elected = this.room && electedCaptioner(agentsIn(this.room));
+    if (elected && elected.identity !== caption.agent) {
+      console.warn(`ignoring a caption from ${caption.agent}: ${elected.identity} captions this room`);
+      return;
+    }
     this.transcript.update({
       id: caption.segmentId,
       identity: caption.speaker,
@@ -189,6 +196,7 @@ export class Session {
       words: caption.final ? parseWords(caption.words) : [],
       start: Date.now() / 1000,
       seq: caption.seq,
+      agent: caption.agent,
     });
     this.onCaptions();
   }
@@ -231,7 +239,10 @@ export class Session {
       this.refreshRoomState();
     };
     room.on(RoomEvent.ParticipantConnected, changed);
-    room.on(RoomEvent.ParticipantDisconnected, changed);
+    room.on(RoomEvent.ParticipantDisconnected, (participant) => {
+      if (participant.kind === ParticipantKind.AGENT) this.transcript.interrupt(participant.identity);
+      changed();
+    });
     room.on(RoomEvent.ParticipantAttributesChanged, changed);
     room.on(RoomEvent.ParticipantNameChanged, changed);
     room.on(RoomEvent.Reconnecting, () => {

@@ -50,13 +50,13 @@ export class Transcript {
    * Applies one (verified) caption update: new segment, interim replacement, or the final text.
    * `seq` numbers a segment's updates: an older one arriving late never replaces a newer one.
    */
-  update({ id, identity, name, text, final, words, start, seq }) {
+  update({ id, identity, name, text, final, words, start, seq, agent }) {
     const key = segmentKey(identity, id);
     let segment = this.segments.get(key);
     if (segment && (segment.final || seq <= segment.seq)) return; // final is final, never reverted
     if (!segment) {
       if (!text) return;
-      segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1 };
+      segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1, agent };
       segment.node = document.createElement('span');
       segment.node.className = 'seg';
       this.turnFor(identity, name, start).append(segment.node);
@@ -152,6 +152,21 @@ export class Transcript {
     return fresh.length;
   }
 
+  /**
+   * A captioner left without finishing its open segments (its worker crashed; a recovered one
+   * continues with new segments): they stay as they were, marked as cut off, and are not exported.
+   */
+  interrupt(agent) {
+    for (const segment of this.segments.values()) {
+      if (segment.final || segment.agent !== agent) continue;
+      segment.final = true;
+      segment.interrupted = true;
+      segment.node.classList.add('interrupted');
+      segment.node.removeAttribute('aria-hidden');
+      segment.node.title = 'The captioner stopped here; captions continue below.';
+    }
+  }
+
   renameSpeaker(identity) {
     for (const label of this.nameLabels.get(identity) || []) label.textContent = this.speakers.nameOf(identity);
   }
@@ -159,7 +174,7 @@ export class Transcript {
   /** Final segments for export, with their speakers' current names. */
   finals() {
     return [...this.segments.values()]
-      .filter((s) => s.final && s.text)
+      .filter((s) => s.final && !s.interrupted && s.text)
       .map((s) => ({
         name: this.speakers.nameOf(s.identity), text: s.text, start: s.start, end: s.end, words: s.words,
       }));

@@ -90,14 +90,16 @@ class LiveKitServer:
         stop_process(self.process, signal.SIGTERM, timeout)
 
 
-def start_dev_server(log_path: Path, host: str = "127.0.0.1", ready_timeout: float = 20) -> LiveKitServer:
-    """Starts livekit-server --dev on free ports of `host` (logging to `log_path`) and waits until its
-    HTTP port answers. For tests and benchmarks: it never installs the binary."""
+def start_dev_server(log_path: Path, host: str = "127.0.0.1", ready_timeout: float = 20,
+                     port: int | None = None) -> LiveKitServer:
+    """Starts livekit-server --dev on free ports of `host` (or on `port`, e.g. to restart one, see
+    dev_server_command) logging to `log_path` (appended), and waits until its HTTP port answers.
+    For tests and benchmarks: it never installs the binary."""
     binary = find_livekit_server()
     if binary is None:
         raise RuntimeError("livekit-server missing: run `captions server --install-only`")
-    port = free_port_triple(host)
-    with open(log_path, "wb") as log:
+    port = port or free_port_triple(host)
+    with open(log_path, "ab") as log:
         process = subprocess.Popen(dev_server_command(binary, host, port), stdout=log, stderr=subprocess.STDOUT)
     http_url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout

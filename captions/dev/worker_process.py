@@ -29,6 +29,8 @@ class CaptionsWorker:
     log_path: Path
     metrics_port: int
     """Where its /metrics, /healthz and /readyz answer (127.0.0.1)."""
+    registered_at: float = 0.0
+    """Unix time at which it logged its registration with LiveKit."""
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -46,15 +48,16 @@ def captions_command() -> list[str]:
 
 def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
                           extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
-                          env: dict[str, str] | None = None) -> CaptionsWorker:
+                          env: dict[str, str] | None = None, data_dir: Path | None = None) -> CaptionsWorker:
     """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered.
 
-    It writes transcripts to workdir/data, the audio of every engine stream to workdir/recordings
-    and its log to workdir/worker.log."""
+    It writes transcripts to `data_dir` (default workdir/data; workers on one host share theirs), the
+    audio of every engine stream to workdir/recordings and its log to workdir/worker.log."""
     from captions.live.worker import READY_MESSAGE
 
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir, record_dir, log_path = workdir / "data", workdir / "recordings", workdir / "worker.log"
+    data_dir = data_dir or workdir / "data"
+    record_dir, log_path = workdir / "recordings", workdir / "worker.log"
     metrics_port = free_port()
     environment = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
                        LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
@@ -69,6 +72,7 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
         if process.poll() is not None:
             raise RuntimeError(f"captions worker exited early:\n{worker.log_tail()}")
         if READY_MESSAGE.encode() in log_path.read_bytes():
+            worker.registered_at = time.time()
             return worker
         time.sleep(0.2)
     worker.stop()

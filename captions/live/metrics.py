@@ -26,7 +26,7 @@ import asyncio
 import collections
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -51,6 +51,7 @@ RTF_WINDOW_STEPS = 100
 ERROR_KINDS = ("engine_step", "stream", "publish", "transcript", "room")
 """Error counters that exist (at 0) from the start, so that rate() and alerts work before the first."""
 DROP_REASONS = ("waiting_for_slot", "closing")
+RECOVERY_ACTIONS = ("dispatch", "remove_stale", "remove_duplicate")
 STEP_PARTS = ("host", "encode", "lm", "total")
 
 
@@ -79,6 +80,12 @@ class CaptionMetrics:
             registry=r)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)
+        self.recovery_actions = Counter(
+            "captions_recovery_actions", "What this worker's recovery did: dispatched a captioner to a room "
+            "without one, removed a captioner whose heartbeat stopped, or removed a second captioner",
+            ["action"], registry=r)
+        for action in RECOVERY_ACTIONS:
+            self.recovery_actions.labels(action)
         self.ready_check: Callable[[], list[str]] | None = None
         """What /readyz asks; also exported as captions_ready."""
         self._errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
@@ -123,6 +130,10 @@ class CaptionMetrics:
     def frame_dropped(self, reason: str) -> None:
         """An audio frame that will never be captioned (`DROP_REASONS`)."""
         self.frames_dropped.labels(reason).inc()
+
+    def recovery(self, action: str) -> None:
+        """One recovery action (`RECOVERY_ACTIONS`)."""
+        self.recovery_actions.labels(action).inc()
 
     def error(self, kind: str) -> None:
         """Counts one error of `kind` (`ERROR_KINDS`; others are accepted and appear when first used)."""
@@ -200,12 +211,13 @@ METRICS = CaptionMetrics()
 
 @dataclass
 class Readiness:
-    """Ready = the model is loaded and the worker is registered with LiveKit."""
+    """Ready = the model is loaded and the worker is registered with LiveKit, over a live connection."""
 
     model_loaded: bool = False
     registered: bool = False
-    extra_checks: list[tuple[str, Callable[[], bool]]] = field(default_factory=list)
-    """(what is missing when it fails, check) pairs, e.g. a live connection to LiveKit."""
+    """Registered at least once."""
+    connected: Callable[[], bool] | None = None
+    """Whether the registration still holds (the connection to LiveKit may drop and come back)."""
 
     def missing(self) -> list[str]:
         """What keeps the worker from being ready; empty when it is ready."""
@@ -214,7 +226,8 @@ class Readiness:
             missing.append("model loading")
         if not self.registered:
             missing.append("not registered with LiveKit")
-        missing += [reason for reason, check in self.extra_checks if not check()]
+        elif self.connected is not None and not self.connected():
+            missing.append("lost its connection to LiveKit (reconnecting)")
         return missing
 
 

@@ -58,12 +58,23 @@ class CaptionPublisher:
         self._signer = signer
         self._outbox: list[OutgoingCaption] = []
         self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._next_seq: dict[str, int] = {}
         """Per open segment, the number of its next update (a segment's entry goes with its final)."""
 
     def put(self, caption: OutgoingCaption) -> None:
         self._outbox.append(caption)
+        self._idle.clear()
         self._ready.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Waits until everything queued is published (or given up); False after `timeout`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def run(self) -> None:
         """Publishes forever (cancel to stop)."""
@@ -76,6 +87,8 @@ class CaptionPublisher:
                                                  for o in self._outbox):
                     continue  # a newer text of this segment is already queued: publishing is behind
                 await self._publish(item)
+            if not self._outbox:
+                self._idle.set()
 
     def _signed_attributes(self, item: OutgoingCaption) -> dict[str, str]:
         update, agent = item.update, self._room.local_participant.identity

@@ -27,6 +27,7 @@ import numpy as np
 from livekit import rtc
 
 from captions.live.metrics import METRICS
+from captions.live.presence import HEARTBEAT_S, LiveKitCredentials, claim_room
 from captions.live.publisher import CaptionPublisher, OutgoingCaption
 from captions.live.recorder import StreamRecorder
 from captions.live.sdk_fixes import open_audio_stream
@@ -36,6 +37,7 @@ from captions.live.timing import StreamTiming
 from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.log import logger
 from captions.protocol import (
+    ATTR_AGENT_ALIVE,
     ATTR_AGENT_KEY,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
@@ -60,6 +62,8 @@ class RoomOptions:
     timing_attributes: bool = False
     """Attach the captions.timing attribute to every caption (diagnostics; costs a little per chunk)."""
     audio_chunk_ms: int = AUDIO_CHUNK_MS
+    livekit: LiveKitCredentials | None = None
+    """The server API, to claim the room against another captioner (presence.py); None: no claim."""
 
 
 class _Session:
@@ -101,8 +105,9 @@ class Speaker:
     def start(self) -> None:
         self._request_slot()
 
-    def stop(self) -> None:
-        """End of speech (leave, mute, unpublish): flush the engine stream, or leave the queue."""
+    def stop(self, flush: bool = True) -> None:
+        """End of speech (leave, mute, unpublish): flush the engine stream, or leave the queue.
+        Without `flush`, the stream ends at once and its last words are dropped."""
         if self._stopped:
             return
         self._stopped = True
@@ -113,7 +118,10 @@ class Speaker:
             self._captioner.status_changed()
         if self._session is not None:
             self._session.closing = True
-            self._session.stream.close()
+            if flush:
+                self._session.stream.close()
+            else:
+                self._session.stream.abort()
         else:
             self.ended.set()
 
@@ -236,9 +244,30 @@ class RoomCaptioner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._status_dirty = asyncio.Event()
         self._closed = False
+        self._superseded = False
+        """Removed from the room (another captioner stays): nothing more is written or published."""
+        self._alive = 0
+        """The heartbeat (presence.py), advanced every HEARTBEAT_S while this captioner runs."""
+        self._status_sent: dict[str, str] = {}
+        """The attributes the server has; a full reconnection starts a new session without them."""
+
+    async def claim(self) -> bool:
+        """Announces this captioner and asks whether it is the room's one (presence.py); call once
+        connected, before `start`. False: another captioner has the room, leave it."""
+        await self.room.local_participant.set_attributes(self._status_attributes())
+        if self.options.livekit is None:
+            return True
+        client = self.options.livekit.client()
+        try:
+            return await claim_room(self.room_name, self.room.local_participant.identity, client,
+                                    self.room.local_participant.set_attributes)
+        finally:
+            await client.aclose()
 
     async def start(self) -> None:
-        """Call once the room is connected."""
+        """Call once the room is connected (and claimed)."""
+        self.room.on("disconnected", self._on_disconnected)
+        self.room.on("reconnected", self._on_reconnected)
         self.room.on("track_subscribed", self._on_track_subscribed)
         self.room.on("track_unsubscribed", self._on_track_gone)
         self.room.on("track_unpublished", self._on_track_unpublished)
@@ -254,22 +283,40 @@ class RoomCaptioner:
                     self._on_track_subscribed(publication.track, publication, participant)
 
     async def aclose(self) -> None:
-        """Flush every speaker (finals reach the transcript file even if the room is gone)."""
+        """Flush every speaker (finals reach the transcript file even if the room is gone), unless
+        this captioner was removed for another one, which captions the same audio."""
+        if self._closed:
+            return
         self._closed = True
         speakers = list(self._speakers.values())
         for speaker in speakers:
-            speaker.stop()
+            speaker.stop(flush=not self._superseded)
+        deadline = asyncio.get_running_loop().time() + FLUSH_TIMEOUT_S
         if speakers:
             waits = [asyncio.create_task(s.ended.wait()) for s in speakers]
             _, pending = await asyncio.wait(waits, timeout=FLUSH_TIMEOUT_S)
             for task in pending:
                 task.cancel()
+        if self.room.isconnected() and not await self._publisher.drain(
+                max(0.1, deadline - asyncio.get_running_loop().time())):
+            logger.warning("room %s: leaving with captions not yet published", self.room_name)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.transcript.close()
 
     # Room events (only schedule work) -----------------------------------------------------------
+
+    def _on_reconnected(self) -> None:
+        self._status_sent.clear()
+        self.status_changed()
+
+    def _on_disconnected(self, reason: int) -> None:
+        if reason == rtc.DisconnectReason.PARTICIPANT_REMOVED:
+            # The recovery removes the captioners that are not the room's one (and dead ones).
+            logger.info("room %s: removed from the room (another captioner has it): stopping without "
+                        "writing", self.room_name)
+            self._superseded = True
 
     def _is_captioned(self, participant: rtc.Participant, publication: rtc.TrackPublication) -> bool:
         return (
@@ -321,6 +368,8 @@ class RoomCaptioner:
     def caption(self, speaker: Speaker, origin: float, update: CaptionUpdate, timing: dict | None = None) -> None:
         """Queues `update` for publishing; a final one is written to the transcript first. `timing`:
         the ATTR_TIMING fields of the step that produced it (with --timing-attributes)."""
+        if self._superseded:
+            return
         words_attr = None
         if update.final and update.text:
             words = [Word(w.text, origin + w.start, origin + w.end) for w in update.words]
@@ -347,23 +396,28 @@ class RoomCaptioner:
         queued = [s.identity for s in self._speakers.values() if s.waiting]
         status = AgentStatus.WAITING if queued else AgentStatus.LIVE
         return {ATTR_AGENT_STATUS: status.value, ATTR_AGENT_QUEUED: json.dumps(queued),
-                ATTR_AGENT_KEY: self._signer.public_key}
+                ATTR_AGENT_KEY: self._signer.public_key, ATTR_AGENT_ALIVE: str(self._alive)}
 
     async def _update_status_forever(self) -> None:
-        sent: dict[str, str] = {}
+        """Sends the attributes that changed, and the heartbeat every HEARTBEAT_S."""
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + HEARTBEAT_S
         while True:
-            await self._status_dirty.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._status_dirty.wait(), max(0.0, next_beat - loop.time()))
             self._status_dirty.clear()
+            if loop.time() >= next_beat:
+                self._alive += 1
+                next_beat = loop.time() + HEARTBEAT_S
             attributes = self._status_attributes()
-            if attributes == sent:
+            changed = {key: value for key, value in attributes.items() if self._status_sent.get(key) != value}
+            if not changed:
                 continue
             try:
-                await self.room.local_participant.set_attributes(attributes)
-                sent = attributes
-            except Exception as e:  # noqa: BLE001 - retried on the next change or below
+                await self.room.local_participant.set_attributes(changed)
+                self._status_sent.update(changed)
+            except Exception as e:  # noqa: BLE001 - retried on the next change or beat
                 logger.warning("could not update the agent's status attributes: %s", e)
-                await asyncio.sleep(1.0)
-                self._status_dirty.set()
 
     def _spawn(self, coro: Coroutine[None, None, None], name: str) -> None:
         task = asyncio.create_task(coro, name=f"{name}-{self.room_name}")

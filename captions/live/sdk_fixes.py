@@ -1,4 +1,4 @@
-"""Two fixes for the livekit Python SDK's FFI layer (livekit 1.1.21, pinned by livekit-agents 1.8.9).
+"""Our fixes for the livekit SDKs (livekit 1.1.21, pinned by livekit-agents 1.8.9), in one place.
 
 Everything the native library reports reaches Python as one stream of events, which `FfiQueue`
 hands to every subscriber whose filter accepts it. Both fixes reach into that private layer; they
@@ -63,3 +63,10 @@ def _narrow_to_own_events(stream: rtc.AudioStream) -> bool:
                 subscribers[index] = (queue, loop, own_events)
                 return True
     return False
+
+
+def worker_connected(server) -> bool:
+    """Whether the livekit-agents worker is registered over a live connection now. livekit-agents
+    1.8.9 reconnects by itself after a lost connection and says so only in private state: False
+    while it connects (at start and after a loss), and once it gave up."""
+    return not getattr(server, "_connecting", True) and not getattr(server, "_connection_failed", False)

@@ -21,13 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from captions.config import add_livekit_options, add_option, non_negative_int, positive_int
+from captions.config import (
+    add_livekit_options,
+    add_option,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
 from captions.stt.model import add_model_options
 
 if TYPE_CHECKING:
-    from captions.live.room import RoomOptions
+    from captions.live.recovery import Reconciler
+    from captions.live.room import RoomCaptioner, RoomOptions
     from captions.live.slots import SlotQueue
     from captions.protocol import CaptionSigner
     from captions.stt.engine import SttEngine
@@ -62,6 +69,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_captioning_options(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
+    add_option(parser, "--reconcile-interval", env="CAPTIONS_RECONCILE_INTERVAL", default=1.5,
+               type=non_negative_float, help="seconds between this worker's checks that every room with a "
+               "speaker has a live captioner (recovery after crashes and restarts); 0 turns them off")
     add_option(parser, "--health-port", env="CAPTIONS_HEALTH_PORT", default=None, type=int,
                help="worker health-check HTTP port (0: any free port; default 8081 for start, 0 for dev)")
     # Observability (captions/live/metrics.py): Prometheus /metrics, /healthz, /readyz.
@@ -114,6 +124,18 @@ READINESS = Readiness()
 """What /readyz reports: model loaded, then registered with LiveKit."""
 
 
+_captioners: dict[str, RoomCaptioner] = {}
+"""The captioner of each running job (by job id), for `_end_room`."""
+
+
+async def _end_room(ctx) -> None:
+    """livekit-agents' session end, while the room is still connected (its shutdown callbacks run
+    after it disconnected): the speakers' last words are flushed and published."""
+    captioner = _captioners.pop(ctx.job.id, None)
+    if captioner is not None:
+        await captioner.aclose()
+
+
 async def _caption_room(ctx) -> None:
     """A job's entrypoint (in the job's own thread and event loop)."""
     from livekit.agents import AutoSubscribe
@@ -123,7 +145,13 @@ async def _caption_room(ctx) -> None:
     assert _service is not None, "the engine is loaded before the worker registers"
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer)
-    ctx.add_shutdown_callback(captioner.aclose)
+    if not await captioner.claim():
+        # Another captioner has the room (a race between LiveKit's dispatch and a recovery).
+        captioner.transcript.close()
+        ctx.shutdown(reason="another captioner has this room")
+        return
+    _captioners[ctx.job.id] = captioner
+    ctx.add_shutdown_callback(captioner.aclose)  # after the room is gone: a safety net
     await captioner.start()
     # Metrics: count the room until its job shuts down.
     METRICS.room_started()
@@ -132,10 +160,11 @@ async def _caption_room(ctx) -> None:
         METRICS.room_ended()
 
     ctx.add_shutdown_callback(_room_ended)
-    logger.info("captioning room %s", ctx.room.name)
+    logger.info("captioning room %s as %s", ctx.room.name, ctx.room.local_participant.identity)
 
 
 def _load_service(args: argparse.Namespace) -> CaptionService:
+    from captions.live.presence import LiveKitCredentials
     from captions.live.room import AUDIO_CHUNK_MS, RoomOptions
     from captions.live.sdk_fixes import start_livekit_runtime
     from captions.live.slots import SlotQueue
@@ -156,13 +185,16 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     if args.retention_days > 0:
         start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
     options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes,
-                          audio_chunk_ms=round(FRAME_S * 1000) if args.unaligned_frames else AUDIO_CHUNK_MS)
+                          audio_chunk_ms=round(FRAME_S * 1000) if args.unaligned_frames else AUDIO_CHUNK_MS,
+                          livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
     return CaptionService(engine, slots, options, CaptionSigner())
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
     from livekit import agents
     from livekit.agents.worker import ServerEnvOption
+
+    from captions.live.sdk_fixes import worker_connected
 
     dev = args.mode == "dev"
     port = args.health_port if args.health_port is not None else (0 if dev else 8081)
@@ -177,21 +209,26 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
                                              can_update_metadata=True),
         log_level="DEBUG" if dev else "INFO",
     )
-    server.rtc_session(_caption_room, agent_name=args.agent_name)
-    # Readiness: registered with LiveKit (the model is loaded before the server is built).
+    server.rtc_session(_caption_room, agent_name=args.agent_name, on_session_end=_end_room)
+    # Readiness: registered with LiveKit (the model is loaded before the server is built), and still
+    # connected (livekit-agents reconnects on its own, then registers again).
     server.on("worker_registered", lambda *_: setattr(READINESS, "registered", True))
+    READINESS.connected = lambda: worker_connected(server)
     server.on("worker_registered", lambda worker_id, _info: logger.info("%s (%s)", READY_MESSAGE, worker_id))
     return server
 
 
-async def _serve(server, dev: bool) -> None:
+async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     run = asyncio.create_task(server.run(devmode=dev))
+    recovery = asyncio.create_task(reconciler.run()) if reconciler is not None else None
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if recovery is not None:
+        recovery.cancel()
     for sig in (signal.SIGINT, signal.SIGTERM):
         # A second Ctrl-C while rooms flush means "now".
         loop.add_signal_handler(sig, lambda: os._exit(130))
@@ -240,8 +277,14 @@ def run(args: argparse.Namespace) -> int:
     READINESS.model_loaded = True
     mode = "explicit dispatch as " + repr(args.agent_name) if args.agent_name else "automatic dispatch"
     logger.info("worker ready: %d slots, %s, LiveKit at %s", _service.engine.batch_size, mode, args.url)
+    reconciler = None
+    if args.reconcile_interval > 0:
+        from captions.live.recovery import Reconciler
+
+        reconciler = Reconciler(_service.room_options.livekit, args.agent_name, args.reconcile_interval,
+                                active=lambda: not READINESS.missing())
     try:
-        asyncio.run(_serve(_build_server(args, _service), dev=args.mode == "dev"))
+        asyncio.run(_serve(_build_server(args, _service), dev=args.mode == "dev", reconciler=reconciler))
     except Exception as e:  # noqa: BLE001 - e.g. LiveKit unreachable after retries: say so, exit 1
         logger.error("worker failed: %s", e)
         return 1

@@ -1,0 +1,161 @@
+"""Rooms keep a captioner through worker crashes, restarts and deploys.
+
+Open-source livekit-server dispatches a room's agent job once (when the room is created, or on the
+CreateDispatch API) and drops it when the worker's connection drops: a room whose worker died, or
+that was created while no worker was up, stays uncaptioned for good. So every worker reconciles
+what should be with what is, through LiveKit's own server API, every `interval_s`:
+
+* every room with a speaker (a non-agent participant publishing a microphone) should have one live
+  captioner: a caption agent (presence.py) whose heartbeat still moves;
+* a captioner whose heartbeat stopped (its worker died; the server keeps it ~20 s) is removed;
+* when two live captioners are in a room, the one `elected_captioner` does not choose is removed;
+* a room with a speaker and no captioner gets a new dispatch (CreateDispatch), unless one was made
+  in the last `DISPATCH_GRACE_S` (by any worker, or LiveKit's own at the room's creation): LiveKit
+  stays the scheduler and picks the worker. With explicit dispatch (an agent name), only rooms that
+  asked for this agent name (they hold a dispatch for it) are dispatched again.
+
+It runs in every worker: recovery lasts as long as one worker does, and a room cannot be captioned
+without a worker anyway. It keeps no state that matters (the heartbeat timings are rebuilt by
+watching), so it converges after a missed event, a worker restart, or a livekit-server restart.
+Cost per worker and interval: one ListRooms, one ListParticipants per room with a publisher, and a
+ListDispatch per room that needs a captioner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from livekit import api
+
+from captions.live.metrics import METRICS
+from captions.live.presence import (
+    HeartbeatWatch,
+    LiveKitCredentials,
+    captioners_in,
+    elected,
+    list_participants,
+)
+from captions.log import logger
+
+RECONCILE_INTERVAL_S = 1.5
+DISPATCH_GRACE_S = 10.0
+"""A dispatch this recent is still bringing its captioner (a job starts within a few seconds)."""
+JOINING_S = 10.0
+"""An agent that joined this recently and has not announced itself yet may be a captioner starting."""
+MICROPHONE = 2  # TrackSource.MICROPHONE in LiveKit's protocol
+
+
+@dataclass
+class RoomPlan:
+    """What one room needs: captioners to remove, and whether it needs a new one."""
+
+    remove_stale: list[str]
+    remove_duplicates: list[str]
+    needs_captioner: bool
+
+
+def has_speaker(participants: list[api.ParticipantInfo]) -> bool:
+    return any(p.kind != api.ParticipantInfo.Kind.AGENT
+               and any(t.source == MICROPHONE for t in p.tracks) for p in participants)
+
+
+def plan_room(room: str, participants: list[api.ParticipantInfo], watch: HeartbeatWatch, now_ms: int) -> RoomPlan:
+    """The room's plan from one listing of its participants (and what `watch` saw before)."""
+    captioners = captioners_in(participants)
+    for captioner in captioners:
+        watch.observe(f"{room}\n{captioner.identity}", captioner.alive)
+    stale = [c for c in captioners if watch.stale(f"{room}\n{c.identity}")]
+    live = [c for c in captioners if c not in stale]
+    winner = elected(live)
+    duplicates = [c.identity for c in live if c is not winner]
+    joining = any(p.kind == api.ParticipantInfo.Kind.AGENT and not p.attributes
+                  and now_ms - (p.joined_at_ms or p.joined_at * 1000) < JOINING_S * 1000 for p in participants)
+    return RoomPlan([c.identity for c in stale], duplicates,
+                    needs_captioner=winner is None and not joining and has_speaker(participants))
+
+
+def _dispatch_age_s(dispatch: api.AgentDispatch, now: float) -> float:
+    created = dispatch.state.created_at
+    # The server's field is nanoseconds; tolerate milliseconds or seconds too.
+    seconds = created / 1e9 if created > 1e15 else created / 1e3 if created > 1e11 else float(created)
+    return now - seconds
+
+
+def on_its_way(dispatch: api.AgentDispatch, present: set[str], now: float) -> bool:
+    """A recent dispatch whose captioner has not come yet (or is still there): no new one for now.
+    One whose agent came and left is done, however recent (a captioner that stopped at once)."""
+    if _dispatch_age_s(dispatch, now) >= DISPATCH_GRACE_S:
+        return False
+    joined = [job.state.participant_identity for job in dispatch.state.jobs if job.state.participant_identity]
+    return not joined or any(identity in present for identity in joined)
+
+
+class Reconciler:
+    """The recovery loop of one worker (see the module notes)."""
+
+    def __init__(self, livekit: LiveKitCredentials, agent_name: str = "", interval_s: float = RECONCILE_INTERVAL_S,
+                 active: Callable[[], bool] = lambda: True):
+        """`active()`: whether to act now (the worker is registered with LiveKit)."""
+        self.livekit = livekit
+        self.agent_name = agent_name
+        self.interval_s = interval_s
+        self.active = active
+        self.watch = HeartbeatWatch()
+
+    async def run(self) -> None:
+        """Reconciles every `interval_s` (with jitter, so that workers do not act in step) until
+        cancelled; a failed round is logged and the next one tried."""
+        client = self.livekit.client()
+        try:
+            while True:
+                if self.active():
+                    try:
+                        await self.reconcile(client)
+                    except (api.TwirpError, OSError, asyncio.TimeoutError) as e:
+                        logger.warning("recovery: LiveKit's API failed (%s); trying again", e)
+                    await asyncio.sleep(self.interval_s * random.uniform(0.75, 1.25))
+                else:
+                    await asyncio.sleep(0.2)  # starts as soon as the worker registers
+        finally:
+            await client.aclose()
+
+    async def reconcile(self, client: api.LiveKitAPI) -> None:
+        rooms = (await client.room.list_rooms(api.ListRoomsRequest())).rooms
+        seen: set[str] = set()
+        for room in rooms:
+            if room.num_publishers == 0:
+                continue
+            participants = await list_participants(client, room.name)
+            seen |= {f"{room.name}\n{p.identity}" for p in participants}
+            plan = plan_room(room.name, participants, self.watch, int(time.time() * 1000))
+            for identity, why in [*((i, "stale") for i in plan.remove_stale),
+                                  *((i, "duplicate") for i in plan.remove_duplicates)]:
+                await self._remove(client, room.name, identity, why)
+            if plan.needs_captioner:
+                await self._dispatch(client, room.name, {p.identity for p in participants})
+        self.watch.keep_only(seen)
+
+    async def _remove(self, client: api.LiveKitAPI, room: str, identity: str, why: str) -> None:
+        logger.info("recovery: removing %s captioner %s from room %s", why, identity, room)
+        try:
+            await client.room.remove_participant(api.RoomParticipantIdentity(room=room, identity=identity))
+        except api.TwirpError as e:  # another worker removed it first, or it left
+            logger.info("recovery: %s was already gone from %s (%s)", identity, room, e.message)
+            return
+        METRICS.recovery(f"remove_{why}")
+
+    async def _dispatch(self, client: api.LiveKitAPI, room: str, present: set[str]) -> None:
+        dispatches = await client.agent_dispatch.list_dispatch(room)
+        mine = [d for d in dispatches if d.agent_name == self.agent_name]
+        if self.agent_name and not mine:
+            return  # explicit dispatch: this room never asked for this agent
+        if any(on_its_way(d, present, time.time()) for d in mine):
+            return  # a captioner is on its way
+        logger.info("recovery: room %s has a speaker and no captioner: dispatching one", room)
+        await client.agent_dispatch.create_dispatch(
+            api.CreateAgentDispatchRequest(room=room, agent_name=self.agent_name, metadata="captions recovery"))
+        METRICS.recovery("dispatch")
