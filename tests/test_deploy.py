@@ -25,7 +25,7 @@ import yaml
 
 from captions.config import ConfigError, check_livekit
 from captions.dev.livekit_server import LIVEKIT_SERVER_VERSION, find_livekit_server
-from captions.dev.processes import free_port
+from captions.dev.processes import free_port_triple
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -257,7 +257,8 @@ def test_livekit_started_as_compose_starts_it_accepts_exactly_the_keys_from_env(
     """deploy/livekit.yaml (ports moved to free loopback ports) + LIVEKIT_KEYS as compose builds it:
     the worker's keys from .env pass the worker's own start-up check; another secret does not."""
     config = yaml.safe_load((ROOT / "deploy" / "livekit.yaml").read_text())
-    config["port"], config["rtc"]["tcp_port"], config["rtc"]["udp_port"] = free_port(), free_port(), free_port()
+    base = free_port_triple()  # livekit-server binds its ICE ports on every interface: all checked free
+    config["port"], config["rtc"]["tcp_port"], config["rtc"]["udp_port"] = base, base + 1, base + 2
     (tmp_path / "livekit.yaml").write_text(yaml.safe_dump(config))
     service = compose["services"]["livekit"]
     worker_env = environment(compose["services"]["worker"])

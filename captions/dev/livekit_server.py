@@ -7,6 +7,7 @@ deployment (see the README's deployment section for real keys).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ LIVEKIT_SERVER_VERSION = "v1.13.5"
 LOCAL_BIN = PROJECT_ROOT / ".local" / "bin"
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "secret"
+PORT_ATTEMPTS = 3
 
 INSTALL_HELP = f"""livekit-server is not installed and Go is not available to build it.
 Install it one of these ways, then run this command again:
@@ -98,13 +100,29 @@ def start_dev_server(log_path: Path, host: str = "127.0.0.1", ready_timeout: flo
     binary = find_livekit_server()
     if binary is None:
         raise RuntimeError("livekit-server missing: run `captions server --install-only`")
-    port = port or free_port_triple(host)
+    for _ in range(PORT_ATTEMPTS - 1 if port is None else 0):
+        # Another process may take a port between the check and the server's bind: try others.
+        with contextlib.suppress(PortTaken):
+            return _start(binary, log_path, host, ready_timeout, free_port_triple(host))
+    return _start(binary, log_path, host, ready_timeout, port or free_port_triple(host))
+
+
+class PortTaken(RuntimeError):
+    """livekit-server could not bind one of its ports."""
+
+
+def _start(binary: Path, log_path: Path, host: str, ready_timeout: float, port: int) -> LiveKitServer:
+    start = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(dev_server_command(binary, host, port), stdout=log, stderr=subprocess.STDOUT)
     http_url = f"http://{host}:{port}"
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            with open(log_path, "rb") as log:
+                log.seek(start)
+                if b"address already in use" in log.read():
+                    raise PortTaken(f"livekit-server could not bind its ports, see {log_path}")
             raise RuntimeError(f"livekit-server exited early, see {log_path}")
         try:
             urllib.request.urlopen(http_url, timeout=1).read()

@@ -28,11 +28,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _ports_free(host: str, base: int) -> bool:
-    ports = ((base, socket.SOCK_STREAM), (base + 1, socket.SOCK_STREAM), (base + 2, socket.SOCK_DGRAM))
-    for port, kind in ports:
-        with socket.socket(socket.AF_INET, kind) as s:
+    """livekit-server binds its ICE ports (base+1 TCP, base+2 UDP) on every interface, whatever
+    `host` is: check them on every address, where other WebRTC clients' ephemeral ports live."""
+    ports = ((host, base, socket.AF_INET, socket.SOCK_STREAM),
+             *((address, port, family, kind)
+               for port, kind in ((base + 1, socket.SOCK_STREAM), (base + 2, socket.SOCK_DGRAM))
+               for address, family in (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6))))
+    for address, port, family, kind in ports:
+        with socket.socket(family, kind) as s:
             try:
-                s.bind((host, port))
+                s.bind((address, port))
             except OSError:
                 return False
     return True
