@@ -374,9 +374,10 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
         self._pending_samples = 0
         self._input_done = False
         self._wake = asyncio.Event()
-        self._origin_s: float | None = None
-        """`start_time_offset` when recognition began; livekit-agents raises the offset by the wall
-        time of each retried attempt, but our times already count all of the caller's audio."""
+        self._origin_s = 0.0
+        """`start_time_offset` as the caller set it. livekit-agents also raises the offset by the
+        wall time before each attempt (a few ms even for the first), but our times already count
+        all of the caller's audio, so only the caller's value moves them."""
         self._consumed = 0
         """Caller's samples pushed into an engine stream or dropped while waiting."""
         self._unreported = 0
@@ -386,6 +387,15 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
         self._speaking = False
         self._reader = asyncio.create_task(self._read_input(), name=f"{self._label}-input")
         self._task.add_done_callback(self._on_done)
+
+    @property
+    def start_time_offset(self) -> float:
+        return self._start_time_offset
+
+    @start_time_offset.setter
+    def start_time_offset(self, value: float) -> None:
+        stt.RecognizeStream.start_time_offset.fset(self, value)  # its check of the value
+        self._origin_s = value
 
     def push_frame(self, frame: rtc.AudioFrame) -> None:
         # Mixed down first: the base class resamples with a mono resampler whatever the channels.
@@ -424,8 +434,6 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
     # The attempt (livekit-agents calls _run again after a retryable APIError) --------------------
 
     async def _run(self) -> None:
-        if self._origin_s is None:
-            self._origin_s = self.start_time_offset
         shared = await self._kyutai.engine()  # no timeout: loading is not a connection (README)
         if self._session is None:
             if self._request is None:
@@ -555,7 +563,7 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
             self._report_usage()
 
     def _timed(self, session: _EngineSession, word: Word) -> TimedString:
-        origin = self._origin_s or 0.0
+        origin = self._origin_s
         return TimedString(word.text, start_time=origin + session.timeline.to_caller(word.start),
                            end_time=origin + session.timeline.to_caller(word.end), start_time_offset=origin)
 
