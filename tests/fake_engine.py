@@ -132,7 +132,7 @@ class FakeEngine:
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
 
-    def open_stream(self, on_event: EventCallback) -> FakeStream:
+    def open_stream(self, on_event: EventCallback, live_chunk: int | None = None) -> FakeStream:
         with self._lock:
             if len(self._streams) >= self.batch_size:
                 raise EngineFull(f"all {self.batch_size} slots are taken")

@@ -50,7 +50,7 @@ RTF_WINDOW_STEPS = 100
 """The real-time factor is computed over this many recent steps."""
 ERROR_KINDS = ("engine_step", "stream", "publish", "transcript", "room")
 """Error counters that exist (at 0) from the start, so that rate() and alerts work before the first."""
-DROP_REASONS = ("waiting_for_slot", "closing")
+DROP_REASONS = ("waiting_overflow", "shutdown")
 RECOVERY_ACTIONS = ("dispatch", "remove_stale", "remove_duplicate")
 STEP_PARTS = ("host", "encode", "lm", "total")
 
@@ -75,8 +75,14 @@ class CaptionMetrics:
             "captions_caption_latency_seconds", "From the end of a spoken word (capture time) to its "
             "caption being queued for publishing; includes the model's text delay", buckets=LATENCY_BUCKETS,
             registry=r)
+        self.slot_wait = Histogram(
+            "captions_slot_wait_seconds", "From the start of a speaker's turn (the pre-roll before they "
+            "started talking) to its engine slot; their audio is kept meanwhile", buckets=LATENCY_BUCKETS,
+            registry=r)
         self.frames_dropped = Counter(
-            "captions_frames_dropped", "80 ms audio frames received but not captioned, by reason", ["reason"],
+            "captions_frames_dropped", "Audio received but never captioned, in 80 ms frames, by reason: "
+            "waiting_overflow (a speaker waited longer than the audio kept for them), shutdown (the worker "
+            "stopped while they waited)", ["reason"],
             registry=r)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)
@@ -127,9 +133,13 @@ class CaptionMetrics:
         if seconds >= 0:
             self.caption_latency.observe(seconds)
 
-    def frame_dropped(self, reason: str) -> None:
-        """An audio frame that will never be captioned (`DROP_REASONS`)."""
-        self.frames_dropped.labels(reason).inc()
+    def frame_dropped(self, reason: str, frames: int = 1) -> None:
+        """Audio that will never be captioned, in 80 ms frames (`DROP_REASONS`)."""
+        self.frames_dropped.labels(reason).inc(frames)
+
+    def observe_slot_wait(self, seconds: float) -> None:
+        """From the start of a turn (when the speaker started talking) to its engine slot."""
+        self.slot_wait.observe(max(0.0, seconds))
 
     def recovery(self, action: str) -> None:
         """One recovery action (`RECOVERY_ACTIONS`)."""

@@ -1,17 +1,13 @@
-"""One LiveKit room: every speaker's microphone -> an engine stream -> captions on `lk.transcription`.
+"""One LiveKit room: every speaker's microphone -> an engine stream while they talk -> captions on
+`lk.transcription`.
 
-Threads: this room's event loop owns everything here. Audio goes to the engine with the thread-safe
-`stream.push`; engine events arrive on the engine's thread and hop to this loop with
-`call_soon_threadsafe`; slots granted by the shared `SlotQueue` arrive on its dispatcher thread and
-hop the same way. Room event handlers only schedule work.
+Threads: this room's event loop owns everything here. Room event handlers only schedule work.
 
-Per speaker (one microphone track while it is unmuted and subscribed): a `Speaker` reads 24 kHz mono
-audio, pushes it into its engine stream (once the slot queue gives it one; audio that arrives while
-it waits is not captioned, and the wait is shown in the agent's attributes), and feeds the engine's
-events to a `Segmenter`. A final segment is appended to the transcript file before it is published
-(publisher.py). Leave, mute and unpublish close the stream: the engine flushes the last words, the
-final caption goes out, then the slot is free for the next speaker.
-"""
+Per microphone track (while it is unmuted and subscribed), a `Speaker` (speaker.py) takes an engine
+slot while its speaker talks and gives it back after a pause, keeping their audio while they wait
+for one. Its captions come back here: a final segment is appended to the transcript file before it
+is published (publisher.py). Leave, mute and unpublish end the speaker: the engine flushes the last
+words and the final caption goes out."""
 
 from __future__ import annotations
 
@@ -19,21 +15,19 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from livekit import rtc
 
 from captions.live.metrics import METRICS
 from captions.live.presence import HEARTBEAT_S, LiveKitCredentials, claim_room
 from captions.live.publisher import CaptionPublisher, OutgoingCaption
-from captions.live.recorder import StreamRecorder
-from captions.live.sdk_fixes import open_audio_stream
-from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
-from captions.live.slots import SlotQueue, Waiter
-from captions.live.timing import StreamTiming
+from captions.live.segmenter import CaptionUpdate, SegmenterOptions
+from captions.live.slots import SlotQueue
+from captions.live.speaker import Speaker, SpeakerOptions
+from captions.live.track_audio import RtcTrackSource
 from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.log import logger
 from captions.protocol import (
@@ -46,11 +40,8 @@ from captions.protocol import (
     FinalSegment,
     words_attribute,
 )
-from captions.stt.api import SAMPLE_RATE, EngineStream, StreamEvent, Word
+from captions.stt.api import Word
 
-AUDIO_CHUNK_MS = 10
-"""Audio read from each track at a time. 10 ms (WebRTC's own tick) lets the engine put every
-speaker's frames on one clock (captions/stt/engine.py); 80 ms frames keep each speaker's phase."""
 FLUSH_TIMEOUT_S = 10.0
 
 
@@ -59,173 +50,11 @@ class RoomOptions:
     data_dir: Path
     record_dir: Path | None = None
     segmenter: SegmenterOptions = field(default_factory=SegmenterOptions)
+    speaker: SpeakerOptions = field(default_factory=SpeakerOptions)
     timing_attributes: bool = False
     """Attach the captions.timing attribute to every caption (diagnostics; costs a little per chunk)."""
-    audio_chunk_ms: int = AUDIO_CHUNK_MS
     livekit: LiveKitCredentials | None = None
     """The server API, to claim the room against another captioner (presence.py); None: no claim."""
-
-
-class _Session:
-    """One engine stream of a speaker: its segmenter, wall-clock origin and recording."""
-
-    def __init__(self, stream: EngineStream, recorder: StreamRecorder | None, options: SegmenterOptions,
-                 timing: StreamTiming | None = None):
-        self.stream = stream
-        self.segmenter = Segmenter(options=options)
-        self.recorder = recorder
-        self.timing = timing
-        self.origin: float | None = None
-        """Unix time at which the first sample pushed into the stream was captured."""
-        self.closing = False
-
-
-class Speaker:
-    """One remote microphone track while it is live (subscribed and unmuted)."""
-
-    def __init__(self, captioner: RoomCaptioner, participant: rtc.RemoteParticipant,
-                 publication: rtc.RemoteTrackPublication, track: rtc.Track):
-        self._captioner = captioner
-        self._loop = asyncio.get_running_loop()
-        self.identity = participant.identity
-        self.name = participant.name
-        self.track_sid = publication.sid
-        self._track = track
-        self._session: _Session | None = None
-        self._waiter: Waiter | None = None
-        self._stopped = False
-        self.ended = asyncio.Event()
-        """Set once the speaker stopped and its last engine stream ended (finals are out)."""
-        self._audio_task = asyncio.create_task(self._read_audio(), name=f"audio-{self.track_sid}")
-
-    @property
-    def waiting(self) -> bool:
-        return self._waiter is not None
-
-    def start(self) -> None:
-        self._request_slot()
-
-    def stop(self, flush: bool = True) -> None:
-        """End of speech (leave, mute, unpublish): flush the engine stream, or leave the queue.
-        Without `flush`, the stream ends at once and its last words are dropped."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._audio_task.cancel()
-        if self._waiter is not None:
-            self._captioner.slots.cancel(self._waiter)
-            self._waiter = None
-            self._captioner.status_changed()
-        if self._session is not None:
-            self._session.closing = True
-            if flush:
-                self._session.stream.close()
-            else:
-                self._session.stream.abort()
-        else:
-            self.ended.set()
-
-    # Slots --------------------------------------------------------------------------------------
-
-    def _request_slot(self) -> None:
-        waiter = Waiter(f"{self._captioner.room_name}/{self.identity}", on_event=self._on_engine_event_threadsafe,
-                        on_granted=self._on_granted_threadsafe)
-        stream = self._captioner.slots.request(waiter)
-        if stream is not None:
-            self._begin(stream)
-        else:
-            self._waiter = waiter
-            self._captioner.status_changed()
-
-    def _on_granted_threadsafe(self, stream: EngineStream) -> None:
-        # From the slot queue's thread. A closed loop raises, and the queue then frees the slot.
-        self._loop.call_soon_threadsafe(self._on_granted, stream)
-
-    def _on_granted(self, stream: EngineStream) -> None:
-        self._waiter = None
-        self._captioner.status_changed()
-        if self._stopped:
-            stream.abort()
-            return
-        self._begin(stream)
-
-    def _begin(self, stream: EngineStream) -> None:
-        recorder = None
-        if self._captioner.options.record_dir is not None:
-            recorder = StreamRecorder(self._captioner.options.record_dir, self._captioner.room_name,
-                                 self.identity, stream.id)
-        timing = None
-        if self._captioner.options.timing_attributes:
-            timing = StreamTiming()
-        self._session = _Session(stream, recorder, self._captioner.options.segmenter, timing)
-        logger.info("room %s: captioning %s (track %s) in engine slot %d, stream %d", self._captioner.room_name,
-                    self.identity, self.track_sid, stream.slot_index, stream.id)
-
-    # Audio --------------------------------------------------------------------------------------
-
-    async def _read_audio(self) -> None:
-        audio = open_audio_stream(self._track, sample_rate=SAMPLE_RATE,
-                                  frame_size_ms=self._captioner.options.audio_chunk_ms)
-        try:
-            async for event in audio:
-                self._push(event.frame)
-        finally:
-            await audio.aclose()
-        # The track ended by itself (e.g. the publisher went away): same as a stop.
-        self._loop.call_soon(self.stop)
-
-    def _push(self, frame: rtc.AudioFrame) -> None:
-        received_at = time.time()
-        session = self._session
-        if session is None or session.closing:
-            # Metrics: audio that will never be captioned.
-            METRICS.frame_dropped("closing" if session is not None else "waiting_for_slot")
-            return  # waiting for a slot: not captioned, and viewers see the wait
-        pcm16 = np.frombuffer(frame.data, dtype=np.int16)
-        if session.origin is None:
-            session.origin = time.time() - frame.duration
-        session.stream.push(pcm16.astype(np.float32) / 32768.0)
-        if session.recorder is not None:
-            session.recorder.write(pcm16, session.stream.lead_samples)
-        if session.timing is not None:
-            session.timing.record(pcm16, received_at)
-
-    # Engine events ------------------------------------------------------------------------------
-
-    def _on_engine_event_threadsafe(self, event: StreamEvent) -> None:
-        # From the engine's thread: never block it, never raise into it.
-        with contextlib.suppress(RuntimeError):  # this room's loop is gone
-            self._loop.call_soon_threadsafe(self._on_engine_event, event)
-
-    def _on_engine_event(self, event: StreamEvent) -> None:
-        session = self._session
-        if session is None or session.stream.id != event.stream_id:
-            return
-        if session.origin is not None:  # Metrics: end of each new word's audio -> its caption now
-            for word in event.words:
-                METRICS.observe_caption_latency(time.time() - (session.origin + word.end))
-        timing = session.timing.for_event(event) if session.timing is not None else None
-        for update in session.segmenter.feed(event):
-            self._captioner.caption(self, session.origin or time.time(), update, timing)
-        if event.ended:
-            self._end_session(session, event.error)
-
-    def _end_session(self, session: _Session, error: str | None) -> None:
-        if session.recorder is not None:
-            session.recorder.close()
-        self._session = None
-        if error:
-            METRICS.error("stream")
-            logger.warning("room %s: engine stream %d of %s failed: %s", self._captioner.room_name,
-                           session.stream.id, self.identity, error)
-        else:
-            logger.info("room %s: %s's stream %d ended, slot %d free", self._captioner.room_name,
-                        self.identity, session.stream.id, session.stream.slot_index)
-        if self._stopped:
-            self.ended.set()
-        elif not session.closing:
-            # The engine ended the stream on its own (an error): the speaker still talks, so ask again.
-            self._request_slot()
 
 
 class RoomCaptioner:
@@ -237,6 +66,9 @@ class RoomCaptioner:
         self.slots = slots
         self.options = options
         self.room_name = room.name
+        # What each Speaker reads of its host (speaker.SpeakerHost).
+        self.segmenter_options, self.speaker_options = options.segmenter, options.speaker
+        self.record_dir, self.timing_attributes = options.record_dir, options.timing_attributes
         self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name))
         self._speakers: dict[str, Speaker] = {}
         self._signer = signer or CaptionSigner()
@@ -290,7 +122,7 @@ class RoomCaptioner:
         self._closed = True
         speakers = list(self._speakers.values())
         for speaker in speakers:
-            speaker.stop(flush=not self._superseded)
+            speaker.stop(flush=not self._superseded, wait_for_slot=False)
         deadline = asyncio.get_running_loop().time() + FLUSH_TIMEOUT_S
         if speakers:
             waits = [asyncio.create_task(s.ended.wait()) for s in speakers]
@@ -332,9 +164,8 @@ class RoomCaptioner:
         if not self._is_captioned(participant, publication) or publication.muted:
             return
         self._stop_speaker(publication.sid)  # a re-subscription (e.g. after a reconnection) starts afresh
-        speaker = Speaker(self, participant, publication, track)
-        self._speakers[publication.sid] = speaker
-        speaker.start()
+        self._speakers[publication.sid] = Speaker(self, participant.identity, participant.name, publication.sid,
+                                                  RtcTrackSource(track))
 
     def _on_track_gone(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
                        participant: rtc.RemoteParticipant) -> None:
@@ -365,18 +196,19 @@ class RoomCaptioner:
 
     # Captions -----------------------------------------------------------------------------------
 
-    def caption(self, speaker: Speaker, origin: float, update: CaptionUpdate, timing: dict | None = None) -> None:
+    def caption(self, speaker: Speaker, update: CaptionUpdate, wall_time: Callable[[float], float],
+                timing: dict | None = None) -> None:
         """Queues `update` for publishing; a final one is written to the transcript first. `timing`:
         the ATTR_TIMING fields of the step that produced it (with --timing-attributes)."""
         if self._superseded:
             return
         words_attr = None
         if update.final and update.text:
-            words = [Word(w.text, origin + w.start, origin + w.end) for w in update.words]
+            words = [Word(w.text, wall_time(w.start), wall_time(w.end)) for w in update.words]
             segment = FinalSegment(
                 segment_id=update.segment_id, participant_identity=speaker.identity,
                 participant_name=speaker.name, track_id=speaker.track_sid, text=update.text,
-                start=words[0].start if words else origin, end=words[-1].end if words else origin,
+                start=words[0].start if words else time.time(), end=words[-1].end if words else time.time(),
                 words=[[w.text, round(w.start, 3), round(w.end, 3)] for w in words],
             )
             try:

@@ -1,8 +1,8 @@
 """A fair queue of speakers waiting for an engine slot, shared by every room of the worker.
 
 Rooms run in different threads (livekit-agents' THREAD executor gives each job its own event loop),
-and slots free up in the engine's thread, so everything here is thread-safe. Speakers are served
-strictly first come, first served across all rooms: a newcomer never overtakes someone waiting.
+and slots free up in the engine's thread, so everything here is thread-safe. Speakers are served in
+the order they started talking, across all rooms: nobody who started later overtakes someone waiting.
 
 Streams are opened by one dispatcher thread (or by the requesting thread when nobody waits), never
 by the engine's slot-freed callback itself: that callback only sets an event, so the engine's
@@ -11,10 +11,11 @@ thread is never blocked and never re-enters the engine.
 
 from __future__ import annotations
 
-import collections
+import bisect
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from captions.log import logger
 from captions.stt.api import Engine, EngineFull, EngineStream, EventCallback
@@ -31,15 +32,20 @@ class Waiter:
     label: str
     on_event: EventCallback
     on_granted: Callable[[EngineStream], None]
+    since: float = field(default_factory=time.monotonic)
+    """When the speaker started talking (time.monotonic()): the queue serves the earliest first."""
+    live_chunk: int | None = None
+    """Passed on to `engine.open_stream` (a live stream whose first push is kept audio)."""
 
 
 class SlotQueue:
-    """FIFO of waiters in front of `engine.open_stream`, woken by `engine.add_slot_freed_listener`."""
+    """Waiters in front of `engine.open_stream`, served in the order they started talking, woken by
+    `engine.add_slot_freed_listener`."""
 
     def __init__(self, engine: Engine, poll_s: float = 1.0):
         self._engine = engine
         self._lock = threading.Lock()
-        self._waiters: collections.deque[Waiter] = collections.deque()
+        self._waiters: list[Waiter] = []
         self._wake = threading.Event()
         self._closed = False
         self._poll_s = poll_s
@@ -54,10 +60,11 @@ class SlotQueue:
         with self._lock:
             if not self._waiters:
                 try:
-                    return self._engine.open_stream(waiter.on_event)
+                    return self._engine.open_stream(waiter.on_event, waiter.live_chunk)
                 except EngineFull:
                     pass
-            self._waiters.append(waiter)
+            # In order of when they started talking; equal times keep their order of arrival.
+            bisect.insort(self._waiters, waiter, key=lambda w: w.since)
         logger.info("engine full: %s waits for a slot (%d waiting)", waiter.label, len(self._waiters))
         self._wake.set()
         return None
@@ -101,10 +108,10 @@ class SlotQueue:
         with self._lock:
             while self._waiters and not self._closed:
                 try:
-                    stream = self._engine.open_stream(self._waiters[0].on_event)
+                    stream = self._engine.open_stream(self._waiters[0].on_event, self._waiters[0].live_chunk)
                 except EngineFull:
                     break
-                granted.append((self._waiters.popleft(), stream))
+                granted.append((self._waiters.pop(0), stream))
         for waiter, stream in granted:
             logger.info("slot freed: %s is now captioned", waiter.label)
             try:

@@ -26,11 +26,10 @@ from captions.config import (
     add_option,
     non_negative_float,
     non_negative_int,
-    positive_int,
 )
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
-from captions.stt.model import add_model_options
+from captions.stt.model import AUTO_BATCH_SIZE, add_model_options, batch_size
 
 if TYPE_CHECKING:
     from captions.live.recovery import Reconciler
@@ -53,8 +52,9 @@ LOAD_THRESHOLD = 0.95
 def add_captioning_options(parser: argparse.ArgumentParser) -> None:
     """What the worker captions with; `captions up` passes the same options on to its worker."""
     add_model_options(parser)
-    add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default=8, type=positive_int,
-               help="engine slots: speakers captioned at once across all rooms (more wait in a queue)")
+    add_option(parser, "--batch-size", env="CAPTIONS_BATCH_SIZE", default="auto", type=batch_size,
+               help="engine slots: speakers talking at once across all rooms (more wait in a queue); "
+                    f"auto: {AUTO_BATCH_SIZE['cuda']} on a GPU, {AUTO_BATCH_SIZE['cpu']} on a CPU")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
                help="where each room's transcript (<room>.jsonl) is written (the viewer server reads it too)")
     add_option(parser, "--record-dir", env="CAPTIONS_RECORD_DIR", default=None, type=Path,
@@ -67,6 +67,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
     add_captioning_options(parser)
+    add_option(parser, "--pre-roll", env="CAPTIONS_PRE_ROLL", default=0.5, type=non_negative_float,
+               help="seconds of audio from before a speaker's voice was detected that are captioned too")
+    add_option(parser, "--release-after", env="CAPTIONS_RELEASE_AFTER", default=3.0, type=non_negative_float,
+               help="seconds of silence after which a speaker's engine slot goes to someone else")
+    add_option(parser, "--max-wait", env="CAPTIONS_MAX_WAIT", default=30.0, type=non_negative_float,
+               help="seconds of a waiting speaker's audio kept until a slot frees (older audio is dropped)")
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_option(parser, "--reconcile-interval", env="CAPTIONS_RECONCILE_INTERVAL", default=1.5,
@@ -165,12 +171,12 @@ async def _caption_room(ctx) -> None:
 
 def _load_service(args: argparse.Namespace) -> CaptionService:
     from captions.live.presence import LiveKitCredentials
-    from captions.live.room import AUDIO_CHUNK_MS, RoomOptions
+    from captions.live.room import RoomOptions
     from captions.live.sdk_fixes import start_livekit_runtime
     from captions.live.slots import SlotQueue
+    from captions.live.speaker import SpeakerOptions
     from captions.live.transcripts import start_retention
     from captions.protocol import CaptionSigner
-    from captions.stt.api import FRAME_S
     from captions.stt.engine import SttEngine
 
     start_livekit_runtime()
@@ -184,8 +190,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
         args.record_dir.mkdir(parents=True, exist_ok=True)
     if args.retention_days > 0:
         start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
-    options = RoomOptions(args.data_dir, args.record_dir, timing_attributes=args.timing_attributes,
-                          audio_chunk_ms=round(FRAME_S * 1000) if args.unaligned_frames else AUDIO_CHUNK_MS,
+    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait)
+    options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
     return CaptionService(engine, slots, options, CaptionSigner())
 

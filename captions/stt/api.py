@@ -101,8 +101,9 @@ class Engine(Protocol):
     @property
     def slots_in_use(self) -> int: ...
 
-    def open_stream(self, on_event: EventCallback) -> EngineStream:
-        """Takes a free slot or raises EngineFull. `on_event` runs on the engine's thread."""
+    def open_stream(self, on_event: EventCallback, live_chunk: int | None = None) -> EngineStream:
+        """Takes a free slot or raises EngineFull. `on_event` runs on the engine's thread.
+        `live_chunk`: a live stream's chunk size when its first push is larger (kept audio first)."""
 
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the engine's thread each time a slot becomes free."""

@@ -32,7 +32,7 @@ import numpy as np
 from captions.log import logger
 from captions.stt.api import EngineFull, EventCallback, StepTimings, StreamEvent
 from captions.stt.audio import FrameBuffer
-from captions.stt.model import SttModel, load_stt_model
+from captions.stt.model import SttModel, load_stt_model, resolve_batch_size
 from captions.stt.words import WordDecoder
 
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
@@ -93,6 +93,8 @@ class _Slot:
     pushed: int = 0
     """Samples of its own audio pushed so far."""
     last_chunk: int = 0
+    live_chunk: int | None = None
+    """A live stream's chunk size, declared when its first push is larger (open_stream)."""
     """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
     last_push_at: float = 0.0
 
@@ -136,11 +138,14 @@ class SttEngine:
         frame that push left in its slot)."""
 
     @classmethod
-    def load(cls, model: str, device: str = "auto", batch_size: int = 8, profile: bool = False,
+    def load(cls, model: str, device: str = "auto", batch_size: int | str = 8, profile: bool = False,
              align_frames: bool = True) -> SttEngine:
-        """Loads the checkpoint, builds B slots and warms up (CUDA graphs get captured here)."""
+        """Loads the checkpoint, builds B slots (`batch_size`, or "auto" by device) and warms up (CUDA
+        graphs get captured here)."""
         started = time.perf_counter()
-        engine = cls(load_stt_model(model, device), batch_size, profile=profile, align_frames=align_frames)
+        loaded = load_stt_model(model, device)
+        engine = cls(loaded, resolve_batch_size(batch_size, loaded.device.type), profile=profile,
+                     align_frames=align_frames)
         engine.warm_up()
         logger.info("engine ready: %s on %s, %d slots, loaded in %.1f s", model, engine.model.device,
                     batch_size, time.perf_counter() - started)
@@ -163,9 +168,11 @@ class SttEngine:
         """`callback()` runs on the engine thread each time a slot becomes free."""
         self._slot_freed_listeners.append(callback)
 
-    def open_stream(self, on_event: EventCallback) -> SlotStream:
+    def open_stream(self, on_event: EventCallback, live_chunk: int | None = None) -> SlotStream:
         """Takes a free slot; raises EngineFull when there is none. `on_event` runs on the engine
-        thread, once per step of this stream: hand the event over to your own loop, never block."""
+        thread, once per step of this stream: hand the event over to your own loop, never block.
+        `live_chunk`: a live stream's chunk size, when its first push is larger (audio kept from
+        before, then live chunks); a stream whose first push is one live chunk need not say."""
         with self._cond:
             slot = next((s for s in self._slots if s.stream is None), None)
             if slot is None:
@@ -178,6 +185,7 @@ class SttEngine:
                                        self.model.padding_id)
             slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
             slot.pushed, slot.last_chunk, slot.last_push_at = 0, 0, 0.0
+            slot.live_chunk = live_chunk
             self._cond.notify()
         return stream
 
@@ -211,31 +219,33 @@ class SttEngine:
                 raise RuntimeError(f"stream {stream.id} is closed")
             now = _now()
             size = int(np.size(pcm))
+            chunk = slot.live_chunk or size
             if slot.pushed == 0 and size:
-                stream.lead_samples = self._lead_for(size, now)
+                stream.lead_samples = self._lead_for(size, chunk, now)
                 if stream.lead_samples:
                     slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
                     slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
             frames = slot.buffer.push(pcm)
             slot.pushed += size
-            slot.last_chunk, slot.last_push_at = size, now
-            if size < self.frame_size:
+            slot.last_chunk, slot.last_push_at = chunk, now
+            if chunk < self.frame_size:
                 self._clock = (now, slot.buffer.pending)
             if frames:
                 slot.queue.extend(frames)
                 self._cond.notify()
 
-    def _lead_for(self, chunk: int, now: float) -> int:
-        """Silence to put before a live stream's first chunk so that its frames complete on the same
-        tick as the others': after this push it should hold as many samples of an unfinished frame
-        as the last live push left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
+    def _lead_for(self, size: int, chunk: int, now: float) -> int:
+        """Silence to put before a live stream's first push (`size` samples, on this tick; then
+        `chunk` per tick) so that its frames complete on the same tick as the others': after this
+        push it should hold as many samples of an unfinished frame as the last live push left, plus
+        a chunk per tick since (rounded: ticks jitter by a few ms)."""
         if not self.align_frames or chunk >= self.frame_size or self._clock is None:
             return 0  # offline input (whole frames at once), or no live clock to join
         at, pending = self._clock
         if now - at > GRID_STALE_S:
             return 0
         ticks = round((now - at) * self.sample_rate / chunk)
-        return (pending + ticks * chunk - chunk) % self.frame_size
+        return (pending + ticks * chunk - size) % self.frame_size
 
     def _close(self, stream: SlotStream, flush: bool) -> None:
         with self._cond:

@@ -8,6 +8,7 @@ never touches the hub.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -36,6 +37,25 @@ def add_model_options(parser) -> None:
                help="Hugging Face repo id or local checkpoint directory")
     add_option(parser, "--device", env="CAPTIONS_DEVICE", default="auto", type=device_name,
                help="auto, cpu, cuda or cuda:N")
+
+
+AUTO_BATCH_SIZE = {"cuda": 64, "cpu": 4}
+"""Engine slots by device when not given. On a GPU, Kyutai serve 64 streams of stt-1b-en_fr on one
+L40S (published, not measured here); on a CPU only the test checkpoint runs live, and few."""
+
+
+def batch_size(text: str) -> int | str:
+    """argparse type for --batch-size: a positive integer, or auto (by device, see AUTO_BATCH_SIZE)."""
+    if text == "auto":
+        return text
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}")
+    return value
+
+
+def resolve_batch_size(value: int | str, device: str) -> int:
+    return AUTO_BATCH_SIZE["cuda" if device.startswith("cuda") else "cpu"] if value == "auto" else int(value)
 
 
 class CheckpointError(Exception):

@@ -1,0 +1,381 @@
+"""One microphone in a room: an engine slot while its speaker talks, none while they are silent.
+
+A speaker's *turn* runs from a little before they start talking (the pre-roll, so that the first
+word is whole) until they have been silent for `release_after_s`: then the engine flushes their last
+words and the slot is free for someone else. A pause shorter than that keeps the slot, so captions
+read across it as they would without the gate; segments close at pauses anyway (segmenter.py).
+
+When every slot is taken, the turn waits in the worker's queue (slots.py, in the order people
+started talking) and its audio is kept, so nothing is lost: once it has a slot, the kept audio goes
+to the engine at once (which steps it faster than real time) and the live audio follows without a
+seam (track_audio.py). A wait longer than `max_wait_s` of audio loses its oldest audio, counted in
+`captions_frames_dropped_total{reason="waiting_overflow"}` and logged. If the speaker falls silent
+while waiting, the turn's audio stops at that pause; if they talk again before the slot comes, the
+new speech joins the same turn, without the silence between.
+
+Threads: everything here runs on the room's event loop; engine events and granted slots arrive on
+other threads and hop over with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from captions.live.metrics import METRICS
+from captions.live.recorder import StreamRecorder
+from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
+from captions.live.slots import SlotQueue, Waiter
+from captions.live.timing import StreamTiming
+from captions.live.track_audio import LIVE_CHUNK, AudioSource, TrackAudio
+from captions.live.vad import GateOptions, SpeechGate
+from captions.log import logger
+from captions.stt.api import FRAME_SIZE, SAMPLE_RATE, EngineStream, StreamEvent
+
+
+@dataclass
+class SpeakerOptions:
+    pre_roll_s: float = 0.5
+    """Audio from before the voice was detected that goes into the turn (the first word stays whole)."""
+    release_after_s: float = 3.0
+    """Silence that ends a turn and frees its slot; a shorter pause keeps it."""
+    max_wait_s: float = 30.0
+    """Audio kept for a speaker waiting for a slot; beyond it the oldest is dropped (and counted)."""
+    gate: GateOptions = field(default_factory=GateOptions)
+
+
+class SpeakerHost(Protocol):
+    """What a speaker needs from its room (room.py's RoomCaptioner; the meeting benchmark's stand-in)."""
+
+    room_name: str
+    slots: SlotQueue
+    segmenter_options: SegmenterOptions
+    speaker_options: SpeakerOptions
+    record_dir: Path | None
+    timing_attributes: bool
+
+    def status_changed(self) -> None: ...
+
+    def caption(self, speaker: Speaker, update: CaptionUpdate, wall_time: Callable[[float], float],
+                timing: dict | None = None) -> None: ...
+
+
+class TurnState(Enum):
+    WAITING = "waiting"
+    """Queued for a slot; its audio is kept."""
+    JOINING = "joining"
+    """Has a slot; the live feed is being joined to the kept audio."""
+    LIVE = "live"
+    """Live audio goes to the engine as it arrives."""
+    CLOSING = "closing"
+    """No more audio: the engine is flushing the last words."""
+
+
+class Turn:
+    """One stretch of a speaker's speech: the audio of one engine stream."""
+
+    def __init__(self, speaker: Speaker, start: int):
+        self.speaker = speaker
+        self.state = TurnState.WAITING
+        self.open_start: int | None = start
+        """Where the part of the turn still read from the track starts (None: the turn stopped)."""
+        self.held: list[tuple[int, np.ndarray]] = []
+        """Audio of the turn taken out of the track already: (track index, samples), in order."""
+        self.spans: list[tuple[int, int, int]] = []
+        """(turn sample, track index, length) of everything pushed: maps word times to capture times."""
+        self.pushed = 0
+        self.since = time.monotonic()
+        self.stream: EngineStream | None = None
+        self.waiter: Waiter | None = None
+        self.segmenter: Segmenter | None = None
+        self.recorder: StreamRecorder | None = None
+        self.timing: StreamTiming | None = None
+        self.overflowed = False
+
+    @property
+    def kept_samples(self) -> int:
+        open_part = self.speaker.track.end - self.open_start if self.open_start is not None else 0
+        return sum(pcm.size for _, pcm in self.held) + open_part
+
+    def hold_until(self, end: int) -> None:
+        """Takes the open part of the turn up to `end` out of the track (it stops there)."""
+        if self.open_start is not None and end > self.open_start:
+            self.held.append((self.open_start, self.speaker.track.audio(self.open_start, end)))
+        self.open_start = None
+
+    def wall_time(self, seconds: float) -> float:
+        """Unix capture time of `seconds` into the turn's audio (the gaps cut out of a waiting turn
+        and the frame clock's leading silence are accounted for)."""
+        sample = seconds * SAMPLE_RATE
+        track = self.speaker.track
+        for turn_sample, index, length in reversed(self.spans):
+            if sample >= turn_sample or turn_sample == 0:
+                return track.capture_time(index + min(sample - turn_sample, length))
+        return track.capture_time(sample)
+
+
+class Speaker:
+    """One remote microphone while it is subscribed and unmuted."""
+
+    def __init__(self, host: SpeakerHost, identity: str, name: str, track_sid: str, source: AudioSource):
+        self.host = host
+        self.identity, self.name, self.track_sid = identity, name, track_sid
+        self.options = host.speaker_options
+        self._loop = asyncio.get_running_loop()
+        self.gate = SpeechGate(self.options.gate)
+        self.track = TrackAudio(source, self.gate, self._on_audio, label=f"{host.room_name}/{identity}")
+        self.turn: Turn | None = None
+        """The turn being captioned or waiting (at most one; a closing one may still be flushing)."""
+        self._closing: set[Turn] = set()
+        self._stopped = False
+        self.ended = asyncio.Event()
+        """Set once the speaker stopped and its last turn's captions are out."""
+        self._watch = asyncio.create_task(self._watch_track(), name=f"speaker-{track_sid}")
+        self._track_closed: asyncio.Task | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.turn is not None and self.turn.state is TurnState.WAITING
+
+    def _samples(self, seconds: float) -> int:
+        return int(seconds * SAMPLE_RATE)
+
+    # ---- the kept audio, judged every 80 ms ---------------------------------------------------
+
+    def _on_audio(self) -> None:
+        if self._stopped:
+            return
+        gate, track, turn = self.gate, self.track, self.turn
+        silent_for = track.end - (gate.last_speech or 0)
+        ended = not gate.speaking and silent_for >= self._samples(self.options.release_after_s)
+        if turn is None:
+            if gate.speaking:
+                onset = gate.onset or track.end
+                self._begin_turn(max(track.kept_from, onset - self._samples(self.options.pre_roll_s)))
+            else:  # idle: keep just enough for a pre-roll (the gate judges a little late)
+                track.keep_from(track.end - self._samples(self.options.pre_roll_s + 0.5))
+            return
+        if turn.state is TurnState.WAITING:
+            self._keep_waiting(turn, ended)
+        elif turn.state is TurnState.LIVE:
+            track.keep_from(track.end - self._samples(self.options.pre_roll_s + 0.5))
+            if ended:
+                logger.info("room %s: %s paused: turn ends, slot %d free after the flush", self.host.room_name,
+                            self.identity, turn.stream.slot_index)
+                self._close_turn(turn)
+
+    def _keep_waiting(self, turn: Turn, ended: bool) -> None:
+        gate, track = self.gate, self.track
+        if turn.open_start is None and gate.speaking:
+            # Talking again before the slot came: the same turn, without the silence between.
+            held_end = turn.held[-1][0] + turn.held[-1][1].size if turn.held else 0
+            turn.open_start = max(track.kept_from, held_end,
+                                  (gate.onset or track.end) - self._samples(self.options.pre_roll_s))
+        elif turn.open_start is not None and ended:
+            turn.hold_until(min(track.end, (gate.last_speech or track.end) + self._samples(self.options.release_after_s)))
+        excess = turn.kept_samples - self._samples(self.options.max_wait_s)
+        if excess > 0:
+            self._drop_oldest(turn, excess)
+        keep = turn.open_start if turn.open_start is not None else track.end - self._samples(
+            self.options.pre_roll_s + 0.5)
+        track.keep_from(keep)
+
+    def _drop_oldest(self, turn: Turn, samples: int) -> None:
+        METRICS.frame_dropped("waiting_overflow", -(-samples // FRAME_SIZE))
+        if not turn.overflowed:
+            turn.overflowed = True
+            logger.warning("room %s: %s has waited for a slot longer than %.0f s of audio: the oldest is "
+                           "dropped", self.host.room_name, self.identity, self.options.max_wait_s)
+        while samples > 0 and turn.held:
+            index, pcm = turn.held[0]
+            cut = min(samples, pcm.size)
+            turn.held[0] = (index + cut, pcm[cut:])
+            if turn.held[0][1].size == 0:
+                turn.held.pop(0)
+            samples -= cut
+        if samples > 0 and turn.open_start is not None:
+            turn.open_start += samples
+
+    # ---- turns and slots ------------------------------------------------------------------------
+
+    def _begin_turn(self, start: int) -> None:
+        turn = Turn(self, start)
+        self.turn = turn
+        since = time.monotonic() - (self.track.end - start) / SAMPLE_RATE
+        turn.waiter = Waiter(f"{self.host.room_name}/{self.identity}", on_event=self._on_event_threadsafe(turn),
+                             on_granted=self._on_granted_threadsafe(turn), since=since, live_chunk=LIVE_CHUNK)
+        stream = self.host.slots.request(turn.waiter)
+        if stream is None:
+            logger.info("room %s: %s talks and waits for a slot", self.host.room_name, self.identity)
+            self.host.status_changed()
+        else:
+            self._granted(turn, stream)
+
+    def _on_granted_threadsafe(self, turn: Turn) -> Callable[[EngineStream], None]:
+        def granted(stream: EngineStream) -> None:
+            # From the slot queue's thread. A closed loop raises, and the queue then frees the slot.
+            self._loop.call_soon_threadsafe(self._granted, turn, stream)
+        return granted
+
+    def _granted(self, turn: Turn, stream: EngineStream) -> None:
+        if turn.state is TurnState.CLOSING:  # given up (the worker stops) just as the slot came
+            stream.abort()
+            return
+        METRICS.observe_slot_wait(time.monotonic() - turn.since)
+        turn.waiter, turn.stream = None, stream
+        turn.segmenter = Segmenter(options=self.host.segmenter_options)
+        if self.host.record_dir is not None:
+            turn.recorder = StreamRecorder(self.host.record_dir, self.host.room_name, self.identity, stream.id)
+        if self.host.timing_attributes:
+            turn.timing = StreamTiming()
+        self.host.status_changed()
+        logger.info("room %s: captioning %s (track %s) in engine slot %d, stream %d", self.host.room_name,
+                    self.identity, self.track_sid, stream.slot_index, stream.id)
+        if self._stopped or turn.open_start is None:
+            self._push_held(turn)  # the speaker left or fell silent: what was said, then the flush
+            self._close_turn(turn)
+            return
+        turn.state = TurnState.JOINING
+        self.track.start_live(on_junction=lambda index: self._joined(turn, index),
+                              on_chunk=lambda pcm, index: self._live_chunk(turn, pcm, index))
+
+    def _joined(self, turn: Turn, junction: int) -> None:
+        """The live feed starts at `junction`: what the turn kept before it goes with the first live chunk."""
+        if turn is not self.turn or turn.state is not TurnState.JOINING:
+            return
+        turn.hold_until(junction)
+        turn.open_start = junction
+        turn.state = TurnState.LIVE
+
+    def _live_chunk(self, turn: Turn, pcm: np.ndarray, index: int) -> None:
+        if turn.state is not TurnState.LIVE or turn is not self.turn:
+            return
+        if turn.held:  # the first push: the kept audio and this chunk, on this chunk's tick
+            parts = [*turn.held, (index, pcm)]
+            turn.held = []
+            self._push(turn, parts)
+        else:
+            self._push(turn, [(index, pcm)])
+        turn.open_start = index + pcm.size
+
+    def _push_held(self, turn: Turn) -> None:
+        if turn.open_start is not None:
+            turn.hold_until(self.track.end)
+        parts, turn.held = turn.held, []
+        if parts:
+            self._push(turn, parts)
+
+    def _push(self, turn: Turn, parts: list[tuple[int, np.ndarray]]) -> None:
+        pcm16 = np.concatenate([pcm for _, pcm in parts])
+        if pcm16.size == 0 or turn.stream is None:
+            return
+        turn.stream.push(pcm16.astype(np.float32) / 32768.0)
+        for index, pcm in parts:
+            turn.spans.append((turn.pushed, index, pcm.size))
+            turn.pushed += pcm.size
+        if turn.recorder is not None:
+            turn.recorder.write(pcm16, turn.stream.lead_samples)
+        if turn.timing is not None:
+            turn.timing.record(pcm16, time.time())
+
+    def _close_turn(self, turn: Turn, flush: bool = True) -> None:
+        """No more audio for this turn: the engine flushes it (or drops it) and frees the slot."""
+        if turn is self.turn:
+            self.turn = None
+            self.track.stop_live()
+        if turn.state is TurnState.CLOSING:
+            return
+        turn.state = TurnState.CLOSING
+        if turn.waiter is not None:  # never got a slot
+            self.host.slots.cancel(turn.waiter)
+            METRICS.frame_dropped("shutdown", -(-turn.kept_samples // FRAME_SIZE))
+            self.host.status_changed()
+            self._turn_done(turn)
+            return
+        self._closing.add(turn)
+        if flush:
+            turn.stream.close()
+        else:
+            turn.stream.abort()
+
+    # ---- engine events --------------------------------------------------------------------------
+
+    def _on_event_threadsafe(self, turn: Turn) -> Callable[[StreamEvent], None]:
+        def on_event(event: StreamEvent) -> None:
+            # From the engine's thread: never block it, never raise into it.
+            with contextlib.suppress(RuntimeError):  # this room's loop is gone
+                self._loop.call_soon_threadsafe(self._on_event, turn, event)
+        return on_event
+
+    def _on_event(self, turn: Turn, event: StreamEvent) -> None:
+        if turn.segmenter is None:
+            return
+        now = time.time()
+        for word in event.words:  # Metrics: end of each new word's audio -> its caption now
+            METRICS.observe_caption_latency(now - turn.wall_time(word.end))
+        timing = turn.timing.for_event(event) if turn.timing is not None else None
+        for update in turn.segmenter.feed(event):
+            self.host.caption(self, update, turn.wall_time, timing)
+        if event.ended:
+            self._stream_ended(turn, event.error)
+
+    def _stream_ended(self, turn: Turn, error: str | None) -> None:
+        if turn.recorder is not None:
+            turn.recorder.close()
+        if error:
+            METRICS.error("stream")
+            logger.warning("room %s: engine stream %d of %s failed: %s", self.host.room_name, turn.stream.id,
+                           self.identity, error)
+        else:
+            logger.info("room %s: %s's stream %d ended, slot %d free", self.host.room_name, self.identity,
+                        turn.stream.id, turn.stream.slot_index)
+        was_current = turn is self.turn
+        if was_current:  # the engine ended it on its own (an error): a new turn takes over if still talking
+            self.turn = None
+            self.track.stop_live()
+        self._turn_done(turn)
+        if was_current and not self._stopped:
+            self._on_audio()
+
+    def _turn_done(self, turn: Turn) -> None:
+        self._closing.discard(turn)
+        if self._stopped and self.turn is None and not self._closing:
+            self.ended.set()
+
+    # ---- the end --------------------------------------------------------------------------------
+
+    async def _watch_track(self) -> None:
+        await self.track.ended.wait()
+        self.stop()  # the track went away (the publisher left): same as a stop
+
+    def stop(self, flush: bool = True, wait_for_slot: bool = True) -> None:
+        """End of this microphone (leave, mute, unpublish). What was said is still captioned: a
+        live turn is flushed, a waiting one keeps its place in the queue (unless `wait_for_slot` is
+        False: the worker shuts down). Without `flush`, nothing more is captioned."""
+        if self._stopped:
+            return
+        self._stopped = True
+        turn = self.turn
+        if turn is not None:
+            if turn.state is TurnState.WAITING and wait_for_slot and flush:
+                turn.hold_until(self.track.end)  # granted later: pushed whole, then flushed
+            elif turn.state is TurnState.JOINING and flush:
+                self.track.stop_live()
+                self._push_held(turn)
+                self._close_turn(turn)
+            else:
+                self._close_turn(turn, flush=flush)
+        self._track_closed = asyncio.create_task(self.track.aclose(), name=f"close-{self.track_sid}")
+        self._turn_done_check()
+
+    def _turn_done_check(self) -> None:
+        if self.turn is None and not self._closing:
+            self.ended.set()

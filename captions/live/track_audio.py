@@ -1,0 +1,217 @@
+"""One microphone's audio: always kept and judged cheaply, and live in 10 ms chunks only while it
+holds an engine slot.
+
+Receiving audio costs the worker per chunk (Python, one event each), and a meeting's microphones
+are silent most of the time. So each track is always read in 80 ms chunks (`IDLE_CHUNK_MS`): the
+audio is kept (the pre-roll before someone speaks, and everything a waiting speaker says) and
+judged by the voice-activity gate (vad.py). When the speaker gets an engine slot, a second stream
+of the same track in 10 ms chunks (`LIVE_CHUNK_MS`) feeds the engine, whose frame clock needs
+WebRTC's own 10 ms tick (captions/stt/engine.py).
+
+The two streams resample the same decoded audio, so from its second chunk on, the live stream's
+samples equal the kept ones exactly (its first chunk differs: the resampler starts cold). Both start
+on a 10 ms boundary, so the live stream sits at a whole number of chunks into the kept one; `_splice`
+finds that offset by comparing samples (near the time-based guess, which decides only when the
+audio is digital silence) and the engine gets kept audio up to the junction, then live audio from
+it: one continuous signal.
+
+All sample indices here count the kept (80 ms) stream's 24 kHz samples from its first one.
+Threads: everything runs on the room's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from captions.live.vad import SpeechGate
+from captions.log import logger
+from captions.stt.api import SAMPLE_RATE
+
+IDLE_CHUNK_MS = 80
+LIVE_CHUNK_MS = 10
+LIVE_CHUNK = SAMPLE_RATE * LIVE_CHUNK_MS // 1000
+SPLICE_CHUNKS = 3
+"""Live chunks compared with the kept audio to find the junction (after the cold first one)."""
+SPLICE_SEARCH = 8
+"""Chunks either side of the time-based guess where the junction is looked for."""
+
+
+class AudioSource(Protocol):
+    """A microphone, readable as 24 kHz mono int16 chunks of a given length (rtc tracks in the
+    worker; simulated participants in `captions bench meeting`)."""
+
+    def chunks(self, chunk_ms: int) -> AsyncIterator[np.ndarray]: ...
+
+
+@dataclass
+class _Kept:
+    start: int
+    pcm: np.ndarray
+
+
+class TrackAudio:
+    """Reads one source; keeps its audio from `keep_from` on; feeds the gate; runs the live feed."""
+
+    def __init__(self, source: AudioSource, gate: SpeechGate, on_audio: Callable[[], None],
+                 label: str = ""):
+        """`on_audio()` runs after each kept chunk was judged (the caller's state machine)."""
+        self.source, self.gate, self.label = source, gate, label
+        self._on_audio = on_audio
+        self._kept: list[_Kept] = []
+        self.end = 0
+        """Index after the last sample received."""
+        self.first_captured: float | None = None
+        """Unix time at which sample 0 was captured (its chunk's arrival less its length)."""
+        self._live: _LiveFeed | None = None
+        self._task = asyncio.create_task(self._read(), name=f"track-{label}")
+        self.ended = asyncio.Event()
+        """Set when the source ended (the track went away)."""
+
+    # ---- the kept audio ---------------------------------------------------------------------
+
+    @property
+    def kept_from(self) -> int:
+        return self._kept[0].start if self._kept else self.end
+
+    def keep_from(self, index: int) -> None:
+        """Forgets the audio before `index`."""
+        while self._kept and self._kept[0].start + self._kept[0].pcm.size <= index:
+            self._kept.pop(0)
+        if self._kept and self._kept[0].start < index:
+            first = self._kept[0]
+            self._kept[0] = _Kept(index, first.pcm[index - first.start:])
+
+    def audio(self, start: int, end: int) -> np.ndarray:
+        """The kept samples [start, end) (clipped to what is kept)."""
+        parts = [k.pcm[max(0, start - k.start):max(0, end - k.start)] for k in self._kept
+                 if k.start < end and k.start + k.pcm.size > start]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int16)
+
+    def capture_time(self, index: float) -> float:
+        """Unix time at which sample `index` was captured (as this worker received it)."""
+        return (self.first_captured or time.time()) + index / SAMPLE_RATE
+
+    async def _read(self) -> None:
+        try:
+            async for pcm in self.source.chunks(IDLE_CHUNK_MS):
+                if self.first_captured is None:
+                    self.first_captured = time.time() - pcm.size / SAMPLE_RATE
+                self._kept.append(_Kept(self.end, pcm))
+                self.end += pcm.size
+                self.gate.feed(pcm)
+                if self._live is not None:
+                    self._live.kept_grew()
+                self._on_audio()
+        finally:
+            self.ended.set()
+
+    # ---- the live feed ------------------------------------------------------------------------
+
+    def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None]) -> None:
+        """Opens the 10 ms stream. Once the junction is found, `on_junction(index)` is called (the
+        caller takes the kept audio before it), then `on_chunk(pcm, index)` for every live chunk
+        from the junction on, in order (those already received at once)."""
+        self.stop_live()
+        self._live = _LiveFeed(self, on_junction, on_chunk)
+
+    def stop_live(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    @property
+    def live(self) -> bool:
+        return self._live is not None
+
+    async def aclose(self) -> None:
+        self.stop_live()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.gate.close()
+
+
+class _LiveFeed:
+    def __init__(self, track: TrackAudio, on_junction: Callable[[int], None],
+                 on_chunk: Callable[[np.ndarray, int], None]):
+        self._track = track
+        self._on_junction, self._on_chunk = on_junction, on_chunk
+        self._pending: list[np.ndarray] = []
+        """Live chunks received and not yet delivered."""
+        self._received = 0
+        self._guess = 0
+        """Where the kept stream was when the latest live chunk arrived (its time-based place)."""
+        self._offset: int | None = None
+        """Index of the live stream's sample 0 in the kept stream, once found."""
+        self._task = asyncio.create_task(self._read(), name=f"live-{track.label}")
+
+    async def _read(self) -> None:
+        async for pcm in self._track.source.chunks(LIVE_CHUNK_MS):
+            self._pending.append(pcm)
+            self._received += 1
+            self._guess = self._track.end
+            if self._offset is None:
+                self._splice()
+            else:
+                self._deliver()
+
+    def kept_grew(self) -> None:
+        if self._offset is None:
+            self._splice()
+
+    def _splice(self) -> None:
+        if self._received < 1 + SPLICE_CHUNKS:
+            return
+        probe = np.concatenate(self._pending[1:1 + SPLICE_CHUNKS])
+        # A kept chunk arrives up to 80 ms after its last sample: the live stream's start lies
+        # within a few chunks of where the kept stream was when its latest chunk arrived.
+        guess = self._guess - self._received * LIVE_CHUNK
+        guess -= guess % LIVE_CHUNK
+        if self._track.end < guess + (1 + SPLICE_CHUNKS + SPLICE_SEARCH) * LIVE_CHUNK:
+            return  # the kept audio around the junction has not arrived yet
+        candidates = [guess + step * LIVE_CHUNK for step in range(-SPLICE_SEARCH, SPLICE_SEARCH + 1)]
+        exact = [c for c in candidates if c >= self._track.kept_from and np.array_equal(
+            self._track.audio(c + LIVE_CHUNK, c + (1 + SPLICE_CHUNKS) * LIVE_CHUNK), probe)]
+        if exact:
+            offset = min(exact, key=lambda c: abs(c - guess))  # several: digital silence, any will do
+        else:
+            offset = max(guess, self._track.kept_from)
+            logger.warning("%s: the live audio did not match the kept audio; joined by time", self._track.label)
+        self._offset = offset
+        self._pending.pop(0)  # the cold first chunk: the kept audio stands in for it
+        self._on_junction(offset + LIVE_CHUNK)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        assert self._offset is not None
+        first = self._received - len(self._pending)
+        for n, pcm in enumerate(self._pending, first):
+            self._on_chunk(pcm, self._offset + n * LIVE_CHUNK)
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
+class RtcTrackSource:
+    """An `rtc.Track` as an `AudioSource`: one narrowed `rtc.AudioStream` per `chunks()` call."""
+
+    def __init__(self, track) -> None:
+        self._track = track
+
+    async def chunks(self, chunk_ms: int) -> AsyncIterator[np.ndarray]:
+        from captions.live.sdk_fixes import open_audio_stream
+
+        stream = open_audio_stream(self._track, sample_rate=SAMPLE_RATE, frame_size_ms=chunk_ms)
+        try:
+            async for event in stream:
+                yield np.frombuffer(event.frame.data, dtype=np.int16)
+        finally:
+            await stream.aclose()
