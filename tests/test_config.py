@@ -44,8 +44,8 @@ def the_error(result: subprocess.CompletedProcess) -> str:
     pytest.param("--device", "CAPTIONS_DEVICE", "tpu", "unknown device 'tpu': use auto, cpu, cuda or cuda:N",
                  id="unknown-device"),
     pytest.param("--device", "CAPTIONS_DEVICE", "cuda:x", "unknown device 'cuda:x'", id="malformed-cuda-index"),
-    pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "0", "must be a positive integer, got 0", id="batch-size-0"),
-    pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "-3", "must be a positive integer, got -3",
+    pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "0", "must be a positive integer or auto, got 0", id="batch-size-0"),
+    pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "-3", "must be a positive integer or auto, got -3",
                  id="negative-batch-size"),
 ])
 @pytest.mark.parametrize("via", ["flag", "env"])

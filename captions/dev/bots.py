@@ -68,6 +68,19 @@ class Publisher:
         self.source: rtc.AudioSource | None = None
         self.publication: rtc.LocalTrackPublication | None = None
         self.track: rtc.LocalAudioTrack | None = None
+        self.subscribed = asyncio.Event()
+        """Set when someone (the caption agent) subscribed to the current microphone track."""
+        self.room.on("local_track_subscribed", lambda _track: self.subscribed.set())
+
+    async def wait_subscribed(self, timeout: float = 30) -> None:
+        """Until the current microphone has a subscriber (the agent is reading it)."""
+        await asyncio.wait_for(self.subscribed.wait(), timeout)
+
+    async def talk(self, path: Path, pause_s: float = 0.6) -> None:
+        """Says the file again and again, with a short pause between (until cancelled)."""
+        while True:
+            await self.play(path)
+            await self.silence(pause_s)
 
     async def connect(self) -> Publisher:
         token = make_token(self.server, self.room_name, self.identity, name=self.name)
@@ -78,6 +91,7 @@ class Publisher:
 
     async def publish(self) -> str:
         """(Re)publishes a fresh microphone track; returns its sid."""
+        self.subscribed.clear()
         self.source = rtc.AudioSource(self.sample_rate, self.channels, queue_size_ms=self.queue_size_ms)
         self.track = rtc.LocalAudioTrack.create_audio_track(f"{self.identity}-mic", self.source)
         options = rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)

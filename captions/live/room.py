@@ -137,6 +137,10 @@ class RoomCaptioner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.transcript.close()
 
+    def speakers(self) -> list[Speaker]:
+        """The microphones being captioned (or waiting), in the order they were subscribed."""
+        return list(self._speakers.values())
+
     # Room events (only schedule work) -----------------------------------------------------------
 
     def _on_reconnected(self) -> None:

@@ -39,8 +39,9 @@ LIVE_CHUNK_MS = 10
 LIVE_CHUNK = SAMPLE_RATE * LIVE_CHUNK_MS // 1000
 SPLICE_CHUNKS = 3
 """Live chunks compared with the kept audio to find the junction (after the cold first one)."""
-SPLICE_SEARCH = 8
-"""Chunks either side of the time-based guess where the junction is looked for."""
+SPLICE_PATIENCE = SAMPLE_RATE // 2
+"""Kept audio awaited after the probe without a match before joining by time: the kept stream can
+lag the live one (its 80 ms chunks, and the event loop's order of wake-ups at a track's start)."""
 
 
 class AudioSource(Protocol):
@@ -106,8 +107,6 @@ class TrackAudio:
                 self._kept.append(_Kept(self.end, pcm))
                 self.end += pcm.size
                 self.gate.feed(pcm)
-                if self._live is not None:
-                    self._live.kept_grew()
                 self._on_audio()
         finally:
             self.ended.set()
@@ -116,8 +115,8 @@ class TrackAudio:
 
     def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None]) -> None:
         """Opens the 10 ms stream. Once the junction is found, `on_junction(index)` is called (the
-        caller takes the kept audio before it), then `on_chunk(pcm, index)` for every live chunk
-        from the junction on, in order (those already received at once)."""
+        caller takes the kept audio before it), then `on_chunk(pcm, index)` with the live audio from
+        the junction on, in order: what was received meanwhile as one array, then each chunk."""
         self.stop_live()
         self._live = _LiveFeed(self, on_junction, on_chunk)
 
@@ -150,6 +149,8 @@ class _LiveFeed:
         """Where the kept stream was when the latest live chunk arrived (its time-based place)."""
         self._offset: int | None = None
         """Index of the live stream's sample 0 in the kept stream, once found."""
+        self._probe_end: int | None = None
+        """The kept stream's end when the live chunks compared had all arrived."""
         self._task = asyncio.create_task(self._read(), name=f"live-{track.label}")
 
     async def _read(self) -> None:
@@ -157,44 +158,48 @@ class _LiveFeed:
             self._pending.append(pcm)
             self._received += 1
             self._guess = self._track.end
-            if self._offset is None:
+            if self._offset is None:  # tried on live chunks only: the first push must be on one's tick
                 self._splice()
             else:
                 self._deliver()
 
-    def kept_grew(self) -> None:
-        if self._offset is None:
-            self._splice()
-
     def _splice(self) -> None:
         if self._received < 1 + SPLICE_CHUNKS:
             return
+        track = self._track
+        if self._probe_end is None:
+            self._probe_end = track.end
         probe = np.concatenate(self._pending[1:1 + SPLICE_CHUNKS])
-        # A kept chunk arrives up to 80 ms after its last sample: the live stream's start lies
-        # within a few chunks of where the kept stream was when its latest chunk arrived.
+        # Where the live stream would start if both streams were delivered without delay.
         guess = self._guess - self._received * LIVE_CHUNK
         guess -= guess % LIVE_CHUNK
-        if self._track.end < guess + (1 + SPLICE_CHUNKS + SPLICE_SEARCH) * LIVE_CHUNK:
-            return  # the kept audio around the junction has not arrived yet
-        candidates = [guess + step * LIVE_CHUNK for step in range(-SPLICE_SEARCH, SPLICE_SEARCH + 1)]
-        exact = [c for c in candidates if c >= self._track.kept_from and np.array_equal(
-            self._track.audio(c + LIVE_CHUNK, c + (1 + SPLICE_CHUNKS) * LIVE_CHUNK), probe)]
-        if exact:
-            offset = min(exact, key=lambda c: abs(c - guess))  # several: digital silence, any will do
+        first = track.kept_from + (-track.kept_from) % LIVE_CHUNK
+        kept = track.audio(first, track.end)
+        starts = np.arange(LIVE_CHUNK, kept.size - probe.size + 1, LIVE_CHUNK)  # where the probe may lie
+        starts = starts[kept[starts] == probe[0]]
+        matches = sorted((first + int(start) - LIVE_CHUNK for start in starts
+                          if np.array_equal(kept[start:start + probe.size], probe)), key=lambda c: abs(c - guess))
+        if matches:
+            offset = matches[0]  # the nearest the guess (several only in digital silence)
+        elif track.end < self._probe_end + SPLICE_PATIENCE:
+            return  # the kept stream has not delivered that audio yet: look again when it has
         else:
-            offset = max(guess, self._track.kept_from)
-            logger.warning("%s: the live audio did not match the kept audio; joined by time", self._track.label)
+            offset = max(guess, track.kept_from)
+            logger.warning("%s: the live audio did not match the kept audio; joined by time", track.label)
         self._offset = offset
         self._pending.pop(0)  # the cold first chunk: the kept audio stands in for it
         self._on_junction(offset + LIVE_CHUNK)
         self._deliver()
 
     def _deliver(self) -> None:
+        """Hands over the chunks received, as one: those that waited for the junction arrived on
+        earlier ticks, and the engine places a stream's first push on the tick of its newest chunk."""
         assert self._offset is not None
-        first = self._received - len(self._pending)
-        for n, pcm in enumerate(self._pending, first):
-            self._on_chunk(pcm, self._offset + n * LIVE_CHUNK)
-        self._pending.clear()
+        if self._pending:
+            first = self._received - len(self._pending)
+            pcm = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+            self._pending.clear()
+            self._on_chunk(pcm, self._offset + first * LIVE_CHUNK)
 
     def close(self) -> None:
         self._task.cancel()
