@@ -9,6 +9,7 @@ import itertools
 import math
 import threading
 import time
+import unittest.mock
 
 import numpy as np
 import pytest
@@ -463,3 +464,91 @@ def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_check
         assert collector.words == [(text, pytest.approx(max(0.0, start - shift)), pytest.approx(max(0.0, end - shift)))
                                    for text, start, end in solo.words]
         assert collector.words, "the clip should give words"
+
+
+# ---- spurts: a speaker's turns, each its own stream (captions/live/speaker.py) ---------------------
+
+@pytest.fixture(scope="module")
+def engine_b4(tiny_checkpoint):
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def drive_spurts(engine: SttEngine, spurts: list[np.ndarray], start_ticks: list[int], backlogs: list[int]):
+    """Each spurt is a stream as the speech gate feeds one: opened at its start tick, its first push
+    `backlog` ticks of kept audio (pre-roll, or a wait for a slot) with that tick's chunk, then 10 ms
+    per tick, then closed (flushed). The clock moves 10 ms per tick; the engine drains between ticks."""
+    clock = [1000.0]
+    collectors = [Collector() for _ in spurts]
+    streams: list = [None] * len(spurts)
+    offsets = [0] * len(spurts)
+    with unittest.mock.patch("captions.stt.engine._now", side_effect=lambda: clock[0]):
+        for tick in range(max(start_ticks) + max(s.size for s in spurts) // TICK_SAMPLES + 3):
+            clock[0] += 0.01
+            for i, spurt in enumerate(spurts):
+                if tick < start_ticks[i] or offsets[i] > spurt.size:
+                    continue
+                if streams[i] is None:
+                    streams[i] = engine.open_stream(collectors[i], live_chunk=TICK_SAMPLES)
+                    size = TICK_SAMPLES * (backlogs[i] + 1)
+                else:
+                    size = TICK_SAMPLES
+                if offsets[i] >= spurt.size:
+                    streams[i].close()
+                    offsets[i] += 1
+                    continue
+                streams[i].push(spurt[offsets[i]:offsets[i] + size])
+                offsets[i] = min(offsets[i] + size, spurt.size)
+            wait_idle(engine)
+    for collector in collectors:
+        assert collector.done.wait(30), "stream never ended"
+    return collectors
+
+
+def check_spurt_against_solo(engine_b1, spurt: np.ndarray, collector: Collector) -> None:
+    """The engine put `lead` samples of silence first (the shared frame clock): the spurt's words
+    are those of that audio alone, timed in the spurt's own audio."""
+    lead = collector.events[-1].lead_samples
+    audio = np.concatenate([np.zeros(lead, np.float32), spurt])
+    # Padded to whole frames, as the flush pads (a shorter solo push would get a lead of its own).
+    audio = np.concatenate([audio, np.zeros(-audio.size % FRAME, np.float32)])
+    solo = run_solo(engine_b1, audio)
+    assert collector.tokens == solo.tokens
+    shift = lead / 24000
+    assert collector.words == [(text, pytest.approx(max(0.0, start - shift)), pytest.approx(max(0.0, end - shift)))
+                               for text, start, end in solo.words]
+
+
+def test_a_spurt_that_starts_with_kept_audio_equals_kyutai_reference_on_its_audio(tiny_checkpoint, engine_b4,
+                                                                                  clips):
+    """A turn that waited for a slot: half a second of kept audio in its first push, then live
+    chunks. Its tokens are what Kyutai's reference loop gives for that audio (after the lead)."""
+    spurt = clips[1][: FRAME * 20 + 1000]
+    other = clips[0][: FRAME * 20]
+    collectors = drive_spurts(engine_b4, [other, spurt], start_ticks=[0, 7], backlogs=[0, 50])
+    lead = collectors[1].events[-1].lead_samples
+    assert 0 < lead < FRAME, "the spurt should join the other stream's frame clock"
+    assert collectors[1].tokens == reference_tokens(tiny_checkpoint, np.concatenate([np.zeros(lead, np.float32), spurt]))
+    assert collectors[1].words, "the spurt should give words"
+
+
+# Examples: 10 by default, more in CI (HYPOTHESIS_PROFILE=ci, see tests/conftest.py).
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cuts=st.lists(st.integers(TICK_SAMPLES, FRAME * 30 - TICK_SAMPLES), min_size=1, max_size=3, unique=True),
+    start_ticks=st.lists(st.integers(0, 30), min_size=4, max_size=4),
+    backlogs=st.lists(st.integers(0, 60), min_size=4, max_size=4),
+)
+def test_spurts_cut_anywhere_each_give_the_words_of_their_own_audio(engine_b1, engine_b4, clips, cuts,
+                                                                   start_ticks, backlogs):
+    """A speaker's speech cut into turns at any sample (where the gate released the slot), each
+    turn a stream with some kept audio first, the turns in the batch at once and at any phase:
+    every turn gives exactly the words of its own audio run alone (the reference's, see above)."""
+    audio = np.concatenate([clips[0], clips[2]])[: FRAME * 30]
+    spurts = [s for s in np.split(audio, sorted(cuts)) if s.size]
+    collectors = drive_spurts(engine_b4, spurts, start_ticks[:len(spurts)], backlogs[:len(spurts)])
+    for spurt, collector in zip(spurts, collectors):
+        check_spurt_against_solo(engine_b1, spurt, collector)
+    wait_idle(engine_b4)

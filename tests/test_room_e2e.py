@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.processes import free_port, free_port_triple
-from captions.dev.worker_process import engine_activity, engine_counters
+from captions.dev.worker_process import engine_activity, engine_counters, metric_values
 from captions.live.transcripts import read_transcript, transcript_path
 from captions.protocol import (
     ATTR_AGENT_QUEUED,
@@ -61,7 +61,9 @@ def speech(speech_dir: Path, identity: str, text: str | None = None) -> Path:
 
 async def publisher(server, room: str, identity: str) -> Publisher:
     rate, channels = FORMATS[identity]
-    return await Publisher(server, room, identity, sample_rate=rate, channels=channels).connect()
+    # Not listening to each other: the only subscriber of a microphone is the agent (wait_subscribed).
+    return await Publisher(server, room, identity, sample_rate=rate, channels=channels,
+                           auto_subscribe=False).connect()
 
 
 def words_of(captions: list[Caption]) -> list[str]:
@@ -307,11 +309,13 @@ async def own_server(tmp_path: Path):
 
 
 @contextlib.asynccontextmanager
-async def own_server_and_worker(checkpoint: Path, tmp_path: Path, batch_size: int = 3):
+async def own_server_and_worker(checkpoint: Path, tmp_path: Path, batch_size: int = 3,
+                                extra_args: tuple[str, ...] = ()):
     """A livekit-server and a fresh worker of the test's own (with the session's worker registered
     too, LiveKit would share the test's rooms between the two workers)."""
     async with own_server(tmp_path) as server:
-        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, tmp_path / "worker", batch_size)
+        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, tmp_path / "worker", batch_size,
+                                         extra_args)
         try:
             yield server, worker
         finally:
@@ -418,6 +422,43 @@ async def test_a_room_opened_while_every_slot_is_taken_still_gets_the_agent(tiny
             task.cancel()
         for participant in (alice, bob, first_room, second_room):
             await participant.disconnect()
+
+
+async def test_a_talk_spurt_gets_its_first_word_whole_and_silence_gives_the_slot_back(
+        tiny_checkpoint, tmp_path, speech_dir):
+    """One slot. Alice's speech starts abruptly after digital silence (no lead-in in the clip): her
+    engine stream still holds the whole clip with silence before it (the pre-roll), so its first
+    word is not clipped. Then she stays connected and unmuted but silent: after the release delay
+    her slot is free (read from /metrics) and Bob, who talks next, is captioned without waiting."""
+    abrupt = speech_dir / "alice-abrupt.wav"
+    await asyncio.to_thread(subprocess.run, ["sox", str(speech(speech_dir, "alice")), str(abrupt),
+                                             "silence", "1", "0.005", "0.5%"], check=True)
+    release_after = 1.5
+    async with own_server_and_worker(tiny_checkpoint, tmp_path, batch_size=1,
+                                     extra_args=("--release-after", str(release_after))) as (server, worker):
+        room = "e2e-gate"
+        sub = await Subscriber(server, room).connect()
+        alice, bob = await publisher(server, room, "alice"), await publisher(server, room, "bob")
+        agent = await sub.wait_for_agent()
+        await asyncio.gather(alice.wait_subscribed(), bob.wait_subscribed())
+        await alice.silence(1.0)
+        await alice.play(abrupt)
+        await alice.silence(release_after + 1.5)  # still there, microphone open, not talking
+        await sub.wait_until(lambda: sub.finals("alice"), CAPTION_WAIT_S, "alice's captions")
+        assert metric_values(worker.metrics_port)["captions_streams"] == 0, \
+            "a silent participant still holds an engine slot"
+        await bob.play(speech(speech_dir, "bob"))
+        await bob.silence(1.0)
+        await sub.wait_until(lambda: sub.finals("bob"), CAPTION_WAIT_S, "bob's captions")
+        assert all(status.get(ATTR_AGENT_QUEUED, "[]") == "[]" for who, status in sub.statuses
+                   if who == agent.identity), "bob had to wait although alice was silent"
+        for p in (alice, bob, sub):
+            await p.disconnect()
+    files = recordings(worker.record_dir, room, "alice")
+    assert len(files) == 1, f"alice: one turn, got {files}"
+    match = match_recording(read_audio_file(abrupt), read_audio_file(files[0]))
+    assert match.problems() == [], f"alice's turn is not her whole sentence: {match}"
+    assert match.offset_s >= 0.25, f"the turn starts {match.offset_s:.2f} s before her first word: no pre-roll"
 
 
 def captions_worker_streams(worker, room: str) -> list[Path]:

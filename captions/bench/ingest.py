@@ -12,7 +12,10 @@ the bots this machine can run) and measures, over `--seconds`:
 
 Configurations: chunk size (10 ms: the worker's frame clock; 80 ms: `--unaligned-frames`) x fan-out
 (`sdk`: the SDK's rtc.AudioStream, woken by every stream's audio; `narrowed`: captions.live.sdk_fixes's
-stream, woken by its own only, as the worker uses it).
+stream, woken by its own only, as the worker uses it), and `idle`: what the worker does with the
+microphone of someone who is not talking (captions/live/track_audio.py: the narrowed stream in its
+80 ms chunks, each kept for a pre-roll and judged by the voice-activity model, vad.py), whatever
+`--chunk-ms` says. The bots' tones are not speech: the gate stays closed, as for a silent participant.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from captions.bench.common import (
 from captions.config import add_option, positive_int
 from captions.stt.api import SAMPLE_RATE
 
-FANOUTS = ("sdk", "narrowed")
+FANOUTS = ("sdk", "narrowed", "idle")
 CAPTURE_MS = 10
 """The bots hand WebRTC 10 ms frames (its direct capture takes nothing else)."""
 WARMUP_S = 2.0
@@ -52,7 +55,7 @@ SUBSCRIBE_TIMEOUT_S = 30.0
 def fanouts(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if not values or set(values) - set(FANOUTS):
-        raise argparse.ArgumentTypeError(f"expected sdk and/or narrowed, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(FANOUTS)}, got {text!r}")
     return list(dict.fromkeys(values))
 
 
@@ -116,15 +119,25 @@ async def _listen(config: dict) -> None:
         async for event in stream:
             received[0] += event.frame.samples_per_channel
 
-    streams = [open_stream(track) for track in tracks for _ in range(config["streams_per_track"])]
-    readers = [asyncio.create_task(consume(stream)) for stream in streams]  # noqa: F841 - run until exit
+    copies = [track for track in tracks for _ in range(config["streams_per_track"])]
+    if config["fanout"] == "idle":
+        microphones = [_idle_microphone(track) for track in copies]
+
+        def received_samples() -> int:
+            return sum(microphone.end for microphone in microphones)
+    else:
+        streams = [open_stream(track) for track in copies]
+        readers = [asyncio.create_task(consume(stream)) for stream in streams]  # noqa: F841 - run until exit
+
+        def received_samples() -> int:
+            return received[0]
     await asyncio.sleep(WARMUP_S)
-    samples0, cpu0, wall0 = received[0], time.process_time(), time.monotonic()
+    samples0, cpu0, wall0 = received_samples(), time.process_time(), time.monotonic()
     await asyncio.sleep(config["seconds"])
-    samples1, cpu1, wall1 = received[0], time.process_time(), time.monotonic()
+    samples1, cpu1, wall1 = received_samples(), time.process_time(), time.monotonic()
     wall = wall1 - wall0
     result = {"cores": round((cpu1 - cpu0) / wall, 3),
-              "delivered": round((samples1 - samples0) / (len(streams) * SAMPLE_RATE * wall), 3),
+              "delivered": round((samples1 - samples0) / (len(copies) * SAMPLE_RATE * wall), 3),
               "events_per_s": round((samples1 - samples0) / (SAMPLE_RATE * chunk_ms / 1000) / wall, 1)}
     Path(config["out"]).write_text(json.dumps(result))
     # Leave the room (so the server stops forwarding to us), then the process, without closing the
@@ -134,6 +147,18 @@ async def _listen(config: dict) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(room.disconnect(), 5.0)
     os._exit(0)
+
+
+def _idle_microphone(track):
+    """A silent participant's microphone as the worker reads it (speaker.py keeps about a second)."""
+    from captions.live.track_audio import RtcTrackSource, TrackAudio
+    from captions.live.vad import SpeechGate
+
+    def forget_old_audio() -> None:
+        audio.keep_from(audio.end - SAMPLE_RATE)
+
+    audio = TrackAudio(RtcTrackSource(track), SpeechGate(), forget_old_audio, label=track.sid)
+    return audio
 
 
 def _child_main(role: str, config_path: str) -> int:
@@ -153,8 +178,15 @@ def _spawn(role: str, config: dict, workdir: Path, name: str) -> subprocess.Pope
 
 
 def _configurations(args: argparse.Namespace) -> list[dict]:
-    return [{"streams_per_track": k, "chunk_ms": chunk, "fanout": fanout}
-            for k in args.streams_per_track for chunk in args.chunk_ms for fanout in args.fanout]
+    from captions.live.track_audio import IDLE_CHUNK_MS
+
+    runs = []
+    for k in args.streams_per_track:
+        for chunk in args.chunk_ms:
+            runs += [{"streams_per_track": k, "chunk_ms": chunk, "fanout": f} for f in args.fanout if f != "idle"]
+        if "idle" in args.fanout:
+            runs.append({"streams_per_track": k, "chunk_ms": IDLE_CHUNK_MS, "fanout": "idle"})
+    return runs
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
@@ -247,7 +279,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--chunk-ms", env="CAPTIONS_BENCH_CHUNK_MS", type=positive_ints("chunk sizes"),
                default=[10, 80], help="audio chunk sizes in ms (10: the worker's frame clock; 80: unaligned)")
     add_option(parser, "--fanout", env="CAPTIONS_BENCH_FANOUT", type=fanouts, default=list(FANOUTS),
-               help="sdk (rtc.AudioStream as is) and/or narrowed (captions.live.sdk_fixes, what the worker uses)")
+               help="sdk (rtc.AudioStream as is), narrowed (captions.live.sdk_fixes, what the worker uses) "
+                    "and idle (a silent participant in the worker: narrowed, 80 ms, voice detection)")
     add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,
                default=2, help="microphones sharing one bot process")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=10.0,

@@ -73,7 +73,8 @@ class Publisher:
         self.room.on("local_track_subscribed", lambda _track: self.subscribed.set())
 
     async def wait_subscribed(self, timeout: float = 30) -> None:
-        """Until the current microphone has a subscriber (the agent is reading it)."""
+        """Until the current microphone has a subscriber: the agent, if the other participants
+        do not subscribe to audio (`auto_subscribe=False` for publishers, as viewers do)."""
         await asyncio.wait_for(self.subscribed.wait(), timeout)
 
     async def talk(self, path: Path, pause_s: float = 0.6) -> None:

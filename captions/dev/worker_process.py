@@ -79,17 +79,23 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
     raise RuntimeError(f"captions worker did not register in {ready_timeout:g} s:\n{worker.log_tail()}")
 
 
-def engine_counters(port: int) -> tuple[float, float]:
-    """(engine steps so far, sum over them of the streams each carried), from the worker's /metrics."""
+def metric_values(port: int) -> dict[str, float]:
+    """Every sample of the worker's /metrics, keyed as written there (`name` or `name{labels}`)."""
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
     values = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("captions_engine_step_active_streams_count", "captions_engine_step_active_streams_sum"):
+        name, _, value = line.rpartition(" ")
+        if name and not line.startswith("#"):
             values[name] = float(value)
+    return values
+
+
+def engine_counters(port: int) -> tuple[float, float]:
+    """(engine steps so far, sum over them of the streams each carried), from the worker's /metrics."""
+    values = metric_values(port)
     return values.get("captions_engine_step_active_streams_count", 0.0), values.get(
         "captions_engine_step_active_streams_sum", 0.0)
 

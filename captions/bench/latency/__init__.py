@@ -18,8 +18,9 @@ time of the last audio frame the model had consumed when it emitted the update. 
 
 Aligning the publisher's audio with the agent's stream: the bots send digital silence until the
 agent has subscribed to every microphone, then a fixed lead-in, then speech. The speech starts at
-clip sample s0 (first |sample| > ONSET_THRESHOLD) captured at known wall time; the agent reports
-the index of its stream's first such sample (`onset_sample`), so stream sample p was captured at
+clip sample s0 (first |sample| > ONSET_THRESHOLD) captured at known wall time; the agent's engine
+stream starts with the speech gate's pre-roll before it (captions/live/speaker.py) and the agent
+reports the index of its stream's first such sample (`onset_sample`), so stream sample p was captured at
 T(s0) + (p - onset) / 24000. The sender or the receiver's jitter buffer may insert or drop samples
 later on, so the worker's recording of each stream is cross-correlated with the clip every 0.5 s
 and the shift measured there replaces the onset's (its error and drift are reported).
@@ -72,6 +73,8 @@ from captions.log import logger
 from captions.stt.api import SAMPLE_RATE
 
 RUN_ATTEMPTS = 2
+MIN_SILENCE_BEFORE_ONSET_S = 0.1
+"""The engine stream must hold some silence before the speech (the onset is found in it)."""
 
 
 async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> list[dict]:
@@ -116,9 +119,10 @@ async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: 
     if not records:
         raise BenchError(f"no caption with timings arrived with {n} speakers; see {worker.log_path}")
     onsets = [r["onset_sample"] for r in records]
-    if min(onsets) < args.lead_in * SAMPLE_RATE / 2:
-        raise BenchError("a speaker's engine stream began after its speech had started "
-                         f"(onset at sample {min(onsets)}): raise --lead-in")
+    if min(onsets) < MIN_SILENCE_BEFORE_ONSET_S * SAMPLE_RATE:
+        raise BenchError("a speaker's engine stream began less than "
+                         f"{MIN_SILENCE_BEFORE_ONSET_S} s before their speech (onset at sample {min(onsets)}): "
+                         "the speech gate's pre-roll should cover that (see --pre-roll)")
     run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
     run["frames"] = frames
     run["attempt"] = attempt
