@@ -78,6 +78,20 @@ def test_a_newcomer_never_overtakes_someone_waiting(engine, queue):
     assert not newcomer.granted.is_set()
 
 
+def test_waiters_are_served_in_the_order_they_started_talking(engine, queue):
+    """A talker whose turn began earlier (it was judged speech late, or its room was slow to ask)
+    goes before one who asked first but started talking later."""
+    first = queue.request(Recorder("a").waiter)
+    queue.request(Recorder("b").waiter)
+    late, early = Recorder("late"), Recorder("early")
+    late.waiter.since, early.waiter.since = 100.0, 99.0
+    assert queue.request(late.waiter) is None
+    assert queue.request(early.waiter) is None
+    assert queue.waiting() == ["early", "late"]
+    first.close()
+    assert early.granted.wait(2) and not late.granted.is_set()
+
+
 def test_a_cancelled_waiter_is_skipped(engine, queue):
     s1 = queue.request(Recorder("a").waiter)
     queue.request(Recorder("b").waiter)

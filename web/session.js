@@ -144,7 +144,7 @@ export class Session {
     if (statuses.includes('waiting') || queued.length) {
       const who = queued.map((identity) => this.speakers.nameOf(identity)).join(', ');
       const detail = who
-        ? `No free captioning capacity yet for: ${who}. They will be captioned as soon as a slot frees.`
+        ? `No free captioning capacity yet for: ${who}. What they say is kept and will be captioned, late, as soon as a slot frees.`
         : 'Some speakers are waiting for captioning capacity.';
       return this.showState('waiting', detail);
     }

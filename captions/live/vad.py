@@ -7,7 +7,7 @@ the windows are fed directly, from the audio the worker already receives at 24 k
 
 `SpeechGate` turns the per-window probabilities into a few facts about one track, in samples of
 its 24 kHz audio: whether the speaker talks now, where the current stretch of speech started, and
-where the speaker last spoke. How long a pause ends a turn is the caller's business (room.py).
+where the speaker last spoke. How long a pause ends a turn is the caller's business (speaker.py).
 """
 
 from __future__ import annotations
