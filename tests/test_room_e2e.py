@@ -142,7 +142,7 @@ async def conversation(livekit_server, captions_worker, speech_dir) -> Conversat
     sub = await Subscriber(livekit_server, room, on_caption_opened=check_transcript).connect()
     speakers = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
     await sub.wait_for_agent()
-    await asyncio.gather(*(p.wait_subscribed() for p in speakers.values()))  # the agent reads each microphone
+    await asyncio.gather(*(p.wait_heard() for p in speakers.values()))  # the agent reads each microphone
     await asyncio.gather(*(p.play(speech(speech_dir, name)) for name, p in speakers.items()))
     await asyncio.gather(*(p.silence(1.0) for p in speakers.values()))
     tracks = {name: p.track_sid for name, p in speakers.items()}
@@ -370,7 +370,7 @@ async def test_more_talkers_than_slots_wait_visibly_then_every_word_is_captioned
     await asyncio.gather(*(p.wait_subscribed() for p in first.values()))
     talking = {name: asyncio.create_task(p.talk(speech(speech_dir, name))) for name, p in first.items()}
     dave = await publisher(livekit_server, room, "dave")
-    await dave.wait_subscribed()
+    await dave.wait_heard()
     said = asyncio.create_task(dave.play(speech(speech_dir, "dave")))
     await sub.wait_until(lambda: agent.attributes.get(ATTR_AGENT_QUEUED) == '["dave"]', CAPTION_WAIT_S,
                          "dave shown as waiting")

@@ -77,6 +77,15 @@ class Publisher:
         do not subscribe to audio (`auto_subscribe=False` for publishers, as viewers do)."""
         await asyncio.wait_for(self.subscribed.wait(), timeout)
 
+    async def wait_heard(self, settle_s: float = 1.0) -> None:
+        """Until the agent receives this microphone steadily: subscribed, then `settle_s` of silence.
+        The receiver's jitter buffer (WebRTC's NetEq) adapts in its first second and time-stretches
+        speech there (in the worker, on main before the speech gate as well: up to 50 ms stretched,
+        then squeezed back within 1.1 s; the words intact), so tests that compare the received audio
+        with the clip sample by sample start speaking after it."""
+        await self.wait_subscribed()
+        await self.silence(settle_s)
+
     async def talk(self, path: Path, pause_s: float = 0.6) -> None:
         """Says the file again and again, with a short pause between (until cancelled)."""
         while True:
