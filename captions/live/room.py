@@ -29,7 +29,7 @@ from livekit import rtc
 from captions.live.metrics import METRICS
 from captions.live.publisher import CaptionPublisher, OutgoingCaption
 from captions.live.recorder import StreamRecorder
-from captions.live.sdk_fixes import open_audio_stream
+from captions.live.sdk_fixes import open_audio_stream, register_rpc_method
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
 from captions.live.slots import SlotQueue, Waiter
 from captions.live.timing import StreamTiming
@@ -243,7 +243,7 @@ class RoomCaptioner:
         self.room.on("track_muted", self._on_track_muted)
         self.room.on("track_unmuted", self._on_track_unmuted)
         self.room.on("participant_disconnected", self._on_participant_disconnected)
-        self.room.local_participant.register_rpc_method(RPC_BACKLOG, self._on_backlog_rpc)
+        register_rpc_method(self.room, RPC_BACKLOG, self._on_backlog_rpc)
         self._spawn(self._publisher.run(), "publisher")
         self._spawn(self._update_status_forever(), "status")
         self.status_changed()

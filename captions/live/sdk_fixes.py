@@ -1,12 +1,14 @@
-"""Two fixes for the livekit Python SDK's FFI layer (livekit 1.1.21, pinned by livekit-agents 1.8.9).
+"""Fixes for the livekit Python SDK's FFI layer (livekit 1.1.21, pinned by livekit-agents 1.8.9).
 
 Everything the native library reports reaches Python as one stream of events, which `FfiQueue`
-hands to every subscriber whose filter accepts it. Both fixes reach into that private layer; they
-are here, in one place, so that an SDK upgrade is checked in one place (tests/test_lkffi.py fails
-when they stop applying).
+hands to every subscriber whose filter accepts it; the native library owns the rooms themselves.
+The fixes work around that layer; they are here, in one place, so that an SDK upgrade is checked
+in one place (tests/test_lkffi.py fails when they stop applying, or are no longer needed).
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from livekit import rtc
 
@@ -62,3 +64,26 @@ def _narrow_to_own_events(stream: rtc.AudioStream) -> bool:
                 subscribers[index] = (queue, loop, own_events)
                 return True
     return False
+
+
+def register_rpc_method(room: rtc.Room, method: str,
+                        handler: Callable[[rtc.RpcInvocationData], Awaitable[str]]) -> None:
+    """`room.local_participant.register_rpc_method`, unregistered when the room disconnects.
+
+    livekit 1.1.21's native library keeps an RPC handler in the room's own RPC server, and the
+    handler holds the room: a cycle that nothing breaks when the room ends (livekit-ffi later made
+    the handler hold the room weakly). Every room that registered a method then stayed in native
+    memory for the life of the process, its RTC engine included: the worker grew by about 0.5 MB
+    per room (`captions bench soak`). Unregistering the method once the room has disconnected
+    breaks the cycle."""
+    participant = room.local_participant
+    participant.register_rpc_method(method, handler)
+
+    def release(*_) -> None:
+        room.off("disconnected", release)
+        try:
+            participant.unregister_rpc_method(method)
+        except Exception as e:  # noqa: BLE001 - a failed release costs memory, never the room's shutdown
+            logger.warning("could not unregister the RPC method %s of room %s: %s", method, room.name, e)
+
+    room.on("disconnected", release)
