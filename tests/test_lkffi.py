@@ -5,8 +5,11 @@ is freed when it ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-import statistics
+import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,8 +17,8 @@ import numpy as np
 import pytest
 from livekit import api, rtc
 
+from captions import PROJECT_ROOT
 from captions.dev.bots import Publisher, make_token
-from captions.live.diagnostics import native_heap_in_use_mb
 from captions.live.sdk_fixes import open_audio_stream, register_rpc_method
 
 pytestmark = pytest.mark.livekit
@@ -122,49 +125,79 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
         assert abs(dominant_hz(pcm) - hz) < 20, f"{name}: heard {dominant_hz(pcm):.0f} Hz, sent {hz:.0f} Hz"
 
 
-async def _native_growth_per_room(server, register, rooms: int, prefix: str) -> float:
-    """Median growth of the native heap in use across rooms that each register an RPC method and
-    are then deleted by the server (as a room ends for the worker's agent), after two warm-up rooms."""
+WEBRTC_THREADS = ("network_thread", "signaling_threa", "worker_thread")
+"""Threads of libwebrtc's connection factory (kernel names, 15 characters at most): they end once
+the process holds no native room any more."""
+
+
+def _webrtc_threads() -> dict[str, int]:
+    names = Counter()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            names[(task / "comm").read_text().strip()] += 1
+    return {name: n for name, n in names.items() if name.startswith(WEBRTC_THREADS)}
+
+
+async def rooms_then_webrtc_threads(url: str, api_key: str, api_secret: str, registration: str, ended_by: str,
+                                    rooms: int) -> dict[str, int]:
+    """Runs `rooms` rooms that each register an RPC method and end as a room ends for the worker's
+    agent (the server deletes it, or the agent leaves first: livekit-agents ends a job with
+    `room.disconnect()`), drops them, and returns the WebRTC threads still there after 5 s."""
+    from types import SimpleNamespace
+
+    server = SimpleNamespace(url=url, api_key=api_key, api_secret=api_secret)
 
     async def backlog(_data: rtc.RpcInvocationData) -> str:
         return ""
 
-    async with api.LiveKitAPI(server.url.replace("ws://", "http://"), server.api_key, server.api_secret) as lkapi:
-        growth, before = [], None
-        for i in range(rooms + 2):
-            name = f"{prefix}-{i}"
+    async with api.LiveKitAPI(url.replace("ws://", "http://"), api_key, api_secret) as lkapi:
+        for i in range(rooms):
+            name = f"lkffi-rpc-{registration}-{ended_by}-{i}"
             room = rtc.Room()
-            await room.connect(server.url, make_token(server, name, "agent", agent=True))
-            register(room, "probe.method", backlog)
-            # Registering negotiates the publisher connection at once; a room deleted before that
+            await room.connect(url, make_token(server, name, "agent", agent=True))
+            if registration == "fixed":
+                register_rpc_method(room, "probe.method", backlog)
+            else:
+                room.local_participant.register_rpc_method("probe.method", backlog)
+            # Registering negotiates the publisher connection at once; a room that ends before that
             # settles stays in memory whatever is done with the method (another livekit 1.1.21 leak).
             await asyncio.sleep(1.0)
+            if ended_by == "agent":
+                await room.disconnect()
             await lkapi.room.delete_room(api.DeleteRoomRequest(room=name))
             for _ in range(50):
                 if room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED:
                     break
                 await asyncio.sleep(0.1)
-            assert room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED, "the server did not end the room"
+            assert room.connection_state == rtc.ConnectionState.CONN_DISCONNECTED, "the room did not end"
             del room
-            await asyncio.sleep(0.3)
-            gc.collect()
-            now = native_heap_in_use_mb()
-            if i >= 2:
-                growth.append(now - before)
-            before = now
-    return statistics.median(growth)
+    for _ in range(25):
+        gc.collect()
+        if not _webrtc_threads():
+            break
+        await asyncio.sleep(0.2)
+    return _webrtc_threads()
 
 
-async def test_a_room_that_registered_an_rpc_method_is_freed_when_it_ends(livekit_server):
-    def plain(room: rtc.Room, method: str, handler) -> None:
-        room.local_participant.register_rpc_method(method, handler)
+def _webrtc_threads_left(server, registration: str, ended_by: str, rooms: int) -> dict[str, int]:
+    """`rooms_then_webrtc_threads` in a fresh process (whatever rooms this one ever held)."""
+    code = ("import asyncio, json, sys; from tests.test_lkffi import rooms_then_webrtc_threads; "
+            "print(json.dumps(asyncio.run(rooms_then_webrtc_threads(*json.loads(sys.argv[1])))))")
+    arguments = [server.url, server.api_key, server.api_secret, registration, ended_by, rooms]
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], check=False, capture_output=True,
+                            text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
-    assert native_heap_in_use_mb() is not None, "needs glibc's mallinfo2 to read the native heap"
-    fixed = await _native_growth_per_room(livekit_server, register_rpc_method, 6, "lkffi-rpc-fixed")
-    sdk = await _native_growth_per_room(livekit_server, plain, 6, "lkffi-rpc-sdk")
-    # Each room of the worker registers the backlog method: without the fix the process kept every
-    # room's native state (about 0.5 MB each) for good.
-    assert fixed < 0.1, f"rooms that registered an RPC method still stay in memory: {fixed:.2f} MB each"
+
+def test_a_room_that_registered_an_rpc_method_is_freed_when_it_ends(livekit_server):
+    # Every room of the worker registers the backlog method: without the fix the process kept every
+    # room's native state (about 0.5 MB each, its RTC engine included) for good.
+    for ended_by in ("server", "agent"):
+        left = _webrtc_threads_left(livekit_server, "fixed", ended_by, rooms=8)
+        assert not left, (f"rooms that registered an RPC method and were ended by the {ended_by} are still in "
+                          f"memory (their WebRTC threads are still there: {left})")
     # When this fails, the SDK frees such rooms itself (livekit-ffi holds the room weakly in later
     # versions): captions/live/sdk_fixes.register_rpc_method can go.
-    assert sdk > 0.25, f"the SDK no longer keeps rooms that registered an RPC method: {sdk:.2f} MB each"
+    left = _webrtc_threads_left(livekit_server, "sdk", "server", rooms=1)
+    assert left, "the SDK no longer keeps rooms that registered an RPC method: the workaround can go"

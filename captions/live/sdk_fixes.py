@@ -68,22 +68,34 @@ def _narrow_to_own_events(stream: rtc.AudioStream) -> bool:
 
 def register_rpc_method(room: rtc.Room, method: str,
                         handler: Callable[[rtc.RpcInvocationData], Awaitable[str]]) -> None:
-    """`room.local_participant.register_rpc_method`, unregistered when the room disconnects.
+    """`room.local_participant.register_rpc_method`, unregistered when the room ends.
 
     livekit 1.1.21's native library keeps an RPC handler in the room's own RPC server, and the
     handler holds the room: a cycle that nothing breaks when the room ends (livekit-ffi later made
     the handler hold the room weakly). Every room that registered a method then stayed in native
     memory for the life of the process, its RTC engine included: the worker grew by about 0.5 MB
-    per room (`captions bench soak`). Unregistering the method once the room has disconnected
-    breaks the cycle."""
+    per room (`captions bench soak`). Unregistering the method breaks the cycle: before this side
+    disconnects (livekit-agents ends a job with `room.disconnect()`), or once the server has ended
+    the room."""
     participant = room.local_participant
     participant.register_rpc_method(method, handler)
+    disconnect = room.disconnect
+    released = False
 
     def release(*_) -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
         room.off("disconnected", release)
         try:
             participant.unregister_rpc_method(method)
         except Exception as e:  # noqa: BLE001 - a failed release costs memory, never the room's shutdown
             logger.warning("could not unregister the RPC method %s of room %s: %s", method, room.name, e)
 
+    async def release_then_disconnect(*args, **kwargs) -> None:
+        release()
+        await disconnect(*args, **kwargs)
+
     room.on("disconnected", release)
+    room.disconnect = release_then_disconnect
