@@ -230,6 +230,8 @@ class RoomCaptioner:
         self.room_name = room.name
         self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name))
         self._speakers: dict[str, Speaker] = {}
+        self._stopping: set[Speaker] = set()
+        """Speakers who stopped and whose last words are still being flushed."""
         self._publisher = CaptionPublisher(room.local_participant)
         self._tasks: set[asyncio.Task[None]] = set()
         self._status_dirty = asyncio.Event()
@@ -255,7 +257,8 @@ class RoomCaptioner:
     async def aclose(self) -> None:
         """Flush every speaker (finals reach the transcript file even if the room is gone)."""
         self._closed = True
-        speakers = list(self._speakers.values())
+        # Those who left just before the room ended are still flushing: their finals count too.
+        speakers = [*self._speakers.values(), *self._stopping]
         for speaker in speakers:
             speaker.stop()
         if speakers:
@@ -314,6 +317,9 @@ class RoomCaptioner:
             logger.info("room %s: %s stopped speaking (track %s): flushing", self.room_name, speaker.identity,
                         track_sid)
             speaker.stop()
+            self._stopping = {s for s in self._stopping if not s.ended.is_set()}
+            if not speaker.ended.is_set():
+                self._stopping.add(speaker)
 
     # Captions -----------------------------------------------------------------------------------
 
