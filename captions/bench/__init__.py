@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
               "engine steps and latency for live speakers with frames on one clock or each at its own phase"),
     "ingest": ("captions.bench.ingest",
                "CPU cost of receiving every speaker's audio in the worker's process, per chunk size and fan-out"),
+    "soak": ("captions.bench.soak",
+             "the worker's memory, threads, descriptors and FFI handles over hundreds of rooms, and in one long room"),
 }
 
 

@@ -17,6 +17,7 @@ The report is built on its own thread, never on a room's loop or in a signal han
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -150,6 +151,7 @@ class Diagnostics:
         self._sequence += 1
         report = {"sequence": self._sequence, "time": time.time(), "trimmed": trimmed,
                   **proc_figures(), "malloc": self._malloc.figures(), "thread_names": _thread_names(),
+                  "native_thread_names": _native_thread_names(),
                   "ffi": ffi_figures()}
         counts = _type_counts()
         report["objects"] = {name: counts.get(name, 0) for name in WATCHED_TYPES}
@@ -208,7 +210,21 @@ def _type_counts() -> collections.Counter[str]:
 
 
 def _thread_names() -> dict[str, int]:
-    return dict(collections.Counter(t.name.rstrip("0123456789_-() ") or t.name for t in threading.enumerate()))
+    """Python's threads by name (numbers dropped)."""
+    return dict(collections.Counter(_stem(t.name) for t in threading.enumerate()))
+
+
+def _native_thread_names() -> dict[str, int]:
+    """Every thread of the process by its kernel name (native libraries' threads included)."""
+    names = collections.Counter()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            names[_stem((task / "comm").read_text().strip())] += 1
+    return dict(names)
+
+
+def _stem(name: str) -> str:
+    return name.rstrip("0123456789_-() ") or name
 
 
 def start_diagnostics(path: Path | None) -> Diagnostics | None:
