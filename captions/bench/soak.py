@@ -58,6 +58,7 @@ ROOM_SLOPE_TARGET_MB = 0.05
 """Issue 16's target: RSS slope per room at most this, over 500 rooms."""
 WARMUP_UNITS = {"rooms": 5, "long-room": 2, "hour": 1}
 CAPTION_TIMEOUT_S = 15.0
+SUBSCRIBE_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 120.0
 """After the warm-up and after the last unit: how long the worker may take to end its rooms' jobs
 and their threads."""
@@ -123,6 +124,24 @@ async def _wait_final(listener, identity: str, count: int) -> bool:
     return False
 
 
+async def _speaker(server, room: str, identity: str):
+    """A speaker bot, connected once the agent has subscribed to its microphone: speech before that
+    is not captioned, and a loaded machine delays the subscription by seconds."""
+    from captions.dev.bots import Publisher
+
+    speaker = Publisher(server, room, identity, auto_subscribe=False)
+    subscribed = asyncio.Event()
+    speaker.room.on("local_track_subscribed", lambda _track: subscribed.set())
+    await speaker.connect()
+    try:
+        await asyncio.wait_for(subscribed.wait(), SUBSCRIBE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        await speaker.disconnect()
+        raise BenchError(f"the agent did not subscribe to {identity} in {room} in {SUBSCRIBE_TIMEOUT_S:g} s") from None
+    await speaker.silence(0.3)
+    return speaker
+
+
 async def _in_lanes(config: dict, unit) -> None:
     """Runs `unit(index)` for every index, `parallel` at a time: first the warm-up units, then, once
     the parent has measured the idle worker (a line on stdin), the others until the time is up."""
@@ -148,7 +167,7 @@ async def _rooms_bots(config: dict) -> None:
     """Rooms one after another, `parallel` at a time; one JSON line per finished room on stdout."""
     from livekit import api
 
-    from captions.dev.bots import Publisher, Subscriber, server_from_config
+    from captions.dev.bots import Subscriber, server_from_config
 
     server = server_from_config(config)
     wav = Path(config["wavs"][0])
@@ -157,10 +176,8 @@ async def _rooms_bots(config: dict) -> None:
         name = f"{config['prefix']}-{index}"
         started = time.time()
         listener = await Subscriber(server, name, identity="listener").connect()
-        speaker = await Publisher(server, name, "speaker", auto_subscribe=False).connect()
+        speaker = await _speaker(server, name, "speaker")
         try:
-            await listener.wait_for_agent()
-            await speaker.silence(0.5)  # the agent subscribes to the new microphone meanwhile
             await speaker.play(wav)
             await speaker.disconnect()  # leaving flushes the speaker's last words
             captioned = await _wait_final(listener, "speaker", 1)
@@ -178,7 +195,7 @@ async def _long_room_bots(config: dict) -> None:
     """One room; speakers join, speak, mute, unmute, speak and leave, `parallel` at a time."""
     from livekit import api
 
-    from captions.dev.bots import Publisher, Subscriber, server_from_config
+    from captions.dev.bots import Subscriber, server_from_config
 
     server = server_from_config(config)
     wavs = [Path(w) for w in config["wavs"]]
@@ -189,9 +206,8 @@ async def _long_room_bots(config: dict) -> None:
     async def turn(index: int) -> None:
         identity = f"speaker-{index}"
         started = time.time()
-        speaker = await Publisher(server, name, identity, auto_subscribe=False).connect()
+        speaker = await _speaker(server, name, identity)
         try:
-            await speaker.silence(0.5)
             await speaker.play(wavs[0])
             await speaker.silence(0.3)
             speaker.mute()  # muting ends the speaker's engine stream: its final caption comes out
@@ -219,12 +235,12 @@ class _HourRoom:
     stream a segmenter, timing diagnostics and a recording; per final caption a transcript line and
     a backlog entry. Engine events are handled on the engine's thread, one stream at a time."""
 
-    def __init__(self, engine, data_dir: Path, record_dir: Path):
+    def __init__(self, engine, data_dir: Path, record_dir: Path, clock):
         from captions.live.transcripts import TranscriptStore, transcript_path
 
         self.engine = engine
         self.record_dir = record_dir
-        self.transcript = TranscriptStore(transcript_path(data_dir, "hour"))
+        self.transcript = TranscriptStore(transcript_path(data_dir, "hour"), clock=clock)
         self.finals = 0
         self._lock = threading.Lock()
 
@@ -284,14 +300,19 @@ def _hour(config: dict) -> None:
     engine = SttEngine.load(config["checkpoint"], device="cpu", batch_size=config["parallel"])
     engine.start()
     clips = [np.load(path) for path in config["clips"]]
-    room = _HourRoom(engine, data_dir, record_dir)
-    diagnostics = Diagnostics(workdir / "unused.jsonl")
     total_s, deadline = config["units"] * 60.0, time.time() + config["max_seconds"]
-    # The room's clock: turns follow one another; the last one ends about now, so that the backlog's
-    # 30 minutes of retention (against the wall clock) keep the last half hour of the speech.
+    # The room's clock: the speakers' turns follow one another on it (while the engine runs them
+    # side by side, faster than real time); captions are stamped and the backlog's 30 minutes of
+    # retention are counted on it.
     state = {"cursor": 0.0, "turns": 0, "next_sample": 0.0}
     lock = threading.Lock()
     started = time.time()
+
+    def room_clock() -> float:
+        return started + state["cursor"]
+
+    room = _HourRoom(engine, data_dir, record_dir, room_clock)
+    diagnostics = Diagnostics(workdir / "unused.jsonl")
 
     def sample() -> None:
         report = diagnostics.report()
@@ -314,7 +335,7 @@ def _hour(config: dict) -> None:
     def lane() -> None:
         while (turn := next_turn()) is not None:
             index, offset = turn
-            origin = time.time() - (total_s - offset)
+            origin = started + offset
             room.speak(f"speaker-{index % 8}", clips[index % len(clips)], origin, SAMPLE_RATE // 100)
             with lock:
                 due = state["cursor"] >= state["next_sample"]

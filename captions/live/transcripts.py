@@ -11,6 +11,7 @@ import collections
 import os
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 from captions.log import logger
@@ -30,9 +31,12 @@ def transcript_path(data_dir: str | Path, room_name: str) -> Path:
 class TranscriptStore:
     """Appends final segments to one room's JSONL file and keeps the recent ones in memory."""
 
-    def __init__(self, path: str | Path, retention_s: float = BACKLOG_RETENTION_S):
+    def __init__(self, path: str | Path, retention_s: float = BACKLOG_RETENTION_S,
+                 clock: Callable[[], float] = time.time):
         self.path = Path(path)
         self.retention_s = retention_s
+        self._clock = clock
+        """Unix time now; `captions bench soak` runs an hour of a room faster than real time."""
         self._recent: collections.deque[FinalSegment] = collections.deque()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._load_recent()
@@ -58,7 +62,7 @@ class TranscriptStore:
         self._file.close()
 
     def _prune(self, now: float | None = None) -> None:
-        cutoff = (time.time() if now is None else now) - self.retention_s
+        cutoff = (self._clock() if now is None else now) - self.retention_s
         while self._recent and self._recent[0].end < cutoff:
             self._recent.popleft()
 
