@@ -62,7 +62,8 @@ SUBSCRIBE_TIMEOUT_S = 30.0
 SETTLE_TIMEOUT_S = 120.0
 """After the warm-up and after the last unit: how long the worker may take to end its rooms' jobs
 and their threads."""
-SETTLE_QUIET_S = 15.0
+SETTLE_QUIET_S = 10.0
+"""Native pools end idle threads after about 10 s (tokio): a count that held this long has settled."""
 ROOM_CLASSES = ("RoomCaptioner", "Speaker", "_Session", "Segmenter", "TranscriptStore", "CaptionPublisher",
                 "Room", "AudioStream", "JobContext")
 """Per-room objects summed into `room_objects` (captions/live/diagnostics.py counts them)."""
@@ -629,34 +630,53 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = report["scenarios"]
-    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 3, figsize=(14, 3.6 * len(results)), squeeze=False)
     for row, r in zip(axes, results):
-        x = [s["units"] for s in r["samples"]]
-        row[0].plot(x, [s["rss_mb"] for s in r["samples"]], marker=".", label="RSS")
-        if all(s.get("heap_in_use_mb") is not None for s in r["samples"]):
-            row[0].plot(x, [s["heap_in_use_mb"] for s in r["samples"]], marker=".", label="C heap in use")
-        slope = r["slope_per_unit"].get("rss_mb")
-        row[0].set(xlabel=UNITS_PLURAL[r["name"]], ylabel="MB",
-                   title=f"{r['name']}: RSS slope {_fmt(slope)} MB per {r['unit']} (2nd half)")
+        samples, units = r["samples"], UNITS_PLURAL[r["name"]]
+        x = [s["units"] for s in samples]
+        # Growth since the first sample (the idle worker after the warm-up), where a leak shows.
+        for metric, label in (("rss_mb", "RSS"), ("heap_in_use_mb", "C heap in use")):
+            if all(s.get(metric) is not None for s in samples):
+                row[0].plot(x, [s[metric] - samples[0][metric] for s in samples], marker=".", label=label)
+        row[0].axhline(0, color="grey", linewidth=0.5)
+        row[0].set(xlabel=units, ylabel="MB since the first sample",
+                   title=f"{r['name']}: RSS {_fmt(r['slope_per_unit'].get('rss_mb'))} MB per {r['unit']}")
         row[0].legend(fontsize=8)
-        for metric in ("threads", "fds", "open_transcripts", "ffi_handles"):
-            if all(s.get(metric) is not None for s in r["samples"]):
-                row[1].plot(x, [s[metric] for s in r["samples"]], marker=".", label=metric)
-        row[1].set(xlabel=UNITS_PLURAL[r["name"]], title="threads, descriptors, transcripts, FFI handles")
+        after = r.get("after")
+        for metric, color in (("threads", "tab:blue"), ("fds", "tab:orange"), ("open_transcripts", "tab:green"),
+                              ("ffi_handles", "tab:red")):
+            if all(s.get(metric) is not None for s in samples):
+                row[1].plot(x, [s[metric] for s in samples], marker=".", color=color, label=metric)
+                if after is not None:
+                    row[1].plot([x[-1]], [after[metric]], marker="*", markersize=12, color=color, linestyle="")
+        row[1].set(xlabel=units, title="threads, descriptors, transcripts, FFI handles"
+                   + (" (*: settled after the last)" if after is not None else ""))
         row[1].legend(fontsize=8)
-        row[2].plot(x, [s["python_objects"] for s in r["samples"]], marker=".", label="Python objects (gc)")
-        row[2].set(xlabel=UNITS_PLURAL[r["name"]], title="Python objects tracked by gc")
+        row[2].plot(x, [s["python_objects"] for s in samples], marker=".", label="Python objects (gc)")
+        row[2].set(xlabel=units, title="Python objects tracked by gc")
         if r["name"] == "hour":
             twin = row[2].twinx()
-            twin.plot(x, [s["backlog_segments"] for s in r["samples"]], color="tab:red", marker=".",
+            twin.plot(x, [s["backlog_segments"] for s in samples], color="tab:red", marker=".",
                       label="backlog segments")
             twin.set_ylabel("backlog segments")
             twin.legend(fontsize=8, loc="lower right")
         row[2].legend(fontsize=8, loc="upper left")
     machine = report["machine"]
     fig.suptitle(f"captions bench soak, {machine['cpu_model']}, {machine['cpu_cores']} cores, "
-                 f"{machine['date'][:10]}", fontsize=9)
+                 f"{machine['date'][:10]}; slopes: least squares over the second half", fontsize=9)
     save_figure(fig, path)
+
+
+def _report_again(path: Path, plot_path: Path | None) -> int:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"captions bench soak: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    if plot_path:
+        plot(report, plot_path)
+    print(markdown_table(report))
+    return 0
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -687,11 +707,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "slower, and its own memory shows in the RSS)")
     add_test_checkpoint_options(parser, "checkpoint directory for the worker")
     add_output_options(parser)
+    add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
+               help="measure nothing: print the table (and --plot) of an earlier run's JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from captions.dev.livekit_server import find_livekit_server
 
+    if args.from_json:
+        return _report_again(args.from_json, args.plot)
     if set(args.scenarios) - {"hour"} and find_livekit_server() is None:
         print("captions bench soak: livekit-server is missing: run `captions server --install-only`",
               file=sys.stderr)
