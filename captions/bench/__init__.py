@@ -22,6 +22,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                "CPU cost of receiving every speaker's audio in the worker's process, per chunk size and fan-out"),
     "meeting": ("captions.bench.meeting",
                 "simulated meetings: how many participants B engine slots caption with nothing lost, and at what latency"),
+    "soak": ("captions.bench.soak",
+             "the worker's memory, threads, descriptors and FFI handles over hundreds of rooms, and in one long room"),
 }
 
 

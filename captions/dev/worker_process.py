@@ -7,6 +7,7 @@ room created afterwards gets the agent.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,32 @@ class CaptionsWorker:
     """Where its /metrics, /healthz and /readyz answer (127.0.0.1)."""
     registered_at: float = 0.0
     """Unix time at which it logged its registration with LiveKit."""
+    diagnostics_path: Path | None = None
+    """Its --diagnostics-file, when started with `diagnostics=True`."""
+
+    def process_figures(self) -> dict:
+        """Its RSS (MiB), threads, open file descriptors and open transcript files, from /proc."""
+        from captions.live.diagnostics import proc_figures
+
+        figures = proc_figures(self.process.pid, under=self.data_dir)
+        figures["open_transcripts"] = figures.pop("open_files_under")
+        return figures
+
+    def diagnostics(self, timeout: float = 120, trim: bool = False) -> dict:
+        """Asks the worker for a diagnostics report (SIGUSR1; SIGUSR2 trims the C heap first) and
+        returns it (see captions/live/diagnostics.py)."""
+        if self.diagnostics_path is None:
+            raise RuntimeError("the worker was started without diagnostics")
+        before = _count_lines(self.diagnostics_path)
+        self.process.send_signal(signal.SIGUSR2 if trim else signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"captions worker exited:\n{self.log_tail()}")
+            if _count_lines(self.diagnostics_path) > before:
+                return json.loads(self.diagnostics_path.read_text().splitlines()[before])
+            time.sleep(0.05)
+        raise RuntimeError(f"no diagnostics report from the worker in {timeout:g} s")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -38,6 +65,10 @@ class CaptionsWorker:
     def stop(self, timeout: float = 30) -> int:
         """Ctrl-C, as a user would; returns the exit status."""
         return stop_process(self.process, signal.SIGINT, timeout)
+
+
+def _count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 def captions_command() -> list[str]:
@@ -48,17 +79,22 @@ def captions_command() -> list[str]:
 
 def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
                           extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
-                          env: dict[str, str] | None = None, data_dir: Path | None = None) -> CaptionsWorker:
+                          env: dict[str, str] | None = None, data_dir: Path | None = None,
+                          diagnostics: bool = False) -> CaptionsWorker:
     """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered.
 
     It writes transcripts to `data_dir` (default workdir/data; workers on one host share theirs), the
-    audio of every engine stream to workdir/recordings and its log to workdir/worker.log."""
+    audio of every engine stream to workdir/recordings and its log to workdir/worker.log; with
+    `diagnostics`, its reports to workdir/diagnostics.jsonl."""
     from captions.live.worker import READY_MESSAGE
 
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or workdir / "data"
     record_dir, log_path = workdir / "recordings", workdir / "worker.log"
     metrics_port = free_port()
+    diagnostics_path = workdir / "diagnostics.jsonl" if diagnostics else None
+    if diagnostics:
+        extra_args = ("--diagnostics-file", str(diagnostics_path), *extra_args)
     environment = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
                        LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
     command = [*captions_command(), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
@@ -66,7 +102,7 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
                "--health-port", "0", "--metrics-port", str(metrics_port), *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port)
+    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port, diagnostics_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

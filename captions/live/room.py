@@ -71,6 +71,8 @@ class RoomCaptioner:
         self.record_dir, self.timing_attributes = options.record_dir, options.timing_attributes
         self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name))
         self._speakers: dict[str, Speaker] = {}
+        self._stopping: set[Speaker] = set()
+        """Speakers who stopped and whose last words are still being flushed."""
         self._signer = signer or CaptionSigner()
         self._publisher = CaptionPublisher(room, self._signer)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -120,7 +122,8 @@ class RoomCaptioner:
         if self._closed:
             return
         self._closed = True
-        speakers = list(self._speakers.values())
+        # Those who left just before the room ended are still flushing: their finals count too.
+        speakers = [*self._speakers.values(), *self._stopping]
         for speaker in speakers:
             speaker.stop(flush=not self._superseded, wait_for_slot=False)
         deadline = asyncio.get_running_loop().time() + FLUSH_TIMEOUT_S
@@ -197,6 +200,9 @@ class RoomCaptioner:
             logger.info("room %s: %s stopped speaking (track %s): flushing", self.room_name, speaker.identity,
                         track_sid)
             speaker.stop()
+            self._stopping = {s for s in self._stopping if not s.ended.is_set()}
+            if not speaker.ended.is_set():
+                self._stopping.add(speaker)
 
     # Captions -----------------------------------------------------------------------------------
 

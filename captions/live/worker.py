@@ -95,6 +95,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="diagnostics: give up the shared frame clock (each speaker's 80 ms frames "
                              "keep their own phase, up to one step per speaker per 80 ms), for "
                              "comparison benchmarks [env CAPTIONS_UNALIGNED_FRAMES, default off]")
+    add_option(parser, "--diagnostics-file", env="CAPTIONS_DIAGNOSTICS_FILE", default=None, type=Path,
+               help="diagnostics: on SIGUSR1, append the worker's memory, threads, file descriptors, "
+                    "live room objects and livekit FFI handles to this file as a JSON line "
+                    "(captions/live/diagnostics.py)")
     add_livekit_options(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
@@ -275,6 +279,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         logger.warning("%s; going on without them (dev mode)", problem)
         observability = None
+    from captions.live.diagnostics import start_diagnostics
+
+    start_diagnostics(args.diagnostics_file)
     try:
         _service = _load_service(args)
     except CheckpointError as e:
