@@ -102,7 +102,7 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
                "--health-port", "0", "--metrics-port", str(metrics_port), *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port, diagnostics_path)
+    worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port, diagnostics_path=diagnostics_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
