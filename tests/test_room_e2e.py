@@ -79,6 +79,20 @@ def recordings(record_dir: Path, room: str, identity: str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+async def wait_reading(worker, before: float, more: int) -> None:
+    """Until the worker reads `more` microphones than `before` (its `captions_microphones` gauge).
+    A publisher hears of the agent's subscription before the agent's side has the track; under load
+    that gap reached seconds, and a short utterance was over before the agent read it."""
+    deadline = time.monotonic() + CAPTION_WAIT_S
+    while metric_values(worker.metrics_port)["captions_microphones"] < before + more:
+        assert time.monotonic() < deadline, f"the worker did not start reading {more} microphones"
+        await asyncio.sleep(0.05)
+
+
+def microphones_read(worker) -> float:
+    return metric_values(worker.metrics_port)["captions_microphones"]
+
+
 def segment_ids_on_disk(path: Path) -> set[str]:
     """Segment ids of the transcript's complete lines (the worker may be writing the next one)."""
     if not path.exists():
@@ -140,8 +154,10 @@ async def conversation(livekit_server, captions_worker, speech_dir) -> Conversat
             on_disk_when_received[segment_id] = segment_id in segment_ids_on_disk(transcript)
 
     sub = await Subscriber(livekit_server, room, on_caption_opened=check_transcript).connect()
+    before = microphones_read(captions_worker)
     speakers = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
     await sub.wait_for_agent()
+    await wait_reading(captions_worker, before, 3)
     await asyncio.gather(*(p.wait_heard() for p in speakers.values()))  # the agent reads each microphone
     await asyncio.gather(*(p.play(speech(speech_dir, name)) for name, p in speakers.items()))
     await asyncio.gather(*(p.silence(1.0) for p in speakers.values()))
@@ -265,9 +281,10 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
     engine produced from the audio it consumed reaches the captions (flush on stop)."""
     room = "e2e-leave-mute-rejoin"
     sub = await Subscriber(livekit_server, room).connect()
+    before = microphones_read(captions_worker)
     alice, bob = await publisher(livekit_server, room, "alice"), await publisher(livekit_server, room, "bob")
     await sub.wait_for_agent()
-    await asyncio.gather(alice.wait_subscribed(), bob.wait_subscribed())
+    await wait_reading(captions_worker, before, 2)
     bob_first_track = bob.track_sid
     await asyncio.gather(alice.play(speech(speech_dir, "alice"), stop_after_s=2.0),
                          bob.play(speech(speech_dir, "bob"), stop_after_s=2.0))
@@ -278,7 +295,7 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
 
     alice = await publisher(livekit_server, room, "alice")
     bob.unmute()
-    await alice.wait_subscribed()
+    await wait_reading(captions_worker, before, 2)
     # An unmuted track has no new subscription to wait for: a second of silence before speaking, as
     # people do; the speech's start is kept whatever the agent's delay (the pre-roll).
     await asyncio.gather(alice.silence(1.0), bob.silence(1.0))

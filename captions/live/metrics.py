@@ -62,6 +62,8 @@ class CaptionMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.rooms = Gauge("captions_rooms", "Rooms this worker is captioning", registry=r)
+        self.microphones = Gauge("captions_microphones", "Microphones this worker reads, talking or not "
+                                 "(only talkers hold an engine slot)", registry=r)
         self.step_seconds = Histogram(
             "captions_engine_step_seconds", "Time of one batched engine step, by part (host = CPU-side "
             "preparation and decoding, encode = Mimi, lm = language model, total)", ["part"],

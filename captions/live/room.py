@@ -124,6 +124,8 @@ class RoomCaptioner:
         self._closed = True
         # Those who left just before the room ended are still flushing: their finals count too.
         speakers = [*self._speakers.values(), *self._stopping]
+        METRICS.microphones.dec(len(self._speakers))
+        self._speakers.clear()
         for speaker in speakers:
             speaker.stop(flush=not self._superseded, wait_for_slot=False)
         deadline = asyncio.get_running_loop().time() + FLUSH_TIMEOUT_S
@@ -173,6 +175,7 @@ class RoomCaptioner:
         self._stop_speaker(publication.sid)  # a re-subscription (e.g. after a reconnection) starts afresh
         self._speakers[publication.sid] = Speaker(self, participant.identity, participant.name, publication.sid,
                                                   RtcTrackSource(track))
+        METRICS.microphones.inc()
 
     def _on_track_gone(self, track: rtc.Track, publication: rtc.RemoteTrackPublication,
                        participant: rtc.RemoteParticipant) -> None:
@@ -197,6 +200,7 @@ class RoomCaptioner:
     def _stop_speaker(self, track_sid: str) -> None:
         speaker = self._speakers.pop(track_sid, None)
         if speaker is not None:
+            METRICS.microphones.dec()
             logger.info("room %s: %s stopped speaking (track %s): flushing", self.room_name, speaker.identity,
                         track_sid)
             speaker.stop()
