@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -248,6 +249,19 @@ def finish_report(args: argparse.Namespace, report: dict, plot, markdown_table) 
         plot(report, args.plot)
     with contextlib.suppress(BrokenPipeError):
         print(markdown_table(report))
+    return 0
+
+
+def report_again(command: str, path: Path, plot_path: Path | None, plot, markdown_table) -> int:
+    """`--from-json`: an earlier run's table (and `--plot`) again, without measuring."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"captions bench {command}: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    if plot_path:
+        plot(report, plot_path)
+    print(markdown_table(report))
     return 0
 
 

@@ -40,6 +40,7 @@ from captions.bench.common import (
     finish_report,
     machine_description,
     positive_ints,
+    report_again,
     save_figure,
     speech_streams,
     summarize_ms,
@@ -388,18 +389,6 @@ def _checkpoint_names(text: str) -> list[str]:
     return names
 
 
-def _report_again(path: Path, plot_path: Path | None) -> int:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        print(f"captions bench engine: cannot read {path}: {e}", file=sys.stderr)
-        return 1
-    if plot_path:
-        plot(report, plot_path)
-    print(markdown_table(report))
-    return 0
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--model", env="CAPTIONS_BENCH_MODEL",
                help="checkpoint to measure (repo id or local directory); unset: build and measure "
@@ -428,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
     from captions.stt.model import CheckpointError, pick_device, resolve_checkpoint_dir
 
     if args.from_json:
-        return _report_again(args.from_json, args.plot)
+        return report_again("engine", args.from_json, args.plot, plot, markdown_table)
     try:
         device = pick_device(args.device)
         if args.model:

@@ -45,6 +45,7 @@ from captions.bench.common import (
     add_test_checkpoint_options,
     finish_report,
     machine_description,
+    report_again,
     resolve_test_checkpoint,
     run_child_process,
     save_figure,
@@ -656,18 +657,6 @@ def plot(report: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _report_again(path: Path, plot_path: Path | None) -> int:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        print(f"captions bench soak: cannot read {path}: {e}", file=sys.stderr)
-        return 1
-    if plot_path:
-        plot(report, plot_path)
-    print(markdown_table(report))
-    return 0
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--scenarios", env="CAPTIONS_BENCH_SCENARIOS", type=scenarios, default=list(SCENARIOS),
                help="rooms (N rooms through a real server), long-room (speakers rotating in one room), "
@@ -704,7 +693,7 @@ def run(args: argparse.Namespace) -> int:
     from captions.dev.livekit_server import find_livekit_server
 
     if args.from_json:
-        return _report_again(args.from_json, args.plot)
+        return report_again("soak", args.from_json, args.plot, plot, markdown_table)
     if set(args.scenarios) - {"hour"} and find_livekit_server() is None:
         print("captions bench soak: livekit-server is missing: run `captions server --install-only`",
               file=sys.stderr)
