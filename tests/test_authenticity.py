@@ -223,6 +223,7 @@ async def test_forgeries_fail_against_captions_up_and_the_real_workers_captions_
         listener = await Subscriber(server, "up-room", identity="listener").connect()
         alice = await publisher(server, "up-room", "alice")
         agent = await listener.wait_for_agent(timeout=120)
+        await alice.wait_heard()  # the agent reads her microphone before she speaks
         grant = await asyncio.to_thread(fetch_json, link.replace("/?", "/api/token?"))
         attacker = rtc.Room()
         await attacker.connect(grant["url"], grant["token"], options=rtc.RoomOptions(auto_subscribe=False))
