@@ -1,6 +1,12 @@
 """The batched engine against Kyutai's reference loop and against itself run solo.
 
 Runs the real model path (moshi loaders, Mimi, LMGen) on the project's tiny real-format checkpoint.
+
+Two claims, kept apart. At batch size 1 the engine equals Kyutai's reference loop (batch size 1)
+token for token. In a batch, a stream equals the same audio run alone on an engine of the same
+batch size: other slots, their phases, resets and slot reuse change nothing, bit for bit. Across
+batch sizes the float rounding of the matrix products differs (about 1e-6 in the logits on CPU),
+which flips a code or a greedy token at a near tie: rare, measured in the README (Known limitations).
 """
 
 from __future__ import annotations
@@ -310,8 +316,8 @@ def short_clips(clips) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def solo_tokens(engine_b1, short_clips) -> list[list[int]]:
-    return [run_solo(engine_b1, audio).tokens for audio in short_clips]
+def solo_tokens(engine_b3, short_clips) -> list[list[int]]:
+    return [run_solo(engine_b3, audio).tokens for audio in short_clips]
 
 
 # Examples: 10 by default, more in CI (HYPOTHESIS_PROFILE=ci, see tests/conftest.py).
@@ -434,8 +440,8 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
 
 
 @pytest.mark.parametrize("align", [True, False], ids=["shared-clock", "unaligned"])
-def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_checkpoint, clips, engine_b1,
-                                                                        monkeypatch, align):
+def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_checkpoint, clips, monkeypatch,
+                                                                        align):
     """Four speakers join at different 10 ms ticks. On the shared clock every step carries all four
     (one step per 80 ms, instead of one per speaker), and each still gets exactly the words of its
     own audio, timed in its own audio. Unaligned (the behaviour before), steps carry fewer."""
@@ -447,6 +453,9 @@ def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_check
         audios = [clips[i % 3][: FRAME * 24 + TICK_SAMPLES * i] for i in range(4)]
         collectors, active = drive_live(engine, audios, start_ticks=[0, 3, 13, 22], clock=clock)
         leads = [collector.events[-1].lead_samples for collector in collectors]
+        # Each alone on the same engine, after the lead the engine put first: the model heard exactly that.
+        solos = [run_solo(engine, np.concatenate([np.zeros(lead, np.float32), audio]))
+                 for audio, lead in zip(audios, leads)]
     finally:
         engine.close()
     assert len(active) >= 8
@@ -456,9 +465,7 @@ def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_check
         return
     assert active == [4] * len(active), "a step left out a speaker whose frame was due"
     assert len(set(leads[1:])) > 1 and all(0 < lead < FRAME for lead in leads[1:])
-    for audio, lead, collector in zip(audios, leads, collectors):
-        # The engine put `lead` samples of silence first: the model heard exactly that, alone.
-        solo = run_solo(engine_b1, np.concatenate([np.zeros(lead, np.float32), audio]))
+    for lead, collector, solo in zip(leads, collectors, solos):
         assert collector.tokens == solo.tokens
         shift = lead / 24000
         assert collector.words == [(text, pytest.approx(max(0.0, start - shift)), pytest.approx(max(0.0, end - shift)))
@@ -476,11 +483,16 @@ def engine_b4(tiny_checkpoint):
     engine.close()
 
 
+SPURT_CLOCK_STARTS = itertools.count(1000.0, 1000.0)
+"""Each `drive_spurts` starts its clock far past the last one's: the engine's shared frame clock from
+an earlier call is stale, so the leads depend on the call's own inputs (Hypothesis replays exactly)."""
+
+
 def drive_spurts(engine: SttEngine, spurts: list[np.ndarray], start_ticks: list[int], backlogs: list[int]):
     """Each spurt is a stream as the speech gate feeds one: opened at its start tick, its first push
     `backlog` ticks of kept audio (pre-roll, or a wait for a slot) with that tick's chunk, then 10 ms
     per tick, then closed (flushed). The clock moves 10 ms per tick; the engine drains between ticks."""
-    clock = [1000.0]
+    clock = [next(SPURT_CLOCK_STARTS)]
     collectors = [Collector() for _ in spurts]
     streams: list = [None] * len(spurts)
     offsets = [0] * len(spurts)
@@ -507,14 +519,14 @@ def drive_spurts(engine: SttEngine, spurts: list[np.ndarray], start_ticks: list[
     return collectors
 
 
-def check_spurt_against_solo(engine_b1, spurt: np.ndarray, collector: Collector) -> None:
+def check_spurt_against_solo(engine: SttEngine, spurt: np.ndarray, collector: Collector) -> None:
     """The engine put `lead` samples of silence first (the shared frame clock): the spurt's words
-    are those of that audio alone, timed in the spurt's own audio."""
+    are those of that audio run alone on the same engine, timed in the spurt's own audio."""
     lead = collector.events[-1].lead_samples
     audio = np.concatenate([np.zeros(lead, np.float32), spurt])
     # Padded to whole frames, as the flush pads (a shorter solo push would get a lead of its own).
     audio = np.concatenate([audio, np.zeros(-audio.size % FRAME, np.float32)])
-    solo = run_solo(engine_b1, audio)
+    solo = run_solo(engine, audio)
     assert collector.tokens == solo.tokens
     shift = lead / 24000
     assert collector.words == [(text, pytest.approx(max(0.0, start - shift)), pytest.approx(max(0.0, end - shift)))
@@ -541,14 +553,14 @@ def test_a_spurt_that_starts_with_kept_audio_equals_kyutai_reference_on_its_audi
     start_ticks=st.lists(st.integers(0, 30), min_size=4, max_size=4),
     backlogs=st.lists(st.integers(0, 60), min_size=4, max_size=4),
 )
-def test_spurts_cut_anywhere_each_give_the_words_of_their_own_audio(engine_b1, engine_b4, clips, cuts,
-                                                                   start_ticks, backlogs):
+def test_spurts_cut_anywhere_each_give_the_words_of_their_own_audio(engine_b4, clips, cuts, start_ticks,
+                                                                   backlogs):
     """A speaker's speech cut into turns at any sample (where the gate released the slot), each
     turn a stream with some kept audio first, the turns in the batch at once and at any phase:
-    every turn gives exactly the words of its own audio run alone (the reference's, see above)."""
+    every turn gives exactly the words of its own audio run alone on the same engine."""
     audio = np.concatenate([clips[0], clips[2]])[: FRAME * 30]
     spurts = [s for s in np.split(audio, sorted(cuts)) if s.size]
     collectors = drive_spurts(engine_b4, spurts, start_ticks[:len(spurts)], backlogs[:len(spurts)])
     for spurt, collector in zip(spurts, collectors):
-        check_spurt_against_solo(engine_b1, spurt, collector)
+        check_spurt_against_solo(engine_b4, spurt, collector)
     wait_idle(engine_b4)
