@@ -151,6 +151,21 @@ class RoomCaptioner:
     def _on_reconnected(self) -> None:
         self._status_sent.clear()
         self.status_changed()
+        self._ask_again_for_microphones()
+
+    def _ask_again_for_microphones(self) -> None:
+        """After a full reconnection (a livekit-server restart) the SDK rebuilds the room from the
+        new server's join response. A microphone republished before this agent rejoined comes in
+        that response, and its subscription (requested by livekit-agents when a track is published)
+        did not reach the new server: seen once in CI, the agent back in the room and deaf. So ask
+        again for every captioned microphone whose audio is not coming (a repeat request is
+        harmless)."""
+        for participant in self.room.remote_participants.values():
+            for publication in participant.track_publications.values():
+                if self._is_captioned(participant, publication) and publication.track is None:
+                    logger.info("room %s: reconnected; subscribing again to %s's microphone (track %s)",
+                                self.room_name, participant.identity, publication.sid)
+                    publication.set_subscribed(True)
 
     def _on_disconnected(self, reason: int) -> None:
         if reason == rtc.DisconnectReason.PARTICIPANT_REMOVED:
