@@ -15,7 +15,6 @@ import os
 import sys
 import time
 import traceback
-import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -33,73 +32,10 @@ def save():
 
 
 from captions.stt.engine import SttEngine  # noqa: E402
+from tests.engine_drive import FRAME, TICK_SAMPLES, drive_spurts, run_solo  # noqa: E402
 
 audio = np.load(".device/audio.npz")
 clips = [audio[f"clip{i}"] for i in range(3)]
-FRAME, TICK = 1920, 240
-
-
-class Collector:
-    def __init__(self):
-        self.events = []
-
-    def __call__(self, event):
-        self.events.append(event)
-
-    @property
-    def done(self):
-        return bool(self.events) and self.events[-1].ended
-
-    @property
-    def tokens(self):
-        return [e.token for e in self.events if not e.ended]
-
-
-def wait(cond, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("engine did not finish")
-        time.sleep(0.001)
-
-
-def run_solo(engine, pcm):
-    c = Collector()
-    s = engine.open_stream(c)
-    s.push(pcm)
-    s.close()
-    wait(lambda: c.done)
-    return c
-
-
-clock_start = [1000.0]
-
-
-def drive_spurts(engine, spurts, start_ticks, backlogs):
-    clock_start[0] += 1000.0
-    clock = [clock_start[0]]
-    cols = [Collector() for _ in spurts]
-    streams, offsets = [None] * len(spurts), [0] * len(spurts)
-    with unittest.mock.patch("captions.stt.engine._now", side_effect=lambda: clock[0]):
-        for tick in range(max(start_ticks) + max(s.size for s in spurts) // TICK + 3):
-            clock[0] += 0.01
-            for i, spurt in enumerate(spurts):
-                if tick < start_ticks[i] or offsets[i] > spurt.size:
-                    continue
-                if streams[i] is None:
-                    streams[i] = engine.open_stream(cols[i], live_chunk=TICK)
-                    size = TICK * (backlogs[i] + 1)
-                else:
-                    size = TICK
-                if offsets[i] >= spurt.size:
-                    streams[i].close()
-                    offsets[i] += 1
-                    continue
-                streams[i].push(spurt[offsets[i]:offsets[i] + size])
-                offsets[i] = min(offsets[i] + size, spurt.size)
-            wait(lambda: engine.idle)
-    wait(lambda: all(c.done for c in cols))
-    return cols
 
 
 def correctness():
@@ -119,7 +55,7 @@ def correctness():
     examples = 0
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and examples < (2 if SMALL else 60):
-        cuts = sorted({int(c) for c in rng.integers(TICK, FRAME * 30 - TICK, int(rng.integers(1, 4)))})
+        cuts = sorted({int(c) for c in rng.integers(TICK_SAMPLES, FRAME * 30 - TICK_SAMPLES, int(rng.integers(1, 4)))})
         starts = [int(x) for x in rng.integers(0, 31, 4)]
         backlogs = [int(x) for x in rng.integers(0, 61, 4)]
         spurts = [s for s in np.split(speech, cuts) if s.size]

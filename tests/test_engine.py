@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
-import time
-import unittest.mock
 
 import numpy as np
 import pytest
@@ -25,12 +22,12 @@ from hypothesis import strategies as st
 
 from captions.dev.tiny_checkpoint import make_test_checkpoint
 from captions.stt.audio import read_audio_file
-from captions.stt.engine import EngineFull, StreamEvent, SttEngine
+from captions.stt.engine import EngineFull, SttEngine
 from captions.stt.model import load_stt_model
 from captions.stt.transcribe import transcribe_audio
 from tests.conftest import espeak_wav
+from tests.engine_drive import FRAME, TICK_SAMPLES, Collector, drive_spurts, run_solo, wait_idle
 
-FRAME = 1920
 SENTENCES = [
     "Good morning everyone, let us start the meeting.",
     "The budget for next quarter looks fine to me.",
@@ -59,43 +56,6 @@ def engine_b1(tiny_checkpoint):
     engine.start()
     yield engine
     engine.close()
-
-
-class Collector:
-    """Gathers one stream's events (they arrive on the engine thread)."""
-
-    def __init__(self):
-        self.events: list[StreamEvent] = []
-        self.done = threading.Event()
-
-    def __call__(self, event: StreamEvent) -> None:
-        self.events.append(event)
-        if event.ended:
-            self.done.set()
-
-    @property
-    def tokens(self) -> list[int]:
-        return [e.token for e in self.events if not e.ended]
-
-    @property
-    def words(self) -> list[tuple[str, float, float]]:
-        return [(w.text, w.start, w.end) for e in self.events for w in e.words]
-
-
-def run_solo(engine: SttEngine, audio: np.ndarray) -> Collector:
-    collector = Collector()
-    stream = engine.open_stream(collector)
-    stream.push(audio)
-    stream.close()
-    assert collector.done.wait(60), "stream never ended"
-    return collector
-
-
-def wait_idle(engine: SttEngine, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not engine.idle:
-        assert time.monotonic() < deadline, "engine did not drain"
-        time.sleep(0.002)
 
 
 # ---- Kyutai's reference loop, written here from moshi's public API only ------------------------
@@ -399,9 +359,6 @@ def test_checkpoint_is_deterministic_for_a_seed(tmp_path):
 
 # ---- live streams on one frame clock ---------------------------------------------------------------
 
-TICK_SAMPLES = 240  # WebRTC hands 10 ms of every remote track per tick, on one tick for all tracks
-
-
 def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[int], clock: list[float]):
     """Streams start at `start_ticks` and push 10 ms per tick (the clock moves 10 ms per tick), the
     engine draining between ticks. Returns the collectors and the active slots of each step taken
@@ -481,42 +438,6 @@ def engine_b4(tiny_checkpoint):
     engine.start()
     yield engine
     engine.close()
-
-
-SPURT_CLOCK_STARTS = itertools.count(1000.0, 1000.0)
-"""Each `drive_spurts` starts its clock far past the last one's: the engine's shared frame clock from
-an earlier call is stale, so the leads depend on the call's own inputs (Hypothesis replays exactly)."""
-
-
-def drive_spurts(engine: SttEngine, spurts: list[np.ndarray], start_ticks: list[int], backlogs: list[int]):
-    """Each spurt is a stream as the speech gate feeds one: opened at its start tick, its first push
-    `backlog` ticks of kept audio (pre-roll, or a wait for a slot) with that tick's chunk, then 10 ms
-    per tick, then closed (flushed). The clock moves 10 ms per tick; the engine drains between ticks."""
-    clock = [next(SPURT_CLOCK_STARTS)]
-    collectors = [Collector() for _ in spurts]
-    streams: list = [None] * len(spurts)
-    offsets = [0] * len(spurts)
-    with unittest.mock.patch("captions.stt.engine._now", side_effect=lambda: clock[0]):
-        for tick in range(max(start_ticks) + max(s.size for s in spurts) // TICK_SAMPLES + 3):
-            clock[0] += 0.01
-            for i, spurt in enumerate(spurts):
-                if tick < start_ticks[i] or offsets[i] > spurt.size:
-                    continue
-                if streams[i] is None:
-                    streams[i] = engine.open_stream(collectors[i], live_chunk=TICK_SAMPLES)
-                    size = TICK_SAMPLES * (backlogs[i] + 1)
-                else:
-                    size = TICK_SAMPLES
-                if offsets[i] >= spurt.size:
-                    streams[i].close()
-                    offsets[i] += 1
-                    continue
-                streams[i].push(spurt[offsets[i]:offsets[i] + size])
-                offsets[i] = min(offsets[i] + size, spurt.size)
-            wait_idle(engine)
-    for collector in collectors:
-        assert collector.done.wait(30), "stream never ended"
-    return collectors
 
 
 def check_spurt_against_solo(engine: SttEngine, spurt: np.ndarray, collector: Collector) -> None:
