@@ -83,7 +83,7 @@ def write_production_shaped(out: Path):
     from moshi.models.loaders import _mimi_config, get_mimi, get_moshi_lm
     from safetensors.torch import save_file
 
-    from captions.dev.tiny_checkpoint import _lm_config
+    from captions.dev.tiny_checkpoint import _lm_config, lm_kwargs
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.model").write_bytes(Path(".device/tiny-stt/tokenizer.model").read_bytes())
@@ -92,9 +92,8 @@ def write_production_shaped(out: Path):
     mimi = get_mimi(None, device=DEV, num_codebooks=32)
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
     (out / "mimi_config.json").write_text(json.dumps(_mimi_config))
-    kwargs = {k: v for k, v in config.items() if not k.endswith("_name") and k not in ("model_type", "stt_config")}
     torch.manual_seed(0)
-    lm = get_moshi_lm(None, kwargs, device=DEV, dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
+    lm = get_moshi_lm(None, lm_kwargs(config), device=DEV, dtype=torch.bfloat16 if DEV == "cuda" else torch.float32)
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config))
     del mimi, lm
@@ -103,8 +102,10 @@ def write_production_shaped(out: Path):
 
 
 def throughput(sizes):
-    from captions.bench.engine import bench_batched, describe_checkpoint
+    from captions.bench.engine import _share_weights, bench_batched, describe_checkpoint
     from captions.stt.model import load_stt_model
+
+    cuda = DEV == "cuda"
 
     directory = Path("/tmp/prod-shaped")
     t0 = time.perf_counter()
@@ -112,10 +113,8 @@ def throughput(sizes):
     model = load_stt_model(str(directory), DEV)
     result = {"write_and_load_s": round(time.perf_counter() - t0, 1),
               "checkpoint": describe_checkpoint("production-shaped-random", directory, model),
-              "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 3) if DEV == "cuda" else None, "runs": []}
+              "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 3) if cuda else None, "runs": []}
     streams = [audio["streams"][i % len(audio["streams"])] for i in range(max(sizes))]
-    from captions.bench.engine import _share_weights
-
     engine = SttEngine(_share_weights(model), 8)
     engine.warm_up()
     state = engine.model.mimi._streaming_state
@@ -128,7 +127,6 @@ def throughput(sizes):
     print(result["cuda_graphs"], flush=True)
     del engine
     for b in sizes:
-        cuda = DEV == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

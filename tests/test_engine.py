@@ -412,7 +412,7 @@ def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_check
         leads = [collector.events[-1].lead_samples for collector in collectors]
         # Each alone on the same engine, after the lead the engine put first: the model heard exactly that.
         solos = [run_solo(engine, np.concatenate([np.zeros(lead, np.float32), audio]))
-                 for audio, lead in zip(audios, leads)]
+                 for audio, lead in zip(audios, leads)] if align else []
     finally:
         engine.close()
     assert len(active) >= 8

@@ -103,6 +103,11 @@ def _lm_config(text_card: int, card: int, n_q: int, dim: int, num_layers: int, n
     return config
 
 
+def lm_kwargs(config: dict) -> dict:
+    """The LM's constructor arguments in a Kyutai STT config.json (all but file names and stt_config)."""
+    return {k: v for k, v in config.items() if not k.endswith("_name") and k not in ("model_type", "stt_config")}
+
+
 def _train_tokenizer(path: Path, vocab_size: int) -> None:
     """A sentencepiece model with Kyutai's special ids: 0 unk (used as word boundary), 1 bos,
     2 eos, 3 pad."""
@@ -234,8 +239,7 @@ def make_test_checkpoint(out_dir: str | Path, seed: int = 0, full_mimi: bool = F
     _init_codebooks(mimi, audio, generator)
     with torch.no_grad():
         codes = mimi.encode(torch.from_numpy(audio)[None, None])[0, 0].numpy()
-    lm_kwargs = {k: v for k, v in config.items() if not k.endswith("_name") and k not in ("model_type", "stt_config")}
-    lm = get_moshi_lm(None, lm_kwargs, device="cpu", dtype=torch.float32)
+    lm = get_moshi_lm(None, lm_kwargs(config), device="cpu", dtype=torch.float32)
     _wire_lm(lm, codes, silent[: len(codes)], tokenizer, generator, vad)
 
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
