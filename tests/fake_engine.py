@@ -58,7 +58,7 @@ class FakeStream:
     def slot_index(self) -> int:
         return self._slot_index
 
-    def push(self, pcm: np.ndarray) -> None:
+    def push(self, pcm: np.ndarray, produced_at: float | None = None) -> None:
         assert not self.ended, "push after the stream ended"
         pcm = np.asarray(pcm, dtype=np.float32)
         self.pushed.append(pcm.copy())

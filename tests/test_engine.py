@@ -359,10 +359,14 @@ def test_checkpoint_is_deterministic_for_a_seed(tmp_path):
 
 # ---- live streams on one frame clock ---------------------------------------------------------------
 
-def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[int], clock: list[float]):
+def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[int], clock: list[float],
+               late_ms: float = 0.0):
     """Streams start at `start_ticks` and push 10 ms per tick (the clock moves 10 ms per tick), the
-    engine draining between ticks. Returns the collectors and the active slots of each step taken
+    engine draining between ticks. With `late_ms`, each stream's first push comes that late after
+    its tick (its thread waited: a turn's start is busy), the others up to 2 ms, telling the engine
+    when their audio was produced. Returns the collectors and the active slots of each step taken
     while every stream was pushing speech."""
+    lateness = np.random.default_rng(7)
     collectors = [Collector() for _ in audios]
     streams: list = [None] * len(audios)
     offsets = [0] * len(audios)
@@ -371,7 +375,7 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
     engine.step_listeners.append(lambda timings: window[0] and active.append(timings.active))
     try:
         for tick in itertools.count():
-            clock[0] += 0.01
+            produced = clock[0] = 1000.0 + 0.01 * tick
             for i, audio in enumerate(audios):
                 if tick < start_ticks[i] or offsets[i] > audio.size:
                     continue
@@ -382,7 +386,11 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
                     streams[i].close()
                     offsets[i] += 1
                     continue
-                streams[i].push(audio[offsets[i]:offsets[i] + TICK_SAMPLES])
+                if late_ms:
+                    clock[0] = produced + (late_ms if offsets[i] == 0 else lateness.uniform(0.0, 2.0)) / 1000
+                    streams[i].push(audio[offsets[i]:offsets[i] + TICK_SAMPLES], produced_at=produced)
+                else:
+                    streams[i].push(audio[offsets[i]:offsets[i] + TICK_SAMPLES])
                 offsets[i] += TICK_SAMPLES
             wait_idle(engine)
             # From when the last stream has pushed a frame and a half until the first one stops.
@@ -396,19 +404,22 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
     return collectors, active
 
 
-@pytest.mark.parametrize("align", [True, False], ids=["shared-clock", "unaligned"])
+@pytest.mark.parametrize(("align", "late_ms"), [(True, 0.0), (True, 8.0), (False, 0.0)],
+                         ids=["shared-clock", "shared-clock-late-pushes", "unaligned"])
 def test_live_speakers_who_start_at_different_moments_share_each_step(tiny_checkpoint, clips, monkeypatch,
-                                                                        align):
+                                                                        align, late_ms):
     """Four speakers join at different 10 ms ticks. On the shared clock every step carries all four
     (one step per 80 ms, instead of one per speaker), and each still gets exactly the words of its
-    own audio, timed in its own audio. Unaligned (the behaviour before), steps carry fewer."""
+    own audio, timed in its own audio; so too when each first push comes 8 ms after its tick (a
+    busy worker: the caller says when the audio was produced). Unaligned (the behaviour before),
+    steps carry fewer."""
     clock = [1000.0]
     monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
     engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4, align_frames=align)
     engine.start()
     try:
         audios = [clips[i % 3][: FRAME * 24 + TICK_SAMPLES * i] for i in range(4)]
-        collectors, active = drive_live(engine, audios, start_ticks=[0, 3, 13, 22], clock=clock)
+        collectors, active = drive_live(engine, audios, start_ticks=[0, 3, 13, 22], clock=clock, late_ms=late_ms)
         leads = [collector.events[-1].lead_samples for collector in collectors]
         # Each alone on the same engine, after the lead the engine put first: the model heard exactly that.
         solos = [run_solo(engine, np.concatenate([np.zeros(lead, np.float32), audio]))

@@ -15,6 +15,7 @@ from captions.live.metrics import METRICS
 from captions.live.segmenter import SegmenterOptions
 from captions.live.slots import SlotQueue
 from captions.live.speaker import Speaker, SpeakerOptions
+from captions.live.track_audio import TrackAudio
 from captions.stt.api import SAMPLE_RATE
 from tests.fake_engine import FakeEngine
 
@@ -153,3 +154,44 @@ async def test_a_wait_longer_than_the_bound_drops_the_oldest_audio_and_counts_it
     assert METRICS.frames_dropped.labels("waiting_overflow")._value.get() > dropped
     bob_audio = pushed(engine, 1)
     assert bob_audio.size <= int(1.0 * SAMPLE_RATE) + 2 * SAMPLE_RATE, "at most the bound, then live"
+
+
+class _GateStub:
+    def feed(self, pcm) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_when_a_tracks_audio_was_produced_is_known_even_when_its_chunks_are_handled_late(monkeypatch):
+    """The engine puts live speakers on one frame clock by when their audio was produced (WebRTC's
+    tick), and a busy worker handles chunks late: a few ms (another room's thread held the GIL), or
+    several at once after a stall. The track still tells when each sample was produced, within 2 ms
+    (the engine tells ticks 10 ms apart), also while the tick drifts against this machine's clock."""
+    rng = np.random.default_rng(3)
+    chunk_s, drift = 0.08, 1e-4  # the tick runs 0.1 ms/s slow
+    produced = [1000.0 + (k + 1) * chunk_s * (1 + drift) for k in range(400)]  # each chunk's last sample
+    handled, free_at = [], 0.0
+    for k, at in enumerate(produced):
+        if k % 40 == 20:
+            free_at = at + 0.06  # the loop stalls 60 ms: what arrives meanwhile is handled at once after
+        handled.append(max(at, free_at) + rng.uniform(0.0, 0.001) + (0.008 if rng.random() < 0.2 else 0.0))
+    clock = [0.0]
+    monkeypatch.setattr("captions.live.track_audio._now", lambda: clock[0])
+
+    class LateSource:
+        async def chunks(self, chunk_ms: int):
+            for at in handled:
+                clock[0] = at
+                yield np.zeros(int(chunk_s * SAMPLE_RATE), dtype=np.int16)
+
+    errors = []
+    track = TrackAudio(LateSource(), _GateStub(), on_audio=lambda: errors.append(
+        track.produced_at(track.end) - produced[len(errors)]))
+    await asyncio.wait_for(track.ended.wait(), 10)
+    await track.aclose()
+    lateness = np.array(handled) - np.array(produced)
+    assert lateness.max() > 0.05 and (lateness > 0.005).mean() > 0.15, "the chunks should be handled late"
+    assert len(errors) == len(produced)
+    assert np.abs(errors[12:]).max() < 0.002, "when the audio was produced, within 2 ms"

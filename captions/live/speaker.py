@@ -277,7 +277,8 @@ class Speaker:
         pcm16 = np.concatenate([pcm for _, pcm in parts])
         if pcm16.size == 0 or turn.stream is None:
             return
-        turn.stream.push(pcm16.astype(np.float32) / 32768.0)
+        index, pcm = parts[-1]
+        turn.stream.push(pcm16.astype(np.float32) / 32768.0, produced_at=self.track.produced_at(index + pcm.size))
         for index, pcm in parts:
             turn.spans.append((turn.pushed, index, pcm.size))
             turn.pushed += pcm.size

@@ -16,6 +16,13 @@ audio is digital silence) and the engine gets kept audio up to the junction, the
 it: one continuous signal.
 
 All sample indices here count the kept (80 ms) stream's 24 kHz samples from its first one.
+
+When a sample was produced (`produced_at`: the engine aligns live streams by it) is read from the
+kept stream's arrivals: WebRTC produces every track's audio 10 ms per tick, so a chunk's last sample
+was produced at `origin + index / 24 kHz`, and it is handled later by however long this thread and
+event loop took to take it. The earliest arrivals show the origin (a lower envelope, which creeps
+up slowly so that it follows the tick if it drifts); the moment any one chunk is handled can be
+many ms late (another room's thread held the GIL, or the loop was busy).
 Threads: everything runs on the room's event loop.
 """
 
@@ -42,6 +49,11 @@ SPLICE_CHUNKS = 3
 SPLICE_PATIENCE = SAMPLE_RATE // 2
 """Kept audio awaited after the probe without a match before joining by time: the kept stream can
 lag the live one (its 80 ms chunks, and the event loop's order of wake-ups at a track's start)."""
+_now = time.monotonic
+"""The clock of arrivals (a test drives it by hand)."""
+ORIGIN_CREEP_S = 0.0001
+"""The most a chunk that came late moves the production-time origin later: a lower envelope that
+follows a tick drifting up to 1.25 ms/s, which a stall (chunks handled many ms late) barely moves."""
 
 
 class AudioSource(Protocol):
@@ -70,6 +82,8 @@ class TrackAudio:
         """Index after the last sample received."""
         self.first_captured: float | None = None
         """Unix time at which sample 0 was captured (its chunk's arrival less its length)."""
+        self._origin: float | None = None
+        """time.monotonic() at which sample 0 was produced, as the earliest arrivals show it."""
         self._live: _LiveFeed | None = None
         self._task = asyncio.create_task(self._read(), name=f"track-{label}")
         self.ended = asyncio.Event()
@@ -99,6 +113,18 @@ class TrackAudio:
         """Unix time at which sample `index` was captured (as this worker received it)."""
         return (self.first_captured or time.time()) + index / SAMPLE_RATE
 
+    def produced_at(self, index: int) -> float | None:
+        """time.monotonic() at which the sample before `index` was produced (None before any audio)."""
+        return None if self._origin is None else self._origin + index / SAMPLE_RATE
+
+    def _arrived(self) -> None:
+        """Notes that the samples up to `end` arrived now (the origin's lower envelope)."""
+        origin = _now() - self.end / SAMPLE_RATE
+        if self._origin is None or origin < self._origin:
+            self._origin = origin
+        else:
+            self._origin += min(origin - self._origin, ORIGIN_CREEP_S)
+
     async def _read(self) -> None:
         try:
             async for pcm in self.source.chunks(IDLE_CHUNK_MS):
@@ -106,6 +132,7 @@ class TrackAudio:
                     self.first_captured = time.time() - pcm.size / SAMPLE_RATE
                 self._kept.append(_Kept(self.end, pcm))
                 self.end += pcm.size
+                self._arrived()
                 self.gate.feed(pcm)
                 self._on_audio()
         finally:

@@ -81,8 +81,11 @@ class EngineStream(Protocol):
     @property
     def slot_index(self) -> int: ...
 
-    def push(self, pcm) -> None:
-        """Queues 24 kHz mono float32 audio of any length (a numpy array)."""
+    def push(self, pcm, produced_at: float | None = None) -> None:
+        """Queues 24 kHz mono float32 audio of any length (a numpy array). A live caller (chunks of
+        `live_chunk`) passes `produced_at`, the time.monotonic() at which its last sample was
+        produced (WebRTC's 10 ms tick), if it knows it better than the moment of this call: the
+        engine aligns live streams' frames by it (captions/stt/engine.py)."""
 
     def close(self) -> None:
         """End of audio: the model's delay is flushed so the last words come out, then the slot is

@@ -12,7 +12,11 @@ the same 10 ms tick, but each stream's 80 ms frames would complete at its own ph
 started), and every step costs the full batch: 8 speakers at 8 phases cost up to 8 steps per 80 ms.
 So a live stream's first push is preceded by up to 80 ms of silence, chosen so that its frames
 complete on the same tick as the other streams' (`lead_samples`), and a step waits a few ms for the
-slots whose frame completes on this tick. Then all speakers cost one step per 80 ms.
+slots whose frame completes on this tick. Then all speakers cost one step per 80 ms. Ticks are told
+apart by when the audio was produced, which the caller knows (`push(..., produced_at=)`): the moment
+of the push is late by however long the caller's thread waited (another room's thread holding the
+GIL, a busy event loop), and a first push a few ms late would put a speaker on the next tick for
+their whole turn.
 
 GPU notes: the batch size never changes (moshi captures CUDA graphs for fixed shapes), and a step
 ends with a single device-to-host copy holding every slot's token and pause probability.
@@ -63,9 +67,9 @@ class SlotStream:
     def slot_index(self) -> int:
         return self._slot.index
 
-    def push(self, pcm: np.ndarray) -> None:
-        """Queues 24 kHz mono float32 audio of any length."""
-        self._engine._push(self, pcm)
+    def push(self, pcm: np.ndarray, produced_at: float | None = None) -> None:
+        """Queues 24 kHz mono float32 audio of any length; `produced_at`: see `EngineStream.push`."""
+        self._engine._push(self, pcm, produced_at)
 
     def close(self) -> None:
         """End of audio: flush the model's delay with silence so that the last words come out, then
@@ -134,7 +138,7 @@ class SttEngine:
         self.steps = 0
         self.failed_steps = 0
         self._clock: tuple[float, int] | None = None
-        """The shared frame clock: (time.monotonic() of the latest live push, samples of an unfinished
+        """The shared frame clock: (when the latest live push's audio was produced, samples of an unfinished
         frame that push left in its slot)."""
 
     @classmethod
@@ -212,39 +216,40 @@ class SttEngine:
 
     # ---- called by SlotStream ---------------------------------------------------------------
 
-    def _push(self, stream: SlotStream, pcm: np.ndarray) -> None:
+    def _push(self, stream: SlotStream, pcm: np.ndarray, produced_at: float | None) -> None:
         with self._cond:
             slot = stream._slot
             if slot.stream is not stream or slot.closing:
                 raise RuntimeError(f"stream {stream.id} is closed")
             now = _now()
+            produced = now if produced_at is None else produced_at
             size = int(np.size(pcm))
             chunk = slot.live_chunk or size
             if slot.pushed == 0 and size:
-                stream.lead_samples = self._lead_for(size, chunk, now)
+                stream.lead_samples = self._lead_for(size, chunk, produced)
                 if stream.lead_samples:
                     slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
                     slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
             frames = slot.buffer.push(pcm)
             slot.pushed += size
             slot.last_chunk, slot.last_push_at = chunk, now
-            if chunk < self.frame_size:
-                self._clock = (now, slot.buffer.pending)
+            if chunk < self.frame_size and (self._clock is None or produced >= self._clock[0]):
+                self._clock = (produced, slot.buffer.pending)  # the newest audio (not kept audio pushed late)
             if frames:
                 slot.queue.extend(frames)
                 self._cond.notify()
 
-    def _lead_for(self, size: int, chunk: int, now: float) -> int:
-        """Silence to put before a live stream's first push (`size` samples, on this tick; then
-        `chunk` per tick) so that its frames complete on the same tick as the others': after this
-        push it should hold as many samples of an unfinished frame as the last live push left, plus
-        a chunk per tick since (rounded: ticks jitter by a few ms)."""
+    def _lead_for(self, size: int, chunk: int, produced: float) -> int:
+        """Silence to put before a live stream's first push (`size` samples, the last produced at
+        `produced`; then `chunk` per tick) so that its frames complete on the same tick as the others':
+        after this push it should hold as many samples of an unfinished frame as the last live push
+        left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
         if not self.align_frames or chunk >= self.frame_size or self._clock is None:
             return 0  # offline input (whole frames at once), or no live clock to join
         at, pending = self._clock
-        if now - at > GRID_STALE_S:
+        if produced - at > GRID_STALE_S:
             return 0
-        ticks = round((now - at) * self.sample_rate / chunk)
+        ticks = round((produced - at) * self.sample_rate / chunk)
         return (pending + ticks * chunk - size) % self.frame_size
 
     def _close(self, stream: SlotStream, flush: bool) -> None:
