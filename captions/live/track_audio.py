@@ -23,6 +23,7 @@ was produced at `origin + index / 24 kHz`, and it is handled later by however lo
 event loop took to take it. The earliest arrivals show the origin (a lower envelope, which creeps
 up slowly so that it follows the tick if it drifts); the moment any one chunk is handled can be
 many ms late (another room's thread held the GIL, or the loop was busy).
+
 Threads: everything runs on the room's event loop.
 """
 
