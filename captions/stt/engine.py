@@ -152,7 +152,7 @@ class SttEngine:
                      align_frames=align_frames)
         engine.warm_up()
         logger.info("engine ready: %s on %s, %d slots, loaded in %.1f s", model, engine.model.device,
-                    batch_size, time.perf_counter() - started)
+                    engine.batch_size, time.perf_counter() - started)
         return engine
 
     # ---- public API -------------------------------------------------------------------------
