@@ -23,6 +23,7 @@ tests/test_engine.py states both rules independently and compares the engine's w
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from captions.stt.api import Word
@@ -31,6 +32,9 @@ END_OF_PADDING_ID = 0
 
 
 class WordDecoder:
+    """Per step, constant work whatever the length of a pause: the open segment keeps its text tokens
+    (with their offsets) apart from its padding, so nothing re-reads the padding since the last word."""
+
     def __init__(self, tokenizer, frame_rate: float, time_offset_s: float, padding_id: int = 3):
         self._tokenizer = tokenizer
         self._frame_rate = frame_rate
@@ -41,9 +45,16 @@ class WordDecoder:
         self._eos_id = tokenizer.eos_id()
         self._pos = 0
         self._seg_start: int | None = None
-        self._seg_tokens: list[int] = []
+        self._seg_len = 0
+        """Tokens in the open segment (after its 0)."""
+        self._seg_text: list[tuple[int, int]] = []
+        """The open segment's text tokens (above padding): (offset in the segment, token), in order."""
+        self._seg_eos: int | None = None
+        """Offset of the open segment's first end-of-sequence token."""
         self._emitted = 0
-        """How many of `_seg_tokens` were already emitted as words (eagerly, after a pause)."""
+        """How many of the segment's tokens were already emitted as words (eagerly, after a pause)."""
+        self._emitted_text = 0
+        """How many of `_seg_text` lie before `_emitted`."""
         self._partial = ""
         """`partial`, kept up to date as tokens arrive: decoding it on every step for every stream
         was most of the engine's host-side work at large batch sizes."""
@@ -67,10 +78,12 @@ class WordDecoder:
 
     def _emit_open_segment(self, end: float, upto: int | None = None) -> list[Word]:
         assert self._seg_start is not None, "no open segment"
-        upto = len(self._seg_tokens) if upto is None else upto
-        tokens = self._seg_tokens[self._emitted:upto]
+        upto = self._seg_len if upto is None else upto
+        last = bisect.bisect_left(self._seg_text, (upto, -1), lo=self._emitted_text)
+        tokens = [token for _, token in self._seg_text[self._emitted_text:last]]
         words = self._words(self._seg_start + self._emitted, tokens, end)
-        self._emitted = max(self._emitted, upto)
+        if upto > self._emitted:
+            self._emitted, self._emitted_text = upto, last
         return words
 
     def push(self, token: int) -> list[Word]:
@@ -79,11 +92,18 @@ class WordDecoder:
         if token == END_OF_PADDING_ID:
             if self._seg_start is not None:
                 words = self._emit_open_segment(end=self._pos)
-            self._seg_start, self._seg_tokens, self._emitted = self._pos + 1, [], 0
+            self._seg_start, self._seg_len, self._seg_text, self._seg_eos = self._pos + 1, 0, [], None
+            self._emitted, self._emitted_text = 0, 0
         elif self._seg_start is not None:
-            self._seg_tokens.append(token)
-            waited = len(self._seg_tokens) >= self._frame_rate
-            if waited and token <= self._padding_id and self._text(self._seg_tokens[self._emitted:]).strip():
+            offset = self._seg_len
+            self._seg_len += 1
+            if token > self._padding_id:
+                self._seg_text.append((offset, token))
+            if token == self._eos_id and self._seg_eos is None:
+                self._seg_eos = offset
+            waited = self._seg_len >= self._frame_rate
+            if waited and token <= self._padding_id and self._emitted_text < len(self._seg_text) \
+                    and self._open_text():
                 words = self._emit_open_segment(end=max(self._seg_start + self._frame_rate, self._pos))
         self._pos += 1
         if words or token == END_OF_PADDING_ID or token > self._padding_id:
@@ -93,7 +113,7 @@ class WordDecoder:
     def _open_text(self) -> str:
         if self._seg_start is None:
             return ""
-        return self._text(self._seg_tokens[self._emitted:]).strip()
+        return self._text([token for _, token in self._seg_text[self._emitted_text:]]).strip()
 
     @property
     def partial(self) -> str:
@@ -104,8 +124,8 @@ class WordDecoder:
         """End of stream: the reference's last-segment rule."""
         if self._seg_start is None:
             return []
-        if self._eos_id in self._seg_tokens:
-            upto = self._seg_tokens.index(self._eos_id)
+        if self._seg_eos is not None:
+            upto = self._seg_eos
             end: float = self._seg_start + upto
         else:
             end = min(self._pos, self._seg_start + self._frame_rate)
