@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("captions.live.worker", "run the caption agent worker (livekit-agents)"),
     "web": ("captions.viewer.server", "serve the captions viewer and mint viewer tokens"),
     "token": ("captions.viewer.links", "print a signed viewer link for a room"),
+    "revoke": ("captions.viewer.revocations", "end a viewer link, or every link of a room, now"),
     "speak": ("captions.dev.speak", "a bot that speaks in a room and prints the captions it gets back"),
     "server": ("captions.dev.livekit_server", "run livekit-server in dev mode on loopback (installs it if needed)"),
     "transcribe": ("captions.stt.transcribe", "transcribe an audio file with the batched engine"),

@@ -11,25 +11,34 @@ them too:
 * the final stream also carries ``captions.words``: a JSON array of ``[word, start, end]`` with
   times in Unix epoch seconds (wall clock of the moment the audio was captured), for export.
 
-Every caption is signed, so that a viewer shows only what the caption agent transcribed, for the
-speaker it names. LiveKit lets only agents send a stream under another participant's identity, but
-the receiving SDKs do not say whether a stream named "alice" came from an agent or from alice, and
-anyone who received a stream's header can send chunks into it (livekit-server 1.13.5, livekit-client
-2.23). So each stream also carries ``captions.agent`` (the identity of the agent that made it),
-``captions.seq`` (its update number within the segment; the final has the highest) and
-``captions.sig``: an Ed25519 signature of `caption_message` by a key the agent generates at start
-and publishes as its own participant attribute ``captions.key`` (only the agent can set its own
-attributes, and only agent tokens make a participant of kind AGENT). A viewer verifies each caption
-against that key and drops what does not verify.
+Every caption is signed, so that a viewer shows only what this deployment's caption agents
+transcribed, for the speaker it names, at the time it was said. LiveKit lets only agents send a
+stream under another participant's identity, but the receiving SDKs do not say whether a stream
+named "alice" came from an agent or from alice, anyone who received a stream's header can send
+chunks into it (livekit-server 1.13.5, livekit-client 2.23), and every participant sets its own
+attributes. So nothing a participant says about itself is trusted:
+
+* **one trust root**: the caption key is an Ed25519 key derived from the LiveKit API secret and the
+  worker pool's agent name (`CaptionSigner.for_deployment`); every worker of the pool holds the same
+  key, and the viewer server, which holds the secret too, hands its public half to viewers with their
+  token. Another agent of the deployment (a voice assistant, a second caption pool with another agent
+  name) has another key, or none, and its captions and claims do not verify.
+* **a captioner proves it is one**: its participant attribute ``captions.claim`` is a signature of
+  `claim_message` (the room and its own identity, which the server sets from its token). A claim
+  copied to another participant names the wrong identity.
+* **the room's captioner is elected from server facts**: among the participants with a valid claim,
+  the one the server says joined first (whole seconds, the smaller identity on a tie:
+  `elected_captioner`). Workers and viewers apply the same rule to the same facts.
+* **no replay**: each caption stream carries ``captions.agent`` (the identity of the agent that made
+  it), ``captions.seq`` (its update number within the segment; the final has the highest),
+  ``captions.sent`` (the agent's clock when it signed, Unix ms) and ``captions.sig``, an Ed25519
+  signature of `caption_message` over all of these and everything shown. A viewer drops a caption
+  signed more than `REPLAY_WINDOW_S` from its estimate of the server's clock, an update not newer
+  than one it has shown, and any update of a segment it already has final (backlog included).
 
 The agent's participant attributes: ``captions.status`` (one of `AgentStatus`), ``captions.queued``
-(JSON array of identities of speakers waiting for a free engine slot), ``captions.key``,
-``captions.since`` (when it joined the room, in Unix milliseconds, as the server says) and
+(JSON array of identities of speakers waiting for a free engine slot), ``captions.claim`` and
 ``captions.alive`` (a counter it advances every couple of seconds while it runs).
-
-A room has one captioner: when a race puts two in a room, the one that joined first stays (the
-smaller identity on a tie), by `elected_captioner`; every captioner, worker and viewer applies the
-same rule, so they agree without talking to each other (captions/live/presence.py).
 
 The transcript file (``<data-dir>/<room>.jsonl``) holds the room's `FinalSegment` records; the
 viewer server serves the recent ones to late viewers over HTTP (captions/viewer/server.py).
@@ -42,7 +51,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum, unique
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from captions.stt.api import Word
@@ -55,16 +67,22 @@ ATTR_WORDS = "captions.words"
 
 ATTR_AGENT = "captions.agent"
 ATTR_SEQ = "captions.seq"
+ATTR_SENT = "captions.sent"
 ATTR_SIGNATURE = "captions.sig"
 
 ATTR_AGENT_STATUS = "captions.status"
 ATTR_AGENT_QUEUED = "captions.queued"
-ATTR_AGENT_KEY = "captions.key"
-ATTR_AGENT_SINCE = "captions.since"
+ATTR_AGENT_CLAIM = "captions.claim"
 ATTR_AGENT_ALIVE = "captions.alive"
+ATTR_AGENT_PROBLEM = "captions.problem"
 
-SIGNATURE_CONTEXT = "lk-captions-v1"
-"""First field of every signed message, so a signature can never be taken for another protocol's."""
+SIGNATURE_CONTEXT = "lk-captions-v2"
+"""First field of every signed message, so a signature can never be taken for another protocol's
+(v1 had per-worker keys and no time)."""
+REPLAY_WINDOW_S = 6.0
+"""A caption signed this long before (or after) the viewer's estimate of the server's clock is not
+shown: a replay. Live captions arrive well within it; clocks of the workers and the viewer server
+must agree to about a second (NTP)."""
 
 
 @unique
@@ -105,13 +123,9 @@ def words_attribute(words: list[Word]) -> str:
     return json.dumps([[w.text, round(w.start, 3), round(w.end, 3)] for w in words], ensure_ascii=False)
 
 
-def caption_message(*, room: str, agent: str, speaker: str, track_sid: str, segment_id: str, seq: int,
-                    final: bool, words: str, text: str) -> bytes:
-    """The bytes a caption's signature covers: every field a viewer shows or relies on, each prefixed
-    with its length in UTF-8 bytes, so that no field can spill into the next (web/protocol.js builds
-    the same bytes)."""
-    fields = (SIGNATURE_CONTEXT, room, agent, speaker, track_sid, segment_id, str(seq),
-              "final" if final else "interim", words, text)
+def _length_prefixed(*fields: str) -> bytes:
+    """Each field prefixed with its length in UTF-8 bytes, so that no field can spill into the next
+    (web/protocol.js builds the same bytes)."""
     out = bytearray()
     for value in fields:
         data = value.encode("utf-8")
@@ -119,30 +133,68 @@ def caption_message(*, room: str, agent: str, speaker: str, track_sid: str, segm
     return bytes(out)
 
 
-class CaptionSigner:
-    """The agent's signing key: generated when the worker starts, never stored; its public half is
-    the agent's ``captions.key`` attribute."""
+def caption_message(*, room: str, agent: str, speaker: str, track_sid: str, segment_id: str, seq: int,
+                    final: bool, sent_ms: int, words: str, text: str) -> bytes:
+    """The bytes a caption's signature covers: every field a viewer shows or relies on."""
+    return _length_prefixed(SIGNATURE_CONTEXT, "caption", room, agent, speaker, track_sid, segment_id, str(seq),
+                            "final" if final else "interim", str(sent_ms), words, text)
 
-    def __init__(self) -> None:
-        self._key = Ed25519PrivateKey.generate()
+
+def claim_message(*, room: str, identity: str) -> bytes:
+    """The bytes a captioner's ``captions.claim`` signs: this participant captions this room."""
+    return _length_prefixed(SIGNATURE_CONTEXT, "claim", room, identity)
+
+
+def _deployment_seed(api_secret: str, agent_name: str) -> bytes:
+    """HKDF-SHA256 of the API secret, bound to the pool's agent name (32 bytes: an Ed25519 seed)."""
+    info = _length_prefixed(SIGNATURE_CONTEXT, "caption-key", agent_name)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"lk-captions", info=info).derive(api_secret.encode())
+
+
+class CaptionSigner:
+    """A caption key: the deployment's (`for_deployment`), or a random one (tests, tools)."""
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        self._key = Ed25519PrivateKey.from_private_bytes(seed) if seed else Ed25519PrivateKey.generate()
         raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.public_key = base64.b64encode(raw).decode()
         """Base64 of the raw 32-byte Ed25519 public key."""
+
+    @classmethod
+    def for_deployment(cls, api_secret: str, agent_name: str = "") -> CaptionSigner:
+        """The key of every caption worker of pool `agent_name` that holds `api_secret`, and the key
+        the viewer server vouches for; rotating the secret rotates it."""
+        return cls(_deployment_seed(api_secret, agent_name))
 
     def sign(self, message: bytes) -> str:
         """Base64 of the 64-byte Ed25519 signature of `message`."""
         return base64.b64encode(self._key.sign(message)).decode()
 
+    def claim(self, room: str, identity: str) -> str:
+        """The ``captions.claim`` attribute of captioner `identity` in `room`."""
+        return self.sign(claim_message(room=room, identity=identity))
+
+
+def verify(public_key: str, message: bytes, signature: str) -> bool:
+    """Whether `signature` (base64) is `public_key`'s (base64, raw Ed25519) signature of `message`."""
+    try:
+        key = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key, validate=True))
+        key.verify(base64.b64decode(signature, validate=True), message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
 
 @dataclass(frozen=True)
 class CaptionerInfo:
-    """A caption agent as a room shows it: its identity and when it joined (Unix ms)."""
+    """A caption agent as the server reports it: its identity and when it joined (Unix seconds)."""
 
     identity: str
-    since_ms: int
+    joined_s: int
 
 
 def elected_captioner(captioners: list[CaptionerInfo]) -> CaptionerInfo | None:
-    """The room's captioner among several: the one that joined first, the smaller identity on a tie
-    (web/session.js applies the same rule)."""
-    return min(captioners, key=lambda c: (c.since_ms, c.identity), default=None)
+    """The room's captioner among several with a valid claim: the one that joined first by the
+    server's clock in whole seconds (what every client SDK reports), the smaller identity on a tie
+    (web/protocol.js applies the same rule)."""
+    return min(captioners, key=lambda c: (c.joined_s, c.identity), default=None)

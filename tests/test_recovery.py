@@ -13,9 +13,9 @@ from captions.live.presence import HeartbeatWatch, captioners_in, elected
 from captions.live.recovery import on_its_way, plan_room
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
-    ATTR_AGENT_KEY,
-    ATTR_AGENT_SINCE,
+    ATTR_AGENT_CLAIM,
     CaptionerInfo,
+    CaptionSigner,
     elected_captioner,
 )
 from captions.viewer.server import WEB_DIR
@@ -23,6 +23,8 @@ from captions.viewer.server import WEB_DIR
 NOW_MS = 1_800_000_000_000
 NOW_S = NOW_MS / 1000
 AGENT = api.ParticipantInfo.Kind.AGENT
+POOL = CaptionSigner.for_deployment("secret", "")
+KEY = POOL.public_key
 
 
 def speaker(identity: str = "alice") -> api.ParticipantInfo:
@@ -30,9 +32,12 @@ def speaker(identity: str = "alice") -> api.ParticipantInfo:
                                tracks=[api.TrackInfo(sid="TR_1", source=api.TrackSource.MICROPHONE)])
 
 
-def captioner(identity: str, joined_ms: int, alive: str = "1", key: str = "k") -> api.ParticipantInfo:
-    return api.ParticipantInfo(identity=identity, kind=AGENT, joined_at_ms=joined_ms,
-                               attributes={ATTR_AGENT_KEY: key, ATTR_AGENT_ALIVE: alive})
+def captioner(identity: str, joined_ms: int, alive: str = "1", signer: CaptionSigner = POOL,
+              room: str = "r") -> api.ParticipantInfo:
+    """A caption agent as the server lists it: join time in seconds and milliseconds, as the server
+    sets both, and a claim by `signer` (this pool's key by default)."""
+    return api.ParticipantInfo(identity=identity, kind=AGENT, joined_at=joined_ms // 1000, joined_at_ms=joined_ms,
+                               attributes={ATTR_AGENT_CLAIM: signer.claim(room, identity), ATTR_AGENT_ALIVE: alive})
 
 
 class Clock:
@@ -69,40 +74,47 @@ def test_the_viewer_elects_the_same_captioner_as_the_workers():
     cases = [
         [("agent-b", 1000), ("agent-a", 2000)],
         [("agent-b", 1000), ("agent-a", 1000)],
-        [("agent-z", 5), ("agent-y", None), ("agent-x", 7)],
+        [("agent-z", 5), ("agent-Y", 5), ("agent-x", 7)],
+        [("agent-é", 9), ("agent-e", 9)],
     ]
     script = ("import { electedCaptioner } from './protocol.js';"
               "const cases = JSON.parse(process.argv[1]);"
-              "console.log(JSON.stringify(cases.map((agents) => electedCaptioner(agents.map(([identity, since]) => "
-              "({identity, attributes: since === null ? {'captions.key': 'k'} "
-              ": {'captions.key': 'k', 'captions.since': String(since)}}))).identity)));")
+              "console.log(JSON.stringify(cases.map((agents) => electedCaptioner(agents.map(([identity, joinedS]) => "
+              "({identity, joinedS}))).identity)));")
     result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", script, json.dumps(cases)],
                             cwd=WEB_DIR, capture_output=True, text=True, timeout=30, check=True)
-    in_python = [elected_captioner([CaptionerInfo(i, s if s is not None else 2**62) for i, s in case]).identity
-                 for case in cases]
+    in_python = [elected_captioner([CaptionerInfo(i, s) for i, s in case]).identity for case in cases]
     assert json.loads(result.stdout) == in_python
 
 
-def test_only_agents_that_announced_a_caption_key_are_captioners():
+def test_only_agents_whose_claim_this_pools_key_signed_are_captioners():
     assistant = api.ParticipantInfo(identity="voice-assistant", kind=AGENT, joined_at_ms=NOW_MS - 60_000,
                                     attributes={"lk.agent_name": "assistant"})
-    found = captioners_in([speaker(), assistant, captioner("agent-1", NOW_MS - 5000)])
+    other_pool = captioner("agent-other-pool", NOW_MS - 90_000, signer=CaptionSigner.for_deployment("secret", "b"))
+    self_signed = captioner("agent-rogue", NOW_MS - 90_000, signer=CaptionSigner())
+    copied = captioner("agent-copycat", NOW_MS - 90_000)
+    copied.attributes[ATTR_AGENT_CLAIM] = POOL.claim("r", "agent-1")  # a real claim, of another identity
+    other_room = captioner("agent-2", NOW_MS - 90_000, room="another-room")
+    not_an_agent = captioner("alice-pretends", NOW_MS - 90_000)
+    not_an_agent.kind = api.ParticipantInfo.Kind.STANDARD
+    found = captioners_in([speaker(), assistant, other_pool, self_signed, copied, other_room, not_an_agent,
+                           captioner("agent-1", NOW_MS - 5000)], "r", KEY)
     assert [c.identity for c in found] == ["agent-1"]
-    assert elected(found).since_ms == NOW_MS - 5000
+    assert elected(found).joined_s == (NOW_MS - 5000) // 1000
 
 
 def test_a_room_with_a_speaker_and_no_captioner_needs_one():
-    plan = plan_room("r", [speaker()], HeartbeatWatch(), NOW_MS)
+    plan = plan_room("r", [speaker()], HeartbeatWatch(), NOW_MS, KEY)
     assert plan.needs_captioner and not plan.remove_stale and not plan.remove_duplicates
 
 
 def test_a_room_without_a_speaker_needs_no_captioner():
     listener = api.ParticipantInfo(identity="listener", joined_at_ms=NOW_MS - 60_000)
-    assert not plan_room("r", [listener], HeartbeatWatch(), NOW_MS).needs_captioner
+    assert not plan_room("r", [listener], HeartbeatWatch(), NOW_MS, KEY).needs_captioner
 
 
 def test_a_live_captioner_is_left_alone():
-    plan = plan_room("r", [speaker(), captioner("agent-1", NOW_MS - 5000)], HeartbeatWatch(), NOW_MS)
+    plan = plan_room("r", [speaker(), captioner("agent-1", NOW_MS - 5000)], HeartbeatWatch(), NOW_MS, KEY)
     assert not plan.needs_captioner and not plan.remove_stale and not plan.remove_duplicates
 
 
@@ -110,29 +122,43 @@ def test_a_dead_captioner_is_removed_and_replaced():
     clock = Clock()
     watch = HeartbeatWatch(stale_s=5.0, clock=clock)
     room = [speaker(), captioner("agent-dead", NOW_MS - 60_000, alive="7")]
-    assert not plan_room("r", room, watch, NOW_MS).needs_captioner
+    assert not plan_room("r", room, watch, NOW_MS, KEY).needs_captioner
     clock.now = 6.0  # its heartbeat never moved again
-    plan = plan_room("r", room, watch, NOW_MS)
+    plan = plan_room("r", room, watch, NOW_MS, KEY)
     assert plan.remove_stale == ["agent-dead"] and plan.needs_captioner
 
 
 def test_of_two_live_captioners_the_later_one_is_removed():
     room = [speaker(), captioner("agent-a", NOW_MS - 1000), captioner("agent-b", NOW_MS - 2000)]
-    plan = plan_room("r", room, HeartbeatWatch(), NOW_MS)
+    plan = plan_room("r", room, HeartbeatWatch(), NOW_MS, KEY)
     assert plan.remove_duplicates == ["agent-a"] and not plan.needs_captioner
 
 
 def test_an_agent_still_joining_is_given_time_before_another_is_dispatched():
     joining = api.ParticipantInfo(identity="agent-new", kind=AGENT, joined_at_ms=NOW_MS - 2000)
-    assert not plan_room("r", [speaker(), joining], HeartbeatWatch(), NOW_MS).needs_captioner
+    assert not plan_room("r", [speaker(), joining], HeartbeatWatch(), NOW_MS, KEY).needs_captioner
     long_there = api.ParticipantInfo(identity="other-agent", kind=AGENT, joined_at_ms=NOW_MS - 60_000)
-    assert plan_room("r", [speaker(), long_there], HeartbeatWatch(), NOW_MS).needs_captioner
+    assert plan_room("r", [speaker(), long_there], HeartbeatWatch(), NOW_MS, KEY).needs_captioner
 
 
-def test_since_attribute_is_what_viewers_read():
-    info = captioner("agent-1", NOW_MS)
-    info.attributes[ATTR_AGENT_SINCE] = str(NOW_MS)
-    assert captioners_in([info])[0].since_ms == int(info.attributes[ATTR_AGENT_SINCE])
+def test_an_agent_that_claims_an_early_start_does_not_displace_the_captioner():
+    """What a participant says about itself (a `captions.since` of 0, say) counts for nothing: the
+    election reads the server's join time of captioners whose claim verifies."""
+    rogue = captioner("agent-rogue", NOW_MS - 1000, signer=CaptionSigner())
+    rogue.attributes["captions.since"] = "0"
+    room = [speaker(), captioner("agent-real", NOW_MS - 60_000), rogue]
+    plan = plan_room("r", room, HeartbeatWatch(), NOW_MS, KEY)
+    assert not plan.remove_duplicates and not plan.remove_stale and not plan.needs_captioner
+
+
+def test_another_pools_captioners_are_never_removed_nor_counted():
+    """Two caption pools (agent names) in one room: neither evicts the other, each needs its own."""
+    theirs = captioner("agent-b-pool", NOW_MS - 90_000, signer=CaptionSigner.for_deployment("secret", "b"))
+    plan = plan_room("r", [speaker(), theirs, captioner("agent-mine", NOW_MS - 1000)], HeartbeatWatch(), NOW_MS,
+                     KEY)
+    assert not plan.remove_duplicates and not plan.needs_captioner
+    plan = plan_room("r", [speaker(), theirs], HeartbeatWatch(), NOW_MS, KEY)
+    assert plan.needs_captioner and not plan.remove_duplicates
 
 
 def dispatch(age_s: float, *joined: str) -> api.AgentDispatch:

@@ -1,12 +1,15 @@
-"""Who captions a room: each captioner announces itself, proves it is alive, and yields to another.
+"""Who captions a room: each captioner proves it is one, shows it is alive, and yields to another.
 
-A captioner sets three participant attributes (captions/protocol.py): its key, when it joined
-(``captions.since``, the server's clock) and a heartbeat counter (``captions.alive``) that it advances
-every `HEARTBEAT_S`. Two captioners in one room (a race between LiveKit's own dispatch and a
-recovery) resolve by `elected_captioner`: the one that joined first stays. A new captioner claims the
-room before it captions anything: it announces itself, waits `CLAIM_SETTLE_S` so that a captioner
-that joined at the same moment is visible too, and asks the server (not its own, possibly late, view
-of the room) who is there.
+A captioner sets two participant attributes (captions/protocol.py): its claim (the pool's caption
+key's signature of the room and its own identity) and a heartbeat counter (``captions.alive``) that
+it advances every `HEARTBEAT_S`. Only participants whose claim verifies with this pool's key are
+captioners: another agent (a voice assistant, a caption pool with another agent name) is none, and
+is never elected nor removed. Two captioners in one room (a race between LiveKit's own dispatch and
+a recovery) resolve by `elected_captioner` on what the server reports (who joined first): every
+worker and viewer applies the same rule to the same facts. A new captioner claims the room before it
+captions anything: it announces itself, waits `CLAIM_SETTLE_S` so that a captioner that joined at
+the same moment is visible too, and asks the server (not its own, possibly late, view of the room)
+who is there.
 
 A captioner whose worker died (kill -9, a lost machine) stays in the room for about 20 s as far as
 livekit-server is concerned; its heartbeat stops at once. `HeartbeatWatch` tells which stopped,
@@ -20,15 +23,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import aiohttp
 from livekit import api
 
 from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
-    ATTR_AGENT_KEY,
-    ATTR_AGENT_SINCE,
+    ATTR_AGENT_CLAIM,
     CaptionerInfo,
+    claim_message,
     elected_captioner,
+    verify,
 )
 
 HEARTBEAT_S = 1.0
@@ -36,6 +41,9 @@ STALE_S = 4.0
 """No heartbeat for this long (four beats missed): the captioner is gone."""
 CLAIM_SETTLE_S = 0.5
 API_TIMEOUT_S = 5.0
+API_ERRORS = (api.TwirpError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+"""What LiveKit's server API client raises when the server is away, restarting or answers badly
+(aiohttp's ServerDisconnectedError and ClientPayloadError are ClientErrors, not OSErrors)."""
 
 
 @dataclass(frozen=True)
@@ -59,20 +67,30 @@ class Captioner:
     """A caption agent in a room, as the server lists it."""
 
     identity: str
-    since_ms: int
+    joined_s: int
+    """When the server says it joined, Unix seconds."""
     alive: str
 
     @property
     def info(self) -> CaptionerInfo:
-        return CaptionerInfo(self.identity, self.since_ms)
+        return CaptionerInfo(self.identity, self.joined_s)
 
 
-def captioners_in(participants: Iterable[api.ParticipantInfo]) -> list[Captioner]:
-    """The caption agents among a room's participants: agents that announced a caption key (other
-    agents, a voice assistant say, are not captioners)."""
-    return [Captioner(p.identity, p.joined_at_ms or p.joined_at * 1000, p.attributes.get(ATTR_AGENT_ALIVE, ""))
-            for p in participants
-            if p.kind == api.ParticipantInfo.Kind.AGENT and p.attributes.get(ATTR_AGENT_KEY)]
+def joined_s(participant: api.ParticipantInfo) -> int:
+    return participant.joined_at or participant.joined_at_ms // 1000
+
+
+def is_captioner(participant: api.ParticipantInfo, room: str, caption_key: str) -> bool:
+    """An agent whose claim, for this room and its own (server-set) identity, verifies with the key."""
+    claim = participant.attributes.get(ATTR_AGENT_CLAIM, "")
+    return (participant.kind == api.ParticipantInfo.Kind.AGENT and bool(claim)
+            and verify(caption_key, claim_message(room=room, identity=participant.identity), claim))
+
+
+def captioners_in(participants: Iterable[api.ParticipantInfo], room: str, caption_key: str) -> list[Captioner]:
+    """This pool's captioners among a room's participants."""
+    return [Captioner(p.identity, joined_s(p), p.attributes.get(ATTR_AGENT_ALIVE, ""))
+            for p in participants if is_captioner(p, room, caption_key)]
 
 
 def elected(captioners: list[Captioner]) -> Captioner | None:
@@ -109,20 +127,16 @@ async def list_participants(client: api.LiveKitAPI, room: str) -> list[api.Parti
     return list(response.participants)
 
 
-async def claim_room(room_name: str, identity: str, client: api.LiveKitAPI,
-                     announce: Callable[[dict[str, str]], object]) -> bool:
-    """Announces this captioner (key, since, heartbeat through `announce`, which must already carry
-    the key), waits `CLAIM_SETTLE_S`, then asks the server whether it is the room's captioner. An
-    unreachable API counts as yes: a room is better captioned twice for a moment than not at all
-    (the recovery in every worker removes the extra one)."""
+async def claim_room(room_name: str, identity: str, client: api.LiveKitAPI, caption_key: str) -> bool:
+    """Asks the server, `CLAIM_SETTLE_S` after this captioner announced its claim, whether it is the
+    room's captioner. An unreachable or failing API counts as yes: a room is better captioned twice
+    for a moment than not at all (the recovery in every worker removes the extra one)."""
     try:
-        me = next((p for p in await list_participants(client, room_name) if p.identity == identity), None)
-        if me is not None:
-            await announce({ATTR_AGENT_SINCE: str(me.joined_at_ms or me.joined_at * 1000)})
         await asyncio.sleep(CLAIM_SETTLE_S)
-        winner = elected(captioners_in(await list_participants(client, room_name)))
-    except (api.TwirpError, OSError, asyncio.TimeoutError) as e:
-        logger.warning("room %s: could not ask LiveKit who captions the room (%s); captioning", room_name, e)
+        winner = elected(captioners_in(await list_participants(client, room_name), room_name, caption_key))
+    except API_ERRORS as e:
+        logger.warning("room %s: could not ask LiveKit who captions the room (%s: %s); captioning", room_name,
+                       type(e).__name__, e)
         return True
     if winner is not None and winner.identity != identity:
         logger.info("room %s: %s already captions it; %s leaves", room_name, winner.identity, identity)

@@ -3,7 +3,8 @@
 One task per room sends the captions in the order they were made, one stream each: an interim
 update carries the segment's full text so far, and is skipped when a newer text of the same segment
 is already waiting (publishing fell behind); a final one is retried, e.g. across a reconnection.
-Every caption is signed with the agent's key (captions/protocol.py), numbered within its segment.
+Every caption is signed with the pool's caption key (captions/protocol.py), numbered within its
+segment and stamped with the moment it is sent.
 
 Threads: everything here runs on the room's event loop.
 """
@@ -24,6 +25,7 @@ from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT,
     ATTR_SEGMENT_ID,
+    ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
     ATTR_TRANSCRIBED_TRACK_ID,
@@ -90,35 +92,44 @@ class CaptionPublisher:
             if not self._outbox:
                 self._idle.set()
 
-    def _signed_attributes(self, item: OutgoingCaption) -> dict[str, str]:
-        update, agent = item.update, self._room.local_participant.identity
+    def _next_seq_of(self, update: CaptionUpdate) -> int:
         seq = self._next_seq.pop(update.segment_id, 0)
         if not update.final:
             self._next_seq[update.segment_id] = seq + 1
+        return seq
+
+    def _signed_attributes(self, item: OutgoingCaption, seq: int) -> dict[str, str]:
+        """The stream's attributes, signed now: `captions.sent` is the moment of sending, so that a
+        retry is not taken for a replay, and a replay is (captions/protocol.py)."""
+        update, agent = item.update, self._room.local_participant.identity
+        sent_ms = int(time.time() * 1000)
         message = caption_message(room=self._room.name, agent=agent, speaker=item.identity,
                                   track_sid=item.track_sid, segment_id=update.segment_id, seq=seq,
-                                  final=update.final, words=item.words_attr or "", text=update.text)
+                                  final=update.final, sent_ms=sent_ms, words=item.words_attr or "",
+                                  text=update.text)
         attributes = {
             ATTR_SEGMENT_ID: update.segment_id,
             ATTR_TRANSCRIBED_TRACK_ID: item.track_sid,
             ATTR_TRANSCRIPTION_FINAL: "true" if update.final else "false",
             ATTR_AGENT: agent,
             ATTR_SEQ: str(seq),
+            ATTR_SENT: str(sent_ms),
             ATTR_SIGNATURE: self._signer.sign(message),
         }
         if item.words_attr is not None:
             attributes[ATTR_WORDS] = item.words_attr
+        if item.timing is not None:
+            attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
         return attributes
 
     async def _publish(self, item: OutgoingCaption) -> None:
-        attributes = self._signed_attributes(item)
+        seq = self._next_seq_of(item.update)
         attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
         for attempt in range(attempts):
-            if item.timing is not None:
-                attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
             try:
                 writer = await self._room.local_participant.stream_text(
-                    topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=attributes)
+                    topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity,
+                    attributes=self._signed_attributes(item, seq))
                 if item.update.text:
                     await writer.write(item.update.text)
                 await writer.aclose()

@@ -33,6 +33,7 @@ from livekit import api
 
 from captions.live.metrics import METRICS
 from captions.live.presence import (
+    API_ERRORS,
     HeartbeatWatch,
     LiveKitCredentials,
     captioners_in,
@@ -40,6 +41,7 @@ from captions.live.presence import (
     list_participants,
 )
 from captions.log import logger
+from captions.protocol import CaptionSigner
 
 RECONCILE_INTERVAL_S = 1.5
 DISPATCH_GRACE_S = 10.0
@@ -63,9 +65,11 @@ def has_speaker(participants: list[api.ParticipantInfo]) -> bool:
                and any(t.source == MICROPHONE for t in p.tracks) for p in participants)
 
 
-def plan_room(room: str, participants: list[api.ParticipantInfo], watch: HeartbeatWatch, now_ms: int) -> RoomPlan:
-    """The room's plan from one listing of its participants (and what `watch` saw before)."""
-    captioners = captioners_in(participants)
+def plan_room(room: str, participants: list[api.ParticipantInfo], watch: HeartbeatWatch, now_ms: int,
+              caption_key: str) -> RoomPlan:
+    """The room's plan from one listing of its participants (and what `watch` saw before); only this
+    pool's captioners (those whose claim verifies with `caption_key`) are ever removed."""
+    captioners = captioners_in(participants, room, caption_key)
     for captioner in captioners:
         watch.observe(f"{room}\n{captioner.identity}", captioner.alive)
     stale = [c for c in captioners if watch.stale(f"{room}\n{c.identity}")]
@@ -105,18 +109,25 @@ class Reconciler:
         self.interval_s = interval_s
         self.active = active
         self.watch = HeartbeatWatch()
+        self.caption_key = CaptionSigner.for_deployment(livekit.api_secret, agent_name).public_key
+        """This pool's key: captioners of other pools (other agent names) are not ours to remove."""
 
     async def run(self) -> None:
         """Reconciles every `interval_s` (with jitter, so that workers do not act in step) until
-        cancelled; a failed round is logged and the next one tried."""
+        cancelled. A failed round, whatever the error (the API client raises more kinds than any list
+        names), is logged and counted, and the next one tried: recovery never stops by itself."""
         client = self.livekit.client()
         try:
             while True:
                 if self.active():
                     try:
                         await self.reconcile(client)
-                    except (api.TwirpError, OSError, asyncio.TimeoutError) as e:
-                        logger.warning("recovery: LiveKit's API failed (%s); trying again", e)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - see the docstring
+                        METRICS.recovery("failed_round")
+                        logger.warning("recovery: a round failed (%s: %s); trying again", type(e).__name__, e,
+                                       exc_info=not isinstance(e, API_ERRORS))
                     await asyncio.sleep(self.interval_s * random.uniform(0.75, 1.25))
                 else:
                     await asyncio.sleep(0.2)  # starts as soon as the worker registers
@@ -131,7 +142,7 @@ class Reconciler:
                 continue
             participants = await list_participants(client, room.name)
             seen |= {f"{room.name}\n{p.identity}" for p in participants}
-            plan = plan_room(room.name, participants, self.watch, int(time.time() * 1000))
+            plan = plan_room(room.name, participants, self.watch, int(time.time() * 1000), self.caption_key)
             for identity, why in [*((i, "stale") for i in plan.remove_stale),
                                   *((i, "duplicate") for i in plan.remove_duplicates)]:
                 await self._remove(client, room.name, identity, why)

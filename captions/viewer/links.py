@@ -1,25 +1,35 @@
 """Signed viewer links, and `captions token`, which prints one.
 
-A viewer link carries ``room``, ``exp`` (Unix seconds) and ``access`` = HMAC-SHA256 over the room
-and the expiry, keyed with ``CAPTIONS_VIEWER_SECRET`` (or the LiveKit API secret when that is
-unset). The viewer server (server.py) mints a LiveKit token only for a valid, unexpired link of
-exactly that room.
+A viewer link is ``<viewer>/?link=<JWT>``: a standard JSON Web Token (HS256, PyJWT) signed with
+``CAPTIONS_VIEWER_SECRET`` (or the LiveKit API secret when that is unset), with the claims
+``room``, ``exp`` (when it ends, Unix seconds), ``iat`` (when it was made) and ``jti`` (its id).
+One canonical form: whatever else a request adds or re-spells, the link is its ``jti`` once the
+signature verifies, so per-link budgets and revocations key on it (server.py, revocations.py).
+
+The viewer server (server.py) mints a LiveKit token only for a valid, unexpired, unrevoked link, for
+exactly its room, and removes its viewer from the room when the link ends (sweeper.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import re
+import secrets
 import sys
 import time
+from dataclasses import dataclass
 from urllib.parse import urlencode
+
+import jwt
 
 from captions.config import add_livekit_options, add_option, positive_int
 
 ROOM_NAME = re.compile(r"^[^\x00-\x1f]{1,256}$")
+LINK_AUDIENCE = "captions-viewer"
+LINK_ALGORITHM = "HS256"
+MAX_LINK_CHARS = 2048
+"""A link token is a few hundred characters: anything far longer is not one, and is not parsed."""
 
 
 class AccessDenied(Exception):
@@ -28,36 +38,53 @@ class AccessDenied(Exception):
     def __init__(self, message: str, reason: str = "invalid") -> None:
         super().__init__(message)
         self.reason = reason
-        """"missing", "invalid" or "expired": lets the page say which."""
+        """"missing", "invalid", "expired" or "revoked": lets the page say which."""
 
 
-def sign_access(secret: str, room: str, expires_at: int) -> str:
-    """The ``access`` parameter of a viewer link: hex HMAC-SHA256 of the room and the expiry."""
-    message = f"captions-viewer\n{room}\n{expires_at}".encode()
-    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+@dataclass(frozen=True)
+class Link:
+    """A verified viewer link."""
+
+    room: str
+    link_id: str
+    """The ``jti``: the link's one canonical name."""
+    issued_at: int
+    expires_at: int
 
 
-def check_access(secret: str, room: str, expires_at: str, access: str, now: float | None = None) -> None:
-    """Raises AccessDenied unless `access` signs exactly this room and expiry, and it has not passed."""
-    if not access or not expires_at:
-        raise AccessDenied("This link has no access signature. Ask the operator for a viewer link.", "missing")
+def make_link(secret: str, room: str, ttl_s: int, now: float | None = None, link_id: str | None = None) -> str:
+    """The JWT of a viewer link for `room`, valid for `ttl_s` seconds."""
+    issued = int(time.time() if now is None else now)
+    claims = {"aud": LINK_AUDIENCE, "room": room, "iat": issued, "exp": issued + ttl_s,
+              "jti": link_id or secrets.token_urlsafe(12)}
+    return jwt.encode(claims, secret, algorithm=LINK_ALGORITHM)
+
+
+def check_link(secret: str, token: str, now: float | None = None) -> Link:
+    """The link `token` names; raises AccessDenied unless it is signed with `secret`, complete and
+    unexpired (revocation is the server's: revocations.py)."""
+    token = token.strip()  # a link pasted with a trailing newline is the same link
+    if not token:
+        raise AccessDenied("This page was opened without a viewer link. Ask the operator for one.", "missing")
+    if len(token) > MAX_LINK_CHARS:
+        raise AccessDenied("This link is malformed. Ask the operator for a new link.")
     try:
-        expiry = int(expires_at)
-    except ValueError:
-        raise AccessDenied("This link is malformed (bad exp). Ask the operator for a new link.") from None
-    expected = sign_access(secret, room, expiry)
-    # Constant-time compare so the signature cannot be guessed byte by byte.
-    if not hmac.compare_digest(expected.encode(), access.encode()):
-        raise AccessDenied("This link's access signature is not valid for this room.")
-    if expiry <= (time.time() if now is None else now):
+        claims = jwt.decode(token, secret, algorithms=[LINK_ALGORITHM], audience=LINK_AUDIENCE,
+                            options={"require": ["exp", "iat", "jti", "room", "aud"], "verify_exp": False})
+    except jwt.PyJWTError:
+        raise AccessDenied("This link's signature is not valid. Ask the operator for a new link.") from None
+    room, link_id, issued, expires = claims["room"], claims["jti"], claims["iat"], claims["exp"]
+    if (not isinstance(room, str) or not ROOM_NAME.match(room) or not isinstance(link_id, str)
+            or not 0 < len(link_id) <= 64 or not all(type(v) is int for v in (issued, expires))):
+        raise AccessDenied("This link is malformed. Ask the operator for a new link.")
+    if expires <= (time.time() if now is None else now):
         raise AccessDenied("This viewer link has expired. Ask the operator for a new one.", "expired")
+    return Link(room, link_id, issued, expires)
 
 
 def viewer_link(base_url: str, secret: str, room: str, ttl_s: int, now: float | None = None) -> str:
     """A signed viewer link for `room`, valid for `ttl_s` seconds."""
-    expires_at = int((time.time() if now is None else now) + ttl_s)
-    query = urlencode({"room": room, "exp": expires_at, "access": sign_access(secret, room, expires_at)})
-    return f"{base_url.rstrip('/')}/?{query}"
+    return f"{base_url.rstrip('/')}/?{urlencode({'link': make_link(secret, room, ttl_s, now)})}"
 
 
 def add_viewer_secret_option(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +97,10 @@ def configure_token_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--base-url", env="CAPTIONS_WEB_BASE_URL", default="http://127.0.0.1:8080",
                help="the viewer server's URL as viewers reach it")
     add_option(parser, "--link-ttl", env="CAPTIONS_LINK_TTL", default=86400, type=positive_int,
-               help="seconds the link stays valid for joining")
+               help="seconds the link gives access; its viewers are removed from the room when it ends")
     add_livekit_options(parser)
     add_viewer_secret_option(parser)
-    parser.add_argument("--json", action="store_true", help="print the link and its expiry as JSON")
+    parser.add_argument("--json", action="store_true", help="print the link, its id and its expiry as JSON")
 
 
 def run_token(args: argparse.Namespace) -> int:
@@ -82,9 +109,12 @@ def run_token(args: argparse.Namespace) -> int:
         return 2
     secret = args.viewer_secret or args.api_secret
     now = time.time()
-    link = viewer_link(args.base_url, secret, args.room, args.link_ttl, now=now)
+    token = make_link(secret, args.room, args.link_ttl, now=now)
+    link = f"{args.base_url.rstrip('/')}/?{urlencode({'link': token})}"
     if args.json:
-        print(json.dumps({"url": link, "room": args.room, "expires_at": int(now + args.link_ttl)}))
+        checked = check_link(secret, token, now=now)
+        print(json.dumps({"url": link, "room": args.room, "link_id": checked.link_id,
+                          "expires_at": checked.expires_at}))
     else:
         print(link)
     return 0

@@ -1,0 +1,395 @@
+"""The viewer server without a browser: signed links, revocation, viewer tokens, rate limits, the
+backlog, and what is served and what is not (issue 22: a captions link shows captions and nothing
+else). The same links against a real livekit-server: test_viewer_access.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from urllib.parse import parse_qs, quote, urlsplit
+
+import jwt
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+
+from captions.cli import main as cli_main
+from captions.live.transcripts import TranscriptStore, recent_segments, transcript_path
+from captions.protocol import CaptionSigner, FinalSegment
+from captions.viewer.backlog import BacklogCache
+from captions.viewer.links import AccessDenied, Link, check_link, make_link, viewer_link
+from captions.viewer.ratelimit import RateLimiter
+from captions.viewer.revocations import Revocations, append
+from captions.viewer.server import WebSettings, check_web_dir, create_app, mint_viewer_token
+from captions.viewer.sweeper import link_of
+
+API_SECRET = "api-secret-that-never-leaves-the-server"
+VIEWER_SECRET = "viewer-link-secret"
+
+
+def settings(**overrides) -> WebSettings:
+    values = {"livekit_url": "ws://127.0.0.1:7880", "public_livekit_url": "wss://live.example.test",
+              "api_key": "key", "api_secret": API_SECRET, "viewer_secret": VIEWER_SECRET, "token_ttl_s": 300,
+              "sweep_interval_s": 0}
+    values.update(overrides)
+    return WebSettings(**values)
+
+
+def link_params(link: str) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(urlsplit(link).query).items()}
+
+
+def a_link(room: str = "standup", ttl_s: int = 600, **kwargs) -> dict[str, str]:
+    return {"link": make_link(VIEWER_SECRET, room, ttl_s, **kwargs)}
+
+
+def decode(token: str) -> dict:
+    return jwt.decode(token, API_SECRET, algorithms=["HS256"], options={"verify_aud": False})
+
+
+# ---------------------------------------------------------------- signed links
+
+
+def test_a_link_opens_exactly_its_room_until_it_expires():
+    token = link_params(viewer_link("http://host:8080", VIEWER_SECRET, "standup", ttl_s=600))["link"]
+    link = check_link(VIEWER_SECRET, token)
+    assert link.room == "standup" and link.link_id
+    with pytest.raises(AccessDenied) as expired:
+        check_link(VIEWER_SECRET, token, now=link.expires_at)
+    assert expired.value.reason == "expired"
+
+
+def forged(claims: dict, secret: str = VIEWER_SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+@pytest.mark.parametrize("case", ["other secret", "alg none", "no jti", "no room", "wrong audience", "room as list",
+                                  "exp as string", "tampered payload", "control characters", "huge"])
+def test_a_forged_tampered_or_incomplete_link_is_refused(case):
+    now = int(time.time())
+    good = {"aud": "captions-viewer", "room": "standup", "iat": now, "exp": now + 600, "jti": "abc"}
+    token = {
+        "other secret": lambda: forged(good, secret="other-secret"),
+        "alg none": lambda: forged(good, secret="", algorithm="none"),
+        "no jti": lambda: forged({k: v for k, v in good.items() if k != "jti"}),
+        "no room": lambda: forged({k: v for k, v in good.items() if k != "room"}),
+        "wrong audience": lambda: forged({**good, "aud": "someone-else"}),
+        "room as list": lambda: forged({**good, "room": ["standup"]}),
+        "exp as string": lambda: forged({**good, "exp": str(now + 600)}),
+        "tampered payload": lambda: ".".join([(p := forged(good).split("."))[0],
+                                              forged({**good, "room": "board"}).split(".")[1], p[2]]),
+        "control characters": lambda: forged({**good, "room": "stand\nup"}),
+        "huge": lambda: forged({**good, "pad": "x" * 4000}),
+    }[case]()
+    with pytest.raises(AccessDenied) as refused:
+        check_link(VIEWER_SECRET, token)
+    assert refused.value.reason == "invalid"
+
+
+def test_captions_token_prints_a_link_the_server_accepts(capsys, monkeypatch):
+    monkeypatch.setenv("CAPTIONS_VIEWER_SECRET", VIEWER_SECRET)
+    assert cli_main(["token", "--room", "town hall", "--base-url", "https://captions.example.test",
+                     "--link-ttl", "120", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["url"].startswith("https://captions.example.test/?link=")
+    link = check_link(VIEWER_SECRET, link_params(printed["url"])["link"])
+    assert link.room == "town hall" and link.link_id == printed["link_id"]
+    assert 100 <= link.expires_at - time.time() <= 120
+
+
+# ---------------------------------------------------------------- revocation
+
+
+def test_revoking_a_link_ends_that_link_only_and_revoking_a_room_ends_its_links_so_far(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("CAPTIONS_VIEWER_SECRET", VIEWER_SECRET)
+    path = tmp_path / "revoked.ndjson"
+    revocations = Revocations(path, recheck_s=0)
+    leaked, kept = (check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 600)) for _ in range(2))
+    other_room = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "board", 600))
+    url = f"http://viewer.example.test/?link={quote(make_link(VIEWER_SECRET, 'standup', 600, link_id=leaked.link_id))}"
+    assert cli_main(["revoke", "--link", url, "--revocations", str(path)]) == 0
+    assert revocations.is_revoked(leaked) and not revocations.is_revoked(kept)
+    assert cli_main(["revoke", "--room", "standup", "--revocations", str(path)]) == 0
+    assert revocations.is_revoked(kept) and not revocations.is_revoked(other_room)
+    later = Link("standup", "made-later", int(time.time()) + 1, int(time.time()) + 600)
+    assert not revocations.is_revoked(later), "a link made after the room's revocation works"
+    assert cli_main(["revoke", "--link", make_link("other-secret", "standup", 600), "--revocations",
+                     str(path)]) == 2, "only links of this deployment can be named"
+    assert "not a link of this deployment" in capsys.readouterr().err
+
+
+def test_a_damaged_revocation_list_keeps_its_good_lines(tmp_path):
+    path = tmp_path / "revoked.ndjson"
+    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 600))
+    path.write_text('{"link_id": 5\nnot json\n[1, 2]\n')
+    append(path, {"link_id": link.link_id, "until": link.expires_at})
+    assert Revocations(path, recheck_s=0).is_revoked(link)
+
+
+# ---------------------------------------------------------------- viewer tokens
+
+
+def test_viewer_token_is_captions_only_hidden_for_one_room_and_short_lived():
+    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 3600))
+    body = mint_viewer_token(settings(token_ttl_s=300), "standup", link)
+    claims = decode(body["token"])
+    video = claims["video"]
+    assert video["room"] == "standup" and video["roomJoin"] is True
+    assert video["canSubscribe"] is False, "a viewer link's holder could listen to the meeting"
+    assert video["hidden"] is True
+    assert video["canPublish"] is False
+    assert video["canPublishData"] is False, "a viewer link's holder could put data into the room"
+    assert not video.get("roomAdmin") and not video.get("roomCreate") and not video.get("canUpdateOwnMetadata")
+    assert claims["sub"].startswith("viewer-") and claims["sub"] == body["identity"]
+    assert 290 <= claims["exp"] - time.time() <= 300
+    assert body["url"] == "wss://live.example.test"
+    assert link_of(_participant(claims["metadata"]), "standup") == link, "the sweeper finds the link"
+
+
+def _participant(metadata: str):
+    from livekit import api
+
+    return api.ParticipantInfo(identity="viewer-x", metadata=metadata)
+
+
+def test_viewers_can_be_made_visible_by_the_operator():
+    assert decode(mint_viewer_token(settings(viewers_visible=True), "standup")["token"])["video"].get("hidden") in (
+        False, None)
+
+
+def test_viewer_token_never_outlives_the_link():
+    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 60))
+    body = mint_viewer_token(settings(token_ttl_s=3600), "standup", link)
+    assert decode(body["token"])["exp"] - time.time() <= 60
+
+
+def test_the_token_answer_vouches_for_the_pools_caption_key_and_gives_the_servers_clock():
+    body = mint_viewer_token(settings(agent_name="captions-eu"), "standup")
+    assert body["caption_key"] == CaptionSigner.for_deployment(API_SECRET, "captions-eu").public_key
+    assert body["caption_key"] != CaptionSigner.for_deployment(API_SECRET, "").public_key
+    assert abs(body["server_time_ms"] - time.time() * 1000) < 5000
+
+
+def test_each_viewer_gets_its_own_identity():
+    identities = {mint_viewer_token(settings(), "standup")["identity"] for _ in range(5)}
+    assert len(identities) == 5
+
+
+# ---------------------------------------------------------------- the HTTP server
+
+
+@pytest_asyncio.fixture(loop_scope="function")
+async def client(request, tmp_path):
+    app = create_app(settings(**{"data_dir": tmp_path, **getattr(request, "param", {})}))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+async def test_server_mints_a_token_for_a_valid_link_only(client):
+    response = await client.get("/api/token", params=a_link())
+    assert response.status == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    text = await response.text()
+    assert API_SECRET not in text and VIEWER_SECRET not in text
+    body = json.loads(text)
+    assert decode(body["token"])["video"]["room"] == "standup" and body["room"] == "standup"
+
+    response = await client.get("/api/token", params={"link": forged({"room": "standup"}, "other")})
+    assert response.status == 403 and (await response.json())["reason"] == "invalid"
+    response = await client.get("/api/token", params={"room": "standup"})
+    assert response.status == 400 and (await response.json())["reason"] == "missing"
+
+
+async def test_server_says_when_a_link_has_expired_or_was_revoked(client, tmp_path):
+    response = await client.get("/api/token", params=a_link(now=time.time() - 700))
+    body = await response.json()
+    assert response.status == 403 and body["reason"] == "expired" and "expired" in body["error"]
+    params = a_link()
+    append(tmp_path / "revoked-links.ndjson", {"link_id": check_link(VIEWER_SECRET, params["link"]).link_id,
+                                               "until": int(time.time()) + 600})
+    time.sleep(1.05)  # the list is re-read at most once a second
+    for path in ("/api/token", "/api/backlog"):
+        response = await client.get(path, params=params)
+        body = await response.json()
+        assert response.status == 403 and body["reason"] == "revoked", path
+
+
+async def test_tokens_are_rate_limited_per_link_and_per_address_with_a_clear_answer(client):
+    params = a_link()
+    statuses = [(await client.get("/api/token", params=params)).status for _ in range(12)]
+    assert statuses[:10] == [200] * 10 and statuses[-1] == 429, statuses
+    response = await client.get("/api/token", params=params)
+    assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
+    body = await response.json()
+    assert body["reason"] == "rate_limited" and "try again in" in body["error"]
+    # Other links from the same address still work until the address's own budget runs out.
+    other = a_link("board")
+    statuses = [(await client.get("/api/token", params=other)).status for _ in range(10)]
+    assert 200 in statuses and statuses[-1] == 429, statuses
+
+
+def respellings(token: str) -> list[str]:
+    """Query strings that all carry the same link: percent-escapes, extra and repeated parameters (the
+    old link format's fields, an `exp` with a sign and leading zeros), a whitespace-padded copy."""
+    return [
+        f"link={token}",
+        f"link={quote(token, safe='')}".replace("%2E", "%2e"),
+        f"link={token}&room=board&exp=+0099999999999&access=x",
+        f"x=1&link={token}&link=other",
+        f"link=%20{token}%0A",
+        "link=" + "".join(f"%{ord(c):02X}" for c in token),
+    ]
+
+
+@pytest.mark.parametrize("client", [{"behind_proxy": True}], indirect=True)
+async def test_every_spelling_of_one_link_shares_one_budget(client):
+    token = make_link(VIEWER_SECRET, "standup", 600)
+    statuses = []
+    for n in range(12):
+        query = respellings(token)[n % 6]
+        # Each from its own address: only the per-link budget can refuse them.
+        statuses.append((await client.get(f"/api/token?{query}", headers={"X-Forwarded-For": f"198.51.100.{n}"})).status)
+    assert statuses[:10] == [200] * 10 and statuses[10:] == [429, 429], statuses
+
+
+@pytest.mark.parametrize("client", [{"behind_proxy": True}], indirect=True)
+async def test_behind_a_proxy_each_client_address_has_its_own_budget(client):
+    first = [(await client.get("/api/token", params=a_link(f"r{n}"), headers={"X-Forwarded-For": "203.0.113.7"})).status
+             for n in range(22)]
+    assert first[-1] == 429
+    other = await client.get("/api/token", params=a_link("r-other"), headers={"X-Forwarded-For": "198.51.100.9"})
+    assert other.status == 200
+
+
+async def test_a_flood_of_bad_links_spends_only_its_addresses_budget(client):
+    statuses = [(await client.get("/api/token", params={"link": f"garbage-{n}"})).status for n in range(25)]
+    assert statuses[:20] == [403] * 20 and statuses[-1] == 429, statuses
+
+
+def test_rate_limiter_refills_over_time_and_forgets_idle_keys():
+    now = [0.0]
+    limiter = RateLimiter(per_minute=6, burst=2, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(2)] == [0.0, 0.0]
+    assert limiter.take("a") == pytest.approx(10.0)  # 6 a minute: one every 10 s
+    now[0] += 10.0
+    assert limiter.take("a") == 0.0
+    assert limiter.take("b") == 0.0, "keys do not share a budget"
+
+
+# ---------------------------------------------------------------- backlog
+
+
+ROOMS = ["standup", "会議室" * 42, "<b>town hall</b> & \"friends\"", ".hidden", "../../etc/passwd"]
+
+
+@pytest.fixture
+def transcripts(tmp_path) -> Path:
+    now = time.time()
+    for room in ROOMS:
+        store = TranscriptStore(transcript_path(tmp_path, room))
+        for n, text in enumerate(["<b>earlier</b>", "now"]):
+            store.append(FinalSegment(f"SG_{n}", "alice", "Alice <i>", "TR_1", f"{text} {room[:8]}", now - 10 + n,
+                                      now - 9 + n, []))
+        store.close()
+    return tmp_path
+
+
+@pytest.mark.parametrize("room", ROOMS)
+async def test_backlog_is_served_for_a_valid_link_of_its_room_only(transcripts, room):
+    async with TestClient(TestServer(create_app(settings(data_dir=transcripts)))) as client:
+        response = await client.get("/api/backlog", params=a_link(room))
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-store"
+        body = await response.json()
+        assert [(s["segment_id"], s["text"], s["participant_name"]) for s in body["segments"]] == [
+            ("SG_0", f"<b>earlier</b> {room[:8]}", "Alice <i>"), ("SG_1", f"now {room[:8]}", "Alice <i>")]
+
+
+async def test_backlogs_are_limited_per_link_and_read_once_while_the_file_is_unchanged(tmp_path):
+    backlogs = BacklogCache(recent_segments)
+    async with TestClient(TestServer(create_app(settings(data_dir=tmp_path, behind_proxy=True), backlogs))) as client:
+        await _backlogs_are_limited_and_cached(client, backlogs, tmp_path)
+
+
+async def _backlogs_are_limited_and_cached(client, backlogs, tmp_path):
+    store = TranscriptStore(transcript_path(tmp_path, "standup"))
+    store.append(FinalSegment("SG_0", "alice", "Alice", "TR_1", "hello", time.time() - 5, time.time() - 4, []))
+    params = a_link()
+    statuses = [(await client.get("/api/backlog", params=params, headers={"X-Forwarded-For": f"192.0.2.{n}"})).status
+                for n in range(8)]
+    assert statuses[:6] == [200] * 6 and statuses[-1] == 429, statuses
+    assert backlogs.reads == 1, "an unchanged transcript is read once"
+    store.append(FinalSegment("SG_1", "alice", "Alice", "TR_1", "again", time.time() - 3, time.time() - 2, []))
+    store.close()
+    response = await client.get("/api/backlog", params=a_link(), headers={"X-Forwarded-For": "192.0.2.99"})
+    assert [s["text"] for s in (await response.json())["segments"]] == ["hello", "again"], "a new final is seen"
+
+
+async def test_backlog_without_access_to_the_transcripts_says_so():
+    async with TestClient(TestServer(create_app(settings(data_dir=None)))) as client:
+        response = await client.get("/api/backlog", params=a_link())
+        assert response.status == 404 and (await response.json())["reason"] == "no_backlog"
+
+
+# ---------------------------------------------------------------- what is served
+
+
+@pytest.mark.parametrize("client", [{"open_access": True}], indirect=True)
+async def test_open_mode_lets_any_room_be_viewed(client):
+    response = await client.get("/api/token", params={"room": "any-room"})
+    assert response.status == 200
+    assert decode((await response.json())["token"])["video"]["room"] == "any-room"
+    assert (await (await client.get("/healthz")).json()) == {"status": "ok", "open_access": True}
+
+
+async def test_page_and_scripts_are_served_locally_with_a_strict_policy(client):
+    response = await client.get("/")
+    assert response.status == 200
+    html = await response.text()
+    assert 'src="app.js"' in html and "aria-live" in html
+    assert "http" not in html.replace('http-equiv', '')  # nothing from outside this server
+    policy = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "wss://live.example.test" in policy
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    for path in ("/app.js", "/export.js", "/style.css", "/vendor/livekit-client.esm.mjs"):
+        response = await client.get(path)
+        assert response.status == 200, path
+    vendor = await client.get("/vendor/livekit-client.esm.mjs")
+    assert vendor.headers["Content-Type"].startswith("text/javascript")
+    config = await (await client.get("/api/config")).json()
+    assert config["livekit_url"] == "wss://live.example.test"
+    assert config["caption_key"] == CaptionSigner.for_deployment(API_SECRET, "").public_key
+
+
+@pytest.mark.parametrize("path", [
+    "/package.json", "/package-lock.json", "/node_modules/livekit-client/package.json",
+    "/..%2Fagent%2Fweb.py", "/%2e%2e/pyproject.toml", "/missing.js",
+])
+async def test_nothing_but_the_viewer_files_is_served(client, path):
+    response = await client.get(path)
+    assert response.status == 404
+
+
+def test_missing_node_modules_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"run `npm ci` in web/"):
+        check_web_dir(tmp_path)
+    monkeypatch.setattr("captions.viewer.server.WEB_DIR", tmp_path)
+    assert cli_main(["web", "--port", "1"]) == 1
+    assert "npm ci" in capsys.readouterr().err
+
+
+def test_open_mode_comes_from_the_environment(monkeypatch):
+    import argparse
+
+    from captions.viewer.server import configure_web_parser
+
+    monkeypatch.setenv("CAPTIONS_WEB_OPEN", "1")
+    parser = argparse.ArgumentParser()
+    configure_web_parser(parser)
+    assert parser.parse_args([]).open is True
+    monkeypatch.setenv("CAPTIONS_WEB_OPEN", "0")
+    parser = argparse.ArgumentParser()
+    configure_web_parser(parser)
+    assert parser.parse_args([]).open is False
+    assert parser.parse_args(["--open"]).open is True
