@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.parse
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from captions.live.transcripts import (
+    NAME_MAX,
     TranscriptStore,
     read_transcript,
     recent_segments,
@@ -89,3 +95,41 @@ def test_room_names_cannot_escape_the_data_dir(tmp_path):
         assert not path.name.startswith(".")
     assert transcript_path(tmp_path, "demo-room_1").name == "demo-room_1.jsonl"
     assert transcript_path(tmp_path, "a/b") != transcript_path(tmp_path, "a_b")
+
+
+# LiveKit accepts room names of up to 256 characters, any Unicode but control characters. Lengths are
+# drawn uniformly: left to itself, hypothesis rarely tries the long names that used to fail.
+room_names = st.integers(1, 256).flatmap(
+    lambda n: st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=n, max_size=n))
+
+
+@given(st.lists(room_names, min_size=2, max_size=5, unique=True))
+def test_any_room_name_gets_its_own_file_that_the_file_system_accepts(names):
+    data_dir = Path("/srv/captions/transcripts")
+    paths = [transcript_path(data_dir, name) for name in names]
+    for name, path in zip(names, paths, strict=True):
+        assert len(path.name.encode("utf-8")) <= NAME_MAX, name
+        assert path.parent == data_dir and not path.name.startswith("."), name
+        assert path.suffix == ".jsonl"
+    assert len(set(paths)) == len(paths), "two rooms would share one transcript"
+
+
+def test_a_room_named_with_42_cjk_characters_is_written_and_read_back(tmp_path):
+    room = "\u56fd\u9645\u4f1a\u8bae" * 10 + "\u5ba4\u4e00"  # 42 characters: 378 bytes once escaped
+    path = transcript_path(tmp_path, room)
+    store = TranscriptStore(path)
+    assert store.problem is None
+    assert store.append(segment(1))
+    store.close()
+    assert [s.segment_id for s in recent_segments(transcript_path(tmp_path, room))] == ["SG_1"]
+    assert path.name.startswith("%E5%9B%BD"), "the file name starts readable"
+    other = transcript_path(tmp_path, room[:-1] + "\u4e8c")
+    assert other != path, "a name differing only past the readable prefix gets another file"
+
+
+def test_a_room_keeps_the_file_it_had_before_long_names_were_hashed(tmp_path):
+    # Names that always fitted keep their original file name: a worker upgraded mid-meeting continues the
+    # room's transcript, and the viewer's backlog still finds what was said before the upgrade.
+    for name in ["demo-room_1", "caf\u00e9 room", "\u4f1a\u8bae" * 9, "x" * 249]:
+        legacy = urllib.parse.quote(name, safe="-_.") + ".jsonl"
+        assert transcript_path(tmp_path, name).name == legacy, name

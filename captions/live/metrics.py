@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -313,3 +314,37 @@ def start_observability_server(host: str, port: int, ready_check: Callable[[], l
     server = ObservabilityServer(host, port, metrics, ready_check).start()
     logger.info("metrics and health at http://%s:%d (/metrics, /healthz, /readyz)", host, server.port)
     return server
+
+
+# ---- transcript storage (issue 23): a room whose transcript cannot be written stays live -----------
+
+TRANSCRIPT_ERROR_REASONS = ("no_space", "permission", "read_only", "name_too_long", "io", "backlog", "other")
+"""`backlog`: a final not handed to the writer because too many wait for a stalled disk."""
+_ERRNO_REASONS = {errno.ENOSPC: "no_space", errno.EDQUOT: "no_space", errno.EACCES: "permission",
+                  errno.EPERM: "permission", errno.EROFS: "read_only", errno.ENAMETOOLONG: "name_too_long",
+                  errno.EIO: "io"}
+
+
+class TranscriptMetrics:
+    """The transcript files' health, in the worker's registry (captions/live/transcripts.py)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.errors = Counter(
+            "captions_transcript_errors", "Failed attempts to open or write a room's transcript file, by "
+            "reason (live captions go on meanwhile)", ["reason"], registry=registry)
+        for reason in TRANSCRIPT_ERROR_REASONS:
+            self.errors.labels(reason)
+        self.unsaved = Counter(
+            "captions_transcript_unsaved_segments", "Final captions published live but not saved to the "
+            "transcript file (each one is logged with its segment id)", registry=registry)
+        self.unavailable = Gauge(
+            "captions_transcript_unavailable", "Rooms whose transcript file cannot be written now "
+            "(alert on > 0)", registry=registry)
+
+    @staticmethod
+    def reason(error: OSError) -> str:
+        """The `reason` label of an OSError."""
+        return _ERRNO_REASONS.get(error.errno, "other")
+
+
+TRANSCRIPT_METRICS = TranscriptMetrics(METRICS.registry)
