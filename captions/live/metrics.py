@@ -219,6 +219,34 @@ METRICS = CaptionMetrics()
 """The worker process's metrics; rooms (threads of the worker) report into it."""
 
 
+# ---- a worker that never stops silently (issue 23): supervised tasks, a broken engine -------------
+
+TASK_KINDS = ("track_reader", "live_feed", "speaker_watch")
+"""Supervised tasks whose failure counters exist (at 0) from the start."""
+
+
+class TaskMetrics:
+    """Failures of long-lived tasks (captions/live/supervise.py) and of the engine, in the worker's
+    registry."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.failures = Counter(
+            "captions_task_failures", "Long-lived tasks that raised (each logged with its traceback, then "
+            "restarted or what it served ended): track_reader (a microphone's audio), live_feed (its 10 ms "
+            "stream to the engine), speaker_watch", ["task"], registry=registry)
+        for task in TASK_KINDS:
+            self.failures.labels(task)
+        self.engine_broken = Gauge(
+            "captions_engine_broken", "1 once the engine failed for good (a broken GPU: failed steps in a "
+            "row or a sticky CUDA error); the worker is then unready and exits", registry=registry)
+
+    def failed(self, task: str) -> None:
+        self.failures.labels(task).inc()
+
+
+TASK_METRICS = TaskMetrics(METRICS.registry)
+
+
 # ---- health and readiness -------------------------------------------------------------------------
 
 

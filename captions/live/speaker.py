@@ -13,6 +13,13 @@ seam (track_audio.py). A wait longer than `max_wait_s` of audio loses its oldest
 while waiting, the turn's audio stops at that pause; if they talk again before the slot comes, the
 new speech joins the same turn, without the silence between.
 
+Failures (supervise.py, each logged once with its traceback and counted): the track's reader is
+started again (track_audio.py); a live feed that fails closes its turn (what was said is flushed,
+the slot is freed) and, if the speaker still talks, a new turn takes over where it stopped; after
+`MAX_LIVE_FAILURES` in a row, or once the track's reader gave up, the speaker stops as if the track
+went away. If the task that watches the track fails, the speaker ends at once: its turn is dropped
+and its slot freed, and `ended` is set (nothing is left waiting on it).
+
 Threads: everything here runs on the room's event loop; engine events and granted slots arrive on
 other threads and hop over with `call_soon_threadsafe`.
 """
@@ -34,6 +41,7 @@ from captions.live.metrics import METRICS
 from captions.live.recorder import StreamRecorder
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
 from captions.live.slots import SlotQueue, Waiter
+from captions.live.supervise import supervised
 from captions.live.timing import StreamTiming
 from captions.live.track_audio import LIVE_CHUNK, AudioSource, TrackAudio
 from captions.live.vad import GateOptions, SpeechGate
@@ -51,6 +59,9 @@ class SpeakerOptions:
     """Audio kept for a speaker waiting for a slot; beyond it the oldest is dropped (and counted)."""
     gate: GateOptions = field(default_factory=GateOptions)
 
+
+MAX_LIVE_FAILURES = 3
+"""Live feeds failed in a row (no live audio delivered between) after which the speaker stops."""
 
 class SpeakerHost(Protocol):
     """What a speaker needs from its room (room.py's RoomCaptioner; the meeting benchmark's stand-in)."""
@@ -138,8 +149,12 @@ class Speaker:
         self._stopped = False
         self.ended = asyncio.Event()
         """Set once the speaker stopped and its last turn's captions are out."""
-        self._watch = asyncio.create_task(self._watch_track(), name=f"speaker-{track_sid}")
         self._track_closed: asyncio.Task | None = None
+        self._live_failures = 0
+        """Live feeds failed in a row (module notes)."""
+        self._resume_from = 0
+        """A new turn starts no earlier (the audio before went to a turn whose live feed failed)."""
+        self._watch = supervised(self._watch_track(), "speaker_watch", f"speaker-{track_sid}", self._watch_failed)
 
     @property
     def waiting(self) -> bool:
@@ -159,7 +174,8 @@ class Speaker:
         if turn is None:
             if gate.speaking:
                 onset = gate.onset or track.end
-                self._begin_turn(max(track.kept_from, onset - self._samples(self.options.pre_roll_s)))
+                self._begin_turn(max(track.kept_from, onset - self._samples(self.options.pre_roll_s),
+                                     self._resume_from))
             else:  # idle: keep just enough for a pre-roll (the gate judges a little late)
                 track.keep_from(track.end - self._samples(self.options.pre_roll_s + 0.5))
             return
@@ -245,7 +261,24 @@ class Speaker:
             return
         turn.state = TurnState.JOINING
         self.track.start_live(on_junction=lambda index: self._joined(turn, index),
-                              on_chunk=lambda pcm, index: self._live_chunk(turn, pcm, index))
+                              on_chunk=lambda pcm, index: self._live_chunk(turn, pcm, index),
+                              on_failure=lambda error: self._live_failed(turn))
+
+    def _live_failed(self, turn: Turn) -> None:
+        """The live feed failed (logged and counted): the turn ends with what it has, freeing its
+        slot; the next kept chunk starts a new one where it stopped if the speaker still talks."""
+        if turn is not self.turn or turn.state not in (TurnState.JOINING, TurnState.LIVE):
+            return
+        self._live_failures += 1
+        self._resume_from = max(self.track.end, turn.open_start or 0)
+        logger.warning("room %s: %s's live audio failed: turn closed, slot %d free after the flush",
+                       self.host.room_name, self.identity, turn.stream.slot_index)
+        self._push_held(turn)
+        self._close_turn(turn)
+        if self._live_failures >= MAX_LIVE_FAILURES:
+            logger.error("room %s: %s's live audio failed %d times in a row; no more captions for this "
+                         "microphone", self.host.room_name, self.identity, self._live_failures)
+            self.stop()
 
     def _joined(self, turn: Turn, junction: int) -> None:
         """The live feed starts at `junction`: what the turn kept before it goes with the first live chunk."""
@@ -258,6 +291,7 @@ class Speaker:
     def _live_chunk(self, turn: Turn, pcm: np.ndarray, index: int) -> None:
         if turn.state is not TurnState.LIVE or turn is not self.turn:
             return
+        self._live_failures = 0
         if turn.held:  # the first push: the kept audio and this chunk, on this chunk's tick
             parts = [*turn.held, (index, pcm)]
             turn.held = []
@@ -355,7 +389,24 @@ class Speaker:
 
     async def _watch_track(self) -> None:
         await self.track.ended.wait()
+        if self.track.error is not None:
+            logger.error("room %s: %s's microphone could not be read; no more captions for it",
+                         self.host.room_name, self.identity)
         self.stop()  # the track went away (the publisher left): same as a stop
+
+    def _watch_failed(self, error: BaseException) -> None:
+        """Watching the track (or the stop after it) failed, logged and counted: the speaker ends
+        now, without flushing, so that its slot is freed and nothing waits on it."""
+        self._stopped = True
+        turn = self.turn
+        if turn is not None:
+            if turn.state is TurnState.CLOSING:
+                self.turn = None
+            else:
+                self._close_turn(turn, flush=False)
+        if self._track_closed is None:
+            self._track_closed = asyncio.create_task(self.track.aclose(), name=f"close-{self.track_sid}")
+        self.ended.set()
 
     def stop(self, flush: bool = True, wait_for_slot: bool = True) -> None:
         """End of this microphone (leave, mute, unpublish). What was said is still captioned: a

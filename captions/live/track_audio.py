@@ -24,6 +24,12 @@ event loop took to take it. The earliest arrivals show the origin (a lower envel
 up slowly so that it follows the tick if it drifts); the moment any one chunk is handled can be
 many ms late (another room's thread held the GIL, or the loop was busy).
 
+Failures (supervise.py): a reader that raises is logged, counted and started again (after
+`RESTART_DELAYS_S`; the audio missed meanwhile is kept as silence, so that sample indices still tell
+time); after as many failures in a row, the track ends with `error` set. A live feed that raises is
+logged, counted and reported to `start_live`'s `on_failure` (the speaker closes the turn, freeing
+its slot).
+
 Threads: everything runs on the room's event loop.
 """
 
@@ -38,6 +44,7 @@ from typing import Protocol
 
 import numpy as np
 
+from captions.live.supervise import supervised
 from captions.live.vad import SpeechGate
 from captions.log import logger
 from captions.stt.api import SAMPLE_RATE
@@ -55,6 +62,12 @@ _now = time.monotonic
 ORIGIN_CREEP_S = 0.0001
 """The most a chunk that came late moves the production-time origin later: a lower envelope that
 follows a tick drifting up to 1.25 ms/s, which a stall (chunks handled many ms late) barely moves."""
+RESTART_DELAYS_S = (0.0, 1.0, 5.0)
+"""Waits before each restart of a reader that failed; one failure more in a row ends the track."""
+HEALTHY_SAMPLES = 10 * SAMPLE_RATE
+"""Audio read since a restart after which the next failure no longer counts as one in a row."""
+MAX_GAP_SAMPLES = 30 * SAMPLE_RATE
+"""The most silence that stands in for the audio missed while a failed reader restarted."""
 
 
 class AudioSource(Protocol):
@@ -86,9 +99,17 @@ class TrackAudio:
         self._origin: float | None = None
         """time.monotonic() at which sample 0 was produced, as the earliest arrivals show it."""
         self._live: _LiveFeed | None = None
-        self._task = asyncio.create_task(self._read(), name=f"track-{label}")
         self.ended = asyncio.Event()
-        """Set when the source ended (the track went away)."""
+        """Set when the source ended (the track went away), or its reader failed for good (`error`)."""
+        self.error: BaseException | None = None
+        """What ended the track, when its reader failed too many times in a row."""
+        self._failures = 0
+        """Reader failures in a row (module notes)."""
+        self._restarted_at: int | None = None
+        """`end` when the reader was last restarted (None: the running reader is the first)."""
+        self._gap_pending = False
+        self._closed = False
+        self._task = supervised(self._read(), "track_reader", f"track-{label}", self._reader_failed)
 
     # ---- the kept audio ---------------------------------------------------------------------
 
@@ -126,27 +147,72 @@ class TrackAudio:
         else:
             self._origin += min(origin - self._origin, ORIGIN_CREEP_S)
 
-    async def _read(self) -> None:
+    async def _read(self, delay_s: float = 0.0) -> None:
         try:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
             async for pcm in self.source.chunks(IDLE_CHUNK_MS):
                 if self.first_captured is None:
                     self.first_captured = time.time() - pcm.size / SAMPLE_RATE
-                self._kept.append(_Kept(self.end, pcm))
-                self.end += pcm.size
+                if self._gap_pending:
+                    self._fill_gap(pcm.size)
+                self._take(pcm)
                 self._arrived()
-                self.gate.feed(pcm)
                 self._on_audio()
-        finally:
+        except asyncio.CancelledError:
             self.ended.set()
+            raise
+        self.ended.set()  # the source ended: the track went away
+
+    def _take(self, pcm: np.ndarray) -> None:
+        self._kept.append(_Kept(self.end, pcm))
+        self.end += pcm.size
+        self.gate.feed(pcm)
+
+    def _fill_gap(self, size: int) -> None:
+        """The first chunk after a restart: the audio missed meanwhile is kept as silence."""
+        self._gap_pending = False
+        if self._origin is None:
+            return
+        gap = min(int((_now() - self._origin) * SAMPLE_RATE) - self.end - size, MAX_GAP_SAMPLES)
+        gap -= gap % LIVE_CHUNK  # the live stream joins on a chunk boundary
+        if gap > 0:
+            self._take(np.zeros(gap, dtype=np.int16))
+
+    def _reader_failed(self, error: BaseException) -> None:
+        """The reader raised (logged and counted already): read again, or end the track."""
+        if self._closed:
+            self.ended.set()
+            return
+        if self._restarted_at is not None and self.end - self._restarted_at >= HEALTHY_SAMPLES:
+            self._failures = 0
+        if self._failures >= len(RESTART_DELAYS_S):
+            self.error = error
+            logger.error("%s: the microphone's audio failed %d times in a row; giving up on it",
+                         self.label, self._failures + 1)
+            self.ended.set()
+            return
+        delay = RESTART_DELAYS_S[self._failures]
+        self._failures += 1
+        self._restarted_at, self._gap_pending = self.end, True
+        logger.warning("%s: reading the microphone's audio again in %.0f s", self.label, delay)
+        self._task = supervised(self._read(delay), "track_reader", f"track-{self.label}", self._reader_failed)
 
     # ---- the live feed ------------------------------------------------------------------------
 
-    def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None]) -> None:
+    def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None],
+                   on_failure: Callable[[BaseException], None] = lambda error: None) -> None:
         """Opens the 10 ms stream. Once the junction is found, `on_junction(index)` is called (the
         caller takes the kept audio before it), then `on_chunk(pcm, index)` with the live audio from
-        the junction on, in order: what was received meanwhile as one array, then each chunk."""
+        the junction on, in order: what was received meanwhile as one array, then each chunk. If the
+        stream fails (logged and counted already), it is closed and `on_failure(error)` is called."""
         self.stop_live()
-        self._live = _LiveFeed(self, on_junction, on_chunk)
+        self._live = _LiveFeed(self, on_junction, on_chunk, on_failure)
+
+    def _live_failed(self, feed: _LiveFeed, error: BaseException) -> None:
+        if self._live is feed:
+            self._live = None
+            feed.on_failure(error)
 
     def stop_live(self) -> None:
         if self._live is not None:
@@ -158,6 +224,7 @@ class TrackAudio:
         return self._live is not None
 
     async def aclose(self) -> None:
+        self._closed = True
         self.stop_live()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -167,9 +234,9 @@ class TrackAudio:
 
 class _LiveFeed:
     def __init__(self, track: TrackAudio, on_junction: Callable[[int], None],
-                 on_chunk: Callable[[np.ndarray, int], None]):
+                 on_chunk: Callable[[np.ndarray, int], None], on_failure: Callable[[BaseException], None]):
         self._track = track
-        self._on_junction, self._on_chunk = on_junction, on_chunk
+        self._on_junction, self._on_chunk, self.on_failure = on_junction, on_chunk, on_failure
         self._pending: list[np.ndarray] = []
         """Live chunks received and not yet delivered."""
         self._received = 0
@@ -179,7 +246,8 @@ class _LiveFeed:
         """Index of the live stream's sample 0 in the kept stream, once found."""
         self._probe_end: int | None = None
         """The kept stream's end when the live chunks compared had all arrived."""
-        self._task = asyncio.create_task(self._read(), name=f"live-{track.label}")
+        self._task = supervised(self._read(), "live_feed", f"live-{track.label}",
+                                lambda error: track._live_failed(self, error))
 
     async def _read(self) -> None:
         async for pcm in self._track.source.chunks(LIVE_CHUNK_MS):
