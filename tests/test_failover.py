@@ -320,3 +320,40 @@ async def test_explicit_dispatch_recovers_after_kill_9(tiny_checkpoint, tmp_path
         assert gap <= RESUME_BOUND_S
         scene.assert_clean()
 
+
+
+async def test_an_agent_that_claims_to_be_the_captioner_displaces_nobody(tiny_checkpoint, tmp_path, speech_dir):
+    """Another agent of the deployment (its own key, a `captions.since` of 0, a claim copied from the
+    real captioner) in a captioned room: the workers keep the real captioner and leave the other
+    agent alone; captions keep coming from the real one (issue 22)."""
+    from captions.dev.bots import make_token
+    from captions.protocol import ATTR_AGENT_ALIVE, ATTR_AGENT_CLAIM, CaptionSigner
+
+    async with stage(tiny_checkpoint, tmp_path) as scene:
+        await scene.start_worker()
+        await scene.talk(speech_dir)
+        real, _ = await scene.caption_from_a_new_agent(set(), 60)
+        from livekit import rtc
+
+        rogue = rtc.Room()
+        await rogue.connect(scene.server.url, make_token(scene.server, scene.room, "agent-rogue", agent=True))
+        listing = api.LiveKitAPI(scene.server.http_url, scene.server.api_key, scene.server.api_secret)
+        try:
+            participants = (await listing.room.list_participants(api.ListParticipantsRequest(room=scene.room))).participants
+            real_claim = next(p for p in participants if p.identity == real).attributes[ATTR_AGENT_CLAIM]
+            for beat in range(8):  # a heartbeat that moves, an early start, claims that are not its own
+                await rogue.local_participant.set_attributes({
+                    ATTR_AGENT_CLAIM: CaptionSigner().claim(scene.room, "agent-rogue") if beat % 2 else real_claim,
+                    "captions.key": CaptionSigner().public_key,  # what workers trusted before the claim
+                    "captions.since": "0", ATTR_AGENT_ALIVE: str(beat), "captions.status": "live"})
+                await asyncio.sleep(1.0)
+            present = {p.identity for p in (await listing.room.list_participants(
+                api.ListParticipantsRequest(room=scene.room))).participants}
+            assert {real, "agent-rogue"} <= present, f"an agent was removed: {present}"
+            since = time.time()
+            await scene.viewer.wait_until(
+                lambda: [c for c in scene.viewer.captions if c.received_at > since], 30, "captions after the rogue")
+            assert scene.agents() == [real], "captions came from another captioner"
+        finally:
+            await listing.aclose()
+            await rogue.disconnect()
