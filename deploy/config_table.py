@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from captions.cli import COMMANDS
 
-TABLE_COMMANDS = ("worker", "web", "token")
+TABLE_COMMANDS = ("worker", "web", "token", "revoke")
 """The commands a deployment runs (`captions up`, `server` and the test helpers are for laptops)."""
 ENV_HELP = re.compile(r"^(?P<help>.*) \[env (?P<env>\w+), default (?P<default>.*)\]$", re.DOTALL)
 

@@ -32,7 +32,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 IMAGE = "kyutai-livekit-captions:latest"
-EXTRA_COMMANDS = {"web": ["token"]}
+EXTRA_COMMANDS = {"web": ["token", "revoke"]}
 """Commands an operator runs inside a service's container (`docker compose run --rm web token ...`),
 whose variables that service may therefore carry."""
 NOT_CLI_VARIABLES = {"HF_TOKEN", "HF_HOME", "NO_TORCH_COMPILE", "LIVEKIT_KEYS"}

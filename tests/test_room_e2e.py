@@ -258,20 +258,19 @@ async def test_a_late_viewer_receives_the_backlog_from_the_viewer_server(convers
     them from the worker's transcript file, for the room its signed link names (and no other)."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from captions.viewer.links import sign_access
+    from captions.viewer.links import make_link
     from captions.viewer.server import WebSettings, create_app
 
     expected = read_transcript(transcript_path(captions_worker.data_dir, conversation.room))
     assert expected, "the conversation left no transcript"
     settings = WebSettings("ws://unused", "ws://unused", "key", "secret", "viewer-secret",
-                           data_dir=captions_worker.data_dir)
+                           data_dir=captions_worker.data_dir, sweep_interval_s=0)
     async with TestClient(TestServer(create_app(settings))) as client:
-        exp = int(time.time()) + 600
-        link = {"room": conversation.room, "exp": str(exp), "access": sign_access("viewer-secret", conversation.room, exp)}
+        link = {"link": make_link("viewer-secret", conversation.room, 600)}
         response = await client.get("/api/backlog", params=link)
         assert response.status == 200
         assert [FinalSegment(**s) for s in (await response.json())["segments"]] == expected
-        other = {**link, "room": "e2e-queue"}  # a valid room, but not the one the link was signed for
+        other = {"link": make_link("another-deployment", conversation.room, 600)}
         assert (await client.get("/api/backlog", params=other)).status == 403
 
 
