@@ -326,3 +326,19 @@ def test_image_installs_from_the_lock_runs_unprivileged_and_keeps_the_model_out(
 def test_readme_configuration_table_is_generated_from_the_parsers():
     readme = (ROOT / "README.md").read_text()
     assert config_table.table() in readme, "regenerate it: uv run python deploy/config_table.py"
+
+
+def test_every_test_the_readmes_security_table_names_exists():
+    """The security table says which test tries to break each row: a renamed or removed test must not
+    leave the row unchecked."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Security model"):readme.index("What participants can know")]
+    named, current = [], None
+    for cell in re.findall(r"`((?:test_\w+\.py)?::\w+|test_\w+\.py::\w+)`", table):
+        path, _, name = cell.partition("::")
+        current = path or current
+        named.append((current, name))
+    assert len(named) >= 10, named
+    missing = [f"{path}::{name}" for path, name in named
+               if not re.search(rf"^(async )?def {name}\(", (ROOT / "tests" / path).read_text(), re.MULTILINE)]
+    assert not missing, f"the security table names tests that do not exist: {missing}"
