@@ -1,9 +1,10 @@
 """Nobody can put words in someone else's captions (issue: caption authenticity).
 
 Real livekit-server, the real `captions web`, the viewer in Chromium, the caption agent played by
-`CaptionAgentBot` (it signs as the worker does), and two attackers: one holding a viewer link's
-token (as anyone in a public event's audience can fetch it), one a room participant with data
-rights. Every forgery is attempted while real captions flow; the page and its exports must show
+`CaptionAgentBot` (it signs with the deployment's caption key, as the worker does), and attackers:
+one holding a viewer link's token (as anyone in a public event's audience can fetch it), a room
+participant with data rights, an agent with a key of its own, and a speaker replaying her own
+captions. Every forgery is attempted while real captions flow; the page and its exports must show
 the real captions and nothing forged, with a console warning for what it dropped.
 """
 
@@ -24,14 +25,25 @@ from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.protocol import (
     ATTR_AGENT,
     ATTR_SEGMENT_ID,
+    ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
+    REPLAY_WINDOW_S,
     TOPIC_TRANSCRIPTION,
+    CaptionSigner,
     FinalSegment,
 )
-from tests.viewer_harness import WAIT_MS, CaptionAgentBot, join, screenshot_path, setup_room, wait_state
+from tests.viewer_harness import (
+    WAIT_MS,
+    CaptionAgentBot,
+    join,
+    screenshot_path,
+    segment_texts,
+    setup_room,
+    wait_state,
+)
 
 pytestmark = [pytest.mark.livekit, pytest.mark.browser, pytest.mark.timeout(240),
               pytest.mark.asyncio(loop_scope="session")]
@@ -58,6 +70,11 @@ def viewer_token(web, room: str) -> dict:
 
 async def page_text(page) -> str:
     return await page.text_content("#captions")
+
+
+async def wait_text(page, text: str) -> None:
+    await page.wait_for_function(
+        "(text) => document.querySelector('#captions').textContent.includes(text)", arg=text, timeout=WAIT_MS)
 
 
 async def exports(page) -> str:
@@ -126,7 +143,8 @@ async def test_a_participant_cannot_forge_captions_for_others_or_itself(agentles
     await mallory.local_participant.send_text(line.to_json(), topic="captions.backlog")
     await send_caption(mallory, FORGED)  # her own captions, unsigned
     signed_looking = {ATTR_SEGMENT_ID: "SG_m", ATTR_TRANSCRIPTION_FINAL: "true", ATTR_TRANSCRIBED_TRACK_ID: "TR_m",
-                      ATTR_AGENT: agent, ATTR_SEQ: "0", ATTR_SIGNATURE: BOGUS_SIGNATURE}
+                      ATTR_AGENT: agent, ATTR_SEQ: "0", ATTR_SENT: str(int(time.time() * 1000)),
+                      ATTR_SIGNATURE: BOGUS_SIGNATURE}
     await send_caption(mallory, FORGED, **signed_looking)  # claims the agent's signature
     await send_caption(mallory, FORGED, **{**signed_looking, ATTR_SEGMENT_ID: alice_segment, ATTR_SEQ: "99"})
     await send_caption(mallory, "x" * 100_000, **{**signed_looking, ATTR_SEGMENT_ID: "SG_big"})
@@ -185,8 +203,142 @@ async def test_html_in_backlog_fields_is_shown_as_text(agentless_livekit, agentl
     assert viewer.dialogs == [] and viewer.errors == []
 
 
-def verify_caption(caption, room: str, agent_key: str) -> bool:
-    """The viewer's check, in Python: the caption's signature against the agent's published key."""
+async def test_an_agent_with_a_key_of_its_own_is_not_the_rooms_captioner(agentless_livekit, agentless_web, rooms,
+                                                                          open_viewer):
+    """Any agent of the deployment (a voice assistant; anyone holding an agent token) can speak for
+    others and set its own attributes. This one joins before the real captioner, with an identity
+    that sorts first, claims the room with a key of its own, says it has captioned since forever
+    (captions.since=0, and captions.key: what earlier viewers trusted), says captions.status=waiting,
+    and sends validly self-signed captions for Alice while the real captioner captions her. The page
+    shows the real captioner's captions and status only, and "no captioner" once the real one leaves."""
+    names = {"alice": "Alice (CEO)"}
+    room_name = f"room-{uuid.uuid4().hex[:8]}"
+    rooms.append(await join(agentless_livekit, room_name, "alice", names["alice"]))
+    impostor = await CaptionAgentBot.start(agentless_livekit, room_name, names, identity="a-captions",
+                                           signer=CaptionSigner())
+    rooms.append(impostor.room)
+    claims = {"captions.since": "0", "captions.key": impostor.signer.public_key}
+    await impostor.set_status("waiting", queued=["alice"], **claims)
+    await asyncio.sleep(1.2)  # the real captioner joins a second later: by join time the impostor would win
+    bot = await CaptionAgentBot.start(agentless_livekit, room_name, names)
+    rooms.append(bot.room)
+    viewer = await open_viewer(agentless_web.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+
+    forged_id = await impostor.say("alice", FORGED)
+    real_id = await bot.say("alice", "good morning everyone")
+    await impostor.final("alice", real_id, FORGED, time.time())  # over the real segment, a newer seq
+    await impostor.interim("alice", f"SG_{uuid.uuid4().hex[:10]}", FORGED)
+    await impostor.set_status("waiting", queued=["alice"], **claims)  # an attribute change: the page looks again
+    await bot.say("alice", "the real words arrive")
+    await wait_text(page, "the real words arrive")
+    await asyncio.sleep(1.0)
+    assert [s["text"] for s in await segment_texts(page)] == ["good morning everyone", "the real words arrive"]
+    assert FORGED not in await page_text(page) and FORGED not in await exports(page)
+    assert await page.get_attribute("#status", "data-state") == "live" and await page.is_hidden("#notice")
+    assert "did not sign" in "\n".join(viewer.warnings), viewer.warnings
+    assert forged_id not in await page.inner_html("#captions")
+    await page.screenshot(path=screenshot_path("viewer-impostor-agent.png"))
+
+    await bot.room.disconnect()
+    await wait_state(page, "no-agent")  # the impostor, still there and "waiting", is no captioner
+    assert viewer.errors == []
+
+
+async def test_a_replayed_caption_is_not_shown_again_or_as_new(agentless_livekit, agentless_web, rooms,
+                                                                 open_viewer):
+    """Alice receives the captions made of her words, signed, and can resend them with stream_text
+    under her own identity. Replayed at once, a viewer that has them drops them (not newer, already
+    final). Replayed 10 s later (past the time window): the viewer that was there does not show them
+    twice, and a viewer that joined since (its backlog held back until after the replay, so only the
+    time window stands in the way) shows neither the old final as a new live caption nor the old
+    interim at all."""
+    names = {"alice": "Alice (CEO)"}
+    room_name = f"room-{uuid.uuid4().hex[:8]}"
+    alice = await join(agentless_livekit, room_name, "alice", names["alice"])
+    rooms.append(alice)
+    received: list[tuple[dict, str]] = []
+
+    async def keep(reader) -> None:
+        text = await reader.read_all()
+        received.append((dict(reader.info.attributes), text))
+
+    tasks = set()
+
+    def on_stream(reader, identity) -> None:
+        task = asyncio.ensure_future(keep(reader))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    alice.register_text_stream_handler(TOPIC_TRANSCRIPTION, on_stream)
+    bot = await CaptionAgentBot.start(agentless_livekit, room_name, names, data_dir=agentless_web.data_dir)
+    rooms.append(bot.room)
+    link = agentless_web.link(room_name)
+    viewer = await open_viewer(link)
+    await wait_state(viewer.page, "live")
+
+    open_id = f"SG_{uuid.uuid4().hex[:10]}"
+    await bot.interim("alice", open_id, "let me check the figures")  # this segment stays open
+    final_id = await bot.say("alice", "we sign the contract today")
+
+    def caught(segment_id: str, final: bool) -> tuple[dict, str] | None:
+        return next(((a, t) for a, t in received if a[ATTR_SEGMENT_ID] == segment_id
+                     and a[ATTR_TRANSCRIPTION_FINAL] == ("true" if final else "false")), None)
+
+    deadline = time.monotonic() + 10
+    while not (caught(open_id, False) and caught(final_id, True)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    # The open segment's interim, the final, and the final segment's first interim ("we").
+    replays = [caught(open_id, False), caught(final_id, True), caught(final_id, False)]
+    assert all(replays), "Alice did not receive her captions"
+
+    async def replay() -> None:
+        for attributes, text in replays:
+            await send_caption(alice, text, **attributes)
+
+    await wait_text(viewer.page, "we sign the contract today")
+    await replay()  # at once: inside the time window
+    signed_at = max(int(a[ATTR_SENT]) for a, _ in replays) / 1000
+    await asyncio.sleep(max(0.0, signed_at + REPLAY_WINDOW_S + 4 - time.time()))
+
+    held: list = []
+
+    async def hold_backlog(page) -> None:
+        await page.route("**/api/backlog?*", lambda route: held.append(route))  # noqa: PLW0108 - playwright wraps the handler
+
+    late = await open_viewer(link, before_load=hold_backlog)
+    await wait_state(late.page, "live")
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert held, "the late viewer never asked for the backlog"
+    await replay()  # 10 s later
+    await bot.say("alice", "the real words arrive")
+    for page in (viewer.page, late.page):
+        await wait_text(page, "the real words arrive")
+    await asyncio.sleep(1.0)
+    async with late.page.expect_response("**/api/backlog?*"):
+        await held[0].continue_()
+    await asyncio.sleep(0.5)  # the page puts the backlog in
+
+    assert await segment_texts(viewer.page) == [
+        {"text": "let me check the figures", "interim": True, "speaker": "Alice (CEO)"},
+        {"text": "we sign the contract today", "interim": False, "speaker": "Alice (CEO)"},
+        {"text": "the real words arrive", "interim": False, "speaker": "Alice (CEO)"},
+    ]
+    turns = await late.page.eval_on_selector_all(
+        "#captions .turn", "ts => ts.map(t => [t.classList.contains('backlog'), t.querySelector('.text').innerText])")
+    assert turns == [[True, "we sign the contract today"], [False, "the real words arrive"]]
+    there, joined = "\n".join(viewer.warnings), "\n".join(late.warnings)
+    assert "already final" in there and "not newer" in there, viewer.warnings
+    assert "a replay" in there and joined.count("a replay") == 3, (viewer.warnings, late.warnings)
+    await late.page.screenshot(path=screenshot_path("viewer-after-replay-late.png"))
+    assert viewer.errors == [] and late.errors == []
+
+
+def verify_caption(caption, room: str, caption_key: str) -> bool:
+    """The viewer's check, in Python: the caption's signature against the key the server vouches for."""
     import base64
 
     from cryptography.exceptions import InvalidSignature
@@ -198,9 +350,9 @@ def verify_caption(caption, room: str, agent_key: str) -> bool:
     message = caption_message(room=room, agent=a[ATTR_AGENT], speaker=caption.sender,
                               track_sid=a[ATTR_TRANSCRIBED_TRACK_ID], segment_id=a[ATTR_SEGMENT_ID],
                               seq=int(a[ATTR_SEQ]), final=a[ATTR_TRANSCRIPTION_FINAL] == "true",
-                              words=a.get(ATTR_WORDS, ""), text=caption.text)
+                              sent_ms=int(a[ATTR_SENT]), words=a.get(ATTR_WORDS, ""), text=caption.text)
     try:
-        Ed25519PublicKey.from_public_bytes(base64.b64decode(agent_key)).verify(
+        Ed25519PublicKey.from_public_bytes(base64.b64decode(caption_key)).verify(
             base64.b64decode(a[ATTR_SIGNATURE]), message)
     except (InvalidSignature, KeyError, ValueError):
         return False
@@ -212,9 +364,9 @@ async def test_forgeries_fail_against_captions_up_and_the_real_workers_captions_
         tiny_checkpoint, tmp_path, speech_dir):
     """`captions up` as a newcomer runs it: someone holding the printed viewer link fetches the
     page's token and tries the three forgeries; nobody receives them, and every caption the real
-    worker publishes verifies against the key it announces."""
+    worker publishes verifies against the key the viewer server vouches for, as does its claim."""
     from captions.dev.livekit_server import LiveKitServer
-    from captions.protocol import ATTR_AGENT_KEY
+    from captions.protocol import ATTR_AGENT_CLAIM, claim_message, verify
     from tests.test_room_e2e import _start_captions_up, publisher, speech
 
     up, _, livekit_port, _, link = await _start_captions_up(tiny_checkpoint, tmp_path)
@@ -244,7 +396,9 @@ async def test_forgeries_fail_against_captions_up_and_the_real_workers_captions_
             up.send_signal(2)
         up.wait(timeout=90)
     assert all(c.sender == "alice" and FORGED not in c.text for c in listener.captions)
-    key = agent.attributes[ATTR_AGENT_KEY]
+    key = grant["caption_key"]
+    assert key == CaptionSigner.for_deployment("secret", "").public_key
+    assert verify(key, claim_message(room="up-room", identity=agent.identity), agent.attributes[ATTR_AGENT_CLAIM])
     assert listener.captions and all(verify_caption(c, "up-room", key) for c in listener.captions)
     tampered = listener.captions[-1]
     tampered.text += " and more"

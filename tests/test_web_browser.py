@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from captions.dev.processes import free_port
-from captions.viewer.links import sign_access
+from captions.viewer.links import viewer_link
 from tests.viewer_harness import (
     WAIT_MS,
     CaptionAgentBot,
@@ -213,8 +213,19 @@ async def test_overlay_shows_last_two_turns_on_transparent_background(agentless_
     await page.screenshot(path=screenshot_path("viewer-overlay.png"), omit_background=True)
 
 
+def tampered(link: str, room: str) -> str:
+    """`link` with its JWT's room changed, and its signature left as it was."""
+    import base64
+
+    prefix, token = link.split("?link=")
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = base64.urlsafe_b64encode(json.dumps({**claims, "room": room}).encode()).decode().rstrip("=")
+    return f"{prefix}?link={header}.{forged}.{signature}"
+
+
 async def test_tampered_link_is_refused_with_a_message(agentless_web, open_viewer):
-    link = agentless_web.link("some-room").replace("access=", "access=0")
+    link = tampered(agentless_web.link("some-room"), "another-room")
     viewer = await open_viewer(link)
     await wait_state(viewer.page, "refused")
     assert "not valid" in await viewer.page.text_content("#notice")
@@ -223,11 +234,46 @@ async def test_tampered_link_is_refused_with_a_message(agentless_web, open_viewe
 
 
 async def test_expired_link_says_so(agentless_web, open_viewer):
-    expiry = int(time.time()) - 5
-    access = sign_access(agentless_web.secret, "old-room", expiry)
-    viewer = await open_viewer(f"{agentless_web.base_url}/?room=old-room&exp={expiry}&access={access}")
+    link = viewer_link(agentless_web.base_url, agentless_web.secret, "old-room", 60, now=time.time() - 65)
+    viewer = await open_viewer(link)
     await wait_state(viewer.page, "expired")
     assert "expired" in await viewer.page.text_content("#notice")
+
+
+def revoke_room(web: WebServer, room: str) -> None:
+    """What `captions revoke --room` does: every link of `room` made so far ends."""
+    from captions.viewer.revocations import append, default_path
+
+    append(default_path(web.data_dir), {"room": room, "before": int(time.time())})
+
+
+async def test_revoked_link_says_so(agentless_web, open_viewer):
+    room = f"room-{uuid.uuid4().hex[:8]}"
+    link = agentless_web.link(room)
+    revoke_room(agentless_web, room)
+    await asyncio.sleep(1.1)  # the server re-reads its revocation list at most every second
+    viewer = await open_viewer(link)
+    await wait_state(viewer.page, "revoked")
+    assert "revoked" in (await viewer.page.text_content("#status")).lower()
+    assert await viewer.page.is_visible("#notice")
+
+
+async def test_a_viewer_whose_link_is_revoked_while_watching_is_told_and_does_not_retry(
+        agentless_livekit, agentless_web, rooms, open_viewer):
+    """The viewer server removes the viewers of a revoked link from the room (its sweeper): the page
+    says the link has ended and what to do, instead of reconnecting in a loop."""
+    room_name, _ = await setup_room(agentless_livekit, rooms, {"nia": "Nia"})
+    viewer = await open_viewer(agentless_web.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    revoke_room(agentless_web, room_name)
+    await page.wait_for_selector('#status[data-state="removed"]', timeout=30000)
+    notice = await page.text_content("#notice")
+    assert "ended or was revoked" in notice and "Ask the operator for a new link" in notice
+    await asyncio.sleep(3)
+    assert await page.get_attribute("#status", "data-state") == "removed"
+    await page.screenshot(path=screenshot_path("viewer-link-removed.png"))
+    assert viewer.errors == []
 
 
 async def test_bad_livekit_token_is_refused_with_a_message(agentless_web, open_viewer):

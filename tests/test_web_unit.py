@@ -347,33 +347,93 @@ def test_web_dir_is_where_the_server_looks():
 # ---------------------------------------------------------------- caption signatures (web/protocol.js under node)
 
 
-def verify_in_node(public_key: str, caption: dict) -> bool:
-    """What the viewer does with a caption (protocol.js's message, WebCrypto's Ed25519), under node."""
-    script = (
-        "import { captionMessage, fromBase64 } from './protocol.js';"
-        "const [key, caption] = [process.argv[1], JSON.parse(process.argv[2])];"
-        "const imported = await crypto.subtle.importKey('raw', fromBase64(key), {name: 'Ed25519'}, false, ['verify']);"
-        "const ok = await crypto.subtle.verify({name: 'Ed25519'}, imported, fromBase64(caption.signature),"
-        " captionMessage(caption));"
-        "console.log(JSON.stringify(ok));"
-    )
-    result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", script, public_key,
-                             json.dumps(caption)], cwd=WEB_DIR, capture_output=True, text=True, timeout=30, check=True)
+def run_protocol_js(body: str, *args) -> object:
+    """`body` (JavaScript that ends by printing JSON) under node with web/protocol.js imported as P;
+    `args` arrive as JSON in ARGS."""
+    script = ("import * as P from './protocol.js';"
+              "const ARGS = process.argv.slice(1).map((a) => JSON.parse(a));"
+              "const verify = async (key, signature, message) => crypto.subtle.verify({name: 'Ed25519'},"
+              " await crypto.subtle.importKey('raw', P.fromBase64(key), {name: 'Ed25519'}, false, ['verify']),"
+              " P.fromBase64(signature), message);" + body)
+    result = subprocess.run([shutil.which("node"), "--input-type=module", "-e", script, *map(json.dumps, args)],
+                            cwd=WEB_DIR, capture_output=True, text=True, timeout=30, check=True)
     return json.loads(result.stdout)
 
 
+def verify_in_node(public_key: str, caption: dict) -> bool:
+    """What the viewer does with a caption (protocol.js's message, WebCrypto's Ed25519), under node."""
+    return run_protocol_js("const [key, c] = ARGS;"
+                           "console.log(JSON.stringify(await verify(key, c.signature, P.captionMessage(c))));",
+                           public_key, caption)
+
+
 def test_a_caption_signed_by_the_agent_verifies_in_the_viewer_and_any_change_breaks_it():
-    signer = CaptionSigner()
+    signer = CaptionSigner.for_deployment(API_SECRET, "")
     fields = {"room": "réunion: 1", "agent": "agent-AJ_1", "speaker": "alice", "trackSid": "TR_1",
-              "segmentId": "SG_1", "seq": 3, "final": True, "words": '[["h\\u00e9llo", 1.0, 1.5]]',
-              "text": "héllo 5:world 🎉"}
+              "segmentId": "SG_1", "seq": 3, "final": True, "sentMs": 1_780_000_000_123,
+              "words": '[["h\\u00e9llo", 1.0, 1.5]]', "text": "héllo 5:world 🎉"}
     message = caption_message(room=fields["room"], agent=fields["agent"], speaker=fields["speaker"],
                               track_sid=fields["trackSid"], segment_id=fields["segmentId"], seq=fields["seq"],
-                              final=fields["final"], words=fields["words"], text=fields["text"])
+                              final=fields["final"], sent_ms=fields["sentMs"], words=fields["words"],
+                              text=fields["text"])
     caption = {**fields, "signature": signer.sign(message)}
     assert verify_in_node(signer.public_key, caption) is True
     for field, other in [("text", "héllo 5:world 🎉!"), ("speaker", "bob"), ("segmentId", "SG_2"), ("seq", 4),
                          ("final", False), ("room", "réunion: 2"), ("agent", "agent-AJ_2"), ("words", "[]"),
-                         ("trackSid", "TR_2")]:
+                         ("trackSid", "TR_2"), ("sentMs", fields["sentMs"] + 1)]:
         assert verify_in_node(signer.public_key, {**caption, field: other}) is False, field
-    assert verify_in_node(CaptionSigner().public_key, caption) is False, "another agent's key"
+    assert verify_in_node(CaptionSigner().public_key, caption) is False, "a key of its own"
+    assert verify_in_node(CaptionSigner.for_deployment(API_SECRET, "other-pool").public_key, caption) is False, \
+        "another pool's key"
+    assert verify_in_node(CaptionSigner.for_deployment("another-secret", "").public_key, caption) is False, \
+        "another deployment's key"
+
+
+def test_a_captioners_claim_verifies_in_the_viewer_for_its_own_identity_and_room_only():
+    from captions.protocol import claim_message
+
+    signer = CaptionSigner.for_deployment(API_SECRET, "")
+    room, identity = "réunion: 1", "agent-AJ_1"
+    claim = signer.claim(room, identity)
+    assert claim == signer.sign(claim_message(room=room, identity=identity))
+    cases = [(signer.public_key, room, identity), (signer.public_key, room, "agent-AJ_2"),
+             (signer.public_key, "réunion: 2", identity), (CaptionSigner().public_key, room, identity)]
+    checked = run_protocol_js("const [claim, cases] = ARGS; const out = [];"
+                              "for (const [key, room, identity] of cases)"
+                              " out.push(await verify(key, claim, P.claimMessage({room, identity})));"
+                              "console.log(JSON.stringify(out));", claim, cases)
+    assert checked == [True, False, False, False]
+
+
+def test_the_viewers_protocol_constants_mirror_the_python_ones():
+    from captions import protocol
+
+    constants = run_protocol_js("console.log(JSON.stringify(Object.fromEntries(Object.entries(P)"
+                                ".filter(([name]) => /^[A-Z_]+$/.test(name)))));")
+    assert constants["REPLAY_WINDOW_MS"] == protocol.REPLAY_WINDOW_S * 1000
+    for name in ("TOPIC_TRANSCRIPTION", "ATTR_SEGMENT_ID", "ATTR_TRANSCRIPTION_FINAL", "ATTR_TRANSCRIBED_TRACK_ID",
+                 "ATTR_WORDS", "ATTR_AGENT", "ATTR_SEQ", "ATTR_SENT", "ATTR_SIGNATURE", "ATTR_AGENT_STATUS",
+                 "ATTR_AGENT_QUEUED", "ATTR_AGENT_CLAIM"):
+        assert constants[name] == getattr(protocol, name), name
+    assert "ATTR_AGENT_KEY" not in constants and "ATTR_AGENT_SINCE" not in constants
+
+
+def test_the_viewer_elects_the_captioner_the_workers_elect():
+    """From livekit-client's joinedAt (a Date made from the server's whole seconds), as
+    `elected_captioner` does from the same facts; identities compare by code point as in Python."""
+    from captions.protocol import CaptionerInfo, elected_captioner
+
+    cases = [
+        [("agent-b", 1000), ("agent-a", 2000)],
+        [("agent-b", 1000), ("agent-a", 1000)],
+        [("agent-z", 5), ("agent-y", None), ("agent-x", 7)],
+        [("agent-\uffff", 9), ("agent-\U0001f600", 9)],  # UTF-16 order would pick the emoji
+        [("only", 3)],
+    ]
+    elected = run_protocol_js(
+        "console.log(JSON.stringify(ARGS[0].map((captioners) => P.electedCaptioner(captioners.map(([identity, s]) =>"
+        " ({identity, joinedAt: s === null ? undefined : new Date(s * 1000)}))).identity)));", cases)
+    in_python = [elected_captioner([CaptionerInfo(i, s if s is not None else 2**62) for i, s in case]).identity
+                 for case in cases]
+    assert elected == in_python
+    assert run_protocol_js("console.log(JSON.stringify(P.electedCaptioner([])));") is None

@@ -1,8 +1,9 @@
 """What the viewer tests share: `captions web` as a subprocess, Chromium pages, and `CaptionAgentBot`,
 a LiveKit participant of kind AGENT that publishes exactly what the caption agent publishes
 (captions/protocol.py): signed ``lk.transcription`` streams (interim updates carrying the full text so
-far, then the final one with ``captions.words``) with ``sender_identity`` = the speaker, its
-``captions.status``/``captions.queued``/``captions.key`` attributes, and each final appended to the
+far, then the final one with ``captions.words``) with ``sender_identity`` = the speaker, signed with
+the deployment's caption key (derived from the LiveKit API secret, as the worker's), its
+``captions.status``/``captions.queued``/``captions.claim`` attributes, and each final appended to the
 room's transcript file, which the viewer server reads for late viewers. That keeps the viewer tests
 independent of the model."""
 
@@ -25,10 +26,11 @@ from captions.dev.processes import free_port
 from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.protocol import (
     ATTR_AGENT,
-    ATTR_AGENT_KEY,
+    ATTR_AGENT_CLAIM,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
     ATTR_SEGMENT_ID,
+    ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
     ATTR_TRANSCRIBED_TRACK_ID,
@@ -71,13 +73,16 @@ class WebServer:
 
 
 def start_web_server(livekit_server, log_path: Path, data_dir: Path, secret: str = "viewer-test-secret",
-                     extra_args: tuple[str, ...] = ()) -> WebServer:
-    """`captions web` as a subprocess, in signed-link mode (not --open), up when /healthz answers."""
+                     extra_args: tuple[str, ...] = (), agent_name: str = "") -> WebServer:
+    """`captions web` as a subprocess, in signed-link mode (not --open), up when /healthz answers. It
+    vouches for the caption key of pool `agent_name` under the LiveKit API secret (the bot's, and
+    the worker's by default)."""
     assert (WEB_DIR / "node_modules").is_dir(), "run `npm ci` in web/ first"
     port = free_port()
     command = [sys.executable, "-m", "captions.cli", "web", "--port", str(port), "--url", livekit_server.url,
                "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
-               "--viewer-secret", secret, "--token-ttl", "600", "--data-dir", str(data_dir), *extra_args]
+               "--viewer-secret", secret, "--token-ttl", "600", "--data-dir", str(data_dir),
+               "--agent-name", agent_name, *extra_args]
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -192,41 +197,48 @@ async def join(server, room_name: str, identity: str, name: str, agent: bool = F
 
 
 class CaptionAgentBot:
-    """Publishes signed captions the way the caption agent does, and writes the transcript file."""
+    """Publishes signed captions the way the caption agent does, and writes the transcript file.
+    `signer`: the deployment's caption key (what the viewer server vouches for), unless a test plays
+    an impostor with a key of its own."""
 
-    def __init__(self, room, names: dict[str, str], data_dir: Path | None):
+    def __init__(self, room, names: dict[str, str], data_dir: Path | None, signer: CaptionSigner):
         self.room = room
         self.names = names
-        self.signer = CaptionSigner()
+        self.signer = signer
         self.finals: list[FinalSegment] = []
         self.transcript = TranscriptStore(transcript_path(data_dir, room.name)) if data_dir else None
         self._seq: dict[str, int] = {}
 
     @classmethod
     async def start(cls, server, room_name: str, names: dict[str, str], status: str = "live",
-                    data_dir: Path | None = None, identity: str = "captions-agent"):
+                    data_dir: Path | None = None, identity: str = "captions-agent",
+                    signer: CaptionSigner | None = None):
         room = await join(server, room_name, identity, "Captions", agent=True)
-        bot = cls(room, names, data_dir)
+        bot = cls(room, names, data_dir, signer or CaptionSigner.for_deployment(server.api_secret, ""))
         await bot.set_status(status)
         return bot
 
-    async def set_status(self, status: str, queued: list[str] | None = None) -> None:
+    async def set_status(self, status: str, queued: list[str] | None = None, **extra: str) -> None:
+        """Its status, and its claim to caption the room (as the worker sets them)."""
+        identity = self.room.local_participant.identity
         await self.room.local_participant.set_attributes(
             {ATTR_AGENT_STATUS: status, ATTR_AGENT_QUEUED: json.dumps(queued or []),
-             ATTR_AGENT_KEY: self.signer.public_key})
+             ATTR_AGENT_CLAIM: self.signer.claim(self.room.name, identity), **extra})
 
     def signed_attributes(self, speaker: str, segment_id: str, text: str, final: bool, words: str = "",
-                          seq: int | None = None) -> dict[str, str]:
-        """The attributes the agent sends with a caption, signed."""
+                          seq: int | None = None, sent_ms: int | None = None) -> dict[str, str]:
+        """The attributes the agent sends with a caption, signed now (or at `sent_ms`)."""
         if seq is None:
             seq = self._seq.get(segment_id, 0)
             self._seq[segment_id] = seq + 1
+        sent_ms = int(time.time() * 1000) if sent_ms is None else sent_ms
         agent, track = self.room.local_participant.identity, f"TR_{speaker}"
         message = caption_message(room=self.room.name, agent=agent, speaker=speaker, track_sid=track,
-                                  segment_id=segment_id, seq=seq, final=final, words=words, text=text)
+                                  segment_id=segment_id, seq=seq, final=final, sent_ms=sent_ms, words=words,
+                                  text=text)
         attributes = {ATTR_SEGMENT_ID: segment_id, ATTR_TRANSCRIPTION_FINAL: "true" if final else "false",
                       ATTR_TRANSCRIBED_TRACK_ID: track, ATTR_AGENT: agent, ATTR_SEQ: str(seq),
-                      ATTR_SIGNATURE: self.signer.sign(message)}
+                      ATTR_SENT: str(sent_ms), ATTR_SIGNATURE: self.signer.sign(message)}
         if final:
             attributes[ATTR_WORDS] = words
         return attributes

@@ -1,24 +1,38 @@
-// Checking that a caption comes from the caption agent, for the speaker it names.
+// Checking that a caption comes from this deployment's caption agent, for the speaker it names, now.
 //
-// The agent signs every caption with an Ed25519 key it generates when it starts and publishes as
-// its own participant attribute (captions.key); only an agent token makes a participant of kind
-// AGENT, and only a participant can set its own attributes. LiveKit lets only agents send a
-// stream under another participant's identity, but does not tell a receiver whether a stream named
-// "alice" came from an agent or from alice, and anyone who saw a stream's header can write into it:
-// the signature covers the room, the agent, the speaker, the track, the segment, the update number,
-// the words and the text, so nothing else verifies. See captions/protocol.py.
+// One trust root: the viewer server hands the page, with its token, the public half of the caption
+// key (derived from the LiveKit API secret, which only the server and the caption workers hold) and
+// its clock. Nothing a participant says about itself is trusted: LiveKit does not tell a receiver
+// whether a stream named "alice" came from an agent or from alice, anyone who saw a stream's header
+// can write into it, and every participant sets its own attributes. So:
+// * a caption's signature (over room, agent, speaker, track, segment, update number, final, time,
+//   words and text) must verify with the server's key;
+// * a participant is a captioner only if it is an agent and its captions.claim (a signature of the
+//   room and its own identity) verifies with that key; the room's captioner is elected among them
+//   from what the server says (join time), never from an attribute;
+// * a caption signed too far from the server's clock is a replay (a participant receives her own
+//   captions and can resend them under her own identity).
+// See captions/protocol.py.
 
 import { ParticipantKind } from './vendor/livekit-client.esm.mjs';
-import { ATTR_AGENT_KEY, captionMessage, fromBase64 } from './protocol.js';
+import {
+  ATTR_AGENT_CLAIM,
+  REPLAY_WINDOW_MS,
+  captionMessage,
+  claimMessage,
+  electedCaptioner,
+  fromBase64,
+} from './protocol.js';
 
-const AGENT_WAIT_MS = 5000;
-const AGENT_POLL_MS = 200;
+const CAPTIONER_WAIT_MS = 5000;
+const CAPTIONER_POLL_MS = 200;
 
 export class CaptionVerifier {
-  /** `room()`: the current LiveKit room (null while disconnected). */
-  constructor(room) {
-    this.room = room;
-    this.keys = new Map(); // base64 public key -> CryptoKey promise
+  constructor() {
+    this.key = null; // CryptoKey promise of the server's caption key
+    this.keyText = '';
+    this.clockOffsetMs = 0; // server clock − this browser's clock
+    this.claims = new Map(); // identity NUL claim -> Promise<boolean>
   }
 
   /** WebCrypto exists only in secure contexts (https, or this machine): elsewhere nothing verifies. */
@@ -27,47 +41,82 @@ export class CaptionVerifier {
   }
 
   /**
-   * True when `caption` ({agent, speaker, trackSid, segmentId, seq, final, words, text, signature})
-   * was signed by the agent it names, in this room. Waits a few seconds for an agent this viewer
-   * does not know yet (LiveKit announces participants that publish nothing in batches).
+   * What the viewer server vouched for in its answer: `captionKey` (base64 raw Ed25519) and
+   * `serverTimeMs`, answered between `sentAt` and `receivedAt` (this browser's Date.now()).
    */
-  async verify(caption) {
-    const signature = fromBase64(caption.signature);
-    if (!signature || signature.length !== 64) return false;
-    const publicKey = await this.agentKey(caption.agent);
-    if (!publicKey) return false;
-    const room = this.room();
-    if (!room) return false;
-    const message = captionMessage({ ...caption, room: room.name });
+  trust({ captionKey, serverTimeMs, sentAt, receivedAt }) {
+    // The server read its clock somewhere during the request: the midpoint is off by at most half
+    // the round trip.
+    this.clockOffsetMs = serverTimeMs - (sentAt + receivedAt) / 2;
+    if (captionKey === this.keyText) return;
+    this.keyText = captionKey;
+    this.claims.clear();
+    const raw = fromBase64(captionKey);
+    this.key = raw && raw.length === 32
+      ? crypto.subtle.importKey('raw', raw, { name: 'Ed25519' }, false, ['verify'])
+      : Promise.reject(new Error('the viewer server sent a malformed caption key'));
+    this.key.catch((error) => console.warn(error.message));
+  }
+
+  /** This browser's estimate of the server's clock, Unix ms. */
+  serverNow() {
+    return Date.now() + this.clockOffsetMs;
+  }
+
+  /** Why a caption signed at `sentMs` (by the agent's clock) is not live, or '' when it is. */
+  replayReason(sentMs, now = this.serverNow()) {
+    const skew = sentMs - now;
+    if (Math.abs(skew) <= REPLAY_WINDOW_MS) return '';
+    const seconds = (Math.abs(skew) / 1000).toFixed(1);
+    return skew < 0 ? `it was signed ${seconds} s ago (a replay)` : `it was signed ${seconds} s in the future`;
+  }
+
+  async signedByKey(signatureText, message) {
+    const signature = fromBase64(signatureText);
+    if (!this.key || !signature || signature.length !== 64) return false;
     try {
-      const key = await this.importKey(publicKey);
-      return await crypto.subtle.verify({ name: 'Ed25519' }, key, signature, message);
+      return await crypto.subtle.verify({ name: 'Ed25519' }, await this.key, signature, message);
     } catch (error) {
-      console.warn('caption signature check failed', error);
+      console.warn('signature check failed', error);
       return false;
     }
   }
 
-  /** The captions.key of the agent participant `identity`, waiting for it a few seconds. */
-  async agentKey(identity) {
-    const deadline = Date.now() + AGENT_WAIT_MS;
-    for (;;) {
-      const participant = this.room()?.getParticipantByIdentity(identity);
-      if (participant && participant.kind === ParticipantKind.AGENT && participant.attributes[ATTR_AGENT_KEY]) {
-        return participant.attributes[ATTR_AGENT_KEY];
-      }
-      if (Date.now() >= deadline) return null;
-      await new Promise((resolve) => setTimeout(resolve, AGENT_POLL_MS));
-    }
+  /** True when `caption` ({agent, speaker, trackSid, segmentId, seq, final, sentMs, words, text,
+   * signature}) was signed with the caption key for this room. */
+  verify(caption, roomName) {
+    return this.signedByKey(caption.signature, captionMessage({ ...caption, room: roomName }));
   }
 
-  importKey(publicKey) {
-    if (!this.keys.has(publicKey)) {
-      const raw = fromBase64(publicKey);
-      this.keys.set(publicKey, raw && raw.length === 32
-        ? crypto.subtle.importKey('raw', raw, { name: 'Ed25519' }, false, ['verify'])
-        : Promise.reject(new Error('malformed agent key')));
+  /** Whether `participant` is a captioner: an agent whose claim names it in this room. Cached per
+   * identity and claim (a claim never changes its meaning). */
+  isCaptioner(participant, roomName) {
+    const claim = participant.attributes[ATTR_AGENT_CLAIM];
+    if (participant.kind !== ParticipantKind.AGENT || !claim) return Promise.resolve(false);
+    const cacheKey = `${participant.identity}\u0000${claim}`;
+    if (!this.claims.has(cacheKey)) {
+      this.claims.set(cacheKey, this.signedByKey(claim, claimMessage({ room: roomName, identity: participant.identity })));
     }
-    return this.keys.get(publicKey);
+    return this.claims.get(cacheKey);
+  }
+
+  /** The room's participants whose claim verifies. */
+  async captioners(room) {
+    const agents = [...room.remoteParticipants.values()];
+    const valid = await Promise.all(agents.map((p) => this.isCaptioner(p, room.name)));
+    return agents.filter((_, i) => valid[i]);
+  }
+
+  /** The room's elected captioner (null when none), waiting a few seconds for `identity` to be
+   * known as a captioner (LiveKit announces participants that publish nothing in batches). */
+  async electedWaitingFor(room, identity) {
+    const deadline = Date.now() + CAPTIONER_WAIT_MS;
+    for (;;) {
+      const captioners = await this.captioners(room);
+      if (captioners.some((p) => p.identity === identity) || Date.now() >= deadline) {
+        return electedCaptioner(captioners);
+      }
+      await new Promise((resolve) => setTimeout(resolve, CAPTIONER_POLL_MS));
+    }
   }
 }

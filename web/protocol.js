@@ -1,4 +1,5 @@
-// The captions protocol, as the agent publishes it (mirrors captions/protocol.py).
+// The captions protocol, as the agent publishes it (mirrors captions/protocol.py, whose module
+// docstring is the spec).
 
 export const TOPIC_TRANSCRIPTION = 'lk.transcription';
 export const ATTR_SEGMENT_ID = 'lk.segment_id';
@@ -7,31 +8,30 @@ export const ATTR_TRANSCRIBED_TRACK_ID = 'lk.transcribed_track_id';
 export const ATTR_WORDS = 'captions.words';
 export const ATTR_AGENT = 'captions.agent';
 export const ATTR_SEQ = 'captions.seq';
+export const ATTR_SENT = 'captions.sent';
 export const ATTR_SIGNATURE = 'captions.sig';
 export const ATTR_AGENT_STATUS = 'captions.status';
 export const ATTR_AGENT_QUEUED = 'captions.queued';
-export const ATTR_AGENT_KEY = 'captions.key';
-export const ATTR_AGENT_SINCE = 'captions.since';
+export const ATTR_AGENT_CLAIM = 'captions.claim';
 
-const SIGNATURE_CONTEXT = 'lk-captions-v1';
+const SIGNATURE_CONTEXT = 'lk-captions-v2';
+
+/** A caption signed this far from the viewer's estimate of the server's clock is a replay
+ * (captions/protocol.py REPLAY_WINDOW_S). */
+export const REPLAY_WINDOW_MS = 6000;
 
 /** A caption's text is at most a readable line (the agent cuts segments at 20 words): anything far
  * longer is not a caption, and is not read further. */
 export const MAX_CAPTION_CHARS = 2000;
 
-/**
- * The bytes a caption's signature covers (captions/protocol.py `caption_message`): each field
- * prefixed with its length in UTF-8 bytes.
- */
-export function captionMessage({ room, agent, speaker, trackSid, segmentId, seq, final, words, text }) {
+/** Each field prefixed with its length in UTF-8 bytes, so that no field can spill into the next
+ * (captions/protocol.py `_length_prefixed`). */
+function lengthPrefixed(...fields) {
   const encoder = new TextEncoder();
-  const fields = [SIGNATURE_CONTEXT, room, agent, speaker, trackSid, segmentId, String(seq),
-    final ? 'final' : 'interim', words, text];
-  const parts = [];
-  for (const value of fields) {
+  const parts = fields.flatMap((value) => {
     const bytes = encoder.encode(value);
-    parts.push(encoder.encode(`${bytes.length}:`), bytes);
-  }
+    return [encoder.encode(`${bytes.length}:`), bytes];
+  });
   const out = new Uint8Array(parts.reduce((n, part) => n + part.length, 0));
   let offset = 0;
   for (const part of parts) {
@@ -39,6 +39,17 @@ export function captionMessage({ room, agent, speaker, trackSid, segmentId, seq,
     offset += part.length;
   }
   return out;
+}
+
+/** The bytes a caption's signature covers (captions/protocol.py `caption_message`). */
+export function captionMessage({ room, agent, speaker, trackSid, segmentId, seq, final, sentMs, words, text }) {
+  return lengthPrefixed(SIGNATURE_CONTEXT, 'caption', room, agent, speaker, trackSid, segmentId, String(seq),
+    final ? 'final' : 'interim', String(sentMs), words, text);
+}
+
+/** The bytes a captioner's captions.claim signs (captions/protocol.py `claim_message`). */
+export function claimMessage({ room, identity }) {
+  return lengthPrefixed(SIGNATURE_CONTEXT, 'claim', room, identity);
 }
 
 /** Base64 to bytes; null for anything that is not base64. */
@@ -70,17 +81,36 @@ export function parseWords(text) {
   }
 }
 
-/**
- * The room's captioner among several caption agents ({identity, attributes}): the one that joined
- * first (captions.since), the smaller identity on a tie (captions/protocol.py `elected_captioner`).
- */
-export function electedCaptioner(agents) {
-  let best = null;
-  for (const agent of agents) {
-    if (!agent.attributes[ATTR_AGENT_KEY]) continue;
-    const since = Number(agent.attributes[ATTR_AGENT_SINCE]);
-    const key = [Number.isFinite(since) ? since : Infinity, agent.identity];
-    if (!best || key[0] < best.key[0] || (key[0] === best.key[0] && key[1] < best.key[1])) best = { agent, key };
+/** Python's str order (by code point); JavaScript's < compares UTF-16 units, which differs above
+ * U+FFFF, and workers and viewers must elect the same captioner. */
+function comesBefore(a, b) {
+  const x = [...a];
+  const y = [...b];
+  for (let i = 0; i < Math.min(x.length, y.length); i += 1) {
+    const d = x[i].codePointAt(0) - y[i].codePointAt(0);
+    if (d) return d < 0;
   }
-  return best ? best.agent : null;
+  return x.length < y.length;
+}
+
+/** When the server says a participant joined, in whole Unix seconds (what every SDK reports);
+ * unknown sorts last. `joinedAt`: livekit-client's Date. */
+export function joinedSeconds(participant) {
+  const ms = participant.joinedAt?.getTime();
+  return Number.isFinite(ms) ? Math.floor(ms / 1000) : Infinity;
+}
+
+/**
+ * The room's captioner among captioners whose claim verified ({identity, joinedAt}): the one the
+ * server says joined first, the smaller identity on a tie (captions/protocol.py `elected_captioner`).
+ */
+export function electedCaptioner(captioners) {
+  let best = null;
+  for (const captioner of captioners) {
+    const joined = joinedSeconds(captioner);
+    if (!best || joined < best.joined || (joined === best.joined && comesBefore(captioner.identity, best.captioner.identity))) {
+      best = { captioner, joined };
+    }
+  }
+  return best ? best.captioner : null;
 }

@@ -1,7 +1,8 @@
-// The viewer's connection to the room: a token from the viewer server, the LiveKit room (hidden,
-// subscribe-only, no data publishing), verified caption streams into the transcript, the backlog
-// from the viewer server, the state shown to the reader (live, no captioner, waiting for capacity,
-// reconnecting, refused, expired, insecure page), and retries.
+// The viewer's connection to the room: a token (and the caption key and clock it vouches for)
+// from the viewer server, the LiveKit room (hidden, subscribe-only, no data publishing), verified
+// caption streams into the transcript, the backlog from the viewer server, the state shown to the
+// reader (live, no captioner, waiting for capacity, reconnecting, refused, expired, revoked,
+// insecure page), and retries.
 
 import {
   ConnectionError,
@@ -17,6 +18,7 @@ import {
   ATTR_AGENT_QUEUED,
   ATTR_AGENT_STATUS,
   ATTR_SEGMENT_ID,
+  ATTR_SENT,
   ATTR_SEQ,
   ATTR_SIGNATURE,
   ATTR_TRANSCRIBED_TRACK_ID,
@@ -42,6 +44,9 @@ const STATES = {
   retrying: ['Disconnected', ''],
   refused: ['Access refused', ''],
   expired: ['Link expired', ''],
+  revoked: ['Link revoked', ''],
+  removed: ['Link ended', 'This viewer link has ended or was revoked, and this viewer was removed from the room. '
+    + 'Ask the operator for a new link.'],
   ended: ['Disconnected', ''],
   insecure: ['Captions cannot be verified',
     'This page is not secure (plain http from another machine), so this browser cannot check that captions '
@@ -52,9 +57,11 @@ const STATES = {
 class AccessError extends Error {
   constructor(message, state) {
     super(message);
-    this.state = state; // 'refused' or 'expired': retrying would not help
+    this.state = state; // 'refused', 'expired' or 'revoked': retrying would not help
   }
 }
+
+const ACCESS_STATES = { expired: 'expired', revoked: 'revoked' };
 
 async function readJson(response) {
   try {
@@ -64,24 +71,42 @@ async function readJson(response) {
   }
 }
 
-/** The LiveKit URL and token: from the viewer server for a signed link, or a token in the URL. */
-async function fetchGrant(params) {
-  if (params.has('token')) {
-    const response = await fetch('/api/config', { cache: 'no-store' });
-    const config = await readJson(response);
-    if (!response.ok || !config.livekit_url) throw new Error('the viewer server did not answer');
-    return { url: config.livekit_url, token: params.get('token'), room: params.get('room') || '' };
-  }
+/** What the viewer server needs to know which room to let this page view: the signed link, or
+ * (only in its dev-only --open mode) a room name. */
+function linkQuery(params) {
   const query = new URLSearchParams();
-  for (const key of ['room', 'exp', 'access']) if (params.has(key)) query.set(key, params.get(key));
-  const response = await fetch(`/api/token?${query}`, { cache: 'no-store' });
+  for (const key of ['link', 'room']) if (params.has(key)) query.set(key, params.get(key));
+  return query;
+}
+
+/**
+ * The LiveKit URL and token (from the viewer server for a link, or a token in the URL), with what
+ * the server vouches for: the caption key and its clock (`sentAt`/`receivedAt` bracket the request).
+ */
+async function fetchGrant(params) {
+  const sentAt = Date.now();
+  const viaToken = params.has('token');
+  const response = await fetch(viaToken ? '/api/config' : `/api/token?${linkQuery(params)}`, { cache: 'no-store' });
   const body = await readJson(response);
-  if (response.ok) return body;
-  const message = body.error || `the viewer server answered HTTP ${response.status}`;
-  if (response.status === 400 || response.status === 403) {
-    throw new AccessError(message, body.reason === 'expired' ? 'expired' : 'refused');
+  const receivedAt = Date.now();
+  if (!response.ok) {
+    const message = body.error || `the viewer server answered HTTP ${response.status}`;
+    if (!viaToken && (response.status === 400 || response.status === 403)) {
+      throw new AccessError(message, ACCESS_STATES[body.reason] || 'refused');
+    }
+    throw new Error(message);
   }
-  throw new Error(message);
+  const url = viaToken ? body.livekit_url : body.url;
+  if (!url) throw new Error('the viewer server did not answer');
+  if (typeof body.caption_key !== 'string' || !Number.isFinite(body.server_time_ms)) {
+    throw new Error('the viewer server did not say which caption key to trust');
+  }
+  return {
+    url,
+    token: viaToken ? params.get('token') : body.token,
+    room: (viaToken ? params.get('room') : body.room) || '',
+    trust: { captionKey: body.caption_key, serverTimeMs: body.server_time_ms, sentAt, receivedAt },
+  };
 }
 
 /** A stream's whole text, refusing (with an error) to read past `limit` characters. */
@@ -92,10 +117,6 @@ async function readBounded(reader, limit) {
     if (text.length > limit) throw new Error(`longer than ${limit} characters`);
   }
   return text;
-}
-
-function agentsIn(room) {
-  return [...room.remoteParticipants.values()].filter((p) => p.kind === ParticipantKind.AGENT);
 }
 
 function refusedByLiveKit(error) {
@@ -119,7 +140,8 @@ export class Session {
     this.retryTimer = null;
     this.closing = false;
     this.backlog = { loaded: false };
-    this.verifier = new CaptionVerifier(() => this.room);
+    this.verifier = new CaptionVerifier();
+    this.refreshes = 0;
   }
 
   showState(state, detail) {
@@ -133,27 +155,31 @@ export class Session {
     document.body.dataset.state = state;
   }
 
-  /** Live / agent absent / loading / waiting, from the agent's participant attributes. */
-  refreshRoomState() {
+  /** Live / no captioner / loading / waiting, from the attributes of the room's captioner (an agent
+   * that merely says it captions, or sets captions.status, changes nothing). */
+  async refreshRoomState() {
     if (this.phase !== 'connected' || !this.room) return;
     if (!CaptionVerifier.available) return this.showState('insecure');
-    const agents = agentsIn(this.room);
-    if (!agents.length) return this.showState('no-agent');
-    const statuses = agents.map((a) => a.attributes[ATTR_AGENT_STATUS]);
-    const queued = agents.flatMap((a) => parseJsonArray(a.attributes[ATTR_AGENT_QUEUED]));
-    if (statuses.includes('waiting') || queued.length) {
+    const refresh = ++this.refreshes;
+    const captioner = electedCaptioner(await this.verifier.captioners(this.room));
+    if (refresh !== this.refreshes || this.phase !== 'connected') return; // a newer refresh decides
+    if (!captioner) return this.showState('no-agent');
+    const status = captioner.attributes[ATTR_AGENT_STATUS];
+    const queued = parseJsonArray(captioner.attributes[ATTR_AGENT_QUEUED]);
+    if (status === 'waiting' || queued.length) {
       const who = queued.map((identity) => this.speakers.nameOf(identity)).join(', ');
       const detail = who
         ? `No free captioning capacity yet for: ${who}. What they say is kept and will be captioned, late, as soon as a slot frees.`
         : 'Some speakers are waiting for captioning capacity.';
       return this.showState('waiting', detail);
     }
-    if (statuses.length && statuses.every((s) => s === 'loading')) return this.showState('loading');
+    if (status === 'loading') return this.showState('loading');
     this.showState('live');
   }
 
   /** One caption stream: read (bounded), verified, then shown; anything else is dropped with a warning. */
   async onCaptionStream(reader, participantInfo) {
+    const arrived = this.verifier.serverNow(); // the header's arrival: a slow stream is no replay
     const attributes = reader.info.attributes || {};
     const caption = {
       agent: attributes[ATTR_AGENT] || '',
@@ -162,11 +188,12 @@ export class Session {
       segmentId: attributes[ATTR_SEGMENT_ID] || '',
       seq: Number(attributes[ATTR_SEQ]),
       final: attributes[ATTR_TRANSCRIPTION_FINAL] === 'true',
+      sentMs: Number(attributes[ATTR_SENT]),
       words: attributes[ATTR_WORDS] || '',
       signature: attributes[ATTR_SIGNATURE] || '',
     };
     if (!caption.agent || !caption.speaker || !caption.segmentId || !Number.isSafeInteger(caption.seq)
-        || caption.seq < 0 || !caption.signature) {
+        || caption.seq < 0 || !Number.isSafeInteger(caption.sentMs) || !caption.signature) {
       console.warn('ignoring a caption stream without the agent\'s signature fields', reader.info.id);
       return;
     }
@@ -177,18 +204,25 @@ export class Session {
       console.warn('ignoring a caption stream:', error.message);
       return;
     }
-    if (!CaptionVerifier.available) return;
-    if (!(await this.verifier.verify(caption))) {
+    const room = this.room;
+    if (!CaptionVerifier.available || !room) return;
+    if (!(await this.verifier.verify(caption, room.name))) {
       console.warn(`ignoring a caption for ${caption.speaker} that the caption agent did not sign`);
       return;
     }
-    // Two captioners in a room for a moment (a recovery racing LiveKit's dispatch): one is shown.
-    const elected = this.room && electedCaptioner(agentsIn(this.room));
-    if (elected && elected.identity !== caption.agent) {
-      console.warn(`ignoring a caption from ${caption.agent}: ${elected.identity} captions this room`);
+    const stale = this.verifier.replayReason(caption.sentMs, arrived);
+    if (stale) {
+      console.warn(`ignoring a caption for ${caption.speaker} (${caption.segmentId}): ${stale}`);
       return;
     }
-    this.transcript.update({
+    // Two captioners in a room for a moment (a recovery racing LiveKit's dispatch): one is shown.
+    const elected = await this.verifier.electedWaitingFor(room, caption.agent);
+    if (elected?.identity !== caption.agent) {
+      console.warn(`ignoring a caption from ${caption.agent}: `
+        + `${elected ? `${elected.identity} captions this room` : 'it is not a captioner of this room'}`);
+      return;
+    }
+    const refused = this.transcript.update({
       id: caption.segmentId,
       identity: caption.speaker,
       text: caption.text.trim(),
@@ -198,6 +232,10 @@ export class Session {
       seq: caption.seq,
       agent: caption.agent,
     });
+    if (refused) {
+      console.warn(`ignoring a caption for ${caption.speaker} (${caption.segmentId}): ${refused}`);
+      return;
+    }
     this.onCaptions();
   }
 
@@ -205,12 +243,10 @@ export class Session {
   async loadBacklog() {
     if (this.backlog.loaded || this.params.has('token')) return; // a raw token has no link to show
     this.backlog.loaded = true;
-    const query = new URLSearchParams();
-    for (const key of ['room', 'exp', 'access']) if (this.params.has(key)) query.set(key, this.params.get(key));
     let body = {};
     let response;
     try {
-      response = await fetch(`/api/backlog?${query}`, { cache: 'no-store' });
+      response = await fetch(`/api/backlog?${linkQuery(this.params)}`, { cache: 'no-store' });
       body = await readJson(response);
     } catch (error) {
       console.warn('backlog request failed', error);
@@ -263,7 +299,8 @@ export class Session {
       return this.end('ended', 'The room has ended. Reload the page to join again.');
     }
     if (reason === DisconnectReason.PARTICIPANT_REMOVED) {
-      return this.end('ended', 'This viewer was removed from the room.');
+      // What the viewer server does when a link expires or is revoked: a new token would be refused.
+      return this.end('removed');
     }
     this.scheduleRetry('The connection to the room was lost.');
   }
@@ -299,6 +336,7 @@ export class Session {
       if (error instanceof AccessError) return this.end(error.state, error.message);
       return this.scheduleRetry(`Could not reach the viewer server (${error.message}).`);
     }
+    this.verifier.trust(grant.trust);
     if (grant.room) this.ui.roomName.textContent = grant.room;
     const room = new Room({ adaptiveStream: false, dynacast: false });
     this.wireRoom(room);
@@ -312,7 +350,7 @@ export class Session {
       }
       return this.scheduleRetry(`Could not connect to the room (${error.message}).`);
     }
-    if (!grant.room) this.ui.roomName.textContent = room.name;
+    this.ui.roomName.textContent = room.name; // what LiveKit says this token opened
     this.room = room; // only now: a failed connect must not also count as a lost connection
     this.attempt = 0;
     this.phase = 'connected';

@@ -48,14 +48,17 @@ export class Transcript {
 
   /**
    * Applies one (verified) caption update: new segment, interim replacement, or the final text.
-   * `seq` numbers a segment's updates: an older one arriving late never replaces a newer one.
+   * Returns why it was not applied ('' when it was). `seq` numbers a segment's updates: an older
+   * one arriving late, or one shown already (a replay), never replaces a newer one; a final one
+   * (live or from the backlog) is never reverted or shown again.
    */
   update({ id, identity, name, text, final, words, start, seq, agent }) {
     const key = segmentKey(identity, id);
     let segment = this.segments.get(key);
-    if (segment && (segment.final || seq <= segment.seq)) return; // final is final, never reverted
+    if (segment?.final) return 'its segment is already final';
+    if (segment && seq <= segment.seq) return `update ${seq} is not newer than update ${segment.seq}, already shown`;
     if (!segment) {
-      if (!text) return;
+      if (!text) return '';
       segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1, agent };
       segment.node = document.createElement('span');
       segment.node.className = 'seg';
@@ -72,6 +75,7 @@ export class Transcript {
     if (final) segment.node.removeAttribute('aria-hidden');
     else segment.node.setAttribute('aria-hidden', 'true');
     if (final) this.finish(segment, words);
+    return '';
   }
 
   finish(segment, words) {
