@@ -1,8 +1,10 @@
 """Publishing one room's captions on `lk.transcription` (LiveKit's transcription protocol).
 
-One task per room sends the captions in the order they were made, one stream each: an interim
-update carries the segment's full text so far, and is skipped when a newer text of the same segment
-is already waiting (publishing fell behind); a final one is retried, e.g. across a reconnection.
+Each speaker has a lane: their captions are sent in the order they were made, one stream each; an
+interim update carries the segment's full text so far, and is skipped when a newer text of the same
+segment is already waiting (publishing fell behind); a final one is retried, e.g. across a
+reconnection. Lanes run side by side, so a final being retried, or a stream the server is slow to
+take, holds back only its own speaker. Every call into the SDK has a timeout (`SEND_TIMEOUT_S`).
 Every caption is signed with the pool's caption key (captions/protocol.py), numbered within its
 segment and stamped with the moment it is sent.
 
@@ -12,6 +14,7 @@ Threads: everything here runs on the room's event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from captions.protocol import (
 
 FINAL_PUBLISH_ATTEMPTS = 5
 """A final caption is retried (e.g. across a reconnection); an interim one is superseded anyway."""
+SEND_TIMEOUT_S = 5.0
+"""One stream (open, write, close) that takes longer is given up (and a final retried)."""
 
 
 @dataclass
@@ -52,23 +57,35 @@ class OutgoingCaption:
     """`captions.timing` fields (diagnostics), completed with the publish time."""
 
 
+class _Lane:
+    """One speaker's captions in order, and how many updates of each segment are waiting."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[OutgoingCaption] = collections.deque()
+        self.waiting: collections.Counter[str] = collections.Counter()
+        self.task: asyncio.Task[None] | None = None
+
+
 class CaptionPublisher:
-    """The room's publish queue, drained by `run()`."""
+    """The room's publish lanes (one per speaker), started by `put` once `run()` is running."""
 
     def __init__(self, room: rtc.Room, signer: CaptionSigner):
         self._room = room
         self._signer = signer
-        self._outbox: list[OutgoingCaption] = []
-        self._ready = asyncio.Event()
+        self._lanes: dict[str, _Lane] = {}
+        self._running = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._next_seq: dict[str, int] = {}
         """Per open segment, the number of its next update (a segment's entry goes with its final)."""
 
     def put(self, caption: OutgoingCaption) -> None:
-        self._outbox.append(caption)
+        lane = self._lanes.setdefault(caption.identity, _Lane())
+        lane.queue.append(caption)
+        lane.waiting[caption.update.segment_id] += 1
         self._idle.clear()
-        self._ready.set()
+        if self._running:
+            self._start(caption.identity, lane)
 
     async def drain(self, timeout: float) -> bool:
         """Waits until everything queued is published (or given up); False after `timeout`."""
@@ -79,17 +96,44 @@ class CaptionPublisher:
         return True
 
     async def run(self) -> None:
-        """Publishes forever (cancel to stop)."""
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while self._outbox:
-                item = self._outbox.pop(0)
-                if not item.update.final and any(o.update.segment_id == item.update.segment_id
-                                                 for o in self._outbox):
-                    continue  # a newer text of this segment is already queued: publishing is behind
-                await self._publish(item)
-            if not self._outbox:
+        """Publishes until cancelled (the lanes are cancelled with it)."""
+        self._running = True
+        for identity, lane in self._lanes.items():
+            if lane.queue:
+                self._start(identity, lane)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._running = False
+            for lane in self._lanes.values():
+                if lane.task is not None:
+                    lane.task.cancel()
+
+    def _start(self, identity: str, lane: _Lane) -> None:
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._drain_lane(identity, lane), name=f"publish-{identity[:40]}")
+
+    async def _drain_lane(self, identity: str, lane: _Lane) -> None:
+        try:
+            while lane.queue:
+                item = lane.queue.popleft()
+                segment = item.update.segment_id
+                lane.waiting[segment] -= 1
+                newer_waiting = lane.waiting[segment] > 0
+                if not lane.waiting[segment]:
+                    del lane.waiting[segment]
+                if item.update.final or not newer_waiting:
+                    await self._publish(item)
+                # else: a newer text of this segment is already queued (publishing is behind)
+        except Exception:  # noqa: BLE001 - _publish handles its own failures; anything else is a bug
+            METRICS.error("publish")
+            logger.exception("the caption lane of %s failed; its queued captions are dropped", identity)
+            lane.queue.clear()
+            lane.waiting.clear()
+        finally:
+            if not lane.queue:
+                self._lanes.pop(identity, None)
+            if not self._lanes:
                 self._idle.set()
 
     def _next_seq_of(self, update: CaptionUpdate) -> int:
@@ -127,15 +171,19 @@ class CaptionPublisher:
         attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
         for attempt in range(attempts):
             try:
-                writer = await self._room.local_participant.stream_text(
-                    topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity,
-                    attributes=self._signed_attributes(item, seq))
-                if item.update.text:
-                    await writer.write(item.update.text)
-                await writer.aclose()
+                await asyncio.wait_for(self._send(item, seq), SEND_TIMEOUT_S)
                 return
             except Exception as e:  # noqa: BLE001 - a failed publish must not stop the publisher
                 logger.warning("publishing a caption failed (attempt %d/%d): %s", attempt + 1, attempts, e)
                 if attempt + 1 < attempts:
                     await asyncio.sleep(0.5 * 2**attempt)
         METRICS.error("publish")  # every attempt failed: this caption never reached the room
+        logger.error("a %s caption of %s (segment %s) could not be published after %d attempts",
+                     "final" if item.update.final else "interim", item.identity, item.update.segment_id, attempts)
+
+    async def _send(self, item: OutgoingCaption, seq: int) -> None:
+        writer = await self._room.local_participant.stream_text(
+            topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=self._signed_attributes(item, seq))
+        if item.update.text:
+            await writer.write(item.update.text)
+        await writer.aclose()

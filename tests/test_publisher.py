@@ -1,0 +1,99 @@
+"""The room's caption publisher with a fake LiveKit participant: one speaker's stuck or failing
+stream never holds back another's captions, every SDK call has a timeout, a final is retried and an
+interim superseded by a newer one is skipped (issue 23: nothing blocks the room)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from captions.live import publisher as publisher_module
+from captions.live.publisher import CaptionPublisher, OutgoingCaption
+from captions.live.segmenter import CaptionUpdate
+from captions.protocol import ATTR_SEQ, CaptionSigner
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+
+class FakeWriter:
+    def __init__(self, sent: list, identity: str, attributes: dict, hang: bool) -> None:
+        self.sent, self.identity, self.attributes, self.hang = sent, identity, attributes, hang
+        self.text = ""
+
+    async def write(self, text: str) -> None:
+        if self.hang:
+            await asyncio.Event().wait()  # a stream the server never takes
+        self.text += text
+
+    async def aclose(self) -> None:
+        self.sent.append((self.identity, self.text, self.attributes))
+
+
+class FakeParticipant:
+    identity = "agent-1"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict]] = []
+        self.hang: set[str] = set()
+        self.fail_next: dict[str, int] = {}
+
+    async def stream_text(self, *, topic: str, sender_identity: str, attributes: dict) -> FakeWriter:
+        if self.fail_next.get(sender_identity, 0) > 0:
+            self.fail_next[sender_identity] -= 1
+            raise ConnectionError("engine is not connected")
+        return FakeWriter(self.sent, sender_identity, attributes, sender_identity in self.hang)
+
+
+def caption(identity: str, segment: str, text: str, final: bool = False) -> OutgoingCaption:
+    return OutgoingCaption(identity, f"TR_{identity}", CaptionUpdate(segment, text, final, []))
+
+
+@pytest.fixture
+def room():
+    return SimpleNamespace(name="r", local_participant=FakeParticipant())
+
+
+async def running(room) -> tuple[CaptionPublisher, asyncio.Task]:
+    publisher = CaptionPublisher(room, CaptionSigner())
+    return publisher, asyncio.create_task(publisher.run())
+
+
+async def test_a_stuck_speaker_holds_back_nobody_else_and_is_given_up_after_the_timeout(room, monkeypatch):
+    monkeypatch.setattr(publisher_module, "SEND_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(publisher_module, "FINAL_PUBLISH_ATTEMPTS", 2)
+    room.local_participant.hang.add("alice")
+    publisher, task = await running(room)
+    publisher.put(caption("alice", "SG_a", "stuck", final=True))
+    for n in range(3):
+        publisher.put(caption("bob", f"SG_b{n}", f"bob {n}", final=True))
+    await asyncio.sleep(0.1)
+    assert [text for who, text, _ in room.local_participant.sent] == ["bob 0", "bob 1", "bob 2"], \
+        "bob waited for alice's stuck stream"
+    assert await publisher.drain(5.0), "the stuck final was never given up"
+    assert all(who == "bob" for who, _, _ in room.local_participant.sent)
+    task.cancel()
+
+
+async def test_a_final_that_fails_is_retried_and_arrives(room):
+    room.local_participant.fail_next["alice"] = 2
+    publisher, task = await running(room)
+    publisher.put(caption("alice", "SG_a", "hello there", final=True))
+    assert await publisher.drain(10.0)
+    assert [(who, text) for who, text, _ in room.local_participant.sent] == [("alice", "hello there")]
+    task.cancel()
+
+
+async def test_an_interim_with_a_newer_one_waiting_is_skipped_and_numbers_stay_in_order(room):
+    publisher = CaptionPublisher(room, CaptionSigner())
+    for n in range(500):  # publishing far behind: only the newest text of the segment matters
+        publisher.put(caption("alice", "SG_a", "word " * n))
+    publisher.put(caption("alice", "SG_a", "the final text", final=True))
+    publisher.put(caption("alice", "SG_b", "next"))
+    task = asyncio.create_task(publisher.run())
+    assert await publisher.drain(5.0)
+    sent = room.local_participant.sent
+    assert [text for _, text, _ in sent] == ["the final text", "next"]
+    assert [int(attributes[ATTR_SEQ]) for _, _, attributes in sent] == [0, 0]
+    task.cancel()
