@@ -3,7 +3,11 @@
 Captions follow LiveKit's own transcription protocol so that LiveKit's front-end components show
 them too:
 
-* a text stream on topic ``lk.transcription``, sent with ``sender_identity`` = the speaker;
+* a text stream on topic ``lk.transcription``, sent with ``sender_identity`` = the speaker, and
+  ``captions.speaker`` = the speaker too. Once the speaker has left the room, their last captions are
+  sent under the agent's own identity instead (LiveKit clients drop or abort the streams of a sender
+  who is gone); a viewer takes the speaker from ``captions.speaker`` only from a stream whose sender
+  is the agent it names, and the signature covers the speaker either way;
 * attributes ``lk.segment_id`` (new per utterance), ``lk.transcribed_track_id`` (the speaker's
   microphone track sid) and ``lk.transcription_final`` ("false" for interim updates, "true" once);
 * every interim update is a new stream carrying the *full* text of the open segment so far, so a
@@ -66,6 +70,7 @@ ATTR_TRANSCRIPTION_FINAL = "lk.transcription_final"
 ATTR_WORDS = "captions.words"
 
 ATTR_AGENT = "captions.agent"
+ATTR_SPEAKER = "captions.speaker"
 ATTR_SEQ = "captions.seq"
 ATTR_SENT = "captions.sent"
 ATTR_SIGNATURE = "captions.sig"

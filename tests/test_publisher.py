@@ -52,7 +52,8 @@ def caption(identity: str, segment: str, text: str, final: bool = False) -> Outg
 
 @pytest.fixture
 def room():
-    return SimpleNamespace(name="r", local_participant=FakeParticipant())
+    return SimpleNamespace(name="r", local_participant=FakeParticipant(),
+                           remote_participants={"alice": object(), "bob": object()})
 
 
 async def running(room) -> tuple[CaptionPublisher, asyncio.Task]:
@@ -96,4 +97,24 @@ async def test_an_interim_with_a_newer_one_waiting_is_skipped_and_numbers_stay_i
     sent = room.local_participant.sent
     assert [text for _, text, _ in sent] == ["the final text", "next"]
     assert [int(attributes[ATTR_SEQ]) for _, _, attributes in sent] == [0, 0]
+    task.cancel()
+
+
+async def test_the_last_words_of_a_speaker_who_left_go_out_in_the_agents_name_and_still_name_them(room):
+    """Clients drop the streams of a sender who is gone (issue 23): once alice has left, her final is
+    sent by the agent, and `captions.speaker` (covered by the signature) still says it is hers."""
+    from captions.dev.bots import speaker_of
+    from captions.protocol import ATTR_AGENT, ATTR_SPEAKER
+
+    publisher, task = await running(room)
+    publisher.put(caption("alice", "SG_a", "still here", final=True))
+    assert await publisher.drain(5.0)
+    del room.remote_participants["alice"]  # she left
+    publisher.put(caption("alice", "SG_b", "goodbye everyone", final=True))
+    assert await publisher.drain(5.0)
+    (first_sender, _, first), (last_sender, text, last) = room.local_participant.sent
+    assert first_sender == "alice" and first[ATTR_SPEAKER] == "alice"
+    assert last_sender == "agent-1" and last[ATTR_AGENT] == "agent-1" and last[ATTR_SPEAKER] == "alice"
+    assert speaker_of(last_sender, last) == "alice" and text == "goodbye everyone"
+    assert speaker_of("mallory", {**last}) == "mallory", "only the agent's own streams name another speaker"
     task.cancel()

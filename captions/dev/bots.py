@@ -17,8 +17,10 @@ import numpy as np
 from livekit import api, rtc
 
 from captions.protocol import (
+    ATTR_AGENT,
     ATTR_AGENT_STATUS,
     ATTR_SEGMENT_ID,
+    ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
     ATTR_WORDS,
@@ -161,6 +163,14 @@ class Publisher:
         await self.room.disconnect()
 
 
+def speaker_of(sender: str, attributes: dict[str, str]) -> str:
+    """Who a caption stream transcribes: its sender, or `captions.speaker` when the agent sent it in
+    its own name (the speaker had left: captions/protocol.py)."""
+    if sender and sender == attributes.get(ATTR_AGENT):
+        return attributes.get(ATTR_SPEAKER, sender)
+    return sender
+
+
 @dataclass
 class Caption:
     """One received `lk.transcription` stream."""
@@ -227,7 +237,7 @@ class Subscriber:
         attrs = dict(reader.info.attributes or {})
         caption = Caption(
             text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""), track_id=attrs.get(ATTR_TRANSCRIBED_TRACK_ID, ""),
-            final=attrs.get(ATTR_TRANSCRIPTION_FINAL) == "true", sender=participant_identity,
+            final=attrs.get(ATTR_TRANSCRIPTION_FINAL) == "true", sender=speaker_of(participant_identity, attrs),
             attributes=attrs, received_at=time.time(), order=order)
         bisect.insort(self.captions, caption, key=lambda c: c.order)
 

@@ -31,6 +31,7 @@ from captions.protocol import (
     ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
+    ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
     ATTR_WORDS,
@@ -156,6 +157,7 @@ class CaptionPublisher:
             ATTR_TRANSCRIBED_TRACK_ID: item.track_sid,
             ATTR_TRANSCRIPTION_FINAL: "true" if update.final else "false",
             ATTR_AGENT: agent,
+            ATTR_SPEAKER: item.identity,
             ATTR_SEQ: str(seq),
             ATTR_SENT: str(sent_ms),
             ATTR_SIGNATURE: self._signer.sign(message),
@@ -182,8 +184,12 @@ class CaptionPublisher:
                      "final" if item.update.final else "interim", item.identity, item.update.segment_id, attempts)
 
     async def _send(self, item: OutgoingCaption, seq: int) -> None:
+        # A speaker who already left: clients drop or abort the streams of a sender who is gone, so
+        # their last words go out under the agent's own identity (captions.speaker names them).
+        present = item.identity in self._room.remote_participants
+        sender = item.identity if present else self._room.local_participant.identity
         writer = await self._room.local_participant.stream_text(
-            topic=TOPIC_TRANSCRIPTION, sender_identity=item.identity, attributes=self._signed_attributes(item, seq))
+            topic=TOPIC_TRANSCRIPTION, sender_identity=sender, attributes=self._signed_attributes(item, seq))
         if item.update.text:
             await writer.write(item.update.text)
         await writer.aclose()
