@@ -265,6 +265,7 @@ def test_failed_step_is_reported_and_engine_keeps_serving(engine_b3, clips, monk
     monkeypatch.setattr(mimi, "encode", real_encode)
     assert run_solo(engine_b3, clips[0]).events[-1].error is None
     assert engine_b3.slots_in_use == 0
+    assert engine_b3.broken is None, "one out-of-memory step does not break the engine (the worker stays)"
 
 
 PROPERTY_FRAMES = 24  # ~2 s of each clip keeps the property test quick

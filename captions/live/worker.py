@@ -8,15 +8,22 @@ rooms to the worker with room to spare. Speakers beyond B wait in one fair queue
 
 `dev` logs more and never refuses rooms for load (livekit-agents' development defaults); `start`
 (the default) is for deployments: it stops taking rooms above the load threshold.
+
+An engine that fails for good (a broken GPU, captions/stt/engine.py) makes the worker unready at
+once (/readyz answers 503 with the cause, `captions_engine_broken` is 1), then it stops and exits
+with status `EXIT_ENGINE_FAILED`: an orchestrator starts a fresh one, and the other workers' recovery
+(recovery.py) gives its rooms a captioner once its heartbeat stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +54,10 @@ is created never gets the agent. So a full worker must still take rooms (their s
 visible queue); with several workers, LiveKit picks one weighted by 1 - load, favouring free slots."""
 LOAD_THRESHOLD = 0.95
 """livekit-agents' own "full" threshold in `start` mode (it must be below 1 there); never reached."""
+EXIT_ENGINE_FAILED = 3
+"""The worker's exit status when its engine failed for good (module notes)."""
+ENGINE_FAILED_STOP_S = 30.0
+"""How long a worker whose engine failed waits for its rooms to close before it exits anyway."""
 
 
 def add_captioning_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +143,29 @@ _service: CaptionService | None = None
 """Process-wide, set before the worker registers; jobs run as threads of this process."""
 READINESS = Readiness()
 """What /readyz reports: model loaded, then registered with LiveKit."""
+_engine_failure: str | None = None
+"""Why the engine failed for good (module notes); None while it serves."""
+_stop_serving: Callable[[], None] | None = None
+"""Ends `_serve` from any thread (set while it runs)."""
+
+
+def not_ready() -> list[str]:
+    """What /readyz reports as missing: READINESS's, and a failed engine."""
+    missing = READINESS.missing()
+    if _engine_failure is not None:
+        missing.append(f"engine failed: {_engine_failure}")
+    return missing
+
+
+def engine_failed(cause: str) -> None:
+    """An `engine.broken_listeners` callback (engine thread): unready now, then stop and exit."""
+    global _engine_failure
+    from captions.live.metrics import TASK_METRICS
+
+    _engine_failure = cause
+    TASK_METRICS.engine_broken.set(1)
+    if _stop_serving is not None:
+        _stop_serving()
 
 
 _captioners: dict[str, RoomCaptioner] = {}
@@ -186,6 +220,7 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     start_livekit_runtime()
     engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size,
                             align_frames=not args.unaligned_frames)
+    engine.broken_listeners.append(engine_failed)
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)  # metrics read slots/queue at scrape time, step timings live
@@ -229,10 +264,14 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
 
 
 async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
+    global _stop_serving
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    _stop_serving = functools.partial(loop.call_soon_threadsafe, stop.set)
+    if _engine_failure is not None:  # it broke before the loop ran
+        stop.set()
     run = asyncio.create_task(server.run(devmode=dev))
     recovery = asyncio.create_task(reconciler.run()) if reconciler is not None else None
     stopped = asyncio.create_task(stop.wait())
@@ -243,7 +282,13 @@ async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
         # A second Ctrl-C while rooms flush means "now".
         loop.add_signal_handler(sig, lambda: os._exit(130))
     logger.info("stopping: flushing every room's open captions")
-    await server.aclose()
+    if _engine_failure is None:
+        await server.aclose()
+    else:
+        try:
+            await asyncio.wait_for(server.aclose(), ENGINE_FAILED_STOP_S)
+        except asyncio.TimeoutError:
+            logger.warning("the rooms did not close in %.0f s; exiting anyway", ENGINE_FAILED_STOP_S)
     if run.done() and not run.cancelled() and run.exception() is not None:
         raise run.exception()
     stopped.cancel()
@@ -255,7 +300,7 @@ def _start_observability(args: argparse.Namespace):
         return None
     from captions.live.metrics import start_observability_server
 
-    return start_observability_server(args.metrics_host, args.metrics_port, READINESS.missing)
+    return start_observability_server(args.metrics_host, args.metrics_port, not_ready)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -295,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
         from captions.live.recovery import Reconciler
 
         reconciler = Reconciler(_service.room_options.livekit, args.agent_name, args.reconcile_interval,
-                                active=lambda: not READINESS.missing())
+                                active=lambda: not not_ready())
     try:
         asyncio.run(_serve(_build_server(args, _service), dev=args.mode == "dev", reconciler=reconciler))
     except Exception as e:  # noqa: BLE001 - e.g. LiveKit unreachable after retries: say so, exit 1
@@ -306,4 +351,7 @@ def run(args: argparse.Namespace) -> int:
         _service.engine.close()
         if observability is not None:
             observability.close()
+    if _engine_failure is not None:
+        print(f"captions worker: engine failed: {_engine_failure}", file=sys.stderr)
+        return EXIT_ENGINE_FAILED
     return 0

@@ -20,10 +20,18 @@ their whole turn.
 
 GPU notes: the batch size never changes (moshi captures CUDA graphs for fixed shapes), and a step
 ends with a single device-to-host copy holding every slot's token and pause probability.
+
+A failed step ends the streams it carried (their speakers ask again) and the engine serves on: a
+CUDA out-of-memory passes. A device that fails for good does not: after `BROKEN_AFTER_FAILED_STEPS`
+failed steps in a row, at an error that leaves CUDA unusable (`STICKY_DEVICE_ERRORS`), or if the
+stepping thread itself crashes, the engine is *broken*: it logs why once, ends every stream, takes no
+new one, and tells `broken_listeners`, so that the worker reports unready and exits (an orchestrator
+replaces it, and its rooms move to other workers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -50,6 +58,12 @@ GRID_STALE_S = 0.2
 _now = time.monotonic
 """The clock of the frame alignment (a test drives it by hand)."""
 _SILENCE = None  # a queued frame of silence (prefix or flush), not counted as the stream's audio
+BROKEN_AFTER_FAILED_STEPS = 3
+"""Failed steps in a row after which the engine is broken (a success in between starts the count again)."""
+STICKY_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                        "misaligned address", "illegal instruction", "uncorrectable ECC error",
+                        "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA-capable device", "cudaErrorLaunchFailure")
+"""Errors after which a CUDA context stays unusable until the process ends: the first one breaks the engine."""
 
 
 class SlotStream:
@@ -137,6 +151,11 @@ class SttEngine:
         self.step_listeners: list[Callable[[StepTimings], None]] = []
         self.steps = 0
         self.failed_steps = 0
+        self._failed_in_a_row = 0
+        self.broken: str | None = None
+        """Why the engine failed for good (module notes); None while it serves."""
+        self.broken_listeners: list[Callable[[str], None]] = []
+        """`callback(cause)` runs once, on the engine thread, when the engine breaks."""
         self._clock: tuple[float, int] | None = None
         """The shared frame clock: (when the latest live push's audio was produced, samples of an unfinished
         frame that push left in its slot)."""
@@ -178,6 +197,8 @@ class SttEngine:
         `live_chunk`: a live stream's chunk size, when its first push is larger (audio kept from
         before, then live chunks); a stream whose first push is one live chunk need not say."""
         with self._cond:
+            if self.broken is not None:  # the caller waits for a slot, until this worker is replaced
+                raise EngineFull(f"engine failed: {self.broken}")
             slot = next((s for s in self._slots if s.stream is None), None)
             if slot is None:
                 raise EngineFull(f"all {self.batch_size} engine slots are busy")
@@ -271,12 +292,21 @@ class SttEngine:
         return any(slot.stream is not None and (slot.queue or slot.closing) for slot in self._slots)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as e:  # noqa: BLE001 - the stepping thread must never end silently
+            logger.exception("engine thread crashed")
+            self._break(f"the engine thread crashed: {type(e).__name__}: {e}")
+
+    def _serve(self) -> None:
         # Steps as soon as a slot has a frame (after `_gather`'s few ms for the slots due on the same
         # tick). Live frames share one clock, so that is one step per 80 ms for every speaker;
         # audio pushed in bulk (a slot catching up, files) steps at full speed. A blind gather
         # window (wait for more slots' frames) gave fewer steps but later captions; the shared clock
         # gives both (README, `captions bench clock`).
         while True:
+            if self.broken is not None:
+                self._end_every_stream()
             with self._cond:
                 while not self._stopped and not self._has_work():
                     self._cond.wait()
@@ -358,12 +388,20 @@ class SttEngine:
             tokens, pause, timings = self._run_model(batch, reset)
         except Exception as e:  # noqa: BLE001 - e.g. CUDA OOM: end the affected streams, keep serving
             self.failed_steps += 1
+            self._failed_in_a_row += 1
             logger.exception("engine step failed for %d streams", len(batch))
             if self.model.device.type == "cuda":
-                self._torch.cuda.empty_cache()
+                with contextlib.suppress(Exception):  # a broken device fails here too
+                    self._torch.cuda.empty_cache()
             for slot, _ in batch:
                 self._finish(slot, error=f"transcription failed: {type(e).__name__}: {e}")
+            cause = f"{type(e).__name__}: {e}"
+            if any(marker.lower() in str(e).lower() for marker in STICKY_DEVICE_ERRORS):
+                self._break(cause)
+            elif self._failed_in_a_row >= BROKEN_AFTER_FAILED_STEPS:
+                self._break(f"{self._failed_in_a_row} steps in a row failed, the last with {cause}")
             return
+        self._failed_in_a_row = 0
         decoded = time.perf_counter()
         events = []
         for slot, frame in batch:
@@ -385,6 +423,28 @@ class SttEngine:
         self.steps += 1
         for listener in self.step_listeners:
             listener(timings)
+
+    def _break(self, cause: str) -> None:
+        """The engine failed for good (module notes): said once, then every stream ends."""
+        with self._cond:
+            if self.broken is not None:
+                return
+            self.broken = cause
+            self._cond.notify()
+        logger.error("engine failed: %s; exiting so the orchestrator replaces this worker", cause)
+        for listener in self.broken_listeners:
+            try:
+                listener(cause)
+            except Exception:  # noqa: BLE001 - the others are still told
+                logger.exception("engine-broken listener failed")
+        self._end_every_stream()
+
+    def _end_every_stream(self) -> None:
+        """A broken engine: each open stream ends with the cause (its slot is freed)."""
+        with self._cond:
+            slots = [slot for slot in self._slots if slot.stream is not None]
+        for slot in slots:
+            self._finish(slot, error=f"engine failed: {self.broken}")
 
     def _deliver(self, on_event: EventCallback, event: StreamEvent) -> None:
         try:

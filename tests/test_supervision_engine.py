@@ -1,0 +1,187 @@
+"""A broken GPU makes the worker unready and exit (captions/stt/engine.py, captions/live/worker.py):
+an error that leaves CUDA unusable, or several failed steps in a row, break the engine; the worker
+then answers 503 on /readyz with the cause and stops serving. A single failed step (a CUDA
+out-of-memory) does not (tests/test_engine.py: the engine keeps serving)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from captions.live import worker
+from captions.live.metrics import TASK_METRICS, CaptionMetrics, start_observability_server
+from captions.stt import engine as engine_module
+from captions.stt.engine import EngineFull, SttEngine
+from tests.engine_drive import FRAME, Collector, run_solo
+
+pytestmark = [pytest.mark.timeout(120)]
+STICKY = "CUDA error: an illegal memory access was encountered (injected)"
+
+
+@pytest.fixture
+def engine(tiny_checkpoint):
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=2)
+    engine.start()
+    yield engine
+    engine.close()
+
+
+def failing_steps(engine: SttEngine, monkeypatch, message: str, times: int) -> dict:
+    """The next `times` model steps raise `message`, later ones run."""
+    real, calls = engine._run_model, {"failed": 0}
+
+    def run_model(batch, reset):
+        if calls["failed"] < times:
+            calls["failed"] += 1
+            raise RuntimeError(message)
+        return real(batch, reset)
+
+    monkeypatch.setattr(engine, "_run_model", run_model)
+    return calls
+
+
+def talk(engine: SttEngine) -> Collector:
+    collector = Collector()
+    stream = engine.open_stream(collector)
+    stream.push(np.zeros(FRAME * 4, dtype=np.float32))
+    assert collector.done.wait(20), "the failed step ended the stream"
+    return collector
+
+
+def test_a_sticky_cuda_error_breaks_the_engine_once_and_says_why(engine, monkeypatch, caplog):
+    told = []
+    engine.broken_listeners.append(told.append)
+    failing_steps(engine, monkeypatch, STICKY, times=99)
+    collector = talk(engine)
+    assert "illegal memory access" in collector.events[-1].error
+    assert engine.broken is not None and "illegal memory access" in engine.broken
+    assert told == [engine.broken], "the worker is told, once"
+    failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine failed:")]
+    assert failures == [f"engine failed: RuntimeError: {STICKY}; exiting so the orchestrator replaces this worker"]
+    with pytest.raises(EngineFull, match="engine failed"):
+        engine.open_stream(Collector())  # speakers wait (in the queue) for the worker that replaces this one
+
+
+def test_failed_steps_in_a_row_break_the_engine_and_a_success_between_starts_the_count_again(engine, monkeypatch):
+    calls = failing_steps(engine, monkeypatch, "some step failure (injected)", times=engine_module.BROKEN_AFTER_FAILED_STEPS - 1)
+    for _ in range(engine_module.BROKEN_AFTER_FAILED_STEPS - 1):
+        talk(engine)
+    assert calls["failed"] == engine_module.BROKEN_AFTER_FAILED_STEPS - 1
+    assert engine.broken is None, "not yet"
+    assert run_solo(engine, np.zeros(FRAME * 4, dtype=np.float32)).events[-1].error is None, "a step succeeds"
+    failing_steps(engine, monkeypatch, "some step failure (injected)", times=99)
+    for _ in range(engine_module.BROKEN_AFTER_FAILED_STEPS - 1):
+        talk(engine)
+    assert engine.broken is None, "the success started the count again"
+    talk(engine)
+    assert engine.broken is not None and "3 steps in a row failed" in engine.broken
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class FakeServer:
+    """livekit-agents' AgentServer as `worker._serve` drives it."""
+
+    def __init__(self):
+        self.closed = False
+
+    async def run(self, devmode: bool) -> None:
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_broken_engine_makes_the_worker_unready_and_stop_serving(monkeypatch):
+    monkeypatch.setattr(worker, "_engine_failure", None)
+    monkeypatch.setattr(worker, "_stop_serving", None)
+    monkeypatch.setattr(worker.READINESS, "model_loaded", True)
+    monkeypatch.setattr(worker.READINESS, "registered", True)
+    monkeypatch.setattr(worker.READINESS, "connected", None)
+    metrics = CaptionMetrics()
+    server = start_observability_server("127.0.0.1", 0, worker.not_ready, metrics=metrics)
+    fake = FakeServer()
+    try:
+        assert get(server.port, "/readyz") == (200, "ready\n")
+        serving = asyncio.create_task(worker._serve(fake, dev=True, reconciler=None))
+        await asyncio.sleep(0.05)
+        assert not serving.done()
+        # The engine thread reports it.
+        thread = threading.Thread(target=worker.engine_failed, args=(f"RuntimeError: {STICKY}",))
+        thread.start()
+        thread.join()
+        await asyncio.wait_for(serving, 10)
+        assert fake.closed, "the rooms were closed: the worker stops"
+        status, text = get(server.port, "/readyz")
+        assert status == 503 and "engine failed: RuntimeError: CUDA error: an illegal memory access" in text
+        assert TASK_METRICS.engine_broken._value.get() == 1
+    finally:
+        TASK_METRICS.engine_broken.set(0)
+        server.close()
+
+
+INJECTION = '''
+"""Test-only (tests/test_supervision_engine.py): once the worker registered, one stream's first
+engine step fails with a sticky CUDA error."""
+import numpy as np
+
+from captions.live import worker
+from captions.stt import engine
+
+STICKY = %r
+
+
+def _broken_model(*args, **kwargs):
+    raise RuntimeError(STICKY)
+
+
+_build_server = worker._build_server
+
+
+def _build_server_then_break(args, service):
+    server = _build_server(args, service)
+
+    def registered(*_):
+        service.engine._run_model = _broken_model
+        service.engine.open_stream(lambda event: None).push(np.zeros(1920 * 2, dtype=np.float32))
+
+    server.on("worker_registered", registered)
+    return server
+
+
+worker._build_server = _build_server_then_break
+'''
+
+
+def test_a_worker_whose_gpu_breaks_exits_non_zero_with_the_cause(livekit_server, tiny_checkpoint, tmp_path):
+    """The real worker process: its engine's first step fails with a sticky CUDA error (injected
+    through a test-only sitecustomize module, nothing in the worker), and it exits on its own."""
+    import os
+
+    from captions.dev.worker_process import start_captions_worker
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(INJECTION % STICKY)
+    path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    process = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path / "worker", batch_size=1,
+                                    env={"PYTHONPATH": path})
+    try:
+        status = process.process.wait(timeout=90)
+    finally:
+        if process.process.poll() is None:
+            process.stop()
+    log = process.log_path.read_text(errors="replace")
+    assert status == worker.EXIT_ENGINE_FAILED, log[-3000:]
+    assert f"engine failed: RuntimeError: {STICKY}; exiting so the orchestrator replaces this worker" in log
