@@ -276,6 +276,27 @@ async def test_a_viewer_whose_link_is_revoked_while_watching_is_told_and_does_no
     assert viewer.errors == []
 
 
+async def test_open_mode_shows_a_room_named_in_the_url_with_its_backlog(agentless_livekit, rooms, tmp_path,
+                                                                        open_viewer):
+    """Dev only (`captions web --open`): `?room=R` alone opens the room, its backlog included."""
+    server = start_web_server(agentless_livekit, tmp_path / "web.log", tmp_path / "data", extra_args=("--open",))
+    try:
+        room_name, bot = await setup_room(agentless_livekit, rooms, {"olu": "Olu"}, web=server)
+        await bot.say("olu", "said before the page opened", start=time.time() - 30)
+        viewer = await open_viewer(f"{server.base_url}/?room={room_name}")
+        page = viewer.page
+        await wait_state(page, "live")
+        await page.wait_for_selector("#captions .turn.backlog", timeout=WAIT_MS)
+        await bot.say("olu", "and this is live")
+        await page.wait_for_function("() => document.querySelectorAll('#captions .seg:not(.interim)').length === 2",
+                                     timeout=WAIT_MS)
+        assert [s["text"] for s in await segment_texts(page)] == ["said before the page opened", "and this is live"]
+        assert await page.text_content("#room-name") == room_name
+        assert viewer.errors == []
+    finally:
+        stop(server.process)
+
+
 async def test_bad_livekit_token_is_refused_with_a_message(agentless_web, open_viewer):
     viewer = await open_viewer(f"{agentless_web.base_url}/?token=not.a.valid-token")
     await wait_state(viewer.page, "refused")

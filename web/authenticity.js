@@ -92,7 +92,7 @@ export class CaptionVerifier {
    * identity and claim (a claim never changes its meaning). */
   isCaptioner(participant, roomName) {
     const claim = participant.attributes[ATTR_AGENT_CLAIM];
-    if (participant.kind !== ParticipantKind.AGENT || !claim) return Promise.resolve(false);
+    if (participant.kind !== ParticipantKind.AGENT || !claim || !this.key) return Promise.resolve(false);
     const cacheKey = `${participant.identity}\u0000${claim}`;
     if (!this.claims.has(cacheKey)) {
       this.claims.set(cacheKey, this.signedByKey(claim, claimMessage({ room: roomName, identity: participant.identity })));
