@@ -232,7 +232,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait)
     options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
-    return CaptionService(engine, slots, options, CaptionSigner())
+    # The pool's one caption key, the one the viewer server vouches for (captions/protocol.py).
+    return CaptionService(engine, slots, options, CaptionSigner.for_deployment(args.api_secret, args.agent_name))
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
