@@ -32,7 +32,7 @@ from captions.live.transcripts import TranscriptStore, transcript_path
 from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
-    ATTR_AGENT_KEY,
+    ATTR_AGENT_CLAIM,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
     AgentStatus,
@@ -82,6 +82,8 @@ class RoomCaptioner:
         """Removed from the room (another captioner stays): nothing more is written or published."""
         self._alive = 0
         """The heartbeat (presence.py), advanced every HEARTBEAT_S while this captioner runs."""
+        self._claimed_as: tuple[str, str] | None = None
+        """(identity, its captions.claim), computed once connected."""
         self._status_sent: dict[str, str] = {}
         """The attributes the server has; a full reconnection starts a new session without them."""
 
@@ -94,7 +96,7 @@ class RoomCaptioner:
         client = self.options.livekit.client()
         try:
             return await claim_room(self.room_name, self.room.local_participant.identity, client,
-                                    self.room.local_participant.set_attributes)
+                                    self._signer.public_key)
         finally:
             await client.aclose()
 
@@ -257,7 +259,14 @@ class RoomCaptioner:
         queued = [s.identity for s in self._speakers.values() if s.waiting]
         status = AgentStatus.WAITING if queued else AgentStatus.LIVE
         return {ATTR_AGENT_STATUS: status.value, ATTR_AGENT_QUEUED: json.dumps(queued),
-                ATTR_AGENT_KEY: self._signer.public_key, ATTR_AGENT_ALIVE: str(self._alive)}
+                ATTR_AGENT_CLAIM: self._claim(), ATTR_AGENT_ALIVE: str(self._alive)}
+
+    def _claim(self) -> str:
+        """This captioner's proof that the pool's key vouches for it in this room (presence.py)."""
+        identity = self.room.local_participant.identity
+        if self._claimed_as is None or self._claimed_as[0] != identity:
+            self._claimed_as = (identity, self._signer.claim(self.room_name, identity))
+        return self._claimed_as[1]
 
     async def _update_status_forever(self) -> None:
         """Sends the attributes that changed, and the heartbeat every HEARTBEAT_S."""
