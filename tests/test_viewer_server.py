@@ -4,6 +4,7 @@ else). The same links against a real livekit-server: test_viewer_access.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -209,7 +210,7 @@ async def test_server_says_when_a_link_has_expired_or_was_revoked(client, tmp_pa
     params = a_link()
     append(tmp_path / "revoked-links.ndjson", {"link_id": check_link(VIEWER_SECRET, params["link"]).link_id,
                                                "until": int(time.time()) + 600})
-    time.sleep(1.05)  # the list is re-read at most once a second
+    await asyncio.sleep(1.05)  # the list is re-read at most once a second
     for path in ("/api/token", "/api/backlog"):
         response = await client.get(path, params=params)
         body = await response.json()
