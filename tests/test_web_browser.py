@@ -133,6 +133,32 @@ async def test_html_in_names_and_captions_is_shown_as_text(agentless_livekit, ag
     assert viewer.errors == []
 
 
+async def test_a_speaker_who_left_keeps_her_last_words(agentless_livekit, agentless_web, rooms, open_viewer):
+    """Her last caption, final after she left, comes in the agent's own name with captions.speaker
+    naming her (LiveKit clients drop the streams of a sender who is gone): it is shown as hers."""
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"pia": "Pia Novak", "quinn": "Quinn"})
+    viewer = await open_viewer(agentless_web.link(room_name))
+    page = viewer.page
+    await wait_state(page, "live")
+    segment = f"SG_{uuid.uuid4().hex[:8]}"
+    await bot.interim("pia", segment, "I have to run")
+    await page.wait_for_selector("#captions .seg.interim", timeout=WAIT_MS)
+    await rooms[0].disconnect()
+    deadline = time.monotonic() + 10
+    while "pia" in bot.room.remote_participants and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert "pia" not in bot.room.remote_participants
+    await bot.final("pia", segment, "I have to run see you all tomorrow", time.time())
+    await bot.say("quinn", "bye Pia")
+    await page.wait_for_function("() => document.querySelectorAll('#captions .seg:not(.interim)').length === 2",
+                                 timeout=WAIT_MS)
+    assert await segment_texts(page) == [
+        {"text": "I have to run see you all tomorrow", "interim": False, "speaker": "Pia Novak"},
+        {"text": "bye Pia", "interim": False, "speaker": "Quinn"},
+    ]
+    assert viewer.errors == []
+
+
 def _parse_cues(text: str, separator: str) -> list[tuple[float, float, str]]:
     stamp = r"(\d\d):(\d\d):(\d\d)" + re.escape(separator) + r"(\d\d\d)"
     pattern = re.compile(rf"^{stamp} --> {stamp}\n(.+)$", re.MULTILINE)

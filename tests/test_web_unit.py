@@ -412,10 +412,23 @@ def test_the_viewers_protocol_constants_mirror_the_python_ones():
                                 ".filter(([name]) => /^[A-Z_]+$/.test(name)))));")
     assert constants["REPLAY_WINDOW_MS"] == protocol.REPLAY_WINDOW_S * 1000
     for name in ("TOPIC_TRANSCRIPTION", "ATTR_SEGMENT_ID", "ATTR_TRANSCRIPTION_FINAL", "ATTR_TRANSCRIBED_TRACK_ID",
-                 "ATTR_WORDS", "ATTR_AGENT", "ATTR_SEQ", "ATTR_SENT", "ATTR_SIGNATURE", "ATTR_AGENT_STATUS",
+                 "ATTR_WORDS", "ATTR_AGENT", "ATTR_SPEAKER", "ATTR_SEQ", "ATTR_SENT", "ATTR_SIGNATURE", "ATTR_AGENT_STATUS",
                  "ATTR_AGENT_QUEUED", "ATTR_AGENT_CLAIM"):
         assert constants[name] == getattr(protocol, name), name
     assert "ATTR_AGENT_KEY" not in constants and "ATTR_AGENT_SINCE" not in constants
+
+
+def test_the_viewer_takes_the_speaker_as_the_python_subscriber_does():
+    from captions.dev.bots import speaker_of
+
+    cases = [("alice", {"captions.agent": "agent-1", "captions.speaker": "bob"}),
+             ("agent-1", {"captions.agent": "agent-1", "captions.speaker": "bob"}),
+             ("agent-1", {"captions.agent": "agent-1"}),
+             ("mallory", {"captions.agent": "mallory", "captions.speaker": "bob"}),
+             ("", {"captions.agent": "", "captions.speaker": "bob"})]
+    in_node = run_protocol_js("console.log(JSON.stringify(ARGS[0].map(([s, a]) => P.speakerOf(s, a))));", cases)
+    assert in_node == [speaker_of(sender, attributes) for sender, attributes in cases] == \
+        ["alice", "bob", "agent-1", "bob", ""]
 
 
 def test_the_viewer_elects_the_captioner_the_workers_elect():

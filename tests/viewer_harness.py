@@ -33,6 +33,7 @@ from captions.protocol import (
     ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
+    ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
     ATTR_WORDS,
@@ -237,7 +238,7 @@ class CaptionAgentBot:
                                   segment_id=segment_id, seq=seq, final=final, sent_ms=sent_ms, words=words,
                                   text=text)
         attributes = {ATTR_SEGMENT_ID: segment_id, ATTR_TRANSCRIPTION_FINAL: "true" if final else "false",
-                      ATTR_TRANSCRIBED_TRACK_ID: track, ATTR_AGENT: agent, ATTR_SEQ: str(seq),
+                      ATTR_TRANSCRIBED_TRACK_ID: track, ATTR_AGENT: agent, ATTR_SPEAKER: speaker, ATTR_SEQ: str(seq),
                       ATTR_SENT: str(sent_ms), ATTR_SIGNATURE: self.signer.sign(message)}
         if final:
             attributes[ATTR_WORDS] = words
@@ -245,8 +246,10 @@ class CaptionAgentBot:
 
     async def _send(self, speaker: str, segment_id: str, text: str, final: bool, words=None) -> None:
         words_attr = json.dumps(words) if final else ""
+        # As the worker: a speaker who left gets their captions in the agent's own name.
+        present = speaker in self.room.remote_participants
         writer = await self.room.local_participant.stream_text(
-            topic=TOPIC_TRANSCRIPTION, sender_identity=speaker,
+            topic=TOPIC_TRANSCRIPTION, sender_identity=speaker if present else self.room.local_participant.identity,
             attributes=self.signed_attributes(speaker, segment_id, text, final, words_attr))
         await writer.write(text)
         await writer.aclose()

@@ -7,6 +7,7 @@ export const ATTR_TRANSCRIPTION_FINAL = 'lk.transcription_final';
 export const ATTR_TRANSCRIBED_TRACK_ID = 'lk.transcribed_track_id';
 export const ATTR_WORDS = 'captions.words';
 export const ATTR_AGENT = 'captions.agent';
+export const ATTR_SPEAKER = 'captions.speaker';
 export const ATTR_SEQ = 'captions.seq';
 export const ATTR_SENT = 'captions.sent';
 export const ATTR_SIGNATURE = 'captions.sig';
@@ -50,6 +51,15 @@ export function captionMessage({ room, agent, speaker, trackSid, segmentId, seq,
 /** The bytes a captioner's captions.claim signs (captions/protocol.py `claim_message`). */
 export function claimMessage({ room, identity }) {
   return lengthPrefixed(SIGNATURE_CONTEXT, 'claim', room, identity);
+}
+
+/**
+ * Who a caption stream transcribes: its sender, or captions.speaker when the agent it names sent it
+ * in its own name (the speaker had left: LiveKit clients drop the streams of a sender who is gone).
+ * Nobody else can pick the speaker: the signature covers it either way.
+ */
+export function speakerOf(sender, attributes) {
+  return sender && sender === attributes[ATTR_AGENT] ? attributes[ATTR_SPEAKER] || sender : sender;
 }
 
 /** Base64 to bytes; null for anything that is not base64. */

@@ -29,6 +29,7 @@ import {
   electedCaptioner,
   parseJsonArray,
   parseWords,
+  speakerOf,
 } from './protocol.js';
 
 const RETRY_DELAYS_S = [1, 2, 4, 8, 15, 30];
@@ -183,7 +184,7 @@ export class Session {
     const attributes = reader.info.attributes || {};
     const caption = {
       agent: attributes[ATTR_AGENT] || '',
-      speaker: participantInfo.identity || '',
+      speaker: speakerOf(participantInfo.identity || '', attributes),
       trackSid: attributes[ATTR_TRANSCRIBED_TRACK_ID] || '',
       segmentId: attributes[ATTR_SEGMENT_ID] || '',
       seq: Number(attributes[ATTR_SEQ]),
