@@ -5,13 +5,16 @@ Threads: this room's event loop owns everything here. Room event handlers only s
 
 Per microphone track (while it is unmuted and subscribed), a `Speaker` (speaker.py) takes an engine
 slot while its speaker talks and gives it back after a pause, keeping their audio while they wait
-for one. Its captions come back here: a final segment is appended to the transcript file before it
-is published (publisher.py). Leave, mute and unpublish end the speaker: the engine flushes the last
-words and the final caption goes out."""
+for one. Its captions come back here: a final segment is handed to the transcript's writer thread
+and published once it is written, or after WRITE_WAIT_S if the disk is slow (publisher.py). Leave,
+mute and unpublish end the speaker: the engine flushes the last words and the final caption goes
+out."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -28,11 +31,12 @@ from captions.live.segmenter import CaptionUpdate, SegmenterOptions
 from captions.live.slots import SlotQueue
 from captions.live.speaker import Speaker, SpeakerOptions
 from captions.live.track_audio import RtcTrackSource
-from captions.live.transcripts import TranscriptStore, transcript_path
+from captions.live.transcripts import PROBLEM_TRANSCRIPT_UNAVAILABLE, TranscriptStore, transcript_path
 from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
     ATTR_AGENT_CLAIM,
+    ATTR_AGENT_PROBLEM,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
     AgentStatus,
@@ -43,6 +47,10 @@ from captions.protocol import (
 from captions.stt.api import Word
 
 FLUSH_TIMEOUT_S = 10.0
+WRITE_WAIT_S = 1.0
+"""A final waits at most this long (from when it was made) for its transcript write before it is
+published anyway: a slow disk must not hold live captions. Its write goes on, and a final that is
+never written is logged and counted (transcripts.py)."""
 
 
 @dataclass
@@ -69,7 +77,18 @@ class RoomCaptioner:
         # What each Speaker reads of its host (speaker.SpeakerHost).
         self.segmenter_options, self.speaker_options = options.segmenter, options.speaker
         self.record_dir, self.timing_attributes = options.record_dir, options.timing_attributes
-        self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        with contextlib.suppress(RuntimeError):
+            self._loop = asyncio.get_running_loop()
+        self._held: collections.deque[tuple[OutgoingCaption, concurrent.futures.Future[bool] | None, float]] = \
+            collections.deque()
+        """Captions waiting, in order, for a final's transcript write (WRITE_WAIT_S at most)."""
+        self._held_changed = asyncio.Event()
+        self._held_idle = asyncio.Event()
+        self._held_idle.set()
+        # Never raises: a transcript that cannot be written says so (`_status_attributes`), captions go on.
+        self.transcript = TranscriptStore(transcript_path(options.data_dir, room.name),
+                                          on_problem=self._on_transcript_problem)
         self._speakers: dict[str, Speaker] = {}
         self._stopping: set[Speaker] = set()
         """Speakers who stopped and whose last words are still being flushed."""
@@ -111,6 +130,7 @@ class RoomCaptioner:
         self.room.on("track_unmuted", self._on_track_unmuted)
         self.room.on("participant_disconnected", self._on_participant_disconnected)
         self._spawn(self._publisher.run(), "publisher")
+        self._spawn(self._release_held_forever(), "transcript-wait")
         self._spawn(self._update_status_forever(), "status")
         self.status_changed()
         for participant in self.room.remote_participants.values():
@@ -136,13 +156,15 @@ class RoomCaptioner:
             _, pending = await asyncio.wait(waits, timeout=FLUSH_TIMEOUT_S)
             for task in pending:
                 task.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):  # the last finals, through their transcript writes
+            await asyncio.wait_for(self._held_idle.wait(), max(0.1, deadline - asyncio.get_running_loop().time()))
         if self.room.isconnected() and not await self._publisher.drain(
                 max(0.1, deadline - asyncio.get_running_loop().time())):
             logger.warning("room %s: leaving with captions not yet published", self.room_name)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.transcript.close()
+        await asyncio.to_thread(self.transcript.close)  # waits for the disk: not on this loop
 
     def speakers(self) -> list[Speaker]:
         """The microphones being captioned (or waiting), in the order they were subscribed."""
@@ -229,11 +251,12 @@ class RoomCaptioner:
 
     def caption(self, speaker: Speaker, update: CaptionUpdate, wall_time: Callable[[float], float],
                 timing: dict | None = None) -> None:
-        """Queues `update` for publishing; a final one is written to the transcript first. `timing`:
-        the ATTR_TIMING fields of the step that produced it (with --timing-attributes)."""
+        """Queues `update` for publishing; a final one is written to the transcript first (off this
+        loop, waiting WRITE_WAIT_S at most). `timing`: the ATTR_TIMING fields of the step that produced
+        it (with --timing-attributes)."""
         if self._superseded:
             return
-        words_attr = None
+        words_attr, written = None, None
         if update.final and update.text:
             words = [Word(w.text, wall_time(w.start), wall_time(w.end)) for w in update.words]
             segment = FinalSegment(
@@ -242,13 +265,41 @@ class RoomCaptioner:
                 start=words[0].start if words else time.time(), end=words[-1].end if words else time.time(),
                 words=[[w.text, round(w.start, 3), round(w.end, 3)] for w in words],
             )
-            try:
-                self.transcript.append(segment)
-            except OSError:
-                METRICS.error("transcript")
-                logger.exception("could not write the transcript of %s; publishing anyway", self.room_name)
+            written = self.transcript.submit(segment)  # a failure is logged and counted there
             words_attr = words_attribute(words)
-        self._publisher.put(OutgoingCaption(speaker.identity, speaker.track_sid, update, words_attr, timing))
+        caption = OutgoingCaption(speaker.identity, speaker.track_sid, update, words_attr, timing)
+        if not self._held and (written is None or written.done()):
+            self._publisher.put(caption)
+            return
+        self._held.append((caption, written, asyncio.get_running_loop().time() + WRITE_WAIT_S))
+        self._held_idle.clear()
+        self._held_changed.set()
+
+    async def _release_held_forever(self) -> None:
+        """Publishes the held captions in order, each final once written or at its deadline."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._held_changed.wait()
+            self._held_changed.clear()
+            while self._held:
+                caption, written, deadline = self._held[0]
+                if written is not None and not written.done():
+                    try:
+                        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(written)),
+                                               max(0.0, deadline - loop.time()))
+                    except asyncio.TimeoutError:
+                        METRICS.error("transcript")
+                        logger.warning("room %s: final %s published before its transcript write finished "
+                                       "(the disk is slow)", self.room_name, caption.update.segment_id)
+                self._held.popleft()
+                self._publisher.put(caption)
+            self._held_idle.set()
+
+    def _on_transcript_problem(self) -> None:
+        """The transcript became unwritable, or writable again (from its writer thread)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the room's loop is closed: nothing to tell
+                self._loop.call_soon_threadsafe(self.status_changed)
 
     # Status -------------------------------------------------------------------------------------
 
@@ -259,7 +310,8 @@ class RoomCaptioner:
         queued = [s.identity for s in self._speakers.values() if s.waiting]
         status = AgentStatus.WAITING if queued else AgentStatus.LIVE
         return {ATTR_AGENT_STATUS: status.value, ATTR_AGENT_QUEUED: json.dumps(queued),
-                ATTR_AGENT_CLAIM: self._claim(), ATTR_AGENT_ALIVE: str(self._alive)}
+                ATTR_AGENT_CLAIM: self._claim(), ATTR_AGENT_ALIVE: str(self._alive),
+                ATTR_AGENT_PROBLEM: PROBLEM_TRANSCRIPT_UNAVAILABLE if self.transcript.problem else ""}
 
     def _claim(self) -> str:
         """This captioner's proof that the pool's key vouches for it in this room (presence.py)."""

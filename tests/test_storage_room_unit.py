@@ -1,0 +1,76 @@
+"""The room's audio loop never waits for the disk (issue 23): a final goes to the transcript's writer
+thread and is published once written, or at WRITE_WAIT_S if the disk is slow; captions behind it keep
+their order. A fake room (no LiveKit): only `RoomCaptioner.caption` and its release task run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from captions.live import room as room_module
+from captions.live.room import RoomCaptioner, RoomOptions
+from captions.live.segmenter import CaptionUpdate
+from captions.live.transcripts import read_transcript, transcript_path
+from captions.stt.api import Word
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
+
+
+class FakeRoom:
+    name = "stalled-disk"
+    local_participant = SimpleNamespace(identity="agent-1")
+
+
+def captioner_for(tmp_path: Path) -> tuple[RoomCaptioner, list[tuple[str, bool]]]:
+    captioner = RoomCaptioner(FakeRoom(), slots=None, options=RoomOptions(data_dir=tmp_path))
+    published: list[tuple[str, bool]] = []
+    captioner._publisher.put = lambda c: published.append((c.update.segment_id, c.update.final))
+    captioner._spawn(captioner._release_held_forever(), "transcript-wait")
+    return captioner, published
+
+
+SPEAKER = SimpleNamespace(identity="alice", name="Alice", track_sid="TR_1")
+
+
+def final(segment_id: str) -> CaptionUpdate:
+    return CaptionUpdate(segment_id, "hello there", True, [Word("hello", 0.0, 0.4), Word("there", 0.5, 0.9)])
+
+
+async def until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+async def test_a_stalled_disk_does_not_hold_the_audio_loop_and_finals_wait_for_it_in_order(tmp_path, monkeypatch):
+    stalled, release, real_fsync = threading.Event(), threading.Event(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (stalled.set(), release.wait(), real_fsync(fd)))
+    captioner, published = captioner_for(tmp_path)
+    captioner.caption(SPEAKER, final("SG_1"), wall_time=lambda t: 1000 + t)  # returns: the disk is not waited on
+    captioner.caption(SPEAKER, CaptionUpdate("SG_2", "next", False), wall_time=lambda t: 1000 + t)
+    await asyncio.to_thread(stalled.wait, 30)
+    for _ in range(20):
+        await asyncio.sleep(0)  # the release task runs; nothing may be published before the write
+    assert published == [], "a final is not published before it is written, nor what follows it"
+    release.set()
+    await until(lambda: len(published) == 2)
+    assert published == [("SG_1", True), ("SG_2", False)], "in the order they were made"
+    assert [s.segment_id for s in read_transcript(transcript_path(tmp_path, FakeRoom.name))] == ["SG_1"]
+    await asyncio.to_thread(captioner.transcript.close)
+
+
+async def test_a_final_is_published_at_its_deadline_when_the_disk_does_not_answer(tmp_path, monkeypatch):
+    release, real_fsync = threading.Event(), os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (release.wait(), real_fsync(fd)))
+    monkeypatch.setattr(room_module, "WRITE_WAIT_S", 0.0)  # its deadline has passed when it is made
+    captioner, published = captioner_for(tmp_path)
+    captioner.caption(SPEAKER, final("SG_1"), wall_time=lambda t: 1000 + t)
+    await until(lambda: published == [("SG_1", True)])  # live, while the disk still holds its write
+    release.set()
+    await asyncio.to_thread(captioner.transcript.close)
+    assert [s.segment_id for s in read_transcript(transcript_path(tmp_path, FakeRoom.name))] == ["SG_1"], \
+        "its write still completes"
