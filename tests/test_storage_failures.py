@@ -74,12 +74,14 @@ def test_a_transcript_that_cannot_be_opened_is_reported_once_retried_and_recover
 def test_a_full_disk_while_captioning_loses_no_caption_silently_and_raises_the_alert(caplog):
     no_space = metric("captions_transcript_errors_total", reason="no_space")
     unavailable = metric("captions_transcript_unavailable")
+    errors = metric("captions_errors_total", kind="transcript")
     store = TranscriptStore("/dev/full", clock=FakeClock())  # opens; every write: ENOSPC
     assert store.problem is None
     assert store.append(segment(7)) is False, "append does not raise"
     assert "space" in store.problem
     assert metric("captions_transcript_errors_total", reason="no_space") == no_space + 1
     assert metric("captions_transcript_unavailable") == unavailable + 1
+    assert metric("captions_errors_total", kind="transcript") == errors + 1, "the existing alert fires too"
     assert any("final segment SG_7" in r.getMessage() for r in caplog.records)
     store.close()
     assert metric("captions_transcript_unavailable") == unavailable, "a closed room is no longer counted"

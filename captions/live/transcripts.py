@@ -32,7 +32,7 @@ import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-from captions.live.metrics import TRANSCRIPT_METRICS
+from captions.live.metrics import METRICS, TRANSCRIPT_METRICS
 from captions.log import logger
 from captions.protocol import FinalSegment
 
@@ -232,6 +232,7 @@ class TranscriptStore:
     def _not_saved(self, segment: FinalSegment, why: str) -> None:
         self.unsaved += 1
         TRANSCRIPT_METRICS.unsaved.inc()
+        METRICS.error("transcript")  # captions_errors{kind="transcript"}, as before: existing alerts still fire
         logger.warning("transcript %s: final segment %s of %s (%.3f-%.3f) not saved: %s", self.path,
                        segment.segment_id, segment.participant_identity, segment.start, segment.end, why)
 
