@@ -323,6 +323,24 @@ async def test_open_mode_shows_a_room_named_in_the_url_with_its_backlog(agentles
         stop(server.process)
 
 
+async def test_a_page_that_cannot_verify_says_so_and_shows_nothing(agentless_livekit, agentless_web, rooms,
+                                                                    open_viewer):
+    """Plain http from another machine: no WebCrypto (played here by hiding it before the page loads)."""
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"ria": "Ria"})
+
+    async def insecure(page) -> None:
+        await page.add_init_script("Object.defineProperty(window, 'isSecureContext', {value: false});"
+                                   "Object.defineProperty(Crypto.prototype, 'subtle', {get: () => undefined});")
+
+    viewer = await open_viewer(agentless_web.link(room_name), before_load=insecure)
+    await wait_state(viewer.page, "insecure")
+    await bot.say("ria", "nobody can check these words here")
+    await asyncio.sleep(1.0)
+    assert await viewer.page.locator("#captions .seg").count() == 0
+    assert "not secure" in await viewer.page.text_content("#notice")
+    assert viewer.errors == []
+
+
 async def test_bad_livekit_token_is_refused_with_a_message(agentless_web, open_viewer):
     viewer = await open_viewer(f"{agentless_web.base_url}/?token=not.a.valid-token")
     await wait_state(viewer.page, "refused")
