@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import urllib.parse
 import wave
 from pathlib import Path
@@ -11,9 +12,19 @@ import numpy as np
 
 from captions.stt.api import SAMPLE_RATE
 
+PART_MAX = 96
+"""Room and identity take at most this many bytes each of a recording's file name (255 in all)."""
+
 
 def _safe_name(text: str) -> str:
-    return urllib.parse.quote(text, safe="-_.@") or "_"
+    """`text` escaped for a file name; a long one cut and told apart by a hash of the whole (a room
+    named in CJK characters escapes to about 9 bytes a character)."""
+    safe = urllib.parse.quote(text, safe="-_.@") or "_"
+    if len(safe) <= PART_MAX:
+        return safe
+    prefix = safe[:PART_MAX - 17]
+    cut = prefix.rfind("%", len(prefix) - 2)  # never end inside a %XX escape
+    return f"{prefix[:cut] if cut != -1 else prefix}+{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 class StreamRecorder:
