@@ -13,6 +13,7 @@ export const ATTR_SENT = 'captions.sent';
 export const ATTR_SIGNATURE = 'captions.sig';
 export const ATTR_AGENT_STATUS = 'captions.status';
 export const ATTR_AGENT_QUEUED = 'captions.queued';
+export const ATTR_AGENT_PROBLEM = 'captions.problem';
 export const ATTR_AGENT_CLAIM = 'captions.claim';
 
 const SIGNATURE_CONTEXT = 'lk-captions-v2';

@@ -15,6 +15,7 @@ import {
 import { CaptionVerifier } from './authenticity.js';
 import {
   ATTR_AGENT,
+  ATTR_AGENT_PROBLEM,
   ATTR_AGENT_QUEUED,
   ATTR_AGENT_STATUS,
   ATTR_SEGMENT_ID,
@@ -175,6 +176,10 @@ export class Session {
       return this.showState('waiting', detail);
     }
     if (status === 'loading') return this.showState('loading');
+    if (captioner.attributes[ATTR_AGENT_PROBLEM] === 'transcript_unavailable') {
+      return this.showState('live', 'Captions are live, but the captioner cannot save them right now: people who join '
+        + 'later, and exports, may miss what is said meanwhile. The operator has been alerted.');
+    }
     this.showState('live');
   }
 
