@@ -74,3 +74,58 @@ async def test_a_final_is_published_at_its_deadline_when_the_disk_does_not_answe
     await asyncio.to_thread(captioner.transcript.close)
     assert [s.segment_id for s in read_transcript(transcript_path(tmp_path, FakeRoom.name))] == ["SG_1"], \
         "its write still completes"
+
+
+class ListeningRoom(FakeRoom):
+    """Enough of an rtc.Room for `RoomCaptioner.start` and `claim`: nobody in it yet."""
+
+    name = "claiming"
+
+    def __init__(self) -> None:
+        self.remote_participants: dict = {}
+        self.local_participant = SimpleNamespace(identity="agent-1", set_attributes=self._set_attributes)
+        self.attributes: dict[str, str] = {}
+
+    async def _set_attributes(self, attributes: dict[str, str]) -> None:
+        self.attributes.update(attributes)
+
+    def on(self, event: str, handler) -> None:
+        pass
+
+    def isconnected(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("won", [True, False])
+async def test_captions_made_while_the_claim_is_asked_wait_then_go_out_in_order_or_nowhere(tmp_path, monkeypatch, won):
+    """The captioner listens before it asks whether the room is its own (issue 23: a slow server API
+    cost a room its first words): what it captions meanwhile is kept, then published and written in
+    order if the room is its own, or neither if another captioner has it."""
+    answer = asyncio.Event()
+
+    async def slow_claim(room_name, identity, client, caption_key) -> bool:
+        await answer.wait()
+        return won
+
+    monkeypatch.setattr(room_module, "claim_room", slow_claim)
+    credentials = SimpleNamespace(client=lambda: SimpleNamespace(aclose=lambda: asyncio.sleep(0)))
+    captioner = RoomCaptioner(ListeningRoom(), slots=None, options=RoomOptions(data_dir=tmp_path, livekit=credentials))
+    published: list[tuple[str, bool]] = []
+    captioner._publisher.put = lambda c: published.append((c.update.segment_id, c.update.final))
+    await captioner.start(claiming=True)
+    claiming = asyncio.create_task(captioner.claim())
+    captioner.caption(SPEAKER, CaptionUpdate("SG_1", "hello", False), wall_time=lambda t: 1000 + t)
+    captioner.caption(SPEAKER, final("SG_1"), wall_time=lambda t: 1000 + t)
+    captioner.caption(SPEAKER, CaptionUpdate("SG_2", "and", False), wall_time=lambda t: 1000 + t)
+    await asyncio.sleep(0.2)
+    assert published == [], "nothing goes out before the room is known to be this captioner's"
+    answer.set()
+    assert await claiming is won
+    if won:
+        await until(lambda: len(published) == 3)
+        assert published == [("SG_1", False), ("SG_1", True), ("SG_2", False)]
+    await captioner.aclose()
+    written = [s.segment_id for s in read_transcript(transcript_path(tmp_path, ListeningRoom.name))]
+    assert written == (["SG_1"] if won else [])
+    if not won:
+        assert published == [], "a captioner that lost the room published nothing"

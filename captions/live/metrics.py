@@ -82,6 +82,10 @@ class CaptionMetrics:
             "captions_slot_wait_seconds", "From the start of a speaker's turn (the pre-roll before they "
             "started talking) to its engine slot; their audio is kept meanwhile", buckets=LATENCY_BUCKETS,
             registry=r)
+        self.room_start_seconds = Histogram(
+            "captions_room_start_seconds", "From a room's job starting to its captioner listening (connected, "
+            "microphones subscribed); the claim against another captioner comes after", buckets=LATENCY_BUCKETS,
+            registry=r)
         self.frames_dropped = Counter(
             "captions_frames_dropped", "Audio received but never captioned, in 80 ms frames, by reason: "
             "waiting_overflow (a speaker waited longer than the audio kept for them), shutdown (the worker "

@@ -101,26 +101,39 @@ class RoomCaptioner:
         """Removed from the room (another captioner stays): nothing more is written or published."""
         self._alive = 0
         """The heartbeat (presence.py), advanced every HEARTBEAT_S while this captioner runs."""
+        self._unclaimed: list[tuple] | None = None
+        """Captions made while `claim` is asking, in order (`start(claiming=True)`); None otherwise."""
         self._claimed_as: tuple[str, str] | None = None
         """(identity, its captions.claim), computed once connected."""
         self._status_sent: dict[str, str] = {}
         """The attributes the server has; a full reconnection starts a new session without them."""
 
     async def claim(self) -> bool:
-        """Announces this captioner and asks whether it is the room's one (presence.py); call once
-        connected, before `start`. False: another captioner has the room, leave it."""
-        await self.room.local_participant.set_attributes(self._status_attributes())
-        if self.options.livekit is None:
-            return True
-        client = self.options.livekit.client()
-        try:
-            return await claim_room(self.room_name, self.room.local_participant.identity, client,
-                                    self._signer.public_key)
-        finally:
-            await client.aclose()
+        """Announces this captioner and asks whether it is the room's one (presence.py). Call it once
+        `start` has started listening: a slow server API must not cost the room its first words.
+        Until it answers, captions wait here; True: they go out (and to the transcript) in order;
+        False: another captioner has the room, nothing of this one was published or written: leave."""
+        won = True
+        if self.options.livekit is not None:
+            await self.room.local_participant.set_attributes(self._status_attributes())
+            client = self.options.livekit.client()
+            try:
+                won = await claim_room(self.room_name, self.room.local_participant.identity, client,
+                                       self._signer.public_key)
+            finally:
+                await client.aclose()
+        pending, self._unclaimed = self._unclaimed, None
+        if not won:
+            self._superseded = True
+            return False
+        for speaker, update, wall_time, timing in pending or ():
+            self.caption(speaker, update, wall_time, timing)
+        return True
 
-    async def start(self) -> None:
-        """Call once the room is connected (and claimed)."""
+    async def start(self, claiming: bool = False) -> None:
+        """Call once the room is connected: listening starts now. `claiming`: captions wait for `claim`."""
+        if claiming:
+            self._unclaimed = []
         self.room.on("disconnected", self._on_disconnected)
         self.room.on("reconnected", self._on_reconnected)
         self.room.on("track_subscribed", self._on_track_subscribed)
@@ -255,6 +268,9 @@ class RoomCaptioner:
         loop, waiting WRITE_WAIT_S at most). `timing`: the ATTR_TIMING fields of the step that produced
         it (with --timing-attributes)."""
         if self._superseded:
+            return
+        if self._unclaimed is not None:
+            self._unclaimed.append((speaker, update, wall_time, timing))
             return
         words_attr, written = None, None
         if update.final and update.text:

@@ -23,6 +23,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,16 +188,22 @@ async def _caption_room(ctx) -> None:
     from captions.live.room import RoomCaptioner
 
     assert _service is not None, "the engine is loaded before the worker registers"
+    job_started = time.monotonic()
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer)
-    if not await captioner.claim():
-        # Another captioner has the room (a race between LiveKit's dispatch and a recovery).
-        captioner.transcript.close()
-        ctx.shutdown(reason="another captioner has this room")
-        return
     _captioners[ctx.job.id] = captioner
     ctx.add_shutdown_callback(captioner.aclose)  # after the room is gone: a safety net
-    await captioner.start()
+    # Listen first, then ask whether this room is ours: nothing slow (server API calls, attribute
+    # updates) stands between joining and receiving audio; what is said meanwhile waits in the room.
+    await captioner.start(claiming=True)
+    METRICS.room_start_seconds.observe(time.monotonic() - job_started)
+    if not await captioner.claim():
+        # Another captioner has the room (a race between LiveKit's dispatch and a recovery): leave,
+        # having published and written nothing.
+        _captioners.pop(ctx.job.id, None)
+        await captioner.aclose()
+        ctx.shutdown(reason="another captioner has this room")
+        return
     # Metrics: count the room until its job shuts down.
     METRICS.room_started()
 
