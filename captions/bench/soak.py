@@ -514,7 +514,17 @@ def _run_worker_scenario(name: str, args: argparse.Namespace, server, checkpoint
             "after_trim": trimmed, "samples": samples, "slope_per_unit": slopes(samples),
             "unit_seconds_mean": round(float(np.mean([r["seconds"] for r in results])), 2) if results else None,
             "ffi_unknown_handle_warnings": log.count("Attempted to drop unknown FFI handle"),
-            **_stream_ends(log), "wall_seconds": round(time.time() - started, 1)}
+            **_stream_ends(log), "room_start_s": room_start_times(log),
+            "wall_seconds": round(time.time() - started, 1)}
+
+
+def room_start_times(log: str) -> dict:
+    """From a room's job starting to its captioner listening (the worker's INFO log), over the run."""
+    times = [float(t) for t in re.findall(r": listening (\d+\.\d+) s after its job started", log)]
+    if not times:
+        return {"rooms": 0}
+    return {"rooms": len(times), "p50": round(float(np.percentile(times, 50)), 3),
+            "p99": round(float(np.percentile(times, 99)), 3), "max": round(max(times), 3)}
 
 
 def _stream_ends(log: str) -> dict:
@@ -612,6 +622,10 @@ def markdown_table(report: dict) -> str:
             f"{last['rss_mb']:.0f} | {_fmt(slope.get('rss_mb'))} | {_fmt(slope.get('heap_in_use_mb'))} "
             f"| {_fmt(slope.get('python_objects'), 1)} | {pair('threads')} | {pair('fds')} | {pair('open_transcripts')} "
             f"| {pair('ffi_handles')} |")
+    starts = [(r["name"], r["room_start_s"]) for r in report["scenarios"] if r.get("room_start_s", {}).get("rooms")]
+    if starts:
+        lines += ["", "| scenario | rooms started | job start to listening p50 / p99 / max (s) |", "|---|---:|---|"]
+        lines += [f"| {name} | {s['rooms']} | {s['p50']} / {s['p99']} / {s['max']} |" for name, s in starts]
     return "\n".join(lines)
 
 

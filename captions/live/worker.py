@@ -196,7 +196,9 @@ async def _caption_room(ctx) -> None:
     # Listen first, then ask whether this room is ours: nothing slow (server API calls, attribute
     # updates) stands between joining and receiving audio; what is said meanwhile waits in the room.
     await captioner.start(claiming=True)
-    METRICS.room_start_seconds.observe(time.monotonic() - job_started)
+    listening_after = time.monotonic() - job_started
+    METRICS.room_start_seconds.observe(listening_after)
+    logger.info("room %s: listening %.3f s after its job started", ctx.room.name, listening_after)
     if not await captioner.claim():
         # Another captioner has the room (a race between LiveKit's dispatch and a recovery): leave,
         # having published and written nothing.
