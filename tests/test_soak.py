@@ -49,7 +49,8 @@ def test_every_room_gets_the_agent_and_is_sampled(soak):
     # this test's business: the tiny model now and then hears no word in the short sentence, and a
     # final sent on behalf of a speaker who has just left can be cut by the server.)
     assert rooms["units"] == rooms["engine_streams"] == ROOMS + 5, rooms
-    assert rooms["captioned"] > 0, "no listener received any caption"
+    assert rooms["captioned"] == rooms["units"], f"only {rooms['captioned']} of {rooms['units']} rooms were captioned"
+    assert rooms["room_start_s"]["rooms"] == rooms["units"], "every room's captioner says when it started listening"
     assert [s["units"] for s in rooms["samples"]] == [5, 10, 15, 20, 25]
     assert rooms["targets"]["rooms_at_least_500"] is False and rooms["targets"]["rss_slope_met"] is False
     assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
