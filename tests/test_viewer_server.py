@@ -88,6 +88,11 @@ def test_a_forged_tampered_or_incomplete_link_is_refused(case):
     assert refused.value.reason == "invalid"
 
 
+def test_a_link_made_on_a_machine_whose_clock_is_a_little_ahead_works_at_once():
+    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 600, now=time.time() + 30))
+    assert link.room == "standup"
+
+
 def test_captions_token_prints_a_link_the_server_accepts(capsys, monkeypatch):
     monkeypatch.setenv("CAPTIONS_VIEWER_SECRET", VIEWER_SECRET)
     assert cli_main(["token", "--room", "town hall", "--base-url", "https://captions.example.test",

@@ -28,6 +28,8 @@ from captions.config import add_livekit_options, add_option, positive_int
 ROOM_NAME = re.compile(r"^[^\x00-\x1f]{1,256}$")
 LINK_AUDIENCE = "captions-viewer"
 LINK_ALGORITHM = "HS256"
+CLOCK_SKEW_S = 60
+"""A link made on a machine whose clock is ahead of this one's by up to this is still valid now."""
 MAX_LINK_CHARS = 2048
 """A link token is a few hundred characters: anything far longer is not one, and is not parsed."""
 
@@ -69,7 +71,7 @@ def check_link(secret: str, token: str, now: float | None = None) -> Link:
     if len(token) > MAX_LINK_CHARS:
         raise AccessDenied("This link is malformed. Ask the operator for a new link.")
     try:
-        claims = jwt.decode(token, secret, algorithms=[LINK_ALGORITHM], audience=LINK_AUDIENCE,
+        claims = jwt.decode(token, secret, algorithms=[LINK_ALGORITHM], audience=LINK_AUDIENCE, leeway=CLOCK_SKEW_S,
                             options={"require": ["exp", "iat", "jti", "room", "aud"], "verify_exp": False})
     except jwt.PyJWTError:
         raise AccessDenied("This link's signature is not valid. Ask the operator for a new link.") from None
