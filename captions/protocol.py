@@ -30,7 +30,9 @@ attributes. So nothing a participant says about itself is trusted:
 * **a captioner proves it is one**: its participant attribute ``captions.claim`` is a signature of
   `claim_message` (the room and its own identity, which the server sets from its token). A claim
   copied to another participant names the wrong identity.
-* **the room's captioner is elected from server facts**: among the participants with a valid claim,
+* **the room's captioner is elected from server facts**: among the participants with a valid claim
+  that are not superseded (``captions.superseded``, set through the server API by the recovery on a
+  captioner whose heartbeat stopped; a participant can set it only on itself, withdrawing itself),
   the one the server says joined first (whole seconds, the smaller identity on a tie:
   `elected_captioner`). Workers and viewers apply the same rule to the same facts.
 * **no replay**: each caption stream carries ``captions.agent`` (the identity of the agent that made
@@ -78,6 +80,7 @@ ATTR_SIGNATURE = "captions.sig"
 ATTR_AGENT_STATUS = "captions.status"
 ATTR_AGENT_QUEUED = "captions.queued"
 ATTR_AGENT_CLAIM = "captions.claim"
+ATTR_AGENT_SUPERSEDED = "captions.superseded"
 ATTR_AGENT_ALIVE = "captions.alive"
 ATTR_AGENT_PROBLEM = "captions.problem"
 

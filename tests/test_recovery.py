@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from livekit import api
 
-from captions.live.presence import HeartbeatWatch, captioners_in, elected
+from captions.live.presence import GONE_S, HeartbeatWatch, captioners_in, elected
 from captions.live.recovery import on_its_way, plan_room
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
     ATTR_AGENT_CLAIM,
+    ATTR_AGENT_SUPERSEDED,
     CaptionerInfo,
     CaptionSigner,
     elected_captioner,
@@ -96,14 +97,33 @@ def test_a_live_captioner_is_left_alone():
     assert not plan.needs_captioner and not plan.remove_stale and not plan.remove_duplicates
 
 
-def test_a_dead_captioner_is_removed_and_replaced():
+def test_a_captioner_whose_heartbeat_stops_is_superseded_at_once_and_removed_only_when_gone():
+    """Four missed beats: replaced at once (a new captioner is dispatched, the old one is marked and
+    no longer elected) but not removed: a captioner whose loop was only blocked flushes its open
+    captions and leaves by itself. Removed once silent as long as LiveKit keeps a dropped one."""
     clock = Clock()
-    watch = HeartbeatWatch(stale_s=5.0, clock=clock)
-    room = [speaker(), captioner("agent-dead", NOW_MS - 60_000, alive="7")]
+    watch = HeartbeatWatch(stale_s=4.0, clock=clock)
+    dead = captioner("agent-dead", NOW_MS - 60_000, alive="7")
+    room = [speaker(), dead]
     assert not plan_room("r", room, watch, NOW_MS, KEY).needs_captioner
-    clock.now = 6.0  # its heartbeat never moved again
+    clock.now = 4.0  # its heartbeat never moved again
     plan = plan_room("r", room, watch, NOW_MS, KEY)
-    assert plan.remove_stale == ["agent-dead"] and plan.needs_captioner
+    assert plan.supersede == ["agent-dead"] and plan.needs_captioner and plan.remove_stale == []
+    dead.attributes[ATTR_AGENT_SUPERSEDED] = "stale"  # what the recovery's UpdateParticipant does
+    clock.now = 10.0
+    plan = plan_room("r", room, watch, NOW_MS, KEY)
+    assert plan.supersede == [] and plan.needs_captioner and plan.remove_stale == []
+    clock.now = 4.0 + GONE_S
+    plan = plan_room("r", room, watch, NOW_MS, KEY)
+    assert plan.remove_stale == ["agent-dead"]
+
+
+def test_a_superseded_captioner_is_never_elected_even_if_its_heartbeat_comes_back():
+    back = captioner("agent-old", NOW_MS - 60_000, alive="8")
+    back.attributes[ATTR_AGENT_SUPERSEDED] = "stale"
+    plan = plan_room("r", [speaker(), back, captioner("agent-new", NOW_MS - 1000)], HeartbeatWatch(), NOW_MS, KEY)
+    assert not plan.needs_captioner and not plan.remove_duplicates, "the new one captions; the old one leaves"
+    assert elected(captioners_in([back, captioner("agent-new", NOW_MS - 1000)], "r", KEY)).identity == "agent-new"
 
 
 def test_of_two_live_captioners_the_later_one_is_removed():

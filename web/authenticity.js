@@ -17,6 +17,7 @@
 import { ParticipantKind } from './vendor/livekit-client.esm.mjs';
 import {
   ATTR_AGENT_CLAIM,
+  ATTR_AGENT_SUPERSEDED,
   REPLAY_WINDOW_MS,
   captionMessage,
   claimMessage,
@@ -101,9 +102,10 @@ export class CaptionVerifier {
     return this.claims.get(cacheKey);
   }
 
-  /** The room's participants whose claim verifies. */
+  /** The room's participants whose claim verifies and that the recovery has not superseded (a
+   * captioner whose heartbeat stopped; only the server API, or the captioner itself, sets it). */
   async captioners(room) {
-    const agents = [...room.remoteParticipants.values()];
+    const agents = [...room.remoteParticipants.values()].filter((p) => !p.attributes[ATTR_AGENT_SUPERSEDED]);
     const valid = await Promise.all(agents.map((p) => this.isCaptioner(p, room.name)));
     return agents.filter((_, i) => valid[i]);
   }

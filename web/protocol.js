@@ -15,6 +15,7 @@ export const ATTR_AGENT_STATUS = 'captions.status';
 export const ATTR_AGENT_QUEUED = 'captions.queued';
 export const ATTR_AGENT_PROBLEM = 'captions.problem';
 export const ATTR_AGENT_CLAIM = 'captions.claim';
+export const ATTR_AGENT_SUPERSEDED = 'captions.superseded';
 
 const SIGNATURE_CONTEXT = 'lk-captions-v2';
 

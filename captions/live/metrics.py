@@ -52,7 +52,7 @@ RTF_WINDOW_STEPS = 100
 ERROR_KINDS = ("engine_step", "stream", "publish", "transcript", "room")
 """Error counters that exist (at 0) from the start, so that rate() and alerts work before the first."""
 DROP_REASONS = ("waiting_overflow", "shutdown")
-RECOVERY_ACTIONS = ("dispatch", "remove_stale", "remove_duplicate", "failed_round")
+RECOVERY_ACTIONS = ("dispatch", "supersede_stale", "remove_stale", "remove_duplicate", "failed_round")
 STEP_PARTS = ("host", "encode", "lm", "total")
 
 

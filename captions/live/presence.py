@@ -30,6 +30,7 @@ from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
     ATTR_AGENT_CLAIM,
+    ATTR_AGENT_SUPERSEDED,
     CaptionerInfo,
     claim_message,
     elected_captioner,
@@ -38,7 +39,11 @@ from captions.protocol import (
 
 HEARTBEAT_S = 1.0
 STALE_S = 4.0
-"""No heartbeat for this long (four beats missed): the captioner is gone."""
+"""No heartbeat for this long (four beats missed): the captioner is superseded and replaced."""
+GONE_S = 20.0
+"""No heartbeat for this long: the captioner is removed. LiveKit itself keeps a participant whose
+connection dropped about this long; a captioner whose loop was only blocked has seen that it was
+superseded, flushed its open captions and left well before."""
 CLAIM_SETTLE_S = 0.5
 API_TIMEOUT_S = 5.0
 API_ERRORS = (api.TwirpError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
@@ -70,6 +75,8 @@ class Captioner:
     joined_s: int
     """When the server says it joined, Unix seconds."""
     alive: str
+    superseded: bool = False
+    """The recovery replaced it (its heartbeat stopped): no longer elected; it flushes and leaves."""
 
     @property
     def info(self) -> CaptionerInfo:
@@ -89,12 +96,15 @@ def is_captioner(participant: api.ParticipantInfo, room: str, caption_key: str) 
 
 def captioners_in(participants: Iterable[api.ParticipantInfo], room: str, caption_key: str) -> list[Captioner]:
     """This pool's captioners among a room's participants."""
-    return [Captioner(p.identity, joined_s(p), p.attributes.get(ATTR_AGENT_ALIVE, ""))
+    return [Captioner(p.identity, joined_s(p), p.attributes.get(ATTR_AGENT_ALIVE, ""),
+                      bool(p.attributes.get(ATTR_AGENT_SUPERSEDED)))
             for p in participants if is_captioner(p, room, caption_key)]
 
 
 def elected(captioners: list[Captioner]) -> Captioner | None:
-    choice = elected_captioner([c.info for c in captioners])
+    """The room's captioner among `captioners` (superseded ones are never elected)."""
+    candidates = [c for c in captioners if not c.superseded]
+    choice = elected_captioner([c.info for c in candidates])
     return next(c for c in captioners if c.identity == choice.identity) if choice else None
 
 
@@ -111,10 +121,11 @@ class HeartbeatWatch:
         if previous is None or previous[0] != alive:
             self._seen[key] = (alive, self._clock())
 
-    def stale(self, key: str) -> bool:
-        """Unchanged for `stale_s` since this observer first saw it (a newcomer is never stale)."""
+    def stale(self, key: str, for_s: float | None = None) -> bool:
+        """Unchanged for `for_s` (`stale_s` by default) since this observer first saw it (a newcomer
+        is never stale)."""
         seen = self._seen.get(key)
-        return seen is not None and self._clock() - seen[1] >= self.stale_s
+        return seen is not None and self._clock() - seen[1] >= (self.stale_s if for_s is None else for_s)
 
     def keep_only(self, keys: set[str]) -> None:
         """Forgets what is no longer there (bounded memory over thousands of rooms)."""

@@ -7,7 +7,10 @@ what should be with what is, through LiveKit's own server API, every `interval_s
 
 * every room with a speaker (a non-agent participant publishing a microphone) should have one live
   captioner: a caption agent (presence.py) whose heartbeat still moves;
-* a captioner whose heartbeat stopped (its worker died; the server keeps it ~20 s) is removed;
+* a captioner whose heartbeat stopped for `STALE_S` is superseded (the server API marks it): it is
+  no longer elected, so a new one is dispatched at once; if it was only slow (a loop blocked for
+  seconds) it sees the mark, flushes its open captions and leaves; if its worker died, it is removed
+  after `GONE_S`, as LiveKit itself would;
 * when two live captioners are in a room, the one `elected_captioner` does not choose is removed;
 * a room with a speaker and no captioner gets a new dispatch (CreateDispatch), unless one was made
   in the last `DISPATCH_GRACE_S` (by any worker, or LiveKit's own at the room's creation): LiveKit
@@ -27,13 +30,14 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from livekit import api
 
 from captions.live.metrics import METRICS
 from captions.live.presence import (
     API_ERRORS,
+    GONE_S,
     HeartbeatWatch,
     LiveKitCredentials,
     captioners_in,
@@ -41,7 +45,7 @@ from captions.live.presence import (
     list_participants,
 )
 from captions.log import logger
-from captions.protocol import CaptionSigner
+from captions.protocol import ATTR_AGENT_SUPERSEDED, CaptionSigner
 
 RECONCILE_INTERVAL_S = 1.5
 DISPATCH_GRACE_S = 10.0
@@ -56,8 +60,11 @@ class RoomPlan:
     """What one room needs: captioners to remove, and whether it needs a new one."""
 
     remove_stale: list[str]
+    """Gone for `GONE_S`."""
     remove_duplicates: list[str]
     needs_captioner: bool
+    supersede: list[str] = field(default_factory=list)
+    """Their heartbeat stopped for `STALE_S`: mark them superseded (they flush and leave)."""
 
 
 def has_speaker(participants: list[api.ParticipantInfo]) -> bool:
@@ -73,13 +80,15 @@ def plan_room(room: str, participants: list[api.ParticipantInfo], watch: Heartbe
     for captioner in captioners:
         watch.observe(f"{room}\n{captioner.identity}", captioner.alive)
     stale = [c for c in captioners if watch.stale(f"{room}\n{c.identity}")]
-    live = [c for c in captioners if c not in stale]
+    gone = [c.identity for c in stale if watch.stale(f"{room}\n{c.identity}", GONE_S)]
+    supersede = [c.identity for c in stale if not c.superseded and c.identity not in gone]
+    live = [c for c in captioners if c not in stale and not c.superseded]
     winner = elected(live)
     duplicates = [c.identity for c in live if c is not winner]
     joining = any(p.kind == api.ParticipantInfo.Kind.AGENT and not p.attributes
                   and now_ms - (p.joined_at_ms or p.joined_at * 1000) < JOINING_S * 1000 for p in participants)
-    return RoomPlan([c.identity for c in stale], duplicates,
-                    needs_captioner=winner is None and not joining and has_speaker(participants))
+    return RoomPlan(gone, duplicates, needs_captioner=winner is None and not joining and has_speaker(participants),
+                    supersede=supersede)
 
 
 def _dispatch_age_s(dispatch: api.AgentDispatch, now: float) -> float:
@@ -143,12 +152,24 @@ class Reconciler:
             participants = await list_participants(client, room.name)
             seen |= {f"{room.name}\n{p.identity}" for p in participants}
             plan = plan_room(room.name, participants, self.watch, int(time.time() * 1000), self.caption_key)
+            for identity in plan.supersede:
+                await self._supersede(client, room.name, identity)
             for identity, why in [*((i, "stale") for i in plan.remove_stale),
                                   *((i, "duplicate") for i in plan.remove_duplicates)]:
                 await self._remove(client, room.name, identity, why)
             if plan.needs_captioner:
                 await self._dispatch(client, room.name, {p.identity for p in participants})
         self.watch.keep_only(seen)
+
+    async def _supersede(self, client: api.LiveKitAPI, room: str, identity: str) -> None:
+        logger.info("recovery: captioner %s of room %s missed its heartbeats: superseding it", identity, room)
+        try:
+            await client.room.update_participant(api.UpdateParticipantRequest(
+                room=room, identity=identity, attributes={ATTR_AGENT_SUPERSEDED: "stale"}))
+        except api.TwirpError as e:  # it left meanwhile
+            logger.info("recovery: %s was already gone from %s (%s)", identity, room, e.message)
+            return
+        METRICS.recovery("supersede_stale")
 
     async def _remove(self, client: api.LiveKitAPI, room: str, identity: str, why: str) -> None:
         logger.info("recovery: removing %s captioner %s from room %s", why, identity, room)

@@ -39,6 +39,7 @@ from captions.protocol import (
     ATTR_AGENT_PROBLEM,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
+    ATTR_AGENT_SUPERSEDED,
     AgentStatus,
     CaptionSigner,
     FinalSegment,
@@ -68,8 +69,12 @@ class RoomOptions:
 class RoomCaptioner:
     """Captions every speaker of one connected `rtc.Room` with the shared engine."""
 
-    def __init__(self, room: rtc.Room, slots: SlotQueue, options: RoomOptions, signer: CaptionSigner | None = None):
-        """`signer`: the worker's key (one per process); a room made without one gets its own."""
+    def __init__(self, room: rtc.Room, slots: SlotQueue, options: RoomOptions, signer: CaptionSigner | None = None,
+                 on_superseded: Callable[[], None] | None = None):
+        """`signer`: the worker's key (one per process); a room made without one gets its own.
+        `on_superseded()`: the recovery replaced this captioner (its heartbeat was late): end the
+        job, which flushes and publishes its open captions (`aclose`) before leaving."""
+        self.on_superseded = on_superseded
         self.room = room
         self.slots = slots
         self.options = options
@@ -103,6 +108,8 @@ class RoomCaptioner:
         """The heartbeat (presence.py), advanced every HEARTBEAT_S while this captioner runs."""
         self._unclaimed: list[tuple] | None = None
         """Captions made while `claim` is asking, in order (`start(claiming=True)`); None otherwise."""
+        self._withdrawing = False
+        """Superseded by the recovery: leaving (no more heartbeats), its open captions flushed first."""
         self._claimed_as: tuple[str, str] | None = None
         """(identity, its captions.claim), computed once connected."""
         self._status_sent: dict[str, str] = {}
@@ -142,6 +149,7 @@ class RoomCaptioner:
         self.room.on("track_muted", self._on_track_muted)
         self.room.on("track_unmuted", self._on_track_unmuted)
         self.room.on("participant_disconnected", self._on_participant_disconnected)
+        self.room.on("participant_attributes_changed", self._on_attributes_changed)
         self._spawn(self._publisher.run(), "publisher")
         self._spawn(self._release_held_forever(), "transcript-wait")
         self._spawn(self._update_status_forever(), "status")
@@ -203,6 +211,16 @@ class RoomCaptioner:
                     logger.info("room %s: reconnected; subscribing again to %s's microphone (track %s)",
                                 self.room_name, participant.identity, publication.sid)
                     publication.set_subscribed(True)
+
+    def _on_attributes_changed(self, changed: dict[str, str], participant: rtc.Participant) -> None:
+        if (participant.identity != self.room.local_participant.identity or not changed.get(ATTR_AGENT_SUPERSEDED)
+                or self._withdrawing or self._closed):
+            return
+        self._withdrawing = True
+        logger.warning("room %s: superseded by the recovery (this captioner's heartbeat was late): flushing "
+                       "its open captions and leaving", self.room_name)
+        if self.on_superseded is not None:
+            self.on_superseded()
 
     def _on_disconnected(self, reason: int) -> None:
         if reason == rtc.DisconnectReason.PARTICIPANT_REMOVED:
@@ -344,7 +362,7 @@ class RoomCaptioner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._status_dirty.wait(), max(0.0, next_beat - loop.time()))
             self._status_dirty.clear()
-            if loop.time() >= next_beat:
+            if loop.time() >= next_beat and not self._withdrawing:
                 self._alive += 1
                 next_beat = loop.time() + HEARTBEAT_S
             attributes = self._status_attributes()

@@ -190,7 +190,8 @@ async def _caption_room(ctx) -> None:
     assert _service is not None, "the engine is loaded before the worker registers"
     job_started = time.monotonic()
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
-    captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer)
+    captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer,
+                              on_superseded=lambda: ctx.shutdown(reason="superseded: its heartbeat was late"))
     _captioners[ctx.job.id] = captioner
     ctx.add_shutdown_callback(captioner.aclose)  # after the room is gone: a safety net
     # Listen first, then ask whether this room is ours: nothing slow (server API calls, attribute
