@@ -129,7 +129,7 @@ def test_revoking_a_link_ends_that_link_only_and_revoking_a_room_ends_its_links_
 def test_a_damaged_revocation_list_keeps_its_good_lines(tmp_path):
     path = tmp_path / "revoked.ndjson"
     link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 600))
-    path.write_text('{"link_id": 5\nnot json\n[1, 2]\n')
+    path.write_text('{"link_id": 5\nnot json\n[1, 2]\n{"link_id": "x", "until": 1e999}\n{"room": "r", "before": NaN}\n')
     append(path, {"link_id": link.link_id, "until": link.expires_at})
     assert Revocations(path, recheck_s=0).is_revoked(link)
 

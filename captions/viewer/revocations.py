@@ -68,7 +68,11 @@ class Revocations:
                 return
             stamp = (stat.st_size, stat.st_mtime_ns)
             if stamp != self._stamp:
-                self._links, self._rooms = _read(self.path)
+                try:
+                    self._links, self._rooms = _read(self.path)
+                except OSError as e:
+                    logger.error("cannot read the revocation list %s (%s); using the last one read", self.path, e)
+                    return
                 self._stamp = stamp
 
 
@@ -90,7 +94,7 @@ def _read(path: Path) -> tuple[dict[str, int], dict[str, int]]:
                     links[str(entry["link_id"])] = int(entry["until"])
             else:
                 rooms[str(entry["room"])] = max(int(entry["before"]), rooms.get(str(entry["room"]), -1))
-        except (ValueError, TypeError, KeyError, AttributeError):
+        except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError):  # 1e999: int(inf)
             logger.error("revocation list %s line %d is not a revocation; ignored: %.80r", path, number, line)
     return links, rooms
 
