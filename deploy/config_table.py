@@ -1,10 +1,10 @@
-"""Prints the configuration table of README.md from the commands' own argument parsers.
+"""Prints the configuration table of docs/configuration.md from the commands' own argument parsers.
 
     uv run python deploy/config_table.py
 
 Every option made with `captions.config.add_option` carries its environment variable and default in its
 help text; this reads them back, so the table cannot drift from the code (tests/test_deploy.py checks
-that the README holds exactly this output).
+that docs/configuration.md holds exactly this output).
 """
 
 from __future__ import annotations
