@@ -241,3 +241,84 @@ def test_speakers_arriving_at_once_from_several_rooms_are_served_in_queue_order(
     for r in rooms:
         assert [label for label in order if label.startswith(f"{r}/")] == [f"{r}/speaker{j}" for j in range(3)]
     assert log.serve_one_at_a_time(first, len(order)) == order
+
+
+# ---- fair shares: rooms that wait get their part of the slots ----------------------------------------
+
+def test_shares_are_max_min_fair_and_whole_slots_go_to_those_holding_them():
+    from captions.live.slots import fair_shares, whole_shares
+
+    assert fair_shares({"A": 3, "B": 1}, 2) == {"A": 1, "B": 1}
+    assert fair_shares({"A": 5, "B": 1, "C": 1}, 4) == {"A": 2, "B": 1, "C": 1}, "a room needing less leaves the rest"
+    assert fair_shares({"A": 1}, 4) == {"A": 1}
+    thirds = fair_shares({"A": 2, "B": 2, "C": 2}, 4)
+    assert thirds == pytest.approx({"A": 4 / 3, "B": 4 / 3, "C": 4 / 3})
+    # 4 slots, 3 rooms: one whole slot each, the one left to the first in priority (holding more).
+    assert whole_shares(thirds, ["B", "A", "C"]) == {"A": 1, "B": 2, "C": 1}
+    assert sum(whole_shares(fair_shares({"A": 1, "B": 1, "C": 1}, 2), ["A", "B", "C"]).values()) == 2
+
+
+def labelled(label: str, since: float) -> Recorder:
+    r = Recorder(label)
+    r.waiter.since = since
+    return r
+
+
+def test_a_room_over_its_share_is_asked_to_yield_its_longest_held_slot_only_while_others_wait(engine, queue):
+    a1, a2 = labelled("A/1", 1.0), labelled("A/2", 2.0)
+    assert queue.request(a1.waiter) is not None and queue.request(a2.waiter) is not None
+    assert not queue.should_yield(a1.waiter), "nobody waits: a room may hold every slot"
+    b1 = labelled("B/1", 3.0)
+    assert queue.request(b1.waiter) is None
+    assert queue.holders() == {"A": 2}
+    assert queue.should_yield(a1.waiter), "room A holds 2 slots, its share is 1: the longest held yields"
+    assert not queue.should_yield(a2.waiter), "one slot back is enough"
+    queue.cancel(b1.waiter)
+    assert not queue.should_yield(a1.waiter), "nobody waits any more"
+
+
+def test_a_lone_room_yields_only_a_long_held_slot_and_one_per_waiter(engine, queue):
+    a1, a2, a3 = labelled("A/1", 1.0), labelled("A/2", 2.0), labelled("A/3", 3.0)
+    queue.request(a1.waiter)
+    queue.request(a2.waiter)
+    assert queue.request(a3.waiter) is None
+    assert not queue.should_yield(a1.waiter) and not queue.should_yield(a2.waiter), "the room keeps its share: B"
+    assert queue.should_yield(a2.waiter, long_held=True), "the only long-held turn yields to the waiter"
+    assert queue.should_yield(a1.waiter, long_held=True), "the longest held of the long-held turns yields"
+    assert not queue.should_yield(a2.waiter, long_held=True), "one waiter: one yield"
+
+
+def test_a_long_held_slot_is_not_asked_for_a_room_that_already_has_its_share(engine, queue):
+    """B = 2, rooms A and B hold one slot each and A has a second talker waiting: B's long-held turn
+    keeps its slot (A would then hold more than its share), A's own long-held turn yields."""
+    a1, b1, a2 = labelled("A/1", 1.0), labelled("B/1", 0.5), labelled("A/2", 3.0)
+    queue.request(b1.waiter)
+    queue.request(a1.waiter)
+    queue.request(a2.waiter)
+    assert not queue.should_yield(b1.waiter, long_held=True)
+    assert queue.should_yield(a1.waiter, long_held=True)
+
+
+def test_more_rooms_than_slots_rotate_by_the_long_hold_rule(engine, queue):
+    """B = 2, three rooms of one talker each: the room that waits is under its share (2/3 rounded
+    up), so the longest long-held slot of another room yields to it."""
+    a, b, c = labelled("A/1", 1.0), labelled("B/1", 2.0), labelled("C/1", 3.0)
+    queue.request(a.waiter)
+    queue.request(b.waiter)
+    assert queue.request(c.waiter) is None
+    assert not queue.should_yield(a.waiter) and not queue.should_yield(b.waiter), "within their shares"
+    queue.should_yield(b.waiter, long_held=True)
+    assert queue.should_yield(a.waiter, long_held=True) and not queue.should_yield(b.waiter, long_held=True)
+
+
+def test_a_freed_slot_goes_to_the_room_under_its_share_before_an_earlier_waiter_of_a_room_at_it(engine, queue):
+    a1, a2 = labelled("A/1", 1.0), labelled("A/2", 2.0)
+    queue.request(a1.waiter)
+    queue.request(a2.waiter)
+    a3, b1 = labelled("A/3", 3.0), labelled("B/1", 4.0)
+    assert queue.request(a3.waiter) is None and queue.request(b1.waiter) is None
+    assert queue.waiting() == ["A/3", "B/1"], "in the order they started talking"
+    engine.opened[0].close()
+    assert b1.granted.wait(2), "room B holds nothing and its share is 1"
+    assert not a3.granted.is_set() and queue.waiting() == ["A/3"]
+    assert queue.holders() == {"A": 1, "B": 1}

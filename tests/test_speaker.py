@@ -41,9 +41,10 @@ def noise(seconds: float, level: int = 30) -> np.ndarray:
 class Host:
     """A room as speakers see it (speaker.SpeakerHost), collecting their captions."""
 
-    def __init__(self, engine: FakeEngine, options: SpeakerOptions):
-        self.room_name = "room"
-        self.slots = SlotQueue(engine, poll_s=0.05)
+    def __init__(self, engine: FakeEngine, options: SpeakerOptions, room_name: str = "room",
+                 slots: SlotQueue | None = None):
+        self.room_name = room_name
+        self.slots = slots if slots is not None else SlotQueue(engine, poll_s=0.05)
         self.segmenter_options = SegmenterOptions()
         self.speaker_options = options
         self.record_dir = None

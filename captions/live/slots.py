@@ -1,8 +1,29 @@
 """A fair queue of speakers waiting for an engine slot, shared by every room of the worker.
 
 Rooms run in different threads (livekit-agents' THREAD executor gives each job its own event loop),
-and slots free up in the engine's thread, so everything here is thread-safe. Speakers are served in
-the order they started talking, across all rooms: nobody who started later overtakes someone waiting.
+and slots free up in the engine's thread, so everything here is thread-safe.
+
+Who gets a slot, when some wait:
+
+* **Shares.** The B slots are divided among the rooms that have demand (a speaker holding a slot or
+  waiting for one), max-min fair: a room that needs fewer than an even part keeps what it needs and
+  the rest is divided among the others (`fair_shares`). Whole slots: each room gets the whole part
+  of its share, and the slots left over go to the rooms with a fraction, those holding more first
+  (so that nobody yields for a rounding), then the room whose speaker has waited longest.
+* **Grants.** A freed slot goes to the first waiter, in the order they started talking, whose room
+  holds fewer than its share; with a free slot there always is one (the shares add up to B, or to
+  the demand when that is less).
+* **Yields.** A room holding more than its share while others wait is asked to give back its
+  excess, its longest-held turns first (`should_yield`): a room with a never-ending talker (a TV, an
+  hour-long monologue) cannot keep every slot. A turn that has held its slot for a long time
+  (`long_held`, judged by the speaker: speaker.py's `max_turn_hold_s`) is asked to yield to a waiter
+  of its own room, or of a room holding less than its share rounded up (more rooms than slots: the
+  slots rotate), one such turn per waiter, the longest held first. Nothing is asked while nobody
+  waits. The speaker yields at a sentence end (or after a bound): its stream is flushed, and its
+  speaker asks again, behind those who waited (speaker.py).
+
+A grant lasts until its stream's last event (`ended`), which the queue sees by wrapping the
+stream's event callback.
 
 Streams are opened by one dispatcher thread (or by the requesting thread when nobody waits), never
 by the engine's slot-freed callback itself: that callback only sets an event, so the engine's
@@ -12,13 +33,15 @@ thread is never blocked and never re-enters the engine.
 from __future__ import annotations
 
 import bisect
+import itertools
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from captions.log import logger
-from captions.stt.api import Engine, EngineFull, EngineStream, EventCallback
+from captions.stt.api import Engine, EngineFull, EngineStream, EventCallback, StreamEvent
 
 
 @dataclass(eq=False)
@@ -36,16 +59,58 @@ class Waiter:
     """When the speaker started talking (time.monotonic()): the queue serves the earliest first."""
     live_chunk: int | None = None
     """Passed on to `engine.open_stream` (a live stream whose first push is kept audio)."""
+    room: str = ""
+    """The room whose share this counts against (default: the label up to its last '/')."""
+
+    def __post_init__(self) -> None:
+        if not self.room:
+            self.room = self.label.rsplit("/", 1)[0]
+
+
+@dataclass(eq=False)
+class _Grant:
+    waiter: Waiter
+    order: int
+    """Grants in the order they were made: the lowest has held its slot longest."""
+    long_held: bool = False
+
+
+def fair_shares(demand: dict[str, float], capacity: int) -> dict[str, float]:
+    """Max-min fair split of `capacity` among rooms by demand: a room gets its demand or the even
+    part of what the rooms needing less left, whichever is less (fractions)."""
+    shares: dict[str, float] = {}
+    left, rooms = float(capacity), sorted(demand, key=lambda r: demand[r])
+    for i, room in enumerate(rooms):
+        shares[room] = min(float(demand[room]), left / (len(rooms) - i))
+        left -= shares[room]
+    return shares
+
+
+def whole_shares(shares: dict[str, float], priority: Iterable[str]) -> dict[str, int]:
+    """Whole slots: each room's share rounded down, then the slots that leaves over one each to the
+    rooms with a fraction, in `priority` order (the first rooms first)."""
+    whole = {room: math.floor(share + 1e-9) for room, share in shares.items()}
+    left = round(sum(shares.values())) - sum(whole.values())
+    for room in priority:
+        if left <= 0:
+            break
+        if shares[room] - whole[room] > 1e-9:
+            whole[room] += 1
+            left -= 1
+    return whole
 
 
 class SlotQueue:
-    """Waiters in front of `engine.open_stream`, served in the order they started talking, woken by
-    `engine.add_slot_freed_listener`."""
+    """Waiters in front of `engine.open_stream`, served by room shares and then in the order they
+    started talking, woken by `engine.add_slot_freed_listener` (module notes)."""
 
     def __init__(self, engine: Engine, poll_s: float = 1.0):
         self._engine = engine
         self._lock = threading.Lock()
         self._waiters: list[Waiter] = []
+        self._grants: dict[Waiter, _Grant] = {}
+        """Every stream this queue opened and that has not ended yet, by its waiter."""
+        self._order = itertools.count()
         self._wake = threading.Event()
         self._closed = False
         self._poll_s = poll_s
@@ -60,12 +125,13 @@ class SlotQueue:
         with self._lock:
             if not self._waiters:
                 try:
-                    return self._engine.open_stream(waiter.on_event, waiter.live_chunk)
+                    return self._open(waiter)
                 except EngineFull:
                     pass
             # In order of when they started talking; equal times keep their order of arrival.
             bisect.insort(self._waiters, waiter, key=lambda w: w.since)
-        logger.info("engine full: %s waits for a slot (%d waiting)", waiter.label, len(self._waiters))
+            waiting = len(self._waiters)
+        logger.info("engine full: %s waits for a slot (%d waiting)", waiter.label, waiting)
         self._wake.set()
         return None
 
@@ -79,6 +145,24 @@ class SlotQueue:
                 return False
         self._wake.set()
         return True
+
+    def should_yield(self, waiter: Waiter, long_held: bool = False) -> bool:
+        """Whether the turn holding the slot granted to `waiter` should give it back (module
+        notes); `long_held`: it has held the slot long (the speaker's judgement, kept until the
+        next call). False when nobody waits, or the slot is no longer held."""
+        with self._lock:
+            grant = self._grants.get(waiter)
+            if grant is None:
+                return False
+            grant.long_held = long_held
+            if not self._waiters:
+                return False
+            return grant in self._yields()
+
+    def holders(self) -> dict[str, int]:
+        """Slots held per room (rooms holding none left out)."""
+        with self._lock:
+            return self._holders()
 
     def waiting(self) -> list[str]:
         """Labels of everyone waiting, first in line first."""
@@ -94,6 +178,67 @@ class SlotQueue:
         self._wake.set()
         self._thread.join(timeout=5)
 
+    # ---- under the lock ---------------------------------------------------------------------------
+
+    def _open(self, waiter: Waiter) -> EngineStream:
+        """Opens the waiter's stream (raises EngineFull) and counts it against its room until it ends."""
+        grant = _Grant(waiter, next(self._order))
+
+        def on_event(event: StreamEvent) -> None:
+            if event.ended:
+                with self._lock:
+                    if self._grants.get(waiter) is grant:
+                        del self._grants[waiter]
+                self._wake.set()
+            waiter.on_event(event)
+
+        stream = self._engine.open_stream(on_event, waiter.live_chunk)
+        self._grants[waiter] = grant
+        return stream
+
+    def _holders(self) -> dict[str, int]:
+        held: dict[str, int] = {}
+        for grant in self._grants.values():
+            held[grant.waiter.room] = held.get(grant.waiter.room, 0) + 1
+        return held
+
+    def _shares(self, held: dict[str, int]) -> tuple[dict[str, float], dict[str, int]]:
+        """Each room's fair share (fraction) and whole slots (module notes)."""
+        demand: dict[str, float] = dict(held)
+        first_waiting: dict[str, int] = {}
+        for i, w in enumerate(self._waiters):
+            demand[w.room] = demand.get(w.room, 0) + 1
+            first_waiting.setdefault(w.room, i)
+        shares = fair_shares(demand, self._engine.batch_size)
+        priority = sorted(demand, key=lambda r: (-held.get(r, 0), first_waiting.get(r, len(self._waiters))))
+        return shares, whole_shares(shares, priority)
+
+    def _yields(self) -> set[_Grant]:
+        """The grants that should give their slot back now (module notes); only while someone waits."""
+        held = self._holders()
+        shares, whole = self._shares(held)
+        by_age = sorted(self._grants.values(), key=lambda g: g.order)
+        yields: set[_Grant] = set()
+        for room, count in held.items():
+            excess = count - whole.get(room, 0)
+            if excess > 0:
+                yields.update([g for g in by_age if g.waiter.room == room][:excess])
+        for w in self._waiters[len(yields):]:
+            under = held.get(w.room, 0) < math.ceil(shares.get(w.room, 0) - 1e-9)
+            grant = next((g for g in by_age if g.long_held and g not in yields
+                          and (g.waiter.room == w.room or under)), None)
+            if grant is not None:
+                yields.add(grant)
+        return yields
+
+    def _next_waiter(self) -> Waiter | None:
+        """The first waiter whose room holds fewer slots than its share."""
+        held = self._holders()
+        _, whole = self._shares(held)
+        return next((w for w in self._waiters if held.get(w.room, 0) < whole.get(w.room, 0)), None)
+
+    # ---- the dispatcher ---------------------------------------------------------------------------
+
     def _dispatch_forever(self) -> None:
         while not self._closed:
             self._wake.wait(timeout=self._poll_s)
@@ -107,11 +252,15 @@ class SlotQueue:
         granted: list[tuple[Waiter, EngineStream]] = []
         with self._lock:
             while self._waiters and not self._closed:
+                waiter = self._next_waiter()
+                if waiter is None:
+                    break
                 try:
-                    stream = self._engine.open_stream(self._waiters[0].on_event, self._waiters[0].live_chunk)
+                    stream = self._open(waiter)
                 except EngineFull:
                     break
-                granted.append((self._waiters.pop(0), stream))
+                self._waiters.remove(waiter)
+                granted.append((waiter, stream))
         for waiter, stream in granted:
             logger.info("slot freed: %s is now captioned", waiter.label)
             try:

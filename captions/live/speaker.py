@@ -13,6 +13,14 @@ seam (track_audio.py). A wait longer than `max_wait_s` of audio loses its oldest
 while waiting, the turn's audio stops at that pause; if they talk again before the slot comes, the
 new speech joins the same turn, without the silence between.
 
+Fair shares (slots.py): while others wait, a turn whose room holds more than its share of the slots,
+or that has held its slot for `max_turn_hold_s` (the queue says which, `should_yield`), yields at
+the next sentence end: the first final caption closed at a pause. A talker who never pauses yields
+`yield_within_s` after being asked all the same. Yielding flushes the turn's stream where its live
+audio stopped (its words up to there become final) and starts a new turn at that very sample, which
+waits like any other (its audio kept, as above) behind those who waited before it: nothing is lost
+and nothing is pushed twice; the new stream starts without the old one's context.
+
 Failures (supervise.py, each logged once with its traceback and counted): the track's reader is
 started again (track_audio.py); a live feed that fails closes its turn (what was said is flushed,
 the slot is freed) and, if the speaker still talks, a new turn takes over where it stopped; after
@@ -57,6 +65,10 @@ class SpeakerOptions:
     """Silence that ends a turn and frees its slot; a shorter pause keeps it."""
     max_wait_s: float = 30.0
     """Audio kept for a speaker waiting for a slot; beyond it the oldest is dropped (and counted)."""
+    max_turn_hold_s: float = 20.0
+    """A turn that has held its slot this long yields it at a sentence end while others wait (slots.py)."""
+    yield_within_s: float = 5.0
+    """A turn asked to yield that reaches no sentence end within this (seconds of audio) yields anyway."""
     gate: GateOptions = field(default_factory=GateOptions)
 
 
@@ -103,9 +115,18 @@ class Turn:
         self.spans: list[tuple[int, int, int]] = []
         """(turn sample, track index, length) of everything pushed: maps word times to capture times."""
         self.pushed = 0
+        self.start = start
+        """Nothing before this track index goes into the turn (it went to the turn before)."""
         self.since = time.monotonic()
         self.stream: EngineStream | None = None
         self.waiter: Waiter | None = None
+        """The request while the turn waits for a slot (None once granted)."""
+        self.claim: Waiter | None = None
+        """The request the slot was granted to: names the turn's slot to the queue (`should_yield`)."""
+        self.granted_end = 0
+        """The track's end when the slot came: how long the turn has held it, in audio."""
+        self.yield_asked: int | None = None
+        """The track's end when the queue first asked the turn to yield (None: not asked)."""
         self.segmenter: Segmenter | None = None
         self.recorder: StreamRecorder | None = None
         self.timing: StreamTiming | None = None
@@ -121,6 +142,20 @@ class Turn:
         if self.open_start is not None and end > self.open_start:
             self.held.append((self.open_start, self.speaker.track.audio(self.open_start, end)))
         self.open_start = None
+
+    def record(self, index: int, size: int) -> None:
+        """Notes `size` samples from track index `index` as pushed: a push that continues the last
+        one extends its span, so a live turn keeps one span however long it lasts."""
+        if size <= 0:
+            return
+        if self.spans:
+            turn_sample, last, length = self.spans[-1]
+            if last + length == index and turn_sample + length == self.pushed:
+                self.spans[-1] = (turn_sample, last, length + size)
+                self.pushed += size
+                return
+        self.spans.append((self.pushed, index, size))
+        self.pushed += size
 
     def wall_time(self, seconds: float) -> float:
         """Unix capture time of `seconds` into the turn's audio (the gaps cut out of a waiting turn
@@ -187,13 +222,15 @@ class Speaker:
                 logger.info("room %s: %s paused: turn ends, slot %d free after the flush", self.host.room_name,
                             self.identity, turn.stream.slot_index)
                 self._close_turn(turn)
+            else:
+                self._judge_yield(turn)
 
     def _keep_waiting(self, turn: Turn, ended: bool) -> None:
         gate, track = self.gate, self.track
         if turn.open_start is None and gate.speaking:
             # Talking again before the slot came: the same turn, without the silence between.
             held_end = turn.held[-1][0] + turn.held[-1][1].size if turn.held else 0
-            turn.open_start = max(track.kept_from, held_end,
+            turn.open_start = max(track.kept_from, held_end, turn.start,
                                   (gate.onset or track.end) - self._samples(self.options.pre_roll_s))
         elif turn.open_start is not None and ended:
             turn.hold_until(min(track.end, (gate.last_speech or track.end) + self._samples(self.options.release_after_s)))
@@ -222,12 +259,16 @@ class Speaker:
 
     # ---- turns and slots ------------------------------------------------------------------------
 
-    def _begin_turn(self, start: int) -> None:
+    def _begin_turn(self, start: int, since: float | None = None) -> None:
+        """A new turn from track index `start`, asking for a slot as someone who started talking at
+        `since` (default: when `start` was captured)."""
         turn = Turn(self, start)
         self.turn = turn
-        since = time.monotonic() - (self.track.end - start) / SAMPLE_RATE
+        if since is None:
+            since = time.monotonic() - (self.track.end - start) / SAMPLE_RATE
         turn.waiter = Waiter(f"{self.host.room_name}/{self.identity}", on_event=self._on_event_threadsafe(turn),
-                             on_granted=self._on_granted_threadsafe(turn), since=since, live_chunk=LIVE_CHUNK)
+                             on_granted=self._on_granted_threadsafe(turn), since=since, live_chunk=LIVE_CHUNK,
+                             room=self.host.room_name)
         stream = self.host.slots.request(turn.waiter)
         if stream is None:
             logger.info("room %s: %s talks and waits for a slot", self.host.room_name, self.identity)
@@ -246,7 +287,8 @@ class Speaker:
             stream.abort()
             return
         METRICS.observe_slot_wait(time.monotonic() - turn.since)
-        turn.waiter, turn.stream = None, stream
+        turn.claim, turn.waiter, turn.stream = turn.waiter, None, stream
+        turn.granted_end = self.track.end
         turn.segmenter = Segmenter(options=self.host.segmenter_options)
         if self.host.record_dir is not None:
             turn.recorder = StreamRecorder(self.host.record_dir, self.host.room_name, self.identity, stream.id)
@@ -292,6 +334,8 @@ class Speaker:
         if turn.state is not TurnState.LIVE or turn is not self.turn:
             return
         self._live_failures = 0
+        if index < turn.start:  # joined before where the turn starts (a yield's): that went to the last turn
+            pcm, index = pcm[turn.start - index:], max(index, turn.start)
         if turn.held:  # the first push: the kept audio and this chunk, on this chunk's tick
             parts = [*turn.held, (index, pcm)]
             turn.held = []
@@ -314,8 +358,7 @@ class Speaker:
         index, pcm = parts[-1]
         turn.stream.push(pcm16.astype(np.float32) / 32768.0, produced_at=self.track.produced_at(index + pcm.size))
         for index, pcm in parts:
-            turn.spans.append((turn.pushed, index, pcm.size))
-            turn.pushed += pcm.size
+            turn.record(index, pcm.size)
         if turn.recorder is not None:
             turn.recorder.write(pcm16, turn.stream.lead_samples)
         if turn.timing is not None:
@@ -341,6 +384,42 @@ class Speaker:
         else:
             turn.stream.abort()
 
+    # ---- fair shares: yielding a slot ----------------------------------------------------------
+
+    def _long_held(self, turn: Turn) -> bool:
+        return self.track.end - turn.granted_end >= self._samples(self.options.max_turn_hold_s)
+
+    def _judge_yield(self, turn: Turn) -> None:
+        """Every 80 ms of a live turn: whether the queue asks it to yield; past the bound, it does."""
+        asked = self.host.slots.should_yield(turn.claim, self._long_held(turn))
+        if not asked:
+            turn.yield_asked = None
+            return
+        if turn.yield_asked is None:
+            turn.yield_asked = self.track.end
+            logger.info("room %s: %s is asked to give slot %d back (others wait): at the next sentence end",
+                        self.host.room_name, self.identity, turn.stream.slot_index)
+        elif self.track.end - turn.yield_asked >= self._samples(self.options.yield_within_s):
+            self._yield(turn, f"no sentence end within {self.options.yield_within_s:g} s")
+
+    def _yield(self, turn: Turn, why: str) -> None:
+        """Gives the slot back where the live audio stopped: the turn is flushed, and a new turn
+        from the next sample waits for a slot behind those who waited (module notes)."""
+        if turn is not self.turn or turn.state is not TurnState.LIVE or self._stopped:
+            return
+        if not self.host.slots.should_yield(turn.claim, self._long_held(turn)):
+            turn.yield_asked = None  # served meanwhile: no need any more
+            return
+        start = turn.open_start if turn.open_start is not None else self.track.end
+        if start < self.track.kept_from:  # not expected: the live feed is never 1 s behind the kept one
+            METRICS.frame_dropped("waiting_overflow", -(-(self.track.kept_from - start) // FRAME_SIZE))
+            logger.warning("room %s: %s yields with %d samples no longer kept", self.host.room_name,
+                           self.identity, self.track.kept_from - start)
+        logger.info("room %s: %s gives slot %d back (%s) after %.1f s and waits again", self.host.room_name,
+                    self.identity, turn.stream.slot_index, why, (self.track.end - turn.granted_end) / SAMPLE_RATE)
+        self._close_turn(turn)
+        self._begin_turn(start, since=time.monotonic())
+
     # ---- engine events --------------------------------------------------------------------------
 
     def _on_event_threadsafe(self, turn: Turn) -> Callable[[StreamEvent], None]:
@@ -357,10 +436,13 @@ class Speaker:
         for word in event.words:  # Metrics: end of each new word's audio -> its caption now
             METRICS.observe_caption_latency(now - turn.wall_time(word.end))
         timing = turn.timing.for_event(event) if turn.timing is not None else None
-        for update in turn.segmenter.feed(event):
+        updates = turn.segmenter.feed(event)
+        for update in updates:
             self.host.caption(self, update, turn.wall_time, timing)
         if event.ended:
             self._stream_ended(turn, event.error)
+        elif turn.yield_asked is not None and not turn.segmenter.speaking and any(u.final for u in updates):
+            self._yield(turn, "at a sentence end")
 
     def _stream_ended(self, turn: Turn, error: str | None) -> None:
         if turn.recorder is not None:
