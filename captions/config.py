@@ -70,6 +70,14 @@ def add_livekit_options(parser: argparse.ArgumentParser) -> None:
                help="LiveKit API secret")
 
 
+def add_caption_secret_option(parser: argparse.ArgumentParser) -> None:
+    """The secret the caption key is derived from (captions/protocol.py): the caption workers and the
+    viewer server must share it."""
+    add_option(parser, "--caption-secret", env="CAPTIONS_CAPTION_SECRET", default=None,
+               help="secret the caption-signing key is derived from, shared by the caption workers and the "
+                    "viewer server only (falls back to the LiveKit API secret, which every agent holds)")
+
+
 # ---- start-up validation (fail fast, one clear line) -----------------------------------------------
 
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

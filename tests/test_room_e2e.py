@@ -263,8 +263,8 @@ async def test_a_late_viewer_receives_the_backlog_from_the_viewer_server(convers
 
     expected = read_transcript(transcript_path(captions_worker.data_dir, conversation.room))
     assert expected, "the conversation left no transcript"
-    settings = WebSettings("ws://unused", "ws://unused", "key", "secret", "viewer-secret",
-                           data_dir=captions_worker.data_dir, sweep_interval_s=0)
+    settings = WebSettings(livekit_url="ws://unused", api_key="key", api_secret="secret",
+                           viewer_secret="viewer-secret", data_dir=captions_worker.data_dir)
     async with TestClient(TestServer(create_app(settings))) as client:
         link = {"link": make_link("viewer-secret", conversation.room, 600)}
         response = await client.get("/api/backlog", params=link)

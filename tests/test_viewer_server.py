@@ -22,17 +22,15 @@ from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import AccessDenied, Link, check_link, make_link, viewer_link
 from captions.viewer.ratelimit import RateLimiter
 from captions.viewer.revocations import Revocations, append
-from captions.viewer.server import WebSettings, check_web_dir, create_app, mint_viewer_token
-from captions.viewer.sweeper import link_of
+from captions.viewer.server import WebSettings, check_web_dir, create_app, relay_token
 
 API_SECRET = "api-secret-that-never-leaves-the-server"
 VIEWER_SECRET = "viewer-link-secret"
 
 
 def settings(**overrides) -> WebSettings:
-    values = {"livekit_url": "ws://127.0.0.1:7880", "public_livekit_url": "wss://live.example.test",
-              "api_key": "key", "api_secret": API_SECRET, "viewer_secret": VIEWER_SECRET, "token_ttl_s": 300,
-              "sweep_interval_s": 0}
+    values = {"livekit_url": "ws://127.0.0.1:7880", "api_key": "key", "api_secret": API_SECRET,
+              "viewer_secret": VIEWER_SECRET}
     values.update(overrides)
     return WebSettings(**values)
 
@@ -134,53 +132,117 @@ def test_a_damaged_revocation_list_keeps_its_good_lines(tmp_path):
     assert Revocations(path, recheck_s=0).is_revoked(link)
 
 
-# ---------------------------------------------------------------- viewer tokens
+# ---------------------------------------------------------------- live captions (the relay faked)
 
 
-def test_viewer_token_is_captions_only_hidden_for_one_room_and_short_lived():
-    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 3600))
-    body = mint_viewer_token(settings(token_ttl_s=300), "standup", link)
-    claims = decode(body["token"])
-    video = claims["video"]
+class FakeRelay:
+    """What the server asks of a room's relay (relay.py): a queue of messages per viewer."""
+
+    def __init__(self, messages: list[dict]) -> None:
+        self.messages = messages
+        self.viewers: set = set()
+
+    def add_viewer(self):
+        queue = asyncio.Queue()
+        for message in self.messages:
+            queue.put_nowait(message)
+        self.viewers.add(queue)
+        return queue
+
+    def remove_viewer(self, queue) -> None:
+        self.viewers.discard(queue)
+
+
+class FakeRelays:
+    def __init__(self, messages: list[dict] | None = None) -> None:
+        self.rooms: dict[str, FakeRelay] = {}
+        self.messages = messages or []
+
+    def relay(self, room: str) -> FakeRelay:
+        return self.rooms.setdefault(room, FakeRelay(self.messages))
+
+    async def aclose(self) -> None:
+        pass
+
+
+CAPTION = {"type": "caption", "id": "S1", "sender": "alice", "attributes": {"lk.segment_id": "SG_1"}, "text": "hi"}
+
+
+def live_app(tmp_path, relays: FakeRelays | None = None, **overrides):
+    return create_app(settings(data_dir=tmp_path, **overrides), relays=relays or FakeRelays([CAPTION]))
+
+
+async def test_live_captions_come_with_the_pools_key_and_the_servers_clock_and_nothing_else(tmp_path):
+    relays = FakeRelays([{"type": "room", "room": "standup", "participants": []}, CAPTION])
+    async with TestClient(TestServer(live_app(tmp_path, relays, agent_name="captions-eu"))) as client:
+        ws = await client.ws_connect("/api/live", params=a_link())
+        hello = await ws.receive_json(timeout=5)
+        assert hello["type"] == "hello" and hello["room"] == "standup"
+        assert hello["caption_key"] == CaptionSigner.for_deployment(API_SECRET, "captions-eu").public_key
+        assert abs(hello["server_time_ms"] - time.time() * 1000) < 5000
+        assert (await ws.receive_json(timeout=5))["type"] == "room"
+        assert await ws.receive_json(timeout=5) == CAPTION
+        assert set(relays.rooms) == {"standup"}, "the link's room, and no other"
+        await ws.close()
+        await asyncio.sleep(0.1)
+        assert not relays.rooms["standup"].viewers, "a viewer that left is forgotten"
+
+
+@pytest.mark.parametrize("query, code", [
+    ({}, 4400),
+    ({"link": forged({"room": "standup"}, "another-secret")}, 4403),
+    ({"link": make_link(VIEWER_SECRET, "standup", 600, now=time.time() - 700)}, 4401),
+])
+async def test_a_refused_link_gets_a_closed_socket_that_says_why(tmp_path, query, code):
+    relays = FakeRelays([CAPTION])
+    async with TestClient(TestServer(live_app(tmp_path, relays))) as client:
+        ws = await client.ws_connect("/api/live", params=query)
+        message = await ws.receive(timeout=5)
+        assert message.type.name == "CLOSE" and ws.close_code == code, (message, ws.close_code)
+        assert not relays.rooms, "no room is opened for a refused link"
+
+
+async def test_a_live_viewer_is_cut_off_when_its_link_expires(tmp_path):
+    async with TestClient(TestServer(live_app(tmp_path))) as client:
+        link = make_link(VIEWER_SECRET, "standup", 2)
+        ws = await client.ws_connect("/api/live", params={"link": link})
+        expires_at = check_link(VIEWER_SECRET, link).expires_at
+        while (message := await ws.receive(timeout=5)).type.name == "TEXT":
+            pass
+        assert ws.close_code == 4401 and "expired" in message.extra
+        assert time.time() - expires_at < 1.5, "cut off within a second of its expiry"
+
+
+async def test_a_live_viewer_is_cut_off_when_its_link_is_revoked(tmp_path):
+    async with TestClient(TestServer(live_app(tmp_path))) as client:
+        params = a_link()
+        ws = await client.ws_connect("/api/live", params=params)
+        assert (await ws.receive_json(timeout=5))["type"] == "hello"
+        append(tmp_path / "revoked-links.ndjson", {"link_id": check_link(VIEWER_SECRET, params["link"]).link_id,
+                                                   "until": int(time.time()) + 600})
+        revoked_at = time.monotonic()
+        while (await ws.receive(timeout=5)).type.name == "TEXT":
+            pass
+        assert ws.close_code == 4410 and time.monotonic() - revoked_at < 3.0
+
+
+async def test_a_viewer_that_sends_anything_is_disconnected(tmp_path):
+    async with TestClient(TestServer(live_app(tmp_path))) as client:
+        ws = await client.ws_connect("/api/live", params=a_link())
+        await ws.send_str(json.dumps(CAPTION))
+        while (await ws.receive(timeout=5)).type.name == "TEXT":
+            pass
+        assert ws.close_code == 1008
+
+
+def test_the_relay_is_captions_only_and_hidden_unless_the_operator_shows_it():
+    video = decode(relay_token(settings(), "standup"))["video"]
     assert video["room"] == "standup" and video["roomJoin"] is True
-    assert video["canSubscribe"] is False, "a viewer link's holder could listen to the meeting"
+    assert video["canSubscribe"] is False, "the relay could listen to the meeting"
+    assert video["canPublish"] is False and video["canPublishData"] is False
     assert video["hidden"] is True
-    assert video["canPublish"] is False
-    assert video["canPublishData"] is False, "a viewer link's holder could put data into the room"
     assert not video.get("roomAdmin") and not video.get("roomCreate") and not video.get("canUpdateOwnMetadata")
-    assert claims["sub"].startswith("viewer-") and claims["sub"] == body["identity"]
-    assert 290 <= claims["exp"] - time.time() <= 300
-    assert body["url"] == "wss://live.example.test"
-    assert link_of(_participant(claims["metadata"]), "standup") == link, "the sweeper finds the link"
-
-
-def _participant(metadata: str):
-    from livekit import api
-
-    return api.ParticipantInfo(identity="viewer-x", metadata=metadata)
-
-
-def test_viewers_can_be_made_visible_by_the_operator():
-    assert decode(mint_viewer_token(settings(viewers_visible=True), "standup")["token"])["video"].get("hidden") in (
-        False, None)
-
-
-def test_viewer_token_never_outlives_the_link():
-    link = check_link(VIEWER_SECRET, make_link(VIEWER_SECRET, "standup", 60))
-    body = mint_viewer_token(settings(token_ttl_s=3600), "standup", link)
-    assert decode(body["token"])["exp"] - time.time() <= 60
-
-
-def test_the_token_answer_vouches_for_the_pools_caption_key_and_gives_the_servers_clock():
-    body = mint_viewer_token(settings(agent_name="captions-eu"), "standup")
-    assert body["caption_key"] == CaptionSigner.for_deployment(API_SECRET, "captions-eu").public_key
-    assert body["caption_key"] != CaptionSigner.for_deployment(API_SECRET, "").public_key
-    assert abs(body["server_time_ms"] - time.time() * 1000) < 5000
-
-
-def test_each_viewer_gets_its_own_identity():
-    identities = {mint_viewer_token(settings(), "standup")["identity"] for _ in range(5)}
-    assert len(identities) == 5
+    assert decode(relay_token(settings(viewers_visible=True), "standup"))["video"].get("hidden") in (False, None)
 
 
 # ---------------------------------------------------------------- the HTTP server
@@ -188,35 +250,32 @@ def test_each_viewer_gets_its_own_identity():
 
 @pytest_asyncio.fixture(loop_scope="function")
 async def client(request, tmp_path):
-    app = create_app(settings(**{"data_dir": tmp_path, **getattr(request, "param", {})}))
+    app = create_app(settings(**{"data_dir": tmp_path, **getattr(request, "param", {})}), relays=FakeRelays())
     async with TestClient(TestServer(app)) as client:
         yield client
 
 
-async def test_server_mints_a_token_for_a_valid_link_only(client):
-    response = await client.get("/api/token", params=a_link())
-    assert response.status == 200
-    assert response.headers["Cache-Control"] == "no-store"
+async def test_live_captions_are_opened_for_a_valid_link_only(client):
+    response = await client.get("/api/live", params=a_link())
+    assert response.status == 426, "a valid link: open it as a WebSocket"
     text = await response.text()
     assert API_SECRET not in text and VIEWER_SECRET not in text
-    body = json.loads(text)
-    assert decode(body["token"])["video"]["room"] == "standup" and body["room"] == "standup"
-
-    response = await client.get("/api/token", params={"link": forged({"room": "standup"}, "other")})
+    response = await client.get("/api/live", params={"link": forged({"room": "standup"}, "other")})
     assert response.status == 403 and (await response.json())["reason"] == "invalid"
-    response = await client.get("/api/token", params={"room": "standup"})
+    response = await client.get("/api/live", params={"room": "standup"})
     assert response.status == 400 and (await response.json())["reason"] == "missing"
+    assert (await client.get("/api/token", params=a_link())).status == 404, "no LiveKit token for a link"
 
 
 async def test_server_says_when_a_link_has_expired_or_was_revoked(client, tmp_path):
-    response = await client.get("/api/token", params=a_link(now=time.time() - 700))
+    response = await client.get("/api/live", params=a_link(now=time.time() - 700))
     body = await response.json()
     assert response.status == 403 and body["reason"] == "expired" and "expired" in body["error"]
     params = a_link()
     append(tmp_path / "revoked-links.ndjson", {"link_id": check_link(VIEWER_SECRET, params["link"]).link_id,
                                                "until": int(time.time()) + 600})
     await asyncio.sleep(1.05)  # the list is re-read at most once a second
-    for path in ("/api/token", "/api/backlog"):
+    for path in ("/api/live", "/api/backlog"):
         response = await client.get(path, params=params)
         body = await response.json()
         assert response.status == 403 and body["reason"] == "revoked", path
@@ -224,16 +283,16 @@ async def test_server_says_when_a_link_has_expired_or_was_revoked(client, tmp_pa
 
 async def test_tokens_are_rate_limited_per_link_and_per_address_with_a_clear_answer(client):
     params = a_link()
-    statuses = [(await client.get("/api/token", params=params)).status for _ in range(12)]
-    assert statuses[:10] == [200] * 10 and statuses[-1] == 429, statuses
-    response = await client.get("/api/token", params=params)
+    statuses = [(await client.get("/api/live", params=params)).status for _ in range(12)]
+    assert statuses[:10] == [426] * 10 and statuses[-1] == 429, statuses
+    response = await client.get("/api/live", params=params)
     assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
     body = await response.json()
     assert body["reason"] == "rate_limited" and "try again in" in body["error"]
     # Other links from the same address still work until the address's own budget runs out.
     other = a_link("board")
-    statuses = [(await client.get("/api/token", params=other)).status for _ in range(10)]
-    assert 200 in statuses and statuses[-1] == 429, statuses
+    statuses = [(await client.get("/api/live", params=other)).status for _ in range(10)]
+    assert 426 in statuses and statuses[-1] == 429, statuses
 
 
 def respellings(token: str) -> list[str]:
@@ -256,21 +315,21 @@ async def test_every_spelling_of_one_link_shares_one_budget(client):
     for n in range(12):
         query = respellings(token)[n % 6]
         # Each from its own address: only the per-link budget can refuse them.
-        statuses.append((await client.get(f"/api/token?{query}", headers={"X-Forwarded-For": f"198.51.100.{n}"})).status)
-    assert statuses[:10] == [200] * 10 and statuses[10:] == [429, 429], statuses
+        statuses.append((await client.get(f"/api/live?{query}", headers={"X-Forwarded-For": f"198.51.100.{n}"})).status)
+    assert statuses[:10] == [426] * 10 and statuses[10:] == [429, 429], statuses
 
 
 @pytest.mark.parametrize("client", [{"behind_proxy": True}], indirect=True)
 async def test_behind_a_proxy_each_client_address_has_its_own_budget(client):
-    first = [(await client.get("/api/token", params=a_link(f"r{n}"), headers={"X-Forwarded-For": "203.0.113.7"})).status
+    first = [(await client.get("/api/live", params=a_link(f"r{n}"), headers={"X-Forwarded-For": "203.0.113.7"})).status
              for n in range(22)]
     assert first[-1] == 429
-    other = await client.get("/api/token", params=a_link("r-other"), headers={"X-Forwarded-For": "198.51.100.9"})
-    assert other.status == 200
+    other = await client.get("/api/live", params=a_link("r-other"), headers={"X-Forwarded-For": "198.51.100.9"})
+    assert other.status == 426
 
 
 async def test_a_flood_of_bad_links_spends_only_its_addresses_budget(client):
-    statuses = [(await client.get("/api/token", params={"link": f"garbage-{n}"})).status for n in range(25)]
+    statuses = [(await client.get("/api/live", params={"link": f"garbage-{n}"})).status for n in range(25)]
     assert statuses[:20] == [403] * 20 and statuses[-1] == 429, statuses
 
 
@@ -343,9 +402,9 @@ async def test_backlog_without_access_to_the_transcripts_says_so():
 
 @pytest.mark.parametrize("client", [{"open_access": True}], indirect=True)
 async def test_open_mode_lets_any_room_be_viewed(client):
-    response = await client.get("/api/token", params={"room": "any-room"})
-    assert response.status == 200
-    assert decode((await response.json())["token"])["video"]["room"] == "any-room"
+    ws = await client.ws_connect("/api/live", params={"room": "any-room"})
+    assert (await ws.receive_json(timeout=5))["room"] == "any-room"
+    await ws.close()
     assert (await (await client.get("/healthz")).json()) == {"status": "ok", "open_access": True}
 
 
@@ -356,7 +415,7 @@ async def test_page_and_scripts_are_served_locally_with_a_strict_policy(client):
     assert 'src="app.js"' in html and "aria-live" in html
     assert "http" not in html.replace('http-equiv', '')  # nothing from outside this server
     policy = response.headers["Content-Security-Policy"]
-    assert "script-src 'self'" in policy and "wss://live.example.test" in policy
+    assert "script-src 'self'" in policy and "connect-src 'self';" in policy, "the page connects only here"
     assert response.headers["Referrer-Policy"] == "no-referrer"
     for path in ("/app.js", "/export.js", "/style.css", "/vendor/livekit-client.esm.mjs"):
         response = await client.get(path)
@@ -364,7 +423,6 @@ async def test_page_and_scripts_are_served_locally_with_a_strict_policy(client):
     vendor = await client.get("/vendor/livekit-client.esm.mjs")
     assert vendor.headers["Content-Type"].startswith("text/javascript")
     config = await (await client.get("/api/config")).json()
-    assert config["livekit_url"] == "wss://live.example.test"
     assert config["caption_key"] == CaptionSigner.for_deployment(API_SECRET, "").public_key
 
 

@@ -67,6 +67,7 @@ class WebServer:
     process: subprocess.Popen
     data_dir: Path
     """The transcripts it serves to late viewers."""
+    log_path: Path | None = None
 
     def link(self, room: str, ttl_s: int = 600, **extra: str) -> str:
         url = viewer_link(self.base_url, self.secret, room, ttl_s)
@@ -82,7 +83,7 @@ def start_web_server(livekit_server, log_path: Path, data_dir: Path, secret: str
     port = free_port()
     command = [sys.executable, "-m", "captions.cli", "web", "--port", str(port), "--url", livekit_server.url,
                "--api-key", livekit_server.api_key, "--api-secret", livekit_server.api_secret,
-               "--viewer-secret", secret, "--token-ttl", "600", "--data-dir", str(data_dir),
+               "--viewer-secret", secret, "--data-dir", str(data_dir),
                "--agent-name", agent_name, *extra_args]
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -92,7 +93,7 @@ def start_web_server(livekit_server, log_path: Path, data_dir: Path, secret: str
         assert proc.poll() is None, f"captions web exited early, see {log_path}"
         try:
             urllib.request.urlopen(f"{base}/healthz", timeout=1).read()
-            return WebServer(base, secret, proc, data_dir)
+            return WebServer(base, secret, proc, data_dir, log_path)
         except OSError:
             time.sleep(0.1)
     proc.kill()

@@ -1,18 +1,12 @@
-// The viewer's connection to the room: a token (and the caption key and clock it vouches for)
-// from the viewer server, the LiveKit room (hidden, subscribe-only, no data publishing), verified
-// caption streams into the transcript, the backlog from the viewer server, the state shown to the
-// reader (live, no captioner, waiting for capacity, reconnecting, refused, expired, revoked,
-// insecure page), and retries.
+// The viewer's connection to the room: the viewer server's relay of it (relay.js: captioners,
+// speakers' names and caption streams, with the caption key and clock the server vouches for; the
+// page never joins LiveKit), verified captions into the transcript, the backlog from the viewer
+// server, the state shown to the reader (live, no captioner, waiting for capacity, reconnecting,
+// refused, expired, revoked, insecure page), and retries.
 
-import {
-  ConnectionError,
-  ConnectionErrorReason,
-  DisconnectReason,
-  ParticipantKind,
-  Room,
-  RoomEvent,
-} from './vendor/livekit-client.esm.mjs';
+import { ParticipantKind } from './vendor/livekit-client.esm.mjs';
 import { CaptionVerifier } from './authenticity.js';
+import { CLOSE_STATES, RelayRoom } from './relay.js';
 import {
   ATTR_AGENT,
   ATTR_AGENT_PROBLEM,
@@ -26,7 +20,6 @@ import {
   ATTR_TRANSCRIPTION_FINAL,
   ATTR_WORDS,
   MAX_CAPTION_CHARS,
-  TOPIC_TRANSCRIPTION,
   electedCaptioner,
   parseJsonArray,
   parseWords,
@@ -34,7 +27,6 @@ import {
 } from './protocol.js';
 
 const RETRY_DELAYS_S = [1, 2, 4, 8, 15, 30];
-const STREAM_TIMEOUT_MS = 30000;
 
 const STATES = {
   connecting: ['Connecting…', ''],
@@ -47,23 +39,12 @@ const STATES = {
   refused: ['Access refused', ''],
   expired: ['Link expired', ''],
   revoked: ['Link revoked', ''],
-  removed: ['Link ended', 'This viewer link has ended or was revoked, and this viewer was removed from the room. '
-    + 'Ask the operator for a new link.'],
   ended: ['Disconnected', ''],
   insecure: ['Captions cannot be verified',
     'This page is not secure (plain http from another machine), so this browser cannot check that captions '
     + 'come from the caption agent, and none are shown. Open the viewer over https://, or on the machine '
     + 'that runs it.'],
 };
-
-class AccessError extends Error {
-  constructor(message, state) {
-    super(message);
-    this.state = state; // 'refused', 'expired' or 'revoked': retrying would not help
-  }
-}
-
-const ACCESS_STATES = { expired: 'expired', revoked: 'revoked' };
 
 async function readJson(response) {
   try {
@@ -79,50 +60,6 @@ function linkQuery(params) {
   const query = new URLSearchParams();
   for (const key of ['link', 'room']) if (params.has(key)) query.set(key, params.get(key));
   return query;
-}
-
-/**
- * The LiveKit URL and token (from the viewer server for a link, or a token in the URL), with what
- * the server vouches for: the caption key and its clock (`sentAt`/`receivedAt` bracket the request).
- */
-async function fetchGrant(params) {
-  const sentAt = Date.now();
-  const viaToken = params.has('token');
-  const response = await fetch(viaToken ? '/api/config' : `/api/token?${linkQuery(params)}`, { cache: 'no-store' });
-  const body = await readJson(response);
-  const receivedAt = Date.now();
-  if (!response.ok) {
-    const message = body.error || `the viewer server answered HTTP ${response.status}`;
-    if (!viaToken && (response.status === 400 || response.status === 403)) {
-      throw new AccessError(message, ACCESS_STATES[body.reason] || 'refused');
-    }
-    throw new Error(message);
-  }
-  const url = viaToken ? body.livekit_url : body.url;
-  if (!url) throw new Error('the viewer server did not answer');
-  if (typeof body.caption_key !== 'string' || !Number.isFinite(body.server_time_ms)) {
-    throw new Error('the viewer server did not say which caption key to trust');
-  }
-  return {
-    url,
-    token: viaToken ? params.get('token') : body.token,
-    room: (viaToken ? params.get('room') : body.room) || '',
-    trust: { captionKey: body.caption_key, serverTimeMs: body.server_time_ms, sentAt, receivedAt },
-  };
-}
-
-/** A stream's whole text, refusing (with an error) to read past `limit` characters. */
-async function readBounded(reader, limit) {
-  let text = '';
-  for await (const chunk of reader) {
-    text += chunk;
-    if (text.length > limit) throw new Error(`longer than ${limit} characters`);
-  }
-  return text;
-}
-
-function refusedByLiveKit(error) {
-  return error instanceof ConnectionError && error.reason === ConnectionErrorReason.NotAllowed;
 }
 
 export class Session {
@@ -183,13 +120,14 @@ export class Session {
     this.showState('live');
   }
 
-  /** One caption stream: read (bounded), verified, then shown; anything else is dropped with a warning. */
-  async onCaptionStream(reader, participantInfo) {
-    const arrived = this.verifier.serverNow(); // the header's arrival: a slow stream is no replay
-    const attributes = reader.info.attributes || {};
+  /** One caption ({id, sender, attributes, text}, a whole stream as the relay read it): verified,
+   * then shown; anything else is dropped with a warning. */
+  async onCaption(message) {
+    const arrived = this.verifier.serverNow(); // its arrival: a replay is older than this
+    const attributes = message.attributes && typeof message.attributes === 'object' ? message.attributes : {};
     const caption = {
       agent: attributes[ATTR_AGENT] || '',
-      speaker: speakerOf(participantInfo.identity || '', attributes),
+      speaker: speakerOf(String(message.sender || ''), attributes),
       trackSid: attributes[ATTR_TRANSCRIBED_TRACK_ID] || '',
       segmentId: attributes[ATTR_SEGMENT_ID] || '',
       seq: Number(attributes[ATTR_SEQ]),
@@ -197,17 +135,15 @@ export class Session {
       sentMs: Number(attributes[ATTR_SENT]),
       words: attributes[ATTR_WORDS] || '',
       signature: attributes[ATTR_SIGNATURE] || '',
+      text: typeof message.text === 'string' ? message.text : '',
     };
     if (!caption.agent || !caption.speaker || !caption.segmentId || !Number.isSafeInteger(caption.seq)
         || caption.seq < 0 || !Number.isSafeInteger(caption.sentMs) || !caption.signature) {
-      console.warn('ignoring a caption stream without the agent\'s signature fields', reader.info.id);
+      console.warn('ignoring a caption stream without the agent\'s signature fields', message.id);
       return;
     }
-    try {
-      caption.text = await readBounded(reader.withAbortSignal(AbortSignal.timeout(STREAM_TIMEOUT_MS)),
-        MAX_CAPTION_CHARS);
-    } catch (error) {
-      console.warn('ignoring a caption stream:', error.message);
+    if (caption.text.length > MAX_CAPTION_CHARS) {
+      console.warn(`ignoring a caption stream: longer than ${MAX_CAPTION_CHARS} characters`);
       return;
     }
     const room = this.room;
@@ -247,7 +183,7 @@ export class Session {
 
   /** The room's captions so far, from the viewer server (the same signed link as the token). */
   async loadBacklog() {
-    if (this.backlog.loaded || this.params.has('token')) return; // a raw token has no link to show
+    if (this.backlog.loaded) return;
     this.backlog.loaded = true;
     let body = {};
     let response;
@@ -274,41 +210,38 @@ export class Session {
     }
   }
 
-  wireRoom(room) {
-    room.registerTextStreamHandler(TOPIC_TRANSCRIPTION, (reader, info) => this.onCaptionStream(reader, info));
+  /** What the relay tells this page about `room` (relay.js). */
+  handlersFor(getRoom) {
+    const current = () => this.room !== null && this.room === getRoom();
     const changed = () => {
-      this.rememberNames(room);
+      if (!current()) return;
+      if (this.phase === 'reconnecting') this.phase = 'connected'; // a fresh view of the room came
+      this.rememberNames(this.room);
       this.refreshRoomState();
     };
-    room.on(RoomEvent.ParticipantConnected, changed);
-    room.on(RoomEvent.ParticipantDisconnected, (participant) => {
-      if (participant.kind === ParticipantKind.AGENT) this.transcript.interrupt(participant.identity);
-      changed();
-    });
-    room.on(RoomEvent.ParticipantAttributesChanged, changed);
-    room.on(RoomEvent.ParticipantNameChanged, changed);
-    room.on(RoomEvent.Reconnecting, () => {
-      this.phase = 'reconnecting';
-      this.showState('reconnecting');
-    });
-    room.on(RoomEvent.Reconnected, () => {
-      this.phase = 'connected';
-      changed();
-    });
-    room.on(RoomEvent.Disconnected, (reason) => this.onDisconnected(room, reason));
-  }
-
-  onDisconnected(room, reason) {
-    if (this.room !== room || this.closing) return;
-    this.room = null;
-    if (reason === DisconnectReason.ROOM_DELETED) {
-      return this.end('ended', 'The room has ended. Reload the page to join again.');
-    }
-    if (reason === DisconnectReason.PARTICIPANT_REMOVED) {
-      // What the viewer server does when a link expires or is revoked: a new token would be refused.
-      return this.end('removed');
-    }
-    this.scheduleRetry('The connection to the room was lost.');
+    return {
+      changed,
+      left: (participant) => {
+        if (!current()) return;
+        if (participant.kind === ParticipantKind.AGENT) this.transcript.interrupt(participant.identity);
+        changed();
+      },
+      caption: (message) => {
+        if (current()) this.onCaption(message);
+      },
+      reconnecting: () => {
+        if (!current()) return;
+        this.phase = 'reconnecting';
+        this.showState('reconnecting', 'The viewer server cannot reach the room right now; it keeps trying.');
+      },
+      closed: (code, reason) => {
+        if (!current() || this.closing) return;
+        this.room = null;
+        const state = CLOSE_STATES[code];
+        if (state && state !== 'busy') return this.end(state, reason);
+        return this.scheduleRetry('The connection to the viewer server was lost.');
+      },
+    };
   }
 
   end(state, message) {
@@ -335,28 +268,23 @@ export class Session {
   async connect() {
     this.phase = 'connecting';
     this.showState('connecting');
-    let grant;
+    let room = null;
+    room = new RelayRoom(this.handlersFor(() => room));
+    let hello;
     try {
-      grant = await fetchGrant(this.params);
+      hello = await room.connect(linkQuery(this.params));
     } catch (error) {
-      if (error instanceof AccessError) return this.end(error.state, error.message);
+      const state = CLOSE_STATES[error.code];
+      if (state && state !== 'busy') return this.end(state, error.message);
       return this.scheduleRetry(`Could not reach the viewer server (${error.message}).`);
     }
-    this.verifier.trust(grant.trust);
-    if (grant.room) this.ui.roomName.textContent = grant.room;
-    const room = new Room({ adaptiveStream: false, dynacast: false });
-    this.wireRoom(room);
-    try {
-      // Captions arrive as data; the viewer never plays the room's audio or video.
-      await room.connect(grant.url, grant.token, { autoSubscribe: false });
-    } catch (error) {
-      if (refusedByLiveKit(error)) {
-        return this.end('refused', 'The LiveKit server refused this viewer token: it is invalid or has expired. '
-          + 'Ask the operator for a new link.');
-      }
-      return this.scheduleRetry(`Could not connect to the room (${error.message}).`);
+    if (typeof hello.caption_key !== 'string' || !Number.isFinite(hello.server_time_ms)) {
+      room.disconnect();
+      return this.scheduleRetry('The viewer server did not say which caption key to trust.');
     }
-    this.ui.roomName.textContent = room.name; // what LiveKit says this token opened
+    this.verifier.trust({ captionKey: hello.caption_key, serverTimeMs: hello.server_time_ms,
+      sentAt: hello.sentAt, receivedAt: hello.receivedAt });
+    this.ui.roomName.textContent = room.name;
     this.room = room; // only now: a failed connect must not also count as a lost connection
     this.attempt = 0;
     this.phase = 'connected';

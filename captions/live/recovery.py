@@ -111,14 +111,15 @@ class Reconciler:
     """The recovery loop of one worker (see the module notes)."""
 
     def __init__(self, livekit: LiveKitCredentials, agent_name: str = "", interval_s: float = RECONCILE_INTERVAL_S,
-                 active: Callable[[], bool] = lambda: True):
-        """`active()`: whether to act now (the worker is registered with LiveKit)."""
+                 active: Callable[[], bool] = lambda: True, caption_key: str | None = None):
+        """`active()`: whether to act now (the worker is registered with LiveKit). `caption_key`: the
+        pool's (its workers' signer's public key; by default derived from the API secret)."""
         self.livekit = livekit
         self.agent_name = agent_name
         self.interval_s = interval_s
         self.active = active
         self.watch = HeartbeatWatch()
-        self.caption_key = CaptionSigner.for_deployment(livekit.api_secret, agent_name).public_key
+        self.caption_key = caption_key or CaptionSigner.for_deployment(livekit.api_secret, agent_name).public_key
         """This pool's key: captioners of other pools (other agent names) are not ours to remove."""
 
     async def run(self) -> None:

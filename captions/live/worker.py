@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from captions.config import (
+    add_caption_secret_option,
     add_livekit_options,
     add_option,
     non_negative_float,
@@ -87,6 +88,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds of a waiting speaker's audio kept until a slot frees (older audio is dropped)")
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
+    add_caption_secret_option(parser)
     add_option(parser, "--reconcile-interval", env="CAPTIONS_RECONCILE_INTERVAL", default=1.5,
                type=non_negative_float, help="seconds between this worker's checks that every room with a "
                "speaker has a live captioner (recovery after crashes and restarts); 0 turns them off")
@@ -243,7 +245,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
     # The pool's one caption key, the one the viewer server vouches for (captions/protocol.py).
-    return CaptionService(engine, slots, options, CaptionSigner.for_deployment(args.api_secret, args.agent_name))
+    return CaptionService(engine, slots, options, CaptionSigner.for_deployment(args.caption_secret or args.api_secret,
+                                                                                 args.agent_name))
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
@@ -351,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
         from captions.live.recovery import Reconciler
 
         reconciler = Reconciler(_service.room_options.livekit, args.agent_name, args.reconcile_interval,
-                                active=lambda: not not_ready())
+                                active=lambda: not not_ready(), caption_key=_service.signer.public_key)
     try:
         asyncio.run(_serve(_build_server(args, _service), dev=args.mode == "dev", reconciler=reconciler))
     except Exception as e:  # noqa: BLE001 - e.g. LiveKit unreachable after retries: say so, exit 1

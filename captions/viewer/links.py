@@ -6,8 +6,8 @@ A viewer link is ``<viewer>/?link=<JWT>``: a standard JSON Web Token (HS256, PyJ
 One canonical form: whatever else a request adds or re-spells, the link is its ``jti`` once the
 signature verifies, so per-link budgets and revocations key on it (server.py, revocations.py).
 
-The viewer server (server.py) mints a LiveKit token only for a valid, unexpired, unrevoked link, for
-exactly its room, and removes its viewer from the room when the link ends (sweeper.py).
+The viewer server (server.py) serves captions only for a valid, unexpired, unrevoked link, for
+exactly its room, and closes the viewer's live captions when the link ends (server.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 An operator revokes one link (by the link itself or its id) or every link of a room made so far,
 without rotating the secret that signs every room's links. The list is a JSON Lines file
 (``--revocations``, by default ``<data-dir>/revoked-links.ndjson``) that `captions revoke` appends
-to and the viewer server re-reads when it changes: the server refuses tokens and backlogs for a
-revoked link at once, and its sweeper (sweeper.py) removes the link's viewers from the room.
+to and the viewer server re-reads when it changes: the server refuses live captions and backlogs
+for a revoked link at once, and closes the live connections of the link's viewers (server.py).
 
 Lines: ``{"link_id": ID, "until": EXP}`` (one link; forgotten once it would have expired anyway) or
 ``{"room": R, "before": T}`` (every link of room R made at or before Unix second T).

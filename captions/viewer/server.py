@@ -1,24 +1,28 @@
-"""`captions web` serves the captions viewer, mints viewer tokens and serves late viewers the backlog.
+"""`captions web` serves the captions viewer, its live captions and late viewers' backlog.
 
-Who may do what (the README's security table names the test for each row):
+Who may do what (the security model in the docs names the test for each row):
 
-* Only a valid, unexpired, unrevoked signed link (links.py, revocations.py) gets a LiveKit token or a
-  backlog, for exactly its room. ``--open`` (dev only) lets anyone view any room.
-* A viewer token is **captions only**: it cannot subscribe to any track (``canSubscribe`` false:
-  livekit-server still delivers the room's data, and so its caption text streams, to such a
-  participant, checked against 1.13.5), cannot publish media or data, cannot change its metadata,
-  and is short lived (``--token-ttl`` bounds joining; LiveKit refreshes it while connected).
-* Viewers are hidden from the room's participant list by default (``--viewers-visible`` shows them as
-  "Caption viewer"): participants see that captions are on (the captioner is in the room), not who
-  reads them. A hidden viewer can receive nothing but the room's data messages.
-* A viewer leaves when its link ends: the sweeper (sweeper.py) removes it from the room.
-* With its token a viewer gets the deployment's caption key (the public half: captions/protocol.py),
+* Only a valid, unexpired, unrevoked signed link (links.py, revocations.py) opens a room's live
+  captions (`/api/live`, a WebSocket) or its backlog (`/api/backlog`), for exactly its room.
+  ``--open`` (dev only) lets anyone view any room.
+* Viewers never join LiveKit and never hold a LiveKit token: this server joins each room that has
+  viewers once, as one participant that subscribes to nothing and publishes nothing, and forwards
+  only the caption streams and who captions (relay.py). So a link's holder gets captions and nothing
+  else: no audio or video, no chat or other data, no participant's metadata or attributes.
+* A viewer's WebSocket is closed when its link expires or is revoked (checked every
+  `REVOCATION_CHECK_S`): its access ends then, whatever client it uses.
+* Viewers send nothing: a WebSocket message from a viewer closes its connection.
+* The relay is hidden from the room's participant list by default (``--viewers-visible`` shows it
+  as "Caption viewers"): participants see that captions are on (the captioner is in the room), not
+  who reads them.
+* With the room, a viewer gets the deployment's caption key (the public half: captions/protocol.py),
   the one key its page trusts, and this server's clock, against which the page refuses replays.
 
-Every request that costs something (a token, a transcript read) has a per-link (the link's ``jti``,
-its one canonical name) and a per-address budget (ratelimit.py); past it the answer is 429 with the
-seconds to wait. A request with no valid link spends only its address's budget. Transcript reads are
-bounded (the file's last `BACKLOG_MAX_BYTES`) and cached while the file is unchanged.
+Every request that costs something (a live connection, a transcript read) has a per-link (the
+link's ``jti``, its one canonical name) and a per-address budget (ratelimit.py); past it the answer
+is 429 with the seconds to wait (a WebSocket is closed with code 4429). A request with no valid link
+spends only its address's budget. Transcript reads are bounded (the file's last `BACKLOG_MAX_BYTES`)
+and cached while the file is unchanged.
 
 The LiveKit API secret never leaves this process.
 """
@@ -27,28 +31,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import functools
+import json
 import re
-import secrets
 import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from captions import PROJECT_ROOT
-from captions.config import add_livekit_options, add_option, non_negative_float, positive_int
+from captions.config import add_caption_secret_option, add_livekit_options, add_option, positive_int
 from captions.live.transcripts import BACKLOG_WINDOW_S, recent_segments, transcript_path
 from captions.log import logger
 from captions.protocol import CaptionSigner
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import ROOM_NAME, AccessDenied, Link, add_viewer_secret_option, check_link
 from captions.viewer.ratelimit import RateLimiter
+from captions.viewer.relay import RELAY_NAME, Relays, encode, relay_identity
 from captions.viewer.revocations import Revocations, default_path
-from captions.viewer.sweeper import SWEEP_INTERVAL_S, Sweeper, viewer_metadata
 
 WEB_DIR = PROJECT_ROOT / "web"
 LIVEKIT_CLIENT_PATH = Path("node_modules/livekit-client/dist/livekit-client.esm.mjs")
@@ -62,23 +64,19 @@ class WebSettings:
     """What the viewer server needs; built from the command line or by `captions up`."""
 
     livekit_url: str
-    """Where this server's process would reach LiveKit (not used by browsers)."""
-    public_livekit_url: str
-    """The LiveKit URL browsers connect to."""
+    """Where this server's relays reach LiveKit (browsers never do)."""
     api_key: str
     api_secret: str
     viewer_secret: str
     """Key of the HMAC in viewer links."""
     agent_name: str = ""
     """The caption worker pool whose caption key viewers trust (the workers' ``--agent-name``)."""
-    token_ttl_s: int = 300
-    """How long a minted token may be used to join; connected viewers are refreshed by LiveKit."""
+    caption_secret: str | None = None
+    """What the caption key is derived from (the workers' ``--caption-secret``); None: the API secret."""
     viewers_visible: bool = False
-    """Viewers appear in the room's participant list (as "Caption viewer"); hidden by default."""
+    """The relay appears in the room's participant list (as "Caption viewers"); hidden by default."""
     revocations: Path | None = None
     """The revocation list (revocations.py); None: ``<data-dir>/revoked-links.ndjson``."""
-    sweep_interval_s: float = SWEEP_INTERVAL_S
-    """How often viewers whose link ended are looked for and removed; 0: never (tests only)."""
     open_access: bool = False
     """Dev only: any room may be viewed without a signed link."""
     web_dir: Path = WEB_DIR
@@ -94,48 +92,26 @@ class WebSettings:
     @functools.cached_property
     def caption_key(self) -> str:
         """The public caption key of the pool `agent_name` (captions/protocol.py)."""
-        return CaptionSigner.for_deployment(self.api_secret, self.agent_name).public_key
+        return CaptionSigner.for_deployment(self.caption_secret or self.api_secret, self.agent_name).public_key
 
 
-def mint_viewer_token(settings: WebSettings, room: str, link: Link | None = None) -> dict:
-    """A LiveKit token for one captions-only viewer of `room`; never lives past the link that asked
-    for it, and carries that link for the sweeper."""
+REVOCATION_CHECK_S = 1.0
+"""How often a live viewer's link is checked against the revocation list."""
+CLOSE_CODES = {"missing": 4400, "invalid": 4403, "expired": 4401, "revoked": 4410, "rate_limited": 4429}
+"""WebSocket close codes for a refused or ended link (the page's states: web/session.js)."""
+CLOSE_SLOW = 4408
+"""A viewer that does not read its messages (its queue filled up): it reconnects."""
+
+
+def relay_token(settings: WebSettings, room: str) -> str:
+    """The LiveKit token of this server's relay in `room`: it subscribes to nothing and publishes
+    nothing; LiveKit delivers it the room's data (the caption streams) all the same."""
     from livekit import api
 
-    ttl = settings.token_ttl_s
-    if link is not None:
-        ttl = max(1, min(ttl, int(link.expires_at - time.time())))
-    identity = f"viewer-{secrets.token_hex(6)}"
-    grants = api.VideoGrants(
-        room_join=True,
-        room=room,
-        hidden=not settings.viewers_visible,
-        # Captions only: no track at all, audio or video, whatever client holds the token.
-        can_subscribe=False,
-        can_publish=False,
-        # Nothing at all: a viewer link must never let its holder put data into the room.
-        can_publish_data=False,
-        can_update_own_metadata=False,
-    )
-    token = (
-        api.AccessToken(settings.api_key, settings.api_secret)
-        .with_identity(identity)
-        .with_name(VIEWER_NAME)
-        .with_metadata(viewer_metadata(link) if link is not None else "")
-        .with_ttl(timedelta(seconds=ttl))
-        .with_grants(grants)
-        .to_jwt()
-    )
-    return {
-        "token": token,
-        "url": settings.public_livekit_url,
-        "room": room,
-        "identity": identity,
-        "expires_at": int(time.time()) + ttl,
-        "link_expires_at": link.expires_at if link is not None else None,
-        "caption_key": settings.caption_key,
-        "server_time_ms": int(time.time() * 1000),
-    }
+    grants = api.VideoGrants(room_join=True, room=room, hidden=not settings.viewers_visible, can_subscribe=False,
+                             can_publish=False, can_publish_data=False, can_update_own_metadata=False)
+    return (api.AccessToken(settings.api_key, settings.api_secret).with_identity(relay_identity())
+            .with_name(RELAY_NAME).with_ttl(timedelta(minutes=10)).with_grants(grants).to_jwt())
 
 
 class _Refused(Exception):
@@ -155,24 +131,19 @@ def _json_error(status: int, message: str, reason: str, retry_after_s: float | N
     return web.json_response({"error": message, "reason": reason}, status=status, headers=headers)
 
 
-def _content_security_policy(public_livekit_url: str) -> str:
-    """Scripts only from this server; connections only here and to the LiveKit server."""
-    parts = urlsplit(public_livekit_url)
-    http_scheme = "https" if parts.scheme in ("wss", "https") else "http"
-    ws_scheme = "wss" if http_scheme == "https" else "ws"
-    livekit = f"{ws_scheme}://{parts.netloc} {http_scheme}://{parts.netloc}"
-    return (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        f"connect-src 'self' {livekit}; base-uri 'none'; form-action 'none'; object-src 'none'"
-    )
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; object-src 'none'")
+"""Scripts only from this server; connections only to it (captions come over its WebSocket)."""
 
 
-def create_app(settings: WebSettings, backlogs: BacklogCache | None = None):
-    """The aiohttp application: static viewer, ``/api/token``, ``/api/backlog``, ``/api/config``,
+def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, relays=None):
+    """`relays`: where live captions come from (relay.Relays by default; tests pass a fake)."""
+    """The aiohttp application: static viewer, ``/api/live``, ``/api/backlog``, ``/api/config``,
     ``/healthz``."""
     from aiohttp import web
 
-    csp = _content_security_policy(settings.public_livekit_url)
+    csp = CONTENT_SECURITY_POLICY
     vendor = settings.web_dir / LIVEKIT_CLIENT_PATH
 
     @web.middleware
@@ -184,6 +155,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None):
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
+    relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room))
     token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
     token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
     backlog_links = RateLimiter(settings.backlogs_per_minute_per_link, burst=6)
@@ -224,12 +196,70 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None):
         too_many(links.take(link.link_id))
         return link.room, link
 
-    async def token(request: web.Request) -> web.Response:
+    async def live(request: web.Request) -> web.StreamResponse:
+        """A room's live captions over a WebSocket, until the link ends (see the module notes)."""
+        refused = None
         try:
-            room, link = checked_link(request, "token", token_addresses, token_links)
+            room, link = checked_link(request, "live", token_addresses, token_links)
         except _Refused as e:
-            return e.response
-        return web.json_response(mint_viewer_token(settings, room, link), headers={"Cache-Control": "no-store"})
+            refused = e.response
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
+        if not ws.can_prepare(request).ok:
+            return refused or _json_error(426, "Open this with a WebSocket (the viewer page does).", "websocket")
+        await ws.prepare(request)
+        if refused is not None:
+            body = json.loads(refused.body)
+            await ws.close(code=CLOSE_CODES.get(body["reason"], 4403), message=body["error"].encode()[:120])
+            return ws
+        await _serve_viewer(ws, relays.relay(room), room, link)
+        return ws
+
+    async def _serve_viewer(ws: web.WebSocketResponse, relay, room: str, link: Link | None) -> None:
+        queue = relay.add_viewer()
+        sender = asyncio.create_task(_forward(ws, queue))
+        reader = asyncio.create_task(_read_nothing(ws))
+        ending = asyncio.create_task(_link_end(link))
+        try:
+            await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
+                                      "server_time_ms": int(time.time() * 1000),
+                                      "link_expires_at": link.expires_at if link else None}))
+            done, _ = await asyncio.wait({sender, reader, ending}, return_when=asyncio.FIRST_COMPLETED)
+            if ending in done and not ws.closed:
+                reason = ending.result()
+                await ws.close(code=CLOSE_CODES[reason], message=_ENDED[reason].encode())
+            elif sender in done and not ws.closed:
+                await ws.close(code=CLOSE_SLOW, message=b"too slow: reconnect")
+            elif reader in done and not ws.closed:
+                await ws.close(code=1008, message=b"viewers send nothing")
+        except ConnectionError:
+            pass
+        finally:
+            relay.remove_viewer(queue)
+            for task in (sender, reader, ending):
+                task.cancel()
+            await asyncio.gather(sender, reader, ending, return_exceptions=True)
+
+    async def _forward(ws: web.WebSocketResponse, queue: asyncio.Queue) -> None:
+        while True:
+            message = await queue.get()
+            if message.get("type") == "overflow":
+                return
+            await ws.send_str(encode(message))
+
+    async def _read_nothing(ws: web.WebSocketResponse) -> None:
+        """Returns when the viewer sends anything (or goes away)."""
+        async for _ in ws:
+            return
+
+    async def _link_end(link: Link | None) -> str:
+        """"expired" or "revoked", when the link ends (never for --open's link-less viewers)."""
+        while True:
+            if link is not None and link.expires_at <= time.time():
+                return "expired"
+            if link is not None and revocations.is_revoked(link):
+                return "revoked"
+            await asyncio.sleep(REVOCATION_CHECK_S if link is None else
+                                max(0.05, min(REVOCATION_CHECK_S, link.expires_at - time.time())))
 
     async def backlog(request: web.Request) -> web.Response:
         try:
@@ -250,7 +280,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None):
                                  headers={"Cache-Control": "no-store"})
 
     async def config(request: web.Request) -> web.Response:
-        return web.json_response({"livekit_url": settings.public_livekit_url, "caption_key": settings.caption_key,
+        return web.json_response({"caption_key": settings.caption_key,
                                   "server_time_ms": int(time.time() * 1000)}, headers={"Cache-Control": "no-store"})
 
     async def healthz(request: web.Request) -> web.Response:
@@ -272,29 +302,17 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None):
     app = web.Application(middlewares=[security_headers])
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/api/token", token)
+    app.router.add_get("/api/live", live)
     app.router.add_get("/api/backlog", backlog)
     app.router.add_get("/api/config", config)
     app.router.add_get("/vendor/livekit-client.esm.mjs", livekit_client)
     app.router.add_get("/{name}", static_file)
-    if settings.sweep_interval_s > 0:
-        app.cleanup_ctx.append(_sweeping(settings, revocations))
+    app.on_shutdown.append(lambda app: relays.aclose())
     return app
 
 
-def _sweeping(settings: WebSettings, revocations: Revocations):
-    """Runs the sweeper (sweeper.py) for the application's lifetime."""
-
-    async def context(app):
-        sweeper = Sweeper(settings.livekit_url, settings.api_key, settings.api_secret, revocations.is_revoked,
-                          settings.sweep_interval_s)
-        task = asyncio.create_task(sweeper.run(), name="viewer-sweeper")
-        yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    return context
+_ENDED = {"expired": "This viewer link has expired. Ask the operator for a new one.",
+          "revoked": "This viewer link was revoked by the operator. Ask them for a new one."}
 
 
 def check_web_dir(web_dir: Path | None = None) -> None:
@@ -320,19 +338,14 @@ def configure_web_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--host", env="CAPTIONS_WEB_HOST", default="127.0.0.1", help="address to bind")
     add_option(parser, "--port", env="CAPTIONS_WEB_PORT", default=8080, type=positive_int, help="port")
     add_livekit_options(parser)
-    add_option(parser, "--public-livekit-url", env="CAPTIONS_PUBLIC_LIVEKIT_URL", default=None,
-               help="LiveKit URL as browsers reach it (defaults to --url)")
     add_viewer_secret_option(parser)
-    add_option(parser, "--token-ttl", env="CAPTIONS_TOKEN_TTL", default=300, type=positive_int,
-               help="seconds a viewer's LiveKit token may be used to join (LiveKit refreshes it while connected)")
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="the caption workers' agent name: viewers trust only that pool's caption key")
+    add_caption_secret_option(parser)
     add_option(parser, "--viewers-visible", env="CAPTIONS_VIEWERS_VISIBLE", default=False, type=_truthy,
-               nargs="?", const=True, help="show viewers in the room's participant list (hidden by default)")
+               nargs="?", const=True, help="show the viewers' relay in the room's participant list (hidden by default)")
     add_option(parser, "--revocations", env="CAPTIONS_REVOCATIONS", default=None, type=Path,
                help="the revocation list `captions revoke` writes (default <data-dir>/revoked-links.ndjson)")
-    add_option(parser, "--sweep-interval", env="CAPTIONS_SWEEP_INTERVAL", default=SWEEP_INTERVAL_S,
-               type=non_negative_float, help="seconds between removals of viewers whose link ended (0: never)")
     add_option(parser, "--open", env="CAPTIONS_WEB_OPEN", default=False, type=_truthy, nargs="?", const=True,
                help="DEV ONLY: let anyone view any room without a signed link")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
@@ -345,15 +358,13 @@ def configure_web_parser(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> WebSettings:
     return WebSettings(
         livekit_url=args.url,
-        public_livekit_url=args.public_livekit_url or args.url,
         api_key=args.api_key,
         api_secret=args.api_secret,
         viewer_secret=args.viewer_secret or args.api_secret,
         agent_name=args.agent_name,
-        token_ttl_s=args.token_ttl,
+        caption_secret=args.caption_secret,
         viewers_visible=bool(args.viewers_visible),
         revocations=args.revocations,
-        sweep_interval_s=args.sweep_interval,
         open_access=bool(args.open),
         data_dir=args.data_dir,
         behind_proxy=bool(args.behind_proxy),
@@ -371,8 +382,7 @@ def run_web(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.open_access:
         logger.warning("--open: ANY visitor may view ANY room; use signed links (captions token) otherwise")
-    logger.info("viewer at http://%s:%d/ (LiveKit for browsers: %s)", args.host, args.port,
-                settings.public_livekit_url)
+    logger.info("viewer at http://%s:%d/ (its relays reach LiveKit at %s)", args.host, args.port, settings.livekit_url)
     web.run_app(create_app(settings), host=args.host, port=args.port, print=None)
     return 0
 
