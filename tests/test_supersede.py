@@ -1,0 +1,75 @@
+"""A captioner that is only slow is replaced, not cut off (issue 23: "nothing stops silently").
+
+Two real workers on one livekit-server; the one captioning the room is frozen (SIGSTOP) for longer
+than four heartbeats, as a loop blocked by a slow disk or a GIL convoy would be, then resumed. The
+recovery supersedes it (a server-set attribute, not a removal): the other worker's captioner takes
+the room at once, and the frozen one, once it runs again, flushes the caption it had open and
+leaves by itself. Before, it was removed as dead after 4 s, and its open caption was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+import pytest
+
+from captions.protocol import ATTR_AGENT
+from tests.test_failover import process_tree, stage
+
+pytestmark = [pytest.mark.livekit, pytest.mark.slow, pytest.mark.failover, pytest.mark.timeout(240),
+              pytest.mark.asyncio(loop_scope="session")]
+
+FROZEN_S = 6.0
+"""Longer than four missed heartbeats (presence.STALE_S), far shorter than LiveKit's own 20 s."""
+
+
+async def test_a_frozen_captioner_is_superseded_flushes_its_open_caption_and_leaves(tiny_checkpoint, tmp_path,
+                                                                                   speech_dir):
+    async with stage(tiny_checkpoint, tmp_path) as scene:
+        await scene.start_worker()
+        await scene.start_worker()
+        await scene.talk(speech_dir)
+        old, _ = await scene.caption_from_a_new_agent(set(), 60)
+        frozen = scene.worker_of(old)
+        # Freeze it while it has a caption open: right after one of its interim updates.
+        await scene.viewer.wait_until(lambda: (c := scene.viewer.captions) and not c[-1].final, 30, "an interim")
+        held = process_tree(frozen.process.pid)
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            new, _ = await scene.caption_from_a_new_agent({old}, FROZEN_S + 20)
+        finally:
+            await asyncio.sleep(max(0.0, FROZEN_S - 4.0))
+            resumed_at = time.time()
+            for pid in held:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        log = frozen.log_path
+        await scene.viewer.wait_until(lambda: "superseded by the recovery" in log.read_text(errors="replace"), 30,
+                                      "the frozen captioner to see that it was superseded")
+        # It flushed: a final of its own, sent after it ran again.
+        await scene.viewer.wait_until(
+            lambda: [c for c in scene.viewer.captions
+                     if c.attributes.get(ATTR_AGENT) == old and c.final and c.received_at >= resumed_at],
+            30, "the frozen captioner's flushed final")
+        theirs = [c for c in scene.viewer.captions if c.attributes.get(ATTR_AGENT) == old]
+        open_segments = {c.segment_id for c in theirs} - {c.segment_id for c in theirs if c.final}
+        assert not open_segments, f"its open caption was lost: {open_segments}"
+        workers_log = "\n".join(w.log_path.read_text(errors="replace") for w in scene.workers)
+        assert f"removing stale captioner {old}" not in workers_log, "it was removed, not superseded"
+        # And it left by itself; the new captioner stays.
+        from livekit import api
+
+        async with api.LiveKitAPI(scene.server.http_url, scene.server.api_key, scene.server.api_secret) as lk:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                present = {p.identity for p in (await lk.room.list_participants(
+                    api.ListParticipantsRequest(room=scene.room))).participants}
+                if old not in present:
+                    break
+                await asyncio.sleep(0.5)
+        assert old not in present and new in present, present
