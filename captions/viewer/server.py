@@ -215,14 +215,15 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         return ws
 
     async def _serve_viewer(ws: web.WebSocketResponse, relay, room: str, link: Link | None) -> None:
+        # The hello first: the page reads every other message as part of the room it opened.
+        await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
+                                  "server_time_ms": int(time.time() * 1000),
+                                  "link_expires_at": link.expires_at if link else None}))
         queue = relay.add_viewer()
         sender = asyncio.create_task(_forward(ws, queue))
         reader = asyncio.create_task(_read_nothing(ws))
         ending = asyncio.create_task(_link_end(link))
         try:
-            await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
-                                      "server_time_ms": int(time.time() * 1000),
-                                      "link_expires_at": link.expires_at if link else None}))
             done, _ = await asyncio.wait({sender, reader, ending}, return_when=asyncio.FIRST_COMPLETED)
             if ending in done and not ws.closed:
                 reason = ending.result()
