@@ -3,7 +3,8 @@
 The product:
     stt/       speech to text: checkpoint loading, the batched engine, timed words, audio files
     live/      the LiveKit worker: rooms, speakers, slot queue, segments, transcripts, metrics
-    viewer/    the viewer server: signed links, viewer tokens
+    agents/    a second product on the same engine: Kyutai STT for any livekit-agents voice agent
+    viewer/    the viewer server: signed links, the rooms' captions relayed to viewers, the backlog
     protocol   what the agent publishes and viewers read
 
 Tools, never imported by the product (and left out of the Docker image):

@@ -14,7 +14,8 @@ import pytest
 from livekit import rtc
 from livekit.agents import APIConnectionError, APIConnectOptions, APIError, stt
 
-from captions.live.agents_stt import KyutaiSTT, _Timeline, close_shared_engines
+from captions.agents import KyutaiSTT, close_shared_engines
+from captions.agents.stream import Timeline as _Timeline
 from captions.stt.api import SAMPLE_RATE, Word
 from captions.stt.audio import read_audio_file
 from captions.stt.transcribe import transcribe_audio
@@ -261,7 +262,7 @@ async def test_flush_gives_a_final_at_once_and_later_times_leave_its_silence_out
 
 
 def kyutai_delay(kyutai: KyutaiSTT) -> float:
-    from captions.live.agents_stt import shared_engine
+    from captions.agents import shared_engine
 
     return shared_engine(kyutai.model, "cpu", 2).engine.text_delay_s
 
