@@ -322,3 +322,18 @@ def test_a_freed_slot_goes_to_the_room_under_its_share_before_an_earlier_waiter_
     assert b1.granted.wait(2), "room B holds nothing and its share is 1"
     assert not a3.granted.is_set() and queue.waiting() == ["A/3"]
     assert queue.holders() == {"A": 1, "B": 1}
+
+
+def test_a_slot_being_given_back_counts_as_given_while_it_flushes(engine, queue):
+    """B = 2, one room: a1's turn ended (a pause) and its stream is flushing, a2 has held long, a3
+    waits. The slot a1 is giving back is a3's: a2 is not asked to yield as well."""
+    a1, a2, a3 = labelled("A/1", 1.0), labelled("A/2", 2.0), labelled("A/3", 3.0)
+    queue.request(a1.waiter)
+    queue.request(a2.waiter)
+    queue.request(a3.waiter)
+    assert queue.should_yield(a2.waiter, long_held=True), "a2 is the only long-held turn"
+    queue.closing(a1.waiter)
+    assert not queue.should_yield(a2.waiter, long_held=True), "a1's slot, being flushed, goes to a3"
+    assert not queue.should_yield(a1.waiter), "already giving it back"
+    queue.request(labelled("A/4", 4.0).waiter)
+    assert queue.should_yield(a2.waiter, long_held=True), "a second waiter: a2, held long, yields for it"

@@ -73,6 +73,8 @@ class _Grant:
     order: int
     """Grants in the order they were made: the lowest has held its slot longest."""
     long_held: bool = False
+    closing: bool = False
+    """Its stream is being flushed: the slot is as good as given back."""
 
 
 def fair_shares(demand: dict[str, float], capacity: int) -> dict[str, float]:
@@ -155,9 +157,17 @@ class SlotQueue:
             if grant is None:
                 return False
             grant.long_held = long_held
-            if not self._waiters:
+            if not self._waiters or grant.closing:
                 return False
             return grant in self._yields()
+
+    def closing(self, waiter: Waiter) -> None:
+        """The stream granted to `waiter` is closing (flushed, then ended): it still holds its slot
+        until it ends, but counts as given back when the queue decides who else should yield."""
+        with self._lock:
+            grant = self._grants.get(waiter)
+            if grant is not None:
+                grant.closing = True
 
     def holders(self) -> dict[str, int]:
         """Slots held per room (rooms holding none left out)."""
@@ -221,8 +231,9 @@ class SlotQueue:
         yields: set[_Grant] = set()
         for room, count in held.items():
             excess = count - whole.get(room, 0)
-            if excess > 0:
-                yields.update([g for g in by_age if g.waiter.room == room][:excess])
+            if excess > 0:  # those closing already give theirs back; then the longest held
+                yields.update(sorted((g for g in by_age if g.waiter.room == room), key=lambda g: not g.closing)[:excess])
+        yields.update(g for g in by_age if g.closing)  # each frees a slot for a waiter
         for w in self._waiters[len(yields):]:
             under = held.get(w.room, 0) < math.ceil(shares.get(w.room, 0) - 1e-9)
             grant = next((g for g in by_age if g.long_held and g not in yields

@@ -379,6 +379,7 @@ class Speaker:
             self._turn_done(turn)
             return
         self._closing.add(turn)
+        self.host.slots.closing(turn.claim)
         if flush:
             turn.stream.close()
         else:
