@@ -34,6 +34,11 @@ class Collector:
         return [e.token for e in self.events if not e.ended]
 
     @property
+    def pauses(self) -> list[float | None]:
+        """Each step's pause probability (the VAD head; None without one)."""
+        return [e.pause_prob for e in self.events if not e.ended]
+
+    @property
     def words(self) -> list[tuple[str, float, float]]:
         return [(w.text, w.start, w.end) for e in self.events for w in e.words]
 

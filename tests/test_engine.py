@@ -269,6 +269,26 @@ def test_failed_step_is_reported_and_engine_keeps_serving(engine_b3, clips, monk
 
 
 PROPERTY_FRAMES = 24  # ~2 s of each clip keeps the property test quick
+REMEMBERING_ATTENTION = 1.0
+"""The property test's checkpoint keeps the LM's attention at full strength (make_test_checkpoint):
+the default tiny model is nearly memoryless, so state leaking between slots, or a slot not reset
+when a new stream takes it, would hardly change its tokens."""
+
+
+PAUSE_ROUNDING = 1e-5
+"""A slot's position in the batch changes the rounding of the CPU's batched kernels: the same audio
+in slot 1 instead of slot 0 gives pause probabilities about 1e-7 apart (tokens have agreed so far).
+A missed reset changes them by up to 0.9."""
+
+
+@pytest.fixture(scope="module")
+def remembering_engine_b3(tmp_path_factory):
+    checkpoint = make_test_checkpoint(tmp_path_factory.mktemp("ckpt") / "remembering", seed=0,
+                                      attention=REMEMBERING_ATTENTION)
+    engine = SttEngine.load(str(checkpoint), device="cpu", batch_size=3)
+    engine.start()
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -277,8 +297,30 @@ def short_clips(clips) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def solo_tokens(engine_b3, short_clips) -> list[list[int]]:
-    return [run_solo(engine_b3, audio).tokens for audio in short_clips]
+def solo_runs(remembering_engine_b3, short_clips) -> list[tuple[list[int], list[float]]]:
+    """Each clip alone on the engine: its tokens and pause probabilities."""
+    runs = [run_solo(remembering_engine_b3, audio) for audio in short_clips]
+    return [(run.tokens, run.pauses) for run in runs]
+
+
+def test_the_property_checkpoint_remembers(remembering_engine_b3, short_clips, solo_runs):
+    """What the batched == solo property test relies on: on its checkpoint, what a stream heard
+    before changes what it writes now. One clip after another in the same stream (what a slot would
+    hear if it were not reset, or if another slot's state leaked into it) gives other tokens and
+    pause probabilities than the clip alone, well past its first frames, and they differ with what
+    came before."""
+    after = {}
+    for before in range(len(short_clips)):
+        run = run_solo(remembering_engine_b3, np.concatenate([short_clips[before], short_clips[0]]))
+        tail = slice(PROPERTY_FRAMES, 2 * PROPERTY_FRAMES)
+        after[before] = (run.tokens[tail], run.pauses[tail])
+    alone_tokens, alone_pauses = (run[:PROPERTY_FRAMES] for run in solo_runs[0])
+    for tokens, pauses in after.values():
+        changed = [k for k, (a, b) in enumerate(zip(tokens, alone_tokens)) if a != b]
+        assert len(changed) >= PROPERTY_FRAMES // 4 and max(changed) >= PROPERTY_FRAMES // 2, changed
+        assert max(abs(a - b) for a, b in zip(pauses, alone_pauses)) > 0.05
+    assert len({tuple(tokens) for tokens, _ in after.values()}) > 1, "what came before should matter"
+    assert all(len(set(tokens)) >= 5 for tokens, _ in solo_runs), "the clips should give varied tokens"
 
 
 # Examples: 10 by default, more in CI (HYPOTHESIS_PROFILE=ci, see tests/conftest.py).
@@ -287,10 +329,13 @@ def solo_tokens(engine_b3, short_clips) -> list[list[int]]:
     clip_of=st.lists(st.integers(0, 2), min_size=2, max_size=4),
     ops=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10), st.booleans()), max_size=30),
 )
-def test_batched_streams_equal_solo_runs(engine_b3, short_clips, solo_tokens, clip_of, ops):
+def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, solo_runs, clip_of, ops):
     """Streams starting, pausing and stopping at random in different slots of one batch produce
-    exactly the tokens each produces alone. `ops` is (stream, frames to push, let the engine catch
-    up before the next push): while one stream pushes, the others pause."""
+    exactly the tokens each produces alone, and its pause probabilities (to the rounding of the
+    slot's position in the batch), on a checkpoint that remembers (a leak between slots or a missed
+    reset would show). `ops` is (stream, frames to push, let the
+    engine catch up before the next push): while one stream pushes, the others pause."""
+    engine = remembering_engine_b3
     n = len(clip_of)
     frames = [list(short_clips[c].reshape(-1, FRAME)) for c in clip_of]
     collectors = [Collector() for _ in range(n)]
@@ -298,13 +343,13 @@ def test_batched_streams_equal_solo_runs(engine_b3, short_clips, solo_tokens, cl
 
     def push(i: int, count: int) -> None:
         if streams[i] is None:
-            wait_idle(engine_b3)  # closed streams free their slots once flushed
-            if engine_b3.slots_in_use == engine_b3.batch_size:  # finish the oldest to make room
+            wait_idle(engine)  # closed streams free their slots once flushed
+            if engine.slots_in_use == engine.batch_size:  # finish the oldest to make room
                 oldest = next(j for j in range(n) if streams[j] is not None and frames[j])
                 push(oldest, len(frames[oldest]))
                 assert collectors[oldest].done.wait(30)
-                wait_idle(engine_b3)
-            streams[i] = engine_b3.open_stream(collectors[i])
+                wait_idle(engine)
+            streams[i] = engine.open_stream(collectors[i])
         if not frames[i]:
             return
         streams[i].push(np.concatenate(frames[i][:count]))
@@ -315,13 +360,16 @@ def test_batched_streams_equal_solo_runs(engine_b3, short_clips, solo_tokens, cl
     for stream_index, count, catch_up in ops:
         push(stream_index % n, count)
         if catch_up:
-            wait_idle(engine_b3)
+            wait_idle(engine)
     for i in range(n):
         push(i, PROPERTY_FRAMES)
     for i in range(n):
         assert collectors[i].done.wait(30)
-        assert collectors[i].tokens == solo_tokens[clip_of[i]], f"stream {i} differs from its solo run"
-    wait_idle(engine_b3)
+        tokens, pauses = solo_runs[clip_of[i]]
+        assert collectors[i].tokens == tokens, f"stream {i} differs from its solo run"
+        assert collectors[i].pauses == pytest.approx(pauses, abs=PAUSE_ROUNDING), \
+            f"stream {i}'s pause probabilities differ from its solo run"
+    wait_idle(engine)
 
 
 def test_kyutai_2_6b_style_config_prefix_and_no_vad(tmp_path, clips):

@@ -38,6 +38,8 @@ from captions.stt.api import FRAME_SIZE, SAMPLE_RATE
 CARD = 64  # codes per codebook; equals the LM width so that code c can own dimension c
 N_Q = 8  # audio codebooks
 LM_DIM = 64
+ATTENTION = 0.2
+"""Scale of the LM's attention outputs in the default checkpoint: a nearly memoryless model."""
 
 _CORPUS_SENTENCES = [
     ("en", "The quick brown fox jumps over the lazy dog near the river bank."),
@@ -170,8 +172,10 @@ def _init_codebooks(mimi, audio: np.ndarray, generator) -> None:
                 residual = residual - quantized
 
 
-def _wire_lm(lm, codes: np.ndarray, silent: np.ndarray, tokenizer, generator, vad: bool) -> None:
-    """Makes the LM's text follow the first codebook (see the module docstring)."""
+def _wire_lm(lm, codes: np.ndarray, silent: np.ndarray, tokenizer, generator, vad: bool,
+             attention: float = ATTENTION) -> None:
+    """Makes the LM's text follow the first codebook (see the module docstring); `attention`: see
+    `make_test_checkpoint`."""
     import torch
 
     card, dim = lm.card, lm.dim
@@ -200,7 +204,7 @@ def _wire_lm(lm, codes: np.ndarray, silent: np.ndarray, tokenizer, generator, va
         for emb in list(lm.emb[1:]) + [lm.text_emb]:
             emb.weight.mul_(0.1)
         for layer in lm.transformer.layers:
-            layer.self_attn.out_projs[0].weight.mul_(0.2)
+            layer.self_attn.out_projs[0].weight.mul_(attention)
             layer.gating.linear_out.weight.mul_(0.2)
         lm.text_linear.weight.mul_(0.01)
         for c, token in token_of_code.items():
@@ -213,8 +217,15 @@ def _wire_lm(lm, codes: np.ndarray, silent: np.ndarray, tokenizer, generator, va
 
 def make_test_checkpoint(out_dir: str | Path, seed: int = 0, full_mimi: bool = False,
                          lm_dim: int = LM_DIM, lm_layers: int = 2, lm_heads: int = 4,
-                         delay_s: float = 0.5, prefix_s: float = 0.0, vad: bool = True) -> Path:
-    """Writes the checkpoint; `prefix_s`/`vad=False` give a 2.6B-style config (prefix, no heads)."""
+                         delay_s: float = 0.5, prefix_s: float = 0.0, vad: bool = True,
+                         attention: float = ATTENTION) -> Path:
+    """Writes the checkpoint; `prefix_s`/`vad=False` give a 2.6B-style config (prefix, no heads).
+
+    `attention` scales the LM's attention outputs. The default keeps them weak, so that a token
+    depends mostly on the frame just heard (the other tests' expectations rely on it); 1.0 leaves
+    them at full strength, a model that *remembers*: what a stream heard earlier, or what a slot
+    heard before it was reset, changes its tokens and pause probabilities (the engine's batched ==
+    solo property test needs that to catch a leak between slots or a missed reset)."""
     import sentencepiece as spm
     import torch
     from moshi.models.loaders import get_mimi, get_moshi_lm
@@ -240,7 +251,7 @@ def make_test_checkpoint(out_dir: str | Path, seed: int = 0, full_mimi: bool = F
     with torch.no_grad():
         codes = mimi.encode(torch.from_numpy(audio)[None, None])[0, 0].numpy()
     lm = get_moshi_lm(None, lm_kwargs(config), device="cpu", dtype=torch.float32)
-    _wire_lm(lm, codes, silent[: len(codes)], tokenizer, generator, vad)
+    _wire_lm(lm, codes, silent[: len(codes)], tokenizer, generator, vad, attention)
 
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(out / "mimi.safetensors"))
     save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, str(out / "model.safetensors"))
