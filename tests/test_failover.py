@@ -3,14 +3,17 @@
 Each test: a livekit-server of its own, real `captions worker` processes (tiny checkpoint, CPU) that
 share one transcript directory (one host), a bot that keeps talking in a room, and a hidden viewer
 bot collecting the captions. Each asserts that captions resume in the same room within the bound,
-that the transcript has no duplicate segment, and that two captioners never captioned at once (the
-captions' agents never interleave). The measured gaps go to artifacts/failover-gaps.json.
+and that two captioners never captioned at once: the captions' agents never interleave, and no two
+captioners' transcript segments of one speaker overlap in time (segment ids cannot show it: each
+engine stream numbers its segments under a fresh prefix). The measured gaps go to
+artifacts/failover-gaps.json.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -27,7 +30,7 @@ from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.livekit_server import LiveKitServer, start_dev_server
 from captions.dev.worker_process import CaptionsWorker, start_captions_worker
 from captions.live.transcripts import read_transcript, transcript_path
-from captions.protocol import ATTR_AGENT
+from captions.protocol import ATTR_AGENT, FinalSegment
 from tests.conftest import espeak_wav
 
 pytestmark = [pytest.mark.livekit, pytest.mark.slow, pytest.mark.failover, pytest.mark.timeout(240),
@@ -38,6 +41,13 @@ RESUME_BOUND_S = 10.0
 CRASH_BOUND_S = 15.0
 """With a worker already up: a crash is only visible once the dead captioner's heartbeat is stale."""
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+OVERLAP_TOLERANCE_S = 0.5
+"""Two captioners' segments of one speaker may touch by this much (their clocks map audio to wall time
+each on its own); two captioners transcribing the same speech overlap by whole segments."""
+FLUSH_SLACK_S = 2.5
+"""A captioner told to stop flushes what it heard: its last word ends at most this long before the
+stop (the speaker talks with 0.6 s pauses; the tiny model's word times come out early by its 0.5 s
+delay; WebRTC's latency). Without the flush, the open caption (up to 8 s of speech) is lost."""
 SPEECH = ("The quick brown fox jumps over the lazy dog near the river bank. "
           "Streaming speech recognition turns every word into text as it is spoken.")
 
@@ -108,12 +118,23 @@ class Stage:
                 return worker
         raise AssertionError(f"no worker ran {agent}")
 
+    def transcript(self) -> list[tuple[str, FinalSegment]]:
+        """The room's transcript segments, each with the agent that wrote it: an engine stream's
+        segments share their id's prefix, and the viewer saw that agent's captions under it
+        ("?" for a stream the viewer saw nothing of)."""
+        agent_of = {prefix(c.segment_id): c.attributes.get(ATTR_AGENT, "?") for c in self.viewer.captions}
+        return [(agent_of.get(prefix(s.segment_id), "?"), s)
+                for s in read_transcript(transcript_path(self.data_dir, self.room))]
+
     def assert_clean(self) -> None:
-        """No duplicate segment in the transcript, never two captioners at once, every segment that
-        a viewer saw growing ended final."""
-        segments = read_transcript(transcript_path(self.data_dir, self.room))
-        ids = [s.segment_id for s in segments]
+        """No duplicate segment in the transcript, never two captioners at once (in the captions'
+        arrival, and in the transcript's times of each speaker), every segment that a viewer saw
+        growing ended final."""
+        transcript = self.transcript()
+        ids = [s.segment_id for _, s in transcript]
         assert len(ids) == len(set(ids)), "a segment was written twice"
+        doubled = overlapping_captioners(transcript)
+        assert not doubled, f"two captioners captioned the same speech: {doubled}"
         arrival = sorted(self.viewer.captions, key=lambda c: c.received_at)
         runs = [c.attributes.get(ATTR_AGENT) for i, c in enumerate(arrival)
                 if i == 0 or c.attributes.get(ATTR_AGENT) != arrival[i - 1].attributes.get(ATTR_AGENT)]
@@ -130,6 +151,25 @@ class Stage:
                     await bot.disconnect()
         for worker in self.workers:
             await asyncio.to_thread(worker.stop, 20)
+
+
+def prefix(segment_id: str) -> str:
+    """The engine stream's part of a segment id (captions/live/segmenter.py: `SG_<uuid>_<n>`)."""
+    return segment_id.rsplit("_", 1)[0]
+
+
+def overlapping_captioners(transcript: list[tuple[str, FinalSegment]]) -> list[str]:
+    """Segments of one speaker from two different agents whose times overlap by more than
+    OVERLAP_TOLERANCE_S: the same speech captioned twice."""
+    found = []
+    for (agent_a, a), (agent_b, b) in itertools.combinations(transcript, 2):
+        if agent_a == agent_b or a.participant_identity != b.participant_identity:
+            continue
+        overlap = min(a.end, b.end) - max(a.start, b.start)
+        if overlap > OVERLAP_TOLERANCE_S:
+            found.append(f"{agent_a} {a.segment_id} {a.text!r} and {agent_b} {b.segment_id} {b.text!r} "
+                         f"overlap by {overlap:.2f} s")
+    return found
 
 
 @contextlib.asynccontextmanager
@@ -195,7 +235,7 @@ async def test_a_rolling_restart_hands_the_room_over_in_seconds_and_loses_no_fin
         leaving = scene.worker_of(old)
         stopped_at = time.time()
         leaving.process.terminate()  # SIGTERM, as `docker compose` or systemd stop a service
-        _, at = await scene.caption_from_a_new_agent({old}, 60)
+        new, at = await scene.caption_from_a_new_agent({old}, 60)
         assert await asyncio.to_thread(leaving.process.wait, 30) == 0
         record_gap("rolling restart (SIGTERM): stop -> captions", at - stopped_at)
         assert at - stopped_at <= RESUME_BOUND_S
@@ -203,6 +243,26 @@ async def test_a_rolling_restart_hands_the_room_over_in_seconds_and_loses_no_fin
         theirs = [c for c in scene.viewer.captions if c.attributes.get(ATTR_AGENT) == old]
         open_segments = {c.segment_id for c in theirs} - {c.segment_id for c in theirs if c.final}
         assert not open_segments, f"segments left without a final: {open_segments}"
+        # The speech said across the handover: the leaving captioner's words run up to its stop,
+        # the new one's follow within the bound, and the transcript's words of the speaker (who
+        # talks all along) leave no longer gap anywhere.
+        await scene.viewer.wait_until(
+            lambda: any(c.final and c.text and c.attributes.get(ATTR_AGENT) == new for c in scene.viewer.captions),
+            60, "a final caption from the new captioner")
+        await asyncio.sleep(1.0)  # its transcript line is written before it is sent; let the next ones land too
+        words = sorted((w[1], w[2], agent) for agent, s in scene.transcript() for w in s.words)
+        last_old = max((end for _, end, agent in words if agent == old), default=None)
+        assert last_old is not None, "the leaving captioner's words are not in the transcript: its open caption was lost"
+        assert last_old >= stopped_at - FLUSH_SLACK_S, (
+            f"the leaving captioner's last word ended {stopped_at - last_old:.1f} s before its stop: the words "
+            "said just before it were lost")
+        first_new = min(start for start, _, agent in words if agent == new)
+        assert first_new - last_old <= RESUME_BOUND_S, (
+            f"{first_new - last_old:.1f} s of speech without a word across the handover")
+        gaps = [(b[0] - a[1], a[1]) for a, b in itertools.pairwise(words)]
+        widest, at_time = max(gaps)
+        assert widest <= RESUME_BOUND_S, f"no word for {widest:.1f} s from {at_time - stopped_at:+.1f} s of the stop"
+        assert {agent for *_, agent in words} == {old, new}, "every transcript segment is the old or new captioner's"
         scene.assert_clean()
 
 
@@ -290,16 +350,40 @@ async def test_two_captioners_forced_into_one_room_leave_exactly_one(tiny_checkp
     """Explicit dispatch: two dispatches at once put two captioners in the room (as a recovery racing
     LiveKit's own dispatch would): one stays, and nobody sees a caption twice."""
     async with stage(tiny_checkpoint, tmp_path) as scene:
-        await scene.start_worker("--agent-name", "captioner")
+        worker = await scene.start_worker("--agent-name", "captioner")
         await scene.talk(speech_dir)
         async with api.LiveKitAPI(scene.server.url, scene.server.api_key, scene.server.api_secret) as lk:
-            await asyncio.gather(*(lk.agent_dispatch.create_dispatch(
-                api.CreateAgentDispatchRequest(room=scene.room, agent_name="captioner")) for _ in range(2)))
-            agent, _ = await scene.caption_from_a_new_agent(set(), 60)
-            await asyncio.sleep(6.0)  # a claim, a recovery round, a heartbeat's staleness: all settled
+            together: list[list[str]] = []  # the agents in the room, polled every 0.1 s (a claim settles in 0.5 s)
+
+            async def watch() -> None:
+                while True:
+                    with contextlib.suppress(api.TwirpError):
+                        listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=scene.room)))
+                        together.append(sorted(p.identity for p in listed.participants
+                                               if p.kind == api.ParticipantInfo.Kind.AGENT))
+                    await asyncio.sleep(0.1)
+
+            watching = asyncio.create_task(watch())
+            try:
+                await asyncio.gather(*(lk.agent_dispatch.create_dispatch(
+                    api.CreateAgentDispatchRequest(room=scene.room, agent_name="captioner")) for _ in range(2)))
+                agent, _ = await scene.caption_from_a_new_agent(set(), 60)
+                await asyncio.sleep(6.0)  # a claim, a recovery round, a heartbeat's staleness: all settled
+            finally:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             listed = (await lk.room.list_participants(api.ListParticipantsRequest(room=scene.room))).participants
         captioners = [p.identity for p in listed if p.kind == api.ParticipantInfo.Kind.AGENT]
         assert captioners == [agent], captioners
+        # Both dispatches did put a captioner in the room (else there was nothing to resolve)...
+        assert max(map(len, together)) == 2, f"never two captioners in the room at once: {sorted(set(map(tuple, together)))}"
+        [other] = {identity for seen in together for identity in seen} - {agent}
+        # ...and the other one went: it left by its claim, or a recovery round removed it.
+        log = worker.log_path.read_text(errors="replace")
+        assert (f"{agent} already captions it; {other} leaves" in log
+                or f"removing duplicate captioner {other} from room {scene.room}" in log), (
+            f"{other} left the room, but neither by its claim nor by the recovery")
         assert scene.agents() == [agent], "a second captioner published captions"
         scene.assert_clean()
 
