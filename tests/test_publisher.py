@@ -118,3 +118,24 @@ async def test_the_last_words_of_a_speaker_who_left_go_out_in_the_agents_name_an
     assert speaker_of(last_sender, last) == "alice" and text == "goodbye everyone"
     assert speaker_of("mallory", {**last}) == "mallory", "only the agent's own streams name another speaker"
     task.cancel()
+
+
+async def test_a_final_sent_as_its_speaker_leaves_goes_out_again_in_the_agents_name_with_its_number(room):
+    """Clients abort the open streams of a sender who disconnects: a final that was going out under
+    alice's identity as she left is lost to them. It is sent again in the agent's name, with the same
+    update number (a viewer that has it drops the copy); an older final is not."""
+    from captions.protocol import ATTR_SPEAKER
+
+    publisher, task = await running(room)
+    publisher.put(caption("alice", "SG_a", "see you", final=True))
+    assert await publisher.drain(5.0)
+    del room.remote_participants["alice"]  # she left
+    publisher.speaker_left("alice")
+    assert await publisher.drain(5.0)
+    (first_sender, _, first), (again_sender, text, again) = room.local_participant.sent
+    assert first_sender == "alice" and again_sender == "agent-1" and text == "see you"
+    assert again[ATTR_SEQ] == first[ATTR_SEQ] and again[ATTR_SPEAKER] == "alice"
+    publisher.speaker_left("bob")  # nothing of his was recent
+    assert await publisher.drain(5.0)
+    assert len(room.local_participant.sent) == 2
+    task.cancel()

@@ -20,6 +20,7 @@ from captions.protocol import (
     ATTR_AGENT,
     ATTR_AGENT_STATUS,
     ATTR_SEGMENT_ID,
+    ATTR_SEQ,
     ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
@@ -239,6 +240,9 @@ class Subscriber:
             text=text, segment_id=attrs.get(ATTR_SEGMENT_ID, ""), track_id=attrs.get(ATTR_TRANSCRIBED_TRACK_ID, ""),
             final=attrs.get(ATTR_TRANSCRIPTION_FINAL) == "true", sender=speaker_of(participant_identity, attrs),
             attributes=attrs, received_at=time.time(), order=order)
+        if any(c.segment_id == caption.segment_id and c.attributes.get(ATTR_SEQ) == attrs.get(ATTR_SEQ)
+               for c in self.captions):
+            return  # the same update sent again (its speaker left as it went out): a viewer shows it once
         bisect.insort(self.captions, caption, key=lambda c: c.order)
 
     def _on_attributes(self, changed: dict[str, str], participant: rtc.Participant) -> None:

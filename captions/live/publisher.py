@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from captions.protocol import (
 
 FINAL_PUBLISH_ATTEMPTS = 5
 """A final caption is retried (e.g. across a reconnection); an interim one is superseded anyway."""
+RESEND_WINDOW_S = 3.0
+"""A final sent this recently when its speaker leaves is sent again in the agent's own name: clients
+abort the streams of a sender who disconnects, even one that was nearly through."""
 SEND_TIMEOUT_S = 5.0
 """One stream (open, write, close) that takes longer is given up (and a final retried)."""
 
@@ -56,6 +60,9 @@ class OutgoingCaption:
     """The final caption's `captions.words` attribute."""
     timing: dict | None = None
     """`captions.timing` fields (diagnostics), completed with the publish time."""
+    resend_seq: int | None = None
+    """Set on a final sent again in the agent's own name, with its first sending's number: its
+    speaker left while (or just after) it went out (`speaker_left`)."""
 
 
 class _Lane:
@@ -79,6 +86,8 @@ class CaptionPublisher:
         self._idle.set()
         self._next_seq: dict[str, int] = {}
         """Per open segment, the number of its next update (a segment's entry goes with its final)."""
+        self._recent_finals: dict[str, collections.deque[tuple[float, OutgoingCaption, int]]] = {}
+        """Per speaker, the finals being sent or sent in the last RESEND_WINDOW_S (`speaker_left`)."""
 
     def put(self, caption: OutgoingCaption) -> None:
         lane = self._lanes.setdefault(caption.identity, _Lane())
@@ -87,6 +96,15 @@ class CaptionPublisher:
         self._idle.clear()
         if self._running:
             self._start(caption.identity, lane)
+
+    def speaker_left(self, identity: str) -> None:
+        """`identity` left the room: its finals of the last moments go out again, in the agent's own
+        name and with their numbers, so that viewers who lost them with the speaker's streams get them
+        (viewers who already have them drop the copy: it is no newer)."""
+        now = asyncio.get_running_loop().time()
+        for sent_at, item, seq in self._recent_finals.pop(identity, ()):
+            if now - sent_at <= RESEND_WINDOW_S:
+                self.put(dataclasses.replace(item, resend_seq=seq))
 
     async def drain(self, timeout: float) -> bool:
         """Waits until everything queued is published (or given up); False after `timeout`."""
@@ -169,7 +187,13 @@ class CaptionPublisher:
         return attributes
 
     async def _publish(self, item: OutgoingCaption) -> None:
-        seq = self._next_seq_of(item.update)
+        seq = self._next_seq_of(item.update) if item.resend_seq is None else item.resend_seq
+        if item.update.final and item.resend_seq is None:
+            recent = self._recent_finals.setdefault(item.identity, collections.deque())
+            now = asyncio.get_running_loop().time()
+            while recent and now - recent[0][0] > RESEND_WINDOW_S:
+                recent.popleft()
+            recent.append((now, item, seq))
         attempts = FINAL_PUBLISH_ATTEMPTS if item.update.final else 1
         for attempt in range(attempts):
             try:
@@ -186,7 +210,7 @@ class CaptionPublisher:
     async def _send(self, item: OutgoingCaption, seq: int) -> None:
         # A speaker who already left: clients drop or abort the streams of a sender who is gone, so
         # their last words go out under the agent's own identity (captions.speaker names them).
-        present = item.identity in self._room.remote_participants
+        present = item.identity in self._room.remote_participants and item.resend_seq is None
         sender = item.identity if present else self._room.local_participant.identity
         writer = await self._room.local_participant.stream_text(
             topic=TOPIC_TRANSCRIPTION, sender_identity=sender, attributes=self._signed_attributes(item, seq))

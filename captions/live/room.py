@@ -263,6 +263,7 @@ class RoomCaptioner:
             self._on_track_subscribed(publication.track, publication, participant)
 
     def _on_participant_disconnected(self, participant: rtc.RemoteParticipant) -> None:
+        self._publisher.speaker_left(participant.identity)
         for sid, speaker in list(self._speakers.items()):
             if speaker.identity == participant.identity:
                 self._stop_speaker(sid)
