@@ -14,7 +14,7 @@ import warnings
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("captions.dev.up", "run livekit-server (dev), the caption worker and the viewer; print the URL"),
     "worker": ("captions.live.worker", "run the caption agent worker (livekit-agents)"),
-    "web": ("captions.viewer.server", "serve the captions viewer and mint viewer tokens"),
+    "web": ("captions.viewer.server", "serve the captions viewer: signed links, live captions, backlog"),
     "token": ("captions.viewer.links", "print a signed viewer link for a room"),
     "revoke": ("captions.viewer.revocations", "end a viewer link, or every link of a room, now"),
     "speak": ("captions.dev.speak", "a bot that speaks in a room and prints the captions it gets back"),

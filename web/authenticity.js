@@ -1,7 +1,7 @@
 // Checking that a caption comes from this deployment's caption agent, for the speaker it names, now.
 //
-// One trust root: the viewer server hands the page, with its token, the public half of the caption
-// key (derived from the LiveKit API secret, which only the server and the caption workers hold) and
+// One trust root: the viewer server hands the page, with the room, the public half of the caption
+// key (derived from CAPTIONS_CAPTION_SECRET, which only the server and the caption workers hold) and
 // its clock. Nothing a participant says about itself is trusted: LiveKit does not tell a receiver
 // whether a stream named "alice" came from an agent or from alice, anyone who saw a stream's header
 // can write into it, and every participant sets its own attributes. So:
