@@ -86,6 +86,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds of silence after which a speaker's engine slot goes to someone else")
     add_option(parser, "--max-wait", env="CAPTIONS_MAX_WAIT", default=30.0, type=non_negative_float,
                help="seconds of a waiting speaker's audio kept until a slot frees (older audio is dropped)")
+    add_option(parser, "--max-turn-hold", env="CAPTIONS_MAX_TURN_HOLD", default=20.0, type=non_negative_float,
+               help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
+                    "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
+                    "than its share of the slots gives them back whatever this is")
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_caption_secret_option(parser)
@@ -241,7 +245,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
         args.record_dir.mkdir(parents=True, exist_ok=True)
     if args.retention_days > 0:
         start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
-    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait)
+    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
+                              max_turn_hold_s=args.max_turn_hold)
     options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
     # The pool's one caption key, the one the viewer server vouches for (captions/protocol.py).
