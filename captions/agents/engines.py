@@ -4,7 +4,6 @@ in it (the fair queue the captions use: captions/live/slots.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from livekit.agents import (
     APIConnectionError,
 )
 
-from captions.live.slots import SlotQueue, Waiter
+from captions.live.slots import SlotQueue, loop_waiter
 from captions.stt.api import EngineStream, StreamEvent
 from captions.stt.engine import SttEngine
 from captions.stt.model import DEFAULT_MODEL
@@ -87,7 +86,7 @@ class SlotRequest:
         self._on_event = on_event
         self._granted: asyncio.Future[EngineStream] = self._loop.create_future()
         self._released = False
-        self._waiter = Waiter(label, self._on_event_threadsafe, self._on_granted_threadsafe)
+        self._waiter = loop_waiter(label, on_granted=self._on_granted, on_event=self._deliver)
         stream = shared.slots.request(self._waiter)
         if stream is not None:
             self._granted.set_result(stream)
@@ -115,19 +114,11 @@ class SlotRequest:
         elif not self._granted.cancelled():
             self._granted.result().abort()  # a no-op once the stream has ended
 
-    def _on_granted_threadsafe(self, stream: EngineStream) -> None:
-        # A closed loop raises here, and the slot queue then frees the slot.
-        self._loop.call_soon_threadsafe(self._on_granted, stream)
-
     def _on_granted(self, stream: EngineStream) -> None:
         if self._released or self._granted.done():
             stream.abort()
             return
         self._granted.set_result(stream)
-
-    def _on_event_threadsafe(self, event: StreamEvent) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            self._loop.call_soon_threadsafe(self._deliver, event)
 
     def _deliver(self, event: StreamEvent) -> None:
         if not self._released:

@@ -32,7 +32,9 @@ thread is never blocked and never re-enters the engine.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import contextlib
 import itertools
 import math
 import threading
@@ -65,6 +67,27 @@ class Waiter:
     def __post_init__(self) -> None:
         if not self.room:
             self.room = self.label.rsplit("/", 1)[0]
+
+
+def loop_waiter(label: str, on_granted: Callable[[EngineStream], None], on_event: EventCallback, *,
+                since: float | None = None, live_chunk: int | None = None, room: str = "") -> Waiter:
+    """The Waiter of a requester that lives on an asyncio event loop (a room's speaker, an Agents STT
+    stream): the grant (this queue's dispatcher thread) and the stream's events (the engine's thread)
+    hop onto the calling loop, where `on_granted(stream)` and `on_event(event)` run. Once that loop
+    is gone, a grant raises into the queue, which frees the slot, and events are dropped (nobody
+    listens any more). Call it on the requester's loop."""
+    loop = asyncio.get_running_loop()
+
+    def granted(stream: EngineStream) -> None:
+        loop.call_soon_threadsafe(on_granted, stream)
+
+    def event(stream_event) -> None:
+        # From the engine's thread: never block it, never raise into it.
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(on_event, stream_event)
+
+    return Waiter(label, on_event=event, on_granted=granted, since=time.monotonic() if since is None else since,
+                  live_chunk=live_chunk, room=room)
 
 
 @dataclass(eq=False)

@@ -13,13 +13,11 @@ seam (track_audio.py). A wait longer than `max_wait_s` of audio loses its oldest
 while waiting, the turn's audio stops at that pause; if they talk again before the slot comes, the
 new speech joins the same turn, without the silence between.
 
-Fair shares (slots.py): while others wait, a turn whose room holds more than its share of the slots,
-or that has held its slot for `max_turn_hold_s` (the queue says which, `should_yield`), yields at
-the next sentence end: the first final caption closed at a pause. A talker who never pauses yields
-`yield_within_s` after being asked all the same. Yielding flushes the turn's stream where its live
-audio stopped (its words up to there become final) and starts a new turn at that very sample, which
-waits like any other (its audio kept, as above) behind those who waited before it: nothing is lost
-and nothing is pushed twice; the new stream starts without the old one's context.
+Fair shares (slots.py `should_yield`): while others wait, a turn of a room over its share of the
+slots, or held for `max_turn_hold_s`, yields at its next sentence end (a final closed at a pause),
+or `yield_within_s` after being asked: its stream is flushed where its live audio stopped, and a
+new turn starts at that very sample and waits like any other (audio kept) behind earlier waiters.
+Nothing is lost or pushed twice; the new stream starts without the old one's context.
 
 Failures (supervise.py, each logged once with its traceback and counted): the track's reader is
 started again (track_audio.py); a live feed that fails closes its turn (what was said is flushed,
@@ -28,14 +26,13 @@ the slot is freed) and, if the speaker still talks, a new turn takes over where 
 went away. If the task that watches the track fails, the speaker ends at once: its turn is dropped
 and its slot freed, and `ended` is set (nothing is left waiting on it).
 
-Threads: everything here runs on the room's event loop; engine events and granted slots arrive on
-other threads and hop over with `call_soon_threadsafe`.
+Threads: everything here runs on the room's event loop (granted slots and engine events hop over:
+slots.loop_waiter).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +45,7 @@ import numpy as np
 from captions.live.metrics import METRICS
 from captions.live.recorder import StreamRecorder
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
-from captions.live.slots import SlotQueue, Waiter
+from captions.live.slots import SlotQueue, Waiter, loop_waiter
 from captions.live.supervise import supervised
 from captions.live.timing import StreamTiming
 from captions.live.track_audio import LIVE_CHUNK, AudioSource, TrackAudio
@@ -175,7 +172,6 @@ class Speaker:
         self.host = host
         self.identity, self.name, self.track_sid = identity, name, track_sid
         self.options = host.speaker_options
-        self._loop = asyncio.get_running_loop()
         self.gate = SpeechGate(self.options.gate)
         self.track = TrackAudio(source, self.gate, self._on_audio, label=f"{host.room_name}/{identity}")
         self.turn: Turn | None = None
@@ -266,21 +262,16 @@ class Speaker:
         self.turn = turn
         if since is None:
             since = time.monotonic() - (self.track.end - start) / SAMPLE_RATE
-        turn.waiter = Waiter(f"{self.host.room_name}/{self.identity}", on_event=self._on_event_threadsafe(turn),
-                             on_granted=self._on_granted_threadsafe(turn), since=since, live_chunk=LIVE_CHUNK,
-                             room=self.host.room_name)
+        turn.waiter = loop_waiter(f"{self.host.room_name}/{self.identity}",
+                                  on_granted=lambda stream: self._granted(turn, stream),
+                                  on_event=lambda event: self._on_event(turn, event), since=since,
+                                  live_chunk=LIVE_CHUNK, room=self.host.room_name)
         stream = self.host.slots.request(turn.waiter)
         if stream is None:
             logger.info("room %s: %s talks and waits for a slot", self.host.room_name, self.identity)
             self.host.status_changed()
         else:
             self._granted(turn, stream)
-
-    def _on_granted_threadsafe(self, turn: Turn) -> Callable[[EngineStream], None]:
-        def granted(stream: EngineStream) -> None:
-            # From the slot queue's thread. A closed loop raises, and the queue then frees the slot.
-            self._loop.call_soon_threadsafe(self._granted, turn, stream)
-        return granted
 
     def _granted(self, turn: Turn, stream: EngineStream) -> None:
         if turn.state is TurnState.CLOSING:  # given up (the worker stops) just as the slot came
@@ -422,13 +413,6 @@ class Speaker:
         self._begin_turn(start, since=time.monotonic())
 
     # ---- engine events --------------------------------------------------------------------------
-
-    def _on_event_threadsafe(self, turn: Turn) -> Callable[[StreamEvent], None]:
-        def on_event(event: StreamEvent) -> None:
-            # From the engine's thread: never block it, never raise into it.
-            with contextlib.suppress(RuntimeError):  # this room's loop is gone
-                self._loop.call_soon_threadsafe(self._on_event, turn, event)
-        return on_event
 
     def _on_event(self, turn: Turn, event: StreamEvent) -> None:
         if turn.segmenter is None:
