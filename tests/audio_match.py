@@ -103,8 +103,14 @@ def _speech_span(profile: np.ndarray) -> int:
     return int(loud[-1] - loud[0]) if loud.size else 0
 
 
-def match_recording(sent: np.ndarray, recorded: np.ndarray) -> AudioMatch:
-    """Compares 24 kHz mono float32 audio: `sent` (the clip) inside `recorded` (longer)."""
+def match_recording(sent: np.ndarray, recorded: np.ndarray, cut_short_s: float = 0.0) -> AudioMatch:
+    """Compares 24 kHz mono float32 audio: `sent` (the clip) inside `recorded` (longer).
+
+    `cut_short_s`: the recording may end up to this much before the clip does (an engine stream that
+    ended when the speaker left or muted: the clip's trailing silence, the last packets in flight).
+    The recording is padded with that much silence; speech missing from it still shows in the
+    speech span and the windows."""
+    recorded = np.concatenate([recorded, np.zeros(int(cut_short_s * SAMPLE_RATE), dtype=recorded.dtype)])
     sent_profile, recorded_profile = rms_profile(sent), rms_profile(recorded)
     assert recorded_profile.size >= sent_profile.size, (
         f"the recording ({recorded.size / SAMPLE_RATE:.2f} s) is shorter than the clip ({sent.size / SAMPLE_RATE:.2f} s)")

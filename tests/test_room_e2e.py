@@ -274,10 +274,20 @@ async def test_a_late_viewer_receives_the_backlog_from_the_viewer_server(convers
         assert (await client.get("/api/backlog", params=other)).status == 403
 
 
+CUT_S = 2.0
+"""Where Alice leaves and Bob mutes, into their sentences."""
+STREAM_END_SLACK_S = 0.5
+"""An engine stream ends when its speaker leaves or mutes: the clip's trailing silence (0.47 s for
+Bob's) need not be in it, nor the last 10s of ms a bot that leaves at once never sent (70 ms seen).
+Speech lost beyond the jitter's 0.2 s still fails (tests/audio_match.py)."""
+
+
 async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
         livekit_server, captions_worker, speech_dir, tiny_checkpoint):
-    """Alice leaves mid-sentence and comes back; Bob mutes mid-sentence and unmutes. Every word the
-    engine produced from the audio it consumed reaches the captions (flush on stop)."""
+    """Alice leaves mid-sentence and comes back; Bob mutes mid-sentence and unmutes. The engine
+    consumed exactly the audio each bot sent (the first two seconds of the sentence, then all of
+    it: nothing lost at the leave, the mute, the unmute or the rejoin), and every word the engine
+    produced from it reaches the captions (flush on stop)."""
     room = "e2e-leave-mute-rejoin"
     sub = await Subscriber(livekit_server, room).connect()
     before = microphones_read(captions_worker)
@@ -285,8 +295,8 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
     await sub.wait_for_agent()
     await wait_reading(captions_worker, before, 2)
     bob_first_track = bob.track_sid
-    await asyncio.gather(alice.play(speech(speech_dir, "alice"), stop_after_s=2.0),
-                         bob.play(speech(speech_dir, "bob"), stop_after_s=2.0))
+    await asyncio.gather(alice.play(speech(speech_dir, "alice"), stop_after_s=CUT_S),
+                         bob.play(speech(speech_dir, "bob"), stop_after_s=CUT_S))
     await alice.disconnect()  # mid-sentence, no trailing silence
     bob.mute()
     await wait_for_finals_after_leaving(sub, ["alice", "bob"])
@@ -309,6 +319,12 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
     for name in ("alice", "bob"):
         files = recordings(captions_worker.record_dir, room, name)
         assert len(files) == 2, f"{name}: one engine stream before and one after, got {files}"
+        # What the bot sent (its clip at 24 kHz mono): the sentence cut where it left or muted, then
+        # the whole sentence. Each engine stream holds its part, whole and once (tests/audio_match.py).
+        clip = read_audio_file(speech(speech_dir, name))
+        for sent, recorded in zip((clip[: int(CUT_S * SAMPLE_RATE)], clip), files):
+            match = match_recording(sent, read_audio_file(recorded), cut_short_s=STREAM_END_SLACK_S)
+            assert match.problems() == [], f"{name}: {recorded.name} is not the audio the bot sent: {match}"
         offline = [w for f in files for w in transcribe(tiny_checkpoint, f)]
         assert words_of([c for c in sub.captions if c.sender == name]) == offline, name
 
