@@ -193,6 +193,26 @@ def verify(public_key: str, message: bytes, signature: str) -> bool:
     return True
 
 
+CAPTION_ATTRIBUTES = (ATTR_SEGMENT_ID, ATTR_TRANSCRIBED_TRACK_ID, ATTR_TRANSCRIPTION_FINAL, ATTR_WORDS, ATTR_AGENT,
+                      ATTR_SPEAKER, ATTR_SEQ, ATTR_SENT, ATTR_SIGNATURE)
+"""The stream attributes a caption is made of (anything else a sender adds is not part of it)."""
+
+
+def verify_caption(public_key: str, room: str, sender: str, attributes: dict[str, str], text: str) -> bool:
+    """Whether a caption stream (`sender`: the identity it came under) is signed with `public_key`
+    for this room: the viewer's check (web/session.js, authenticity.js), in Python."""
+    speaker = attributes.get(ATTR_SPEAKER, sender) if sender == attributes.get(ATTR_AGENT) else sender
+    try:
+        message = caption_message(
+            room=room, agent=attributes[ATTR_AGENT], speaker=speaker,
+            track_sid=attributes.get(ATTR_TRANSCRIBED_TRACK_ID, ""), segment_id=attributes[ATTR_SEGMENT_ID],
+            seq=int(attributes[ATTR_SEQ]), final=attributes.get(ATTR_TRANSCRIPTION_FINAL) == "true",
+            sent_ms=int(attributes[ATTR_SENT]), words=attributes.get(ATTR_WORDS, ""), text=text)
+    except (KeyError, ValueError):
+        return False
+    return verify(public_key, message, attributes.get(ATTR_SIGNATURE, ""))
+
+
 @dataclass(frozen=True)
 class CaptionerInfo:
     """A caption agent as the server reports it: its identity and when it joined (Unix seconds)."""

@@ -14,11 +14,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from livekit import rtc
 
-from captions.protocol import TOPIC_TRANSCRIPTION
+from captions.protocol import CAPTION_ATTRIBUTES, TOPIC_TRANSCRIPTION
 from captions.viewer.links import check_link, make_link
 from captions.viewer.revocations import append
 from captions.viewer.server import WebSettings, create_app
-from tests.viewer_harness import token as harness_token
+from tests.viewer_harness import CaptionAgentBot
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="session")]
 
@@ -76,22 +76,23 @@ async def read_all(ws, seconds: float) -> list[str]:
 async def test_a_link_holder_gets_captions_and_who_captions_and_nothing_else(livekit_server, tmp_path):
     room_name = f"wiretap-{time.monotonic_ns()}"
     alice, _ = await speaker_with_everything(livekit_server, room_name)
-    agent = rtc.Room()
-    await agent.connect(livekit_server.url, harness_token(livekit_server, "agent-1", "Captions", room_name,
-                                                          agent=True))
-    await agent.local_participant.set_attributes({"captions.status": "live", "private.note": SECRETS[2]})
+    bot = await CaptionAgentBot.start(livekit_server, room_name, {"alice": "Alice"})
+    agent = bot.room
+    await agent.local_participant.set_attributes({"private.note": SECRETS[2]})
     async with TestClient(TestServer(create_app(web_settings(livekit_server, tmp_path)))) as client:
         assert (await client.get("/api/token", params={"link": make_link(LINK_SECRET, room_name, 600)})).status == 404
         ws = await live(client, make_link(LINK_SECRET, room_name, 600))
         try:
             await asyncio.sleep(1.0)  # the relay joins
             for n in range(3):
-                writer = await agent.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION,
-                                                                   sender_identity="alice")
-                await writer.write(f"caption {n}")
-                await writer.aclose()
+                await bot.interim("alice", f"SG_{n}", f"caption {n}")
                 await alice.local_participant.send_text(f"chat {n} {SECRETS[2]}", topic="lk.chat")
                 await alice.local_participant.publish_data(SECRETS[2].encode(), topic="app.private")
+                # Alice's own text on the caption topic, unsigned, with attributes of her choosing:
+                writer = await alice.local_participant.stream_text(
+                    topic=TOPIC_TRANSCRIPTION, attributes={"lk.segment_id": f"SG_{n}", "note": SECRETS[2]})
+                await writer.write(f"not a caption {n}")
+                await writer.aclose()
             messages = await read_all(ws, 3.0)
         finally:
             await ws.close()
@@ -103,12 +104,16 @@ async def test_a_link_holder_gets_captions_and_who_captions_and_nothing_else(liv
     everything = "\n".join(messages)
     for secret in SECRETS:
         assert secret not in everything, f"a viewer link disclosed {secret!r}"
+    forwarded_attributes = {k for m in received if m["type"] == "caption" for k in m["attributes"]}
+    assert forwarded_attributes <= set(CAPTION_ATTRIBUTES), forwarded_attributes
     people = {}
     for m in received:  # the room as the relay last described it
         for p in m["participants"] if m["type"] == "room" else [m] if m["type"] == "participant" else []:
             people[p["identity"]] = p
     assert people["alice"].get("name") == "Alice" and "attributes" not in people["alice"]
-    assert people["agent-1"]["attributes"] == {"captions.status": "live"}, "an agent's captions attributes only"
+    assert "joined_at_ms" not in people["alice"], "when people join is nobody's business here"
+    agent_attributes = people[agent.local_participant.identity]["attributes"]
+    assert agent_attributes.get("captions.status") == "live" and "private.note" not in agent_attributes
     assert {m["type"] for m in received} <= {"room", "participant", "left", "caption", "reconnecting"}
 
 
@@ -131,9 +136,12 @@ async def test_a_viewer_is_cut_off_when_its_link_expires_and_cannot_come_back(li
             code, at = await cut_off(ws)
             print(f"cut off {at - expires_at:.2f} s after its link expired")
             assert code == 4401 and at - expires_at <= END_BOUND_S
-            await alice.local_participant.send_text("after", topic=TOPIC_TRANSCRIPTION)
+            bot = await CaptionAgentBot.start(livekit_server, room_name, {"alice": "Alice"})
+            await asyncio.sleep(0.5)
+            await bot.interim("alice", "SG_after", "after")
             assert any(json.loads(m).get("text") == "after" for m in await read_all(stayer, 2.0)), \
                 "other links are untouched"
+            await bot.room.disconnect()
             again = await client.ws_connect("/api/live", params={"link": link})
             assert (await again.receive(timeout=5)).type.name == "CLOSE" and again.close_code == 4401
         finally:
@@ -163,3 +171,34 @@ async def test_a_revoked_link_and_a_revoked_room_cut_their_viewers_off(livekit_s
             assert code == 4410 and at - revoked_at <= END_BOUND_S
         finally:
             await alice.disconnect()
+
+
+async def test_a_participant_flooding_the_caption_topic_leaves_nothing_behind_in_the_viewer_server(
+        livekit_server, tmp_path, monkeypatch):
+    """Oversized and never-ending streams on the caption topic, many at once, from an ordinary
+    participant: the relay reads a few, drops them, and keeps no subscription or queue of theirs
+    (an abandoned livekit stream reader keeps its subscription for the life of the process)."""
+    from livekit.rtc._ffi_client import FfiClient
+
+    from captions.viewer import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "STREAM_TIMEOUT_S", 2.0)
+    room_name = f"flood-{time.monotonic_ns()}"
+    mallory, _ = await speaker_with_everything(livekit_server, room_name)
+    async with TestClient(TestServer(create_app(web_settings(livekit_server, tmp_path)))) as client:
+        ws = await live(client, make_link(LINK_SECRET, room_name, 600))
+        try:
+            await asyncio.sleep(1.0)  # the relay joins
+            before = len(FfiClient.instance.queue._subscribers)
+            writers = []
+            for n in range(12):
+                writer = await mallory.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION)
+                await writer.write("x" * 2100 if n % 2 else "still going")
+                writers.append(writer)  # the never-ending ones stay open
+            await asyncio.sleep(4.0)  # past the relay's (shortened) read timeout
+            after = len(FfiClient.instance.queue._subscribers)
+            assert after <= before, f"{after - before} stream subscriptions left behind"
+            assert not [m for m in await read_all(ws, 1.0) if json.loads(m)["type"] == "caption"]
+        finally:
+            await ws.close()
+            await mallory.disconnect()

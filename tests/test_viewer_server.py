@@ -21,6 +21,7 @@ from captions.protocol import CaptionSigner, FinalSegment
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import AccessDenied, Link, check_link, make_link, viewer_link
 from captions.viewer.ratelimit import RateLimiter
+from captions.viewer.relay import encode
 from captions.viewer.revocations import Revocations, append
 from captions.viewer.server import WebSettings, check_web_dir, create_app, relay_token
 
@@ -145,7 +146,7 @@ class FakeRelay:
     def add_viewer(self):
         queue = asyncio.Queue()
         for message in self.messages:
-            queue.put_nowait(message)
+            queue.put_nowait(encode(message))
         self.viewers.add(queue)
         return queue
 
@@ -457,3 +458,21 @@ def test_open_mode_comes_from_the_environment(monkeypatch):
     configure_web_parser(parser)
     assert parser.parse_args([]).open is False
     assert parser.parse_args(["--open"]).open is True
+
+
+async def test_open_live_connections_are_bounded_per_link(tmp_path, monkeypatch):
+    """Opening is rate limited; keeping open is bounded too (a link, an address, the server)."""
+    from captions.viewer import server as server_module
+
+    monkeypatch.setattr(server_module, "MAX_LIVE_PER_LINK", 2)
+    async with TestClient(TestServer(live_app(tmp_path))) as client:
+        params = a_link()
+        first, second = [await client.ws_connect("/api/live", params=params) for _ in range(2)]
+        for ws in (first, second):
+            assert (await ws.receive_json(timeout=5))["type"] == "hello"
+        third = await client.ws_connect("/api/live", params=params)
+        assert (await third.receive(timeout=5)).type.name == "CLOSE" and third.close_code == 4429
+        await first.close()
+        await asyncio.sleep(0.2)
+        again = await client.ws_connect("/api/live", params=params)
+        assert (await again.receive_json(timeout=5))["type"] == "hello", "a closed one frees its place"

@@ -7,12 +7,18 @@ viewer can come back with one. So the viewer server joins each room that has vie
 hidden participant that subscribes to nothing and publishes nothing (`RoomRelay`), and forwards to
 the viewers' WebSockets (server.py) only:
 
-* the caption streams (`lk.transcription`), read whole (bounded) and passed on as they are, so that
-  the page verifies every signature itself (captions/protocol.py);
+* the caption streams (`lk.transcription`) signed with the caption key, read whole (bounded: at most
+  `MAX_STREAMS_PER_SENDER` at once from one sender, `MAX_CAPTION_CHARS` each; anything else is
+  closed unread or dropped), with only the attributes a caption is made of; the page verifies every
+  signature again;
 * the agents (identity, kind, server join time, their ``captions.*`` attributes), which the page needs
   to elect the room's captioner and show its state;
 * the other participants' identity and display name (captions name their speaker), never their
-  metadata or attributes.
+  metadata, attributes or join times.
+
+A room that does not exist (a meeting not started, or over) is not created by a viewer: the relay
+checks through the server API first, tells its viewers the room is empty, and checks again every
+`ABSENT_RECHECK_S`.
 
 A viewer's WebSocket is closed when its link expires or is revoked: its access ends then, whatever
 client it uses. A relay leaves its room `IDLE_S` after its last viewer.
@@ -23,19 +29,23 @@ Threads: everything here runs on the viewer server's event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from captions.log import logger
-from captions.protocol import TOPIC_TRANSCRIPTION
+from captions.protocol import CAPTION_ATTRIBUTES, TOPIC_TRANSCRIPTION, verify_caption
 
 MAX_CAPTION_CHARS = 2000
 """A caption is a line of text (web/protocol.js `MAX_CAPTION_CHARS`): a longer stream is dropped."""
 STREAM_TIMEOUT_S = 30.0
 IDLE_S = 30.0
 RECONNECT_DELAYS_S = (1, 2, 4, 8, 15)
+ABSENT_RECHECK_S = 5.0
+MAX_STREAMS_PER_SENDER = 4
+"""Caption streams read at once from one sender identity (the agent sends one at a time per speaker)."""
 RELAY_NAME = "Caption viewers"
 AGENT_KIND = 4  # ParticipantKind AGENT, in LiveKit's protocol (and livekit-client's enum)
 VIEWER_QUEUE = 256
@@ -45,8 +55,11 @@ VIEWER_QUEUE = 256
 class RoomRelay:
     """One room's captions for every viewer of it on this server (see the module notes)."""
 
-    def __init__(self, url: str, token: Callable[[], str], room_name: str, on_idle: Callable[[RoomRelay], None]):
+    def __init__(self, url: str, token: Callable[[], str], room_name: str, on_idle: Callable[[RoomRelay], None],
+                 caption_key: str, room_exists: Callable[[str], Awaitable[bool]]):
         self.url, self._token, self.room_name, self._on_idle = url, token, room_name, on_idle
+        self._caption_key, self._room_exists = caption_key, room_exists
+        self._reading: collections.Counter[str] = collections.Counter()
         self.viewers: set[asyncio.Queue] = set()
         self.connected = asyncio.Event()
         self._room = None
@@ -66,7 +79,7 @@ class RoomRelay:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"relay-{self.room_name[:40]}")
         # The room as it is now; or, while the relay is (re)joining it, that it is not there yet.
-        queue.put_nowait(self._snapshot() if self.connected.is_set() else {"type": "reconnecting"})
+        queue.put_nowait(encode(self._snapshot() if self.connected.is_set() else {"type": "reconnecting"}))
         return queue
 
     def remove_viewer(self, queue: asyncio.Queue) -> None:
@@ -80,14 +93,16 @@ class RoomRelay:
             self._on_idle(self)
 
     def _send(self, message: dict) -> None:
+        """Encoded once, queued for every viewer."""
+        text = encode(message)
         for queue in list(self.viewers):
             try:
-                queue.put_nowait(message)
+                queue.put_nowait(text)
             except asyncio.QueueFull:  # a viewer that does not read: it is closed, and reconnects
                 self.viewers.discard(queue)
                 while not queue.empty():
                     queue.get_nowait()
-                queue.put_nowait({"type": "overflow"})
+                queue.put_nowait(OVERFLOW)
 
     # The room ---------------------------------------------------------------------------------
 
@@ -105,6 +120,11 @@ class RoomRelay:
         while True:
             closed = asyncio.Event()
             try:
+                if not await self._room_exists(self.room_name):
+                    self.connected.set()  # as an empty room: the page says nobody captions it
+                    self._send(self._snapshot())
+                    await asyncio.sleep(ABSENT_RECHECK_S)
+                    continue
                 await self._join(closed)
                 attempt = 0
                 await closed.wait()
@@ -130,8 +150,7 @@ class RoomRelay:
         room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_caption_stream)
         for event in ("participant_connected", "participant_name_changed"):
             room.on(event, lambda participant, *_: self._send({"type": "participant", **_describe(participant)}))
-        room.on("participant_attributes_changed",
-                lambda changed, participant: self._send({"type": "participant", **_describe(participant)}))
+        room.on("participant_attributes_changed", self._on_attributes_changed)
         room.on("participant_disconnected", lambda p: self._send({"type": "left", "identity": p.identity}))
         room.on("reconnecting", lambda: self._send({"type": "reconnecting"}))
         room.on("reconnected", lambda: self._send(self._snapshot()))
@@ -140,12 +159,22 @@ class RoomRelay:
         self.connected.set()
         self._send(self._snapshot())
 
+    def _on_attributes_changed(self, changed: dict[str, str], participant) -> None:
+        if int(participant.kind) == AGENT_KIND:  # others' attributes are nobody's business here
+            self._send({"type": "participant", **_describe(participant)})
+
     def _snapshot(self) -> dict:
         room = self._room
         participants = [_describe(p) for p in room.remote_participants.values()] if room is not None else []
         return {"type": "room", "room": self.room_name, "participants": participants}
 
     def _on_caption_stream(self, reader, sender: str) -> None:
+        if self._reading[sender] >= MAX_STREAMS_PER_SENDER:
+            reader.close()  # unread: its subscription goes at once
+            logger.info("relay of room %r: more than %d caption streams at once from %r: one dropped",
+                        self.room_name, MAX_STREAMS_PER_SENDER, sender)
+            return
+        self._reading[sender] += 1
         task = asyncio.create_task(self._forward(reader, sender))
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
@@ -159,8 +188,16 @@ class RoomRelay:
         except Exception as e:  # noqa: BLE001 - the sender left mid-stream, say
             logger.info("relay of room %r: a caption stream from %r failed (%s)", self.room_name, sender, e)
             return
-        self._send({"type": "caption", "id": reader.info.stream_id, "sender": sender,
-                    "attributes": dict(reader.info.attributes or {}), "text": text})
+        finally:
+            reader.close()  # a no-op once read to its end; otherwise its subscription would stay
+            self._reading[sender] -= 1
+            if not self._reading[sender]:
+                del self._reading[sender]
+        attributes = {k: v for k, v in (reader.info.attributes or {}).items() if k in CAPTION_ATTRIBUTES}
+        if not verify_caption(self._caption_key, self.room_name, sender, attributes, text):
+            return  # not a caption of this deployment: nothing a viewer should see
+        self._send({"type": "caption", "id": reader.info.stream_id, "sender": sender, "attributes": attributes,
+                    "text": text})
 
 
 async def _read_bounded(reader) -> str:
@@ -175,10 +212,10 @@ async def _read_bounded(reader) -> str:
 def _describe(participant) -> dict:
     """What viewers may know of a participant: an agent's identity, kind, join time and captions
     attributes; anyone else's identity and display name."""
-    joined = participant.joined_at
-    described = {"identity": participant.identity, "name": participant.name, "kind": int(participant.kind),
-                 "joined_at_ms": int(joined.timestamp() * 1000) if joined is not None else None}
+    described = {"identity": participant.identity, "name": participant.name, "kind": int(participant.kind)}
     if int(participant.kind) == AGENT_KIND:
+        joined = participant.joined_at
+        described["joined_at_ms"] = int(joined.timestamp() * 1000) if joined is not None else None
         described["attributes"] = {k: v for k, v in participant.attributes.items() if k.startswith("captions.")}
     return described
 
@@ -186,14 +223,17 @@ def _describe(participant) -> dict:
 class Relays:
     """The relays of this viewer server, one per room with viewers."""
 
-    def __init__(self, url: str, token_for: Callable[[str], str]):
+    def __init__(self, url: str, token_for: Callable[[str], str], caption_key: str,
+                 room_exists: Callable[[str], Awaitable[bool]]):
         self.url, self._token_for = url, token_for
+        self._caption_key, self._room_exists = caption_key, room_exists
         self._relays: dict[str, RoomRelay] = {}
 
     def relay(self, room: str) -> RoomRelay:
         relay = self._relays.get(room)
         if relay is None:
-            relay = RoomRelay(self.url, lambda: self._token_for(room), room, self._drop)
+            relay = RoomRelay(self.url, lambda: self._token_for(room), room, self._drop, self._caption_key,
+                              self._room_exists)
             self._relays[room] = relay
         return relay
 
@@ -213,3 +253,7 @@ def relay_identity() -> str:
 
 def encode(message: dict) -> str:
     return json.dumps(message, ensure_ascii=False)
+
+
+OVERFLOW = encode({"type": "overflow"})
+"""Queued instead of what a viewer that does not read would have missed: the server closes it."""

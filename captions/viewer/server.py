@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -49,7 +51,7 @@ from captions.protocol import CaptionSigner
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import ROOM_NAME, AccessDenied, Link, add_viewer_secret_option, check_link
 from captions.viewer.ratelimit import RateLimiter
-from captions.viewer.relay import RELAY_NAME, Relays, encode, relay_identity
+from captions.viewer.relay import OVERFLOW, RELAY_NAME, Relays, encode, relay_identity
 from captions.viewer.revocations import Revocations, default_path
 
 WEB_DIR = PROJECT_ROOT / "web"
@@ -99,6 +101,13 @@ REVOCATION_CHECK_S = 1.0
 """How often a live viewer's link is checked against the revocation list."""
 CLOSE_CODES = {"missing": 4400, "invalid": 4403, "expired": 4401, "revoked": 4410, "rate_limited": 4429}
 """WebSocket close codes for a refused or ended link (the page's states: web/session.js)."""
+MAX_LIVE_PER_LINK = 1000
+"""Open live connections on one link: a webinar's link is shared by its whole audience."""
+MAX_LIVE_PER_ADDRESS = 100
+"""From one address (an office behind one NAT counts as one)."""
+MAX_LIVE_VIEWERS = 10_000
+CLOSE_TIMEOUT_S = 5.0
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 CLOSE_SLOW = 4408
 """A viewer that does not read its messages (its queue filled up): it reconnects."""
 
@@ -155,7 +164,10 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room))
+    server_api = _ServerApi(settings)
+    relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room), settings.caption_key,
+                              server_api.room_exists)
+    live_viewers = _LiveViewers()
     token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
     token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
     backlog_links = RateLimiter(settings.backlogs_per_minute_per_link, burst=6)
@@ -211,10 +223,24 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             body = json.loads(refused.body)
             await ws.close(code=CLOSE_CODES.get(body["reason"], 4403), message=body["error"].encode()[:120])
             return ws
-        await _serve_viewer(ws, relays.relay(room), room, link)
+        over = live_viewers.over_limit(client_address(request), link.link_id if link else room)
+        if over:
+            await _close(ws, request, 4429, over)
+            return ws
+        with live_viewers.counted(client_address(request), link.link_id if link else room):
+            await _serve_viewer(ws, request, relays.relay(room), room, link)
         return ws
 
-    async def _serve_viewer(ws: web.WebSocketResponse, relay, room: str, link: Link | None) -> None:
+    async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, message: str) -> None:
+        """Closes, and drops the connection if the viewer does not take the close (it stopped reading)."""
+        try:
+            await asyncio.wait_for(ws.close(code=code, message=message.encode()[:120]), CLOSE_TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError):
+            if request.transport is not None:
+                request.transport.abort()
+
+    async def _serve_viewer(ws: web.WebSocketResponse, request: web.Request, relay, room: str,
+                            link: Link | None) -> None:
         # The hello first: the page reads every other message as part of the room it opened.
         await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
                                   "server_time_ms": int(time.time() * 1000),
@@ -225,27 +251,30 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         ending = asyncio.create_task(_link_end(link))
         try:
             done, _ = await asyncio.wait({sender, reader, ending}, return_when=asyncio.FIRST_COMPLETED)
-            if ending in done and not ws.closed:
-                reason = ending.result()
-                await ws.close(code=CLOSE_CODES[reason], message=_ENDED[reason].encode())
-            elif sender in done and not ws.closed:
-                await ws.close(code=CLOSE_SLOW, message=b"too slow: reconnect")
-            elif reader in done and not ws.closed:
-                await ws.close(code=1008, message=b"viewers send nothing")
         except ConnectionError:
-            pass
+            done = set()
         finally:
+            # Nothing more for this viewer, whatever happens to the close.
             relay.remove_viewer(queue)
             for task in (sender, reader, ending):
                 task.cancel()
             await asyncio.gather(sender, reader, ending, return_exceptions=True)
+        if ws.closed:
+            return
+        if ending in done and ending.exception() is None:
+            reason = ending.result()
+            await _close(ws, request, CLOSE_CODES[reason], _ENDED[reason])
+        elif sender in done:
+            await _close(ws, request, CLOSE_SLOW, "too slow: reconnect")
+        elif reader in done:
+            await _close(ws, request, 1008, "viewers send nothing")
 
     async def _forward(ws: web.WebSocketResponse, queue: asyncio.Queue) -> None:
         while True:
             message = await queue.get()
-            if message.get("type") == "overflow":
+            if message == OVERFLOW:
                 return
-            await ws.send_str(encode(message))
+            await ws.send_str(message)
 
     async def _read_nothing(ws: web.WebSocketResponse) -> None:
         """Returns when the viewer sends anything (or goes away)."""
@@ -309,7 +338,64 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     app.router.add_get("/vendor/livekit-client.esm.mjs", livekit_client)
     app.router.add_get("/{name}", static_file)
     app.on_shutdown.append(lambda app: relays.aclose())
+    app.on_cleanup.append(lambda app: server_api.aclose())
     return app
+
+
+class _ServerApi:
+    """LiveKit's server API, for the relays to ask whether a room exists (a viewer must not create
+    one); one client, made on first use on the server's loop."""
+
+    def __init__(self, settings: WebSettings) -> None:
+        self._settings = settings
+        self._client = None
+
+    async def room_exists(self, room: str) -> bool:
+        from livekit import api
+
+        if self._client is None:
+            import aiohttp
+
+            self._client = api.LiveKitAPI(self._settings.livekit_url, self._settings.api_key,
+                                          self._settings.api_secret, timeout=aiohttp.ClientTimeout(total=5))
+        return bool((await self._client.room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms)
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+
+class _LiveViewers:
+    """Open live connections per address and per link (or room, for --open), and in all: opening them
+    is rate limited, keeping them open is bounded too."""
+
+    def __init__(self) -> None:
+        self.by_address: collections.Counter[str] = collections.Counter()
+        self.by_link: collections.Counter[str] = collections.Counter()
+        self.total = 0
+
+    def over_limit(self, address: str, link: str) -> str:
+        if self.total >= MAX_LIVE_VIEWERS:
+            return "This viewer server is full; try again later."
+        if self.by_address[address] >= MAX_LIVE_PER_ADDRESS:
+            return "Too many viewers open from this address."
+        if self.by_link[link] >= MAX_LIVE_PER_LINK:
+            return "Too many viewers open on this link."
+        return ""
+
+    @contextlib.contextmanager
+    def counted(self, address: str, link: str):
+        self.by_address[address] += 1
+        self.by_link[link] += 1
+        self.total += 1
+        try:
+            yield
+        finally:
+            self.total -= 1
+            for counter, key in ((self.by_address, address), (self.by_link, link)):
+                counter[key] -= 1
+                if not counter[key]:
+                    del counter[key]
 
 
 _ENDED = {"expired": "This viewer link has expired. Ask the operator for a new one.",
@@ -381,6 +467,10 @@ def run_web(args: argparse.Namespace) -> int:
         print(f"captions web: {e}", file=sys.stderr)
         return 1
     settings = settings_from_args(args)
+    if settings.open_access and args.host not in LOOPBACK_HOSTS:
+        print(f"captions web: --open lets anyone view any room: it serves only on this machine "
+              f"(--host 127.0.0.1), not on {args.host}", file=sys.stderr)
+        return 2
     if settings.open_access:
         logger.warning("--open: ANY visitor may view ANY room; use signed links (captions token) otherwise")
     logger.info("viewer at http://%s:%d/ (its relays reach LiveKit at %s)", args.host, args.port, settings.livekit_url)
