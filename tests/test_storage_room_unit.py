@@ -129,3 +129,28 @@ async def test_captions_made_while_the_claim_is_asked_wait_then_go_out_in_order_
     assert written == (["SG_1"] if won else [])
     if not won:
         assert published == [], "a captioner that lost the room published nothing"
+
+
+async def test_a_superseded_captioner_withdraws_even_without_the_change_event_and_does_not_spin(tmp_path):
+    """The recovery's mark can come while the captioner is stalled, or with a reconnection's join
+    rather than as a change event: the heartbeat looks at it every beat. Once withdrawing, the status
+    loop keeps its pace (it used to spin at full speed on a beat that never advanced)."""
+    room = ListeningRoom()
+    room.local_participant.attributes = {"captions.superseded": "stale"}
+    withdrawn = asyncio.Event()
+    captioner = RoomCaptioner(room, slots=None, options=RoomOptions(data_dir=tmp_path), on_superseded=withdrawn.set)
+    built = 0
+    real = captioner._status_attributes
+
+    def counting():
+        nonlocal built
+        built += 1
+        return real()
+
+    captioner._status_attributes = counting
+    await captioner.start()
+    await asyncio.wait_for(withdrawn.wait(), 3.0)
+    built = 0
+    await asyncio.sleep(1.0)
+    assert built <= 5, f"the status loop ran {built} times in a second"
+    await captioner.aclose()

@@ -83,8 +83,12 @@ class Captioner:
         return CaptionerInfo(self.identity, self.joined_s)
 
 
+UNKNOWN_JOIN_S = 2**53
+"""An unknown join time sorts last, in Python as in the page (web/protocol.js)."""
+
+
 def joined_s(participant: api.ParticipantInfo) -> int:
-    return participant.joined_at or participant.joined_at_ms // 1000
+    return participant.joined_at or participant.joined_at_ms // 1000 or UNKNOWN_JOIN_S
 
 
 def is_captioner(participant: api.ParticipantInfo, room: str, caption_key: str) -> bool:

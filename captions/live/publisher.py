@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import time
@@ -214,6 +215,13 @@ class CaptionPublisher:
         sender = item.identity if present else self._room.local_participant.identity
         writer = await self._room.local_participant.stream_text(
             topic=TOPIC_TRANSCRIPTION, sender_identity=sender, attributes=self._signed_attributes(item, seq))
-        if item.update.text:
-            await writer.write(item.update.text)
+        try:
+            if item.update.text:
+                await writer.write(item.update.text)
+        except BaseException:
+            # Given up (a timeout, an error): closed as failed, at once, so that it does not hold a
+            # reader open at every receiver until theirs times out. Briefly: the cause may be a stall.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(writer.aclose(reason="not sent whole")), 1.0)
+            raise
         await writer.aclose()

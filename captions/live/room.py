@@ -121,14 +121,18 @@ class RoomCaptioner:
         Until it answers, captions wait here; True: they go out (and to the transcript) in order;
         False: another captioner has the room, nothing of this one was published or written: leave."""
         won = True
-        if self.options.livekit is not None:
-            await self.room.local_participant.set_attributes(self._status_attributes())
-            client = self.options.livekit.client()
-            try:
-                won = await claim_room(self.room_name, self.room.local_participant.identity, client,
-                                       self._signer.public_key)
-            finally:
-                await client.aclose()
+        try:
+            if self.options.livekit is not None:
+                await self.room.local_participant.set_attributes(self._status_attributes())
+                client = self.options.livekit.client()
+                try:
+                    won = await claim_room(self.room_name, self.room.local_participant.identity, client,
+                                           self._signer.public_key)
+                finally:
+                    await client.aclose()
+        except Exception:  # noqa: BLE001 - better captioned twice for a moment than not at all
+            logger.exception("room %s: the claim failed; captioning (the recovery removes a duplicate)",
+                             self.room_name)
         pending, self._unclaimed = self._unclaimed, None
         if not won:
             self._superseded = True
@@ -213,8 +217,11 @@ class RoomCaptioner:
                     publication.set_subscribed(True)
 
     def _on_attributes_changed(self, changed: dict[str, str], participant: rtc.Participant) -> None:
-        if (participant.identity != self.room.local_participant.identity or not changed.get(ATTR_AGENT_SUPERSEDED)
-                or self._withdrawing or self._closed):
+        if participant.identity == self.room.local_participant.identity:
+            self._withdraw_if_superseded(participant)
+
+    def _withdraw_if_superseded(self, participant: rtc.Participant) -> None:
+        if not participant.attributes.get(ATTR_AGENT_SUPERSEDED) or self._withdrawing or self._closed:
             return
         self._withdrawing = True
         logger.warning("room %s: superseded by the recovery (this captioner's heartbeat was late): flushing "
@@ -363,9 +370,13 @@ class RoomCaptioner:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._status_dirty.wait(), max(0.0, next_beat - loop.time()))
             self._status_dirty.clear()
-            if loop.time() >= next_beat and not self._withdrawing:
-                self._alive += 1
+            if loop.time() >= next_beat:
                 next_beat = loop.time() + HEARTBEAT_S
+                if not self._withdrawing:
+                    self._alive += 1
+                # The mark may have come while this loop was stalled, or with a reconnection's join
+                # rather than as a change: look at it on every beat.
+                self._withdraw_if_superseded(self.room.local_participant)
             attributes = self._status_attributes()
             changed = {key: value for key, value in attributes.items() if self._status_sent.get(key) != value}
             if not changed:

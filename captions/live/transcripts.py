@@ -147,7 +147,12 @@ class TranscriptStore:
             self._closed = True
             thread = self._thread
         if thread is not None:
-            self._queue.put(_CLOSE)
+            try:
+                self._queue.put(_CLOSE, timeout=timeout)
+            except queue.Full:  # the disk took nothing for that long
+                logger.error("transcript %s: the disk did not take the last finals within %.0f s; they are "
+                             "written if it recovers before the worker exits", self.path, timeout)
+                return
             thread.join(timeout)
             if thread.is_alive():
                 logger.error("transcript %s: the disk did not take the last finals within %.0f s; they are "

@@ -36,7 +36,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from captions.log import logger
-from captions.protocol import CAPTION_ATTRIBUTES, TOPIC_TRANSCRIPTION, verify_caption
+from captions.protocol import ATTR_SPEAKER, CAPTION_ATTRIBUTES, TOPIC_TRANSCRIPTION, verify_caption
 
 MAX_CAPTION_CHARS = 2000
 """A caption is a line of text (web/protocol.js `MAX_CAPTION_CHARS`): a longer stream is dropped."""
@@ -169,6 +169,8 @@ class RoomRelay:
         return {"type": "room", "room": self.room_name, "participants": participants}
 
     def _on_caption_stream(self, reader, sender: str) -> None:
+        # Per sender and speaker: the agent sends in its own name for every speaker who left.
+        sender = f"{sender}\n{(reader.info.attributes or {}).get(ATTR_SPEAKER, '')}"
         if self._reading[sender] >= MAX_STREAMS_PER_SENDER:
             reader.close()  # unread: its subscription goes at once
             logger.info("relay of room %r: more than %d caption streams at once from %r: one dropped",
@@ -179,7 +181,8 @@ class RoomRelay:
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
 
-    async def _forward(self, reader, sender: str) -> None:
+    async def _forward(self, reader, sending: str) -> None:
+        sender = sending.split("\n", 1)[0]
         try:
             text = await asyncio.wait_for(_read_bounded(reader), STREAM_TIMEOUT_S)
         except (ValueError, asyncio.TimeoutError) as e:
@@ -190,9 +193,9 @@ class RoomRelay:
             return
         finally:
             reader.close()  # a no-op once read to its end; otherwise its subscription would stay
-            self._reading[sender] -= 1
-            if not self._reading[sender]:
-                del self._reading[sender]
+            self._reading[sending] -= 1
+            if not self._reading[sending]:
+                del self._reading[sending]
         attributes = {k: v for k, v in (reader.info.attributes or {}).items() if k in CAPTION_ATTRIBUTES}
         if not verify_caption(self._caption_key, self.room_name, sender, attributes, text):
             return  # not a caption of this deployment: nothing a viewer should see

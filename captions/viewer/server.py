@@ -228,7 +228,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             await _close(ws, request, 4429, over)
             return ws
         with live_viewers.counted(client_address(request), link.link_id if link else room):
-            await _serve_viewer(ws, request, relays.relay(room), room, link)
+            await _serve_viewer(ws, request, room, link)
         return ws
 
     async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, message: str) -> None:
@@ -239,12 +239,12 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             if request.transport is not None:
                 request.transport.abort()
 
-    async def _serve_viewer(ws: web.WebSocketResponse, request: web.Request, relay, room: str,
-                            link: Link | None) -> None:
+    async def _serve_viewer(ws: web.WebSocketResponse, request: web.Request, room: str, link: Link | None) -> None:
         # The hello first: the page reads every other message as part of the room it opened.
         await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
                                   "server_time_ms": int(time.time() * 1000),
                                   "link_expires_at": link.expires_at if link else None}))
+        relay = relays.relay(room)  # after the await: a relay that went idle meanwhile is not reused
         queue = relay.add_viewer()
         sender = asyncio.create_task(_forward(ws, queue))
         reader = asyncio.create_task(_read_nothing(ws))
