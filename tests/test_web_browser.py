@@ -482,9 +482,11 @@ async def test_real_worker_captions_two_named_speakers_and_a_late_viewer_gets_th
     }
     viewer = await open_viewer(web_server.link(room))
     page = viewer.page
-    await page.wait_for_selector('#status[data-state="live"], #status[data-state="loading"]', timeout=60000)
+    # Before anyone joins, the room does not exist, and a viewer does not create it.
+    await wait_state(page, "no-agent")
     publishers = {identity: await _named_publisher(livekit_server, room, identity, name)
                   for identity, (name, _) in speech.items()}
+    await page.wait_for_selector('#status[data-state="live"], #status[data-state="loading"]', timeout=60000)
     await asyncio.sleep(0.5)  # let the agent subscribe to both microphones
     wavs = {identity: espeak_wav(text, speech_dir / f"web-{identity}.wav") for identity, (_, text) in speech.items()}
     await asyncio.gather(*(publishers[i].play(wavs[i]) for i in speech))

@@ -43,7 +43,7 @@ MAX_CAPTION_CHARS = 2000
 STREAM_TIMEOUT_S = 30.0
 IDLE_S = 30.0
 RECONNECT_DELAYS_S = (1, 2, 4, 8, 15)
-ABSENT_RECHECK_S = 5.0
+ABSENT_RECHECK_S = 2.0
 MAX_STREAMS_PER_SENDER = 4
 """Caption streams read at once from one sender identity (the agent sends one at a time per speaker)."""
 RELAY_NAME = "Caption viewers"
