@@ -284,3 +284,20 @@ def test_a_long_turns_spans_stay_few():
     assert turn.wall_time(0.1) == pytest.approx(1000.0 + (1000 + 2400) / SAMPLE_RATE)
     assert turn.wall_time(0.3) == pytest.approx(1000.0 + (12000 + 2400) / SAMPLE_RATE)
     assert turn.wall_time(30.0) == pytest.approx(1000.0 + (14400 + 30 * SAMPLE_RATE - 7200) / SAMPLE_RATE)
+
+
+async def test_a_turn_gives_its_slot_back_after_the_pause_while_the_microphone_stays():
+    """(Issue 23: the older version of this check in test_speaker.py held by construction, since its
+    run stopped every speaker first.) Alice talks for 2 s and falls silent: `release_after_s` later
+    her slot is free again, her microphone still subscribed and read; she talks again: a new turn."""
+    meeting = Meeting(batch_size=1, release_after_s=1.0)
+    signal = np.concatenate([talker(0.5, 2.0), np.zeros(4 * SAMPLE_RATE, dtype=np.int16), talker(0.0, 1.0, seed=1)])
+    meeting.add("room", "alice", signal)
+    await meeting.run(2.5)
+    assert meeting.engine.slots_in_use == 1, "talking: she holds the slot"
+    await meeting.run(2.5)  # 2 s of silence: past the 0.3 s gate tail plus release_after_s
+    assert meeting.engine.slots_in_use == 0, "silent: the slot is given back"
+    assert not meeting.speakers["alice"].ended.is_set(), "her microphone is still read"
+    await meeting.run(2.5)
+    assert meeting.engine.slots_in_use == 1 and len(meeting.engine.opened) == 2, "talking again: a new turn"
+    await meeting.finish()

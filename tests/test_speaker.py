@@ -101,7 +101,8 @@ async def test_a_turn_carries_the_pre_roll_and_all_the_speech_then_frees_the_slo
     speech_starts = int(1.5 * SAMPLE_RATE)
     assert start <= speech_starts - int(0.3 * SAMPLE_RATE), "at least 300 ms of pre-roll before the voice"
     assert start + audio.size >= speech_starts + sentence.size, "the whole sentence went to the engine"
-    assert engine.slots_in_use == 0, "the slot was given back after the pause"
+    # (Giving the slot back after the pause, while the microphone stays: test_fairness.py, on a
+    # stepped clock; here every speaker is stopped first, so it would hold by construction.)
     assert host.captions, "the turn was captioned"
 
 
