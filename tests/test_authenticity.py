@@ -347,25 +347,11 @@ async def test_a_replayed_caption_is_not_shown_again_or_as_new(agentless_livekit
 
 
 def verify_caption(caption, room: str, caption_key: str) -> bool:
-    """The viewer's check, in Python: the caption's signature against the key the server vouches for."""
-    import base64
+    """The viewer's check, in Python: the caption's signature against the key the server vouches for
+    (`caption.sender` is already the speaker: bots.speaker_of)."""
+    from captions.protocol import verify_caption as verify
 
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from captions.protocol import ATTR_WORDS, caption_message
-
-    a = caption.attributes
-    message = caption_message(room=room, agent=a[ATTR_AGENT], speaker=caption.sender,
-                              track_sid=a[ATTR_TRANSCRIBED_TRACK_ID], segment_id=a[ATTR_SEGMENT_ID],
-                              seq=int(a[ATTR_SEQ]), final=a[ATTR_TRANSCRIPTION_FINAL] == "true",
-                              sent_ms=int(a[ATTR_SENT]), words=a.get(ATTR_WORDS, ""), text=caption.text)
-    try:
-        Ed25519PublicKey.from_public_bytes(base64.b64decode(caption_key)).verify(
-            base64.b64decode(a[ATTR_SIGNATURE]), message)
-    except (InvalidSignature, KeyError, ValueError):
-        return False
-    return True
+    return verify(caption_key, room, caption.sender, caption.attributes, caption.text)
 
 
 @pytest.mark.timeout(300)

@@ -175,7 +175,12 @@ class TranscriptStore:
             if item is _CLOSE:
                 return
             segment, future = item
-            saved = self._write(segment)
+            try:
+                saved = self._write(segment)
+            except Exception:  # noqa: BLE001 - a bug here must not end the writer: every later final would wait forever
+                logger.exception("transcript %s: writing final segment %s failed", self.path, segment.segment_id)
+                TRANSCRIPT_METRICS.errors.labels("other").inc()
+                saved = False
             with contextlib.suppress(concurrent.futures.InvalidStateError):  # its waiter gave up
                 future.set_result(saved)
 

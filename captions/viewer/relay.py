@@ -239,6 +239,8 @@ class Relays:
         self.url, self._token_for = url, token_for
         self._caption_key, self._room_exists = caption_key, room_exists
         self._relays: dict[str, RoomRelay] = {}
+        self._closing: set[asyncio.Task] = set()
+        """Relays of rooms gone idle, leaving (kept referenced until they have left)."""
 
     def relay(self, room: str) -> RoomRelay:
         relay = self._relays.get(room)
@@ -251,7 +253,9 @@ class Relays:
     def _drop(self, relay: RoomRelay) -> None:
         if self._relays.get(relay.room_name) is relay:
             del self._relays[relay.room_name]
-        asyncio.get_running_loop().create_task(relay.aclose())
+        task = asyncio.get_running_loop().create_task(relay.aclose())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         relays, self._relays = list(self._relays.values()), {}

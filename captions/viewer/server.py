@@ -58,7 +58,6 @@ WEB_DIR = PROJECT_ROOT / "web"
 LIVEKIT_CLIENT_PATH = Path("node_modules/livekit-client/dist/livekit-client.esm.mjs")
 # Only top-level files of web/ with these names are served: never node_modules, never a path.
 STATIC_NAME = re.compile(r"^[A-Za-z0-9_-]+\.(html|js|css|svg|ico|png)$")
-VIEWER_NAME = "Caption viewer"
 
 
 @dataclass
