@@ -42,6 +42,17 @@ attributes. So nothing a participant says about itself is trusted:
   signed more than `REPLAY_WINDOW_S` from its estimate of the server's clock, an update not newer
   than one it has shown, and any update of a segment it already has final (backlog included).
 
+**Translations** (issue 26) are captions too: a text stream on ``lk.transcription`` under the same
+sender as the segment they translate, with LiveKit's example attributes ``language`` (the target
+language, BCP-47 primary code such as ``de``) and ``translated`` = ``"true"``, plus
+``captions.source_segment`` (the ``lk.segment_id`` of the original), ``captions.source_language``
+(the original's detected or configured language) and ``captions.untranslated`` (non-empty, with the
+reason, when the translation failed or was too slow and the text is the original's). Their own
+``lk.segment_id`` is `translation_segment_id` (the original's id and the language), so a component that
+merges by segment id keeps each language apart. Their signature covers all of these
+(`translation_message`); a translation's ``captions.seq`` is that of the original update it
+translates (interims are translated at a bounded rate, so some numbers are skipped).
+
 The agent's participant attributes: ``captions.status`` (one of `AgentStatus`), ``captions.queued``
 (JSON array of identities of speakers waiting for a free engine slot), ``captions.claim`` and
 ``captions.alive`` (a counter it advances every couple of seconds while it runs).
@@ -76,6 +87,16 @@ ATTR_SPEAKER = "captions.speaker"
 ATTR_SEQ = "captions.seq"
 ATTR_SENT = "captions.sent"
 ATTR_SIGNATURE = "captions.sig"
+
+ATTR_LANGUAGE = "language"
+"""A translation's language (un-prefixed, as LiveKit's own translation example publishes it)."""
+ATTR_TRANSLATED = "translated"
+ATTR_SOURCE_SEGMENT = "captions.source_segment"
+ATTR_SOURCE_LANGUAGE = "captions.source_language"
+ATTR_UNTRANSLATED = "captions.untranslated"
+ATTR_READING = "captions.reading"
+"""A participant attribute: comma-separated languages its readers want (the viewer server's relay
+sets it); the worker translates into those of its configured targets only."""
 
 ATTR_AGENT_STATUS = "captions.status"
 ATTR_AGENT_QUEUED = "captions.queued"
@@ -117,6 +138,10 @@ class FinalSegment:
     end: float
     words: list[list] = field(default_factory=list)
     """``[word, start, end]`` triples, Unix epoch seconds."""
+    language: str = ""
+    """A translation's language; "" for an original (whose language is not recorded)."""
+    translation_of: str = ""
+    """A translation's source segment id; "" for an original."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -146,6 +171,21 @@ def caption_message(*, room: str, agent: str, speaker: str, track_sid: str, segm
     """The bytes a caption's signature covers: every field a viewer shows or relies on."""
     return _length_prefixed(SIGNATURE_CONTEXT, "caption", room, agent, speaker, track_sid, segment_id, str(seq),
                             "final" if final else "interim", str(sent_ms), words, text)
+
+
+def translation_message(*, room: str, agent: str, speaker: str, track_sid: str, segment_id: str, seq: int,
+                        final: bool, sent_ms: int, source_segment: str, source_language: str, language: str,
+                        untranslated: str, text: str) -> bytes:
+    """The bytes a translation's signature covers. Its own kind ("translation"), so that no original
+    caption's signature can pass for a translation's, nor the reverse."""
+    return _length_prefixed(SIGNATURE_CONTEXT, "translation", room, agent, speaker, track_sid, segment_id, str(seq),
+                            "final" if final else "interim", str(sent_ms), source_segment, source_language,
+                            language, untranslated, text)
+
+
+def translation_segment_id(source_segment: str, language: str) -> str:
+    """The ``lk.segment_id`` of `source_segment`'s translation into `language`."""
+    return f"{source_segment}~{language}"
 
 
 def claim_message(*, room: str, identity: str) -> bytes:
@@ -194,7 +234,8 @@ def verify(public_key: str, message: bytes, signature: str) -> bool:
 
 
 CAPTION_ATTRIBUTES = (ATTR_SEGMENT_ID, ATTR_TRANSCRIBED_TRACK_ID, ATTR_TRANSCRIPTION_FINAL, ATTR_WORDS, ATTR_AGENT,
-                      ATTR_SPEAKER, ATTR_SEQ, ATTR_SENT, ATTR_SIGNATURE)
+                      ATTR_SPEAKER, ATTR_SEQ, ATTR_SENT, ATTR_SIGNATURE, ATTR_LANGUAGE, ATTR_TRANSLATED,
+                      ATTR_SOURCE_SEGMENT, ATTR_SOURCE_LANGUAGE, ATTR_UNTRANSLATED)
 """The stream attributes a caption is made of (anything else a sender adds is not part of it)."""
 
 
@@ -203,6 +244,15 @@ def verify_caption(public_key: str, room: str, sender: str, attributes: dict[str
     for this room: the viewer's check (web/session.js, authenticity.js), in Python."""
     speaker = attributes.get(ATTR_SPEAKER, sender) if sender == attributes.get(ATTR_AGENT) else sender
     try:
+        if attributes.get(ATTR_TRANSLATED) == "true":
+            message = translation_message(
+                room=room, agent=attributes[ATTR_AGENT], speaker=speaker,
+                track_sid=attributes.get(ATTR_TRANSCRIBED_TRACK_ID, ""), segment_id=attributes[ATTR_SEGMENT_ID],
+                seq=int(attributes[ATTR_SEQ]), final=attributes.get(ATTR_TRANSCRIPTION_FINAL) == "true",
+                sent_ms=int(attributes[ATTR_SENT]), source_segment=attributes[ATTR_SOURCE_SEGMENT],
+                source_language=attributes.get(ATTR_SOURCE_LANGUAGE, ""), language=attributes[ATTR_LANGUAGE],
+                untranslated=attributes.get(ATTR_UNTRANSLATED, ""), text=text)
+            return verify(public_key, message, attributes.get(ATTR_SIGNATURE, ""))
         message = caption_message(
             room=room, agent=attributes[ATTR_AGENT], speaker=speaker,
             track_sid=attributes.get(ATTR_TRANSCRIBED_TRACK_ID, ""), segment_id=attributes[ATTR_SEGMENT_ID],

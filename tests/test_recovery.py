@@ -6,7 +6,7 @@ from __future__ import annotations
 from livekit import api
 
 from captions.live.presence import GONE_S, HeartbeatWatch, captioners_in, elected
-from captions.live.recovery import on_its_way, plan_room
+from captions.live.recovery import RECOVERY_METADATA, never_taken, on_its_way, plan_room
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
     ATTR_AGENT_CLAIM,
@@ -159,11 +159,11 @@ def test_another_pools_captioners_are_never_removed_nor_counted():
     assert plan.needs_captioner and not plan.remove_duplicates
 
 
-def dispatch(age_s: float, *joined: str) -> api.AgentDispatch:
+def dispatch(age_s: float, *joined: str, metadata: str = RECOVERY_METADATA) -> api.AgentDispatch:
     state = api.AgentDispatchState(created_at=int((NOW_S - age_s) * 1e9))  # the server's nanoseconds
     for identity in joined:
         state.jobs.append(api.Job(state=api.JobState(participant_identity=identity)))
-    return api.AgentDispatch(room="r", state=state)
+    return api.AgentDispatch(room="r", state=state, metadata=metadata)
 
 
 def test_a_recent_dispatch_holds_a_new_one_back_until_its_captioner_came_and_went():
@@ -171,3 +171,15 @@ def test_a_recent_dispatch_holds_a_new_one_back_until_its_captioner_came_and_wen
     assert on_its_way(dispatch(2.0, "agent-1"), {"agent-1", "alice"}, now=NOW_S)
     assert not on_its_way(dispatch(2.0, "agent-1"), {"alice"}, now=NOW_S), "it came and left"
     assert not on_its_way(dispatch(60.0), set(), now=NOW_S), "too old to still be coming"
+
+
+def test_a_dispatch_that_no_worker_took_gets_a_sibling_and_is_deleted_once_livekit_gave_up():
+    """livekit-server offers a job to one worker, waits 10 s for its answer and does not try another
+    on a timeout: a frozen worker (its connection still open) swallowed the recovery's dispatch, and
+    the room went without captions until the next one (CI: 26 s without a captioner)."""
+    assert not on_its_way(dispatch(4.0), set(), now=NOW_S), "untaken after 4 s: dispatch another beside it"
+    assert on_its_way(dispatch(4.0, "agent-1"), {"agent-1"}, now=NOW_S), "taken: its captioner is starting"
+    assert never_taken(dispatch(13.0), now=NOW_S)
+    assert not never_taken(dispatch(5.0), now=NOW_S), "LiveKit may still be waiting for an answer"
+    assert not never_taken(dispatch(13.0, "agent-1"), now=NOW_S), "taken once: kept"
+    assert not never_taken(dispatch(60.0, metadata="the operator's"), now=NOW_S), "not ours to delete"

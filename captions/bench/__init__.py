@@ -24,6 +24,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "simulated meetings: how many participants B engine slots caption with nothing lost, and at what latency"),
     "soak": ("captions.bench.soak",
              "the worker's memory, threads, descriptors and FFI handles over hundreds of rooms, and in one long room"),
+    "host": ("captions.bench.host",
+             "the whole host path through a real livekit-server: cores per live talker and per silent participant"),
+    "translate": ("captions.bench.translate",
+                  "batched translation throughput, and the latency it adds from a final to its translation"),
 }
 
 

@@ -16,6 +16,10 @@ what should be with what is, through LiveKit's own server API, every `interval_s
   in the last `DISPATCH_GRACE_S` (by any worker, or LiveKit's own at the room's creation): LiveKit
   stays the scheduler and picks the worker. With explicit dispatch (an agent name), only rooms that
   asked for this agent name (they hold a dispatch for it) are dispatched again.
+* a dispatch that no worker took within `UNASSIGNED_S` gets a sibling: LiveKit may have offered it
+  to a worker that cannot answer (a frozen process keeps its connection), and it waits 10 s for that
+  answer, then drops the job without trying another worker. The recovery's own dispatches that no
+  worker took are deleted once that wait is over, so a room without any worker does not pile them up.
 
 It runs in every worker: recovery lasts as long as one worker does, and a room cannot be captioned
 without a worker anyway. It keeps no state that matters (the heartbeat timings are rebuilt by
@@ -50,6 +54,13 @@ from captions.protocol import ATTR_AGENT_SUPERSEDED, CaptionSigner
 RECONCILE_INTERVAL_S = 1.5
 DISPATCH_GRACE_S = 10.0
 """A dispatch this recent is still bringing its captioner (a job starts within a few seconds)."""
+UNASSIGNED_S = 3.0
+"""A dispatch that no worker took this long after its creation may be waiting on a worker that cannot
+answer (livekit-server waits 10 s per offer and does not retry on a timeout): dispatch another."""
+OFFER_TIMEOUT_S = 12.0
+"""livekit-server's wait for a worker's answer to a job offer (AssignJobTimeout, 10 s), with margin:
+a dispatch older than this without a job was not taken by anyone."""
+RECOVERY_METADATA = "captions recovery"
 JOINING_S = 10.0
 """An agent that joined this recently and has not announced itself yet may be a captioner starting."""
 MICROPHONE = 2  # TrackSource.MICROPHONE in LiveKit's protocol
@@ -98,13 +109,28 @@ def _dispatch_age_s(dispatch: api.AgentDispatch, now: float) -> float:
     return now - seconds
 
 
+def _assigned(dispatch: api.AgentDispatch) -> list[str]:
+    """The captioners a worker took this dispatch for (set when LiveKit assigns the job)."""
+    return [job.state.participant_identity for job in dispatch.state.jobs if job.state.participant_identity]
+
+
 def on_its_way(dispatch: api.AgentDispatch, present: set[str], now: float) -> bool:
     """A recent dispatch whose captioner has not come yet (or is still there): no new one for now.
-    One whose agent came and left is done, however recent (a captioner that stopped at once)."""
-    if _dispatch_age_s(dispatch, now) >= DISPATCH_GRACE_S:
+    One whose agent came and left is done, however recent (a captioner that stopped at once); one that
+    no worker took within `UNASSIGNED_S` may never be taken."""
+    age = _dispatch_age_s(dispatch, now)
+    if age >= DISPATCH_GRACE_S:
         return False
-    joined = [job.state.participant_identity for job in dispatch.state.jobs if job.state.participant_identity]
-    return not joined or any(identity in present for identity in joined)
+    joined = _assigned(dispatch)
+    if not joined:
+        return age < UNASSIGNED_S
+    return any(identity in present for identity in joined)
+
+
+def never_taken(dispatch: api.AgentDispatch, now: float) -> bool:
+    """One of the recovery's own dispatches that no worker took: LiveKit has given up on it."""
+    return (dispatch.metadata == RECOVERY_METADATA and not _assigned(dispatch)
+            and _dispatch_age_s(dispatch, now) >= OFFER_TIMEOUT_S)
 
 
 class Reconciler:
@@ -186,9 +212,15 @@ class Reconciler:
         mine = [d for d in dispatches if d.agent_name == self.agent_name]
         if self.agent_name and not mine:
             return  # explicit dispatch: this room never asked for this agent
-        if any(on_its_way(d, present, time.time()) for d in mine):
+        now = time.time()
+        for stale in [d for d in mine if never_taken(d, now)]:
+            try:
+                await client.agent_dispatch.delete_dispatch(stale.id, room)
+            except api.TwirpError as e:  # another worker deleted it first
+                logger.debug("recovery: dispatch %s of %s already gone (%s)", stale.id, room, e.message)
+        if any(on_its_way(d, present, now) for d in mine):
             return  # a captioner is on its way
         logger.info("recovery: room %s has a speaker and no captioner: dispatching one", room)
         await client.agent_dispatch.create_dispatch(
-            api.CreateAgentDispatchRequest(room=room, agent_name=self.agent_name, metadata="captions recovery"))
+            api.CreateAgentDispatchRequest(room=room, agent_name=self.agent_name, metadata=RECOVERY_METADATA))
         METRICS.recovery("dispatch")
