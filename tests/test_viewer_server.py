@@ -141,17 +141,17 @@ class FakeRelay:
 
     def __init__(self, messages: list[dict]) -> None:
         self.messages = messages
-        self.viewers: set = set()
+        self.viewers: dict = {}
 
-    def add_viewer(self):
+    def add_viewer(self, language: str = ""):
         queue = asyncio.Queue()
         for message in self.messages:
             queue.put_nowait(encode(message))
-        self.viewers.add(queue)
+        self.viewers[queue] = language
         return queue
 
     def remove_viewer(self, queue) -> None:
-        self.viewers.discard(queue)
+        self.viewers.pop(queue, None)
 
 
 class FakeRelays:
@@ -476,3 +476,204 @@ async def test_open_live_connections_are_bounded_per_link(tmp_path, monkeypatch)
         await asyncio.sleep(0.2)
         again = await client.ws_connect("/api/live", params=params)
         assert (await again.receive_json(timeout=5))["type"] == "hello", "a closed one frees its place"
+
+
+# ---------------------------------------------------------------- translations (issue 26)
+
+
+def test_the_languages_come_from_the_workers_setting_and_only_language_codes_pass(monkeypatch):
+    import argparse
+
+    from captions.viewer.server import configure_web_parser, settings_from_args
+
+    def parsed(*argv: str):
+        parser = argparse.ArgumentParser()
+        configure_web_parser(parser)
+        return settings_from_args(parser.parse_args(list(argv))).translate_to
+
+    assert parsed() == ()
+    monkeypatch.setenv("CAPTIONS_TRANSLATE_TO", "de, AR,pt_BR,de")
+    assert parsed() == ("de", "ar", "pt-br")
+    assert parsed("--translate-to", "fr") == ("fr",)
+    monkeypatch.setenv("CAPTIONS_TRANSLATE_TO", "de,<script>")
+    with pytest.raises(SystemExit, match="CAPTIONS_TRANSLATE_TO"):
+        parsed()
+
+
+@pytest.mark.parametrize("client", [{"translate_to": ("de", "ar")}], indirect=True)
+async def test_a_viewer_reads_a_configured_language_or_nothing(client):
+    """`lang` must be one of --translate-to's: anything else is refused with a reason (HTTP 400, or
+    WebSocket close 4422), before any relay is opened."""
+    assert (await (await client.get("/api/config")).json())["languages"] == ["de", "ar"]
+    ws = await client.ws_connect("/api/live", params={**a_link(), "lang": "ar"})
+    hello = await ws.receive_json(timeout=5)
+    assert hello["type"] == "hello" and hello["language"] == "ar"
+    await ws.close()
+    for lang in ("xx", "../de", "de,ar", "d" * 5000, "de\x00"):
+        ws = await client.ws_connect("/api/live", params={**a_link(), "lang": lang})
+        message = await ws.receive(timeout=5)
+        assert message.type.name == "CLOSE" and ws.close_code == 4422, lang
+        assert "not translated into" in message.extra and len(message.extra) < 120
+        response = await client.get("/api/backlog", params={**a_link(), "lang": lang})
+        body = await response.json()
+        assert response.status == 400 and body["reason"] == "language" and "de, ar" in body["error"], lang
+    response = await client.get("/api/backlog", params={**a_link(), "lang": "DE"})
+    assert response.status == 200, "the workers' spelling: lower case"
+
+
+async def test_without_translation_no_language_is_offered_and_the_relay_sets_no_attributes(client):
+    assert (await (await client.get("/api/config")).json())["languages"] == []
+    ws = await client.ws_connect("/api/live", params={**a_link(), "lang": "de"})
+    await ws.receive(timeout=5)
+    assert ws.close_code == 4422
+    assert not decode(relay_token(settings(), "standup"))["video"].get("canUpdateOwnMetadata")
+    video = decode(relay_token(settings(translate_to=("de",)), "standup"))["video"]
+    assert video["canUpdateOwnMetadata"] is True, "it says which languages its viewers read"
+    assert video["canSubscribe"] is False and video["canPublish"] is False and video["canPublishData"] is False
+
+
+async def test_the_backlog_holds_the_originals_and_the_readers_language_only(tmp_path):
+    store = TranscriptStore(transcript_path(tmp_path, "standup"))
+    now = time.time()
+    store.append(FinalSegment("SG_0", "alice", "Alice", "TR_1", "hello", now - 5, now - 4, []))
+    for language, text in (("de", "hallo"), ("ar", "مرحبا")):
+        store.append(FinalSegment(f"SG_0~{language}", "alice", "Alice", "TR_1", text, now - 5, now - 4, [],
+                                  language=language, translation_of="SG_0"))
+    store.close()
+    app = create_app(settings(data_dir=tmp_path, translate_to=("de", "ar")), relays=FakeRelays())
+    async with TestClient(TestServer(app)) as client:
+        texts = {}
+        for lang in ("", "de", "ar"):
+            response = await client.get("/api/backlog", params={**a_link(), "lang": lang})
+            texts[lang] = [s["text"] for s in (await response.json())["segments"]]
+    assert texts == {"": ["hello"], "de": ["hello", "hallo"], "ar": ["hello", "مرحبا"]}
+
+
+# The relay itself, without LiveKit: streams in, viewers' queues out.
+
+
+class FakeStream:
+    """A caption stream as livekit's TextStreamReader gives it to the relay."""
+
+    def __init__(self, attributes: dict[str, str], text: str, stream_id: str = "S") -> None:
+        from types import SimpleNamespace
+
+        self.info = SimpleNamespace(attributes=attributes, stream_id=stream_id)
+        self.text = text
+
+    async def __aiter__(self):
+        yield self.text
+
+    def close(self) -> None:
+        pass
+
+
+class FakeParticipant:
+    def __init__(self) -> None:
+        self.attributes: dict[str, str] = {}
+        self.updates: list[str] = []
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        self.updates.append(attributes["captions.reading"])
+        self.attributes.update(attributes)
+
+
+def fake_relay(signer: CaptionSigner, languages=("de", "ar")):
+    from types import SimpleNamespace
+
+    from captions.viewer.relay import RoomRelay
+
+    async def exists(room: str) -> bool:
+        return True
+
+    relay = RoomRelay("ws://unused", lambda: "", "standup", lambda relay: None, signer.public_key, exists, languages)
+    relay._room = SimpleNamespace(local_participant=FakeParticipant(), remote_participants={})
+    relay.connected.set()
+    relay._task = asyncio.create_task(asyncio.sleep(3600))  # as if it had joined: add_viewer starts nothing
+    return relay
+
+
+def signed_stream(signer: CaptionSigner, segment: str, text: str, language: str = "", sign_as: str = "",
+                  sent_ms: int | None = None) -> FakeStream:
+    """An original (no `language`) or its translation, signed as what it is (or as `sign_as`)."""
+    from captions.protocol import caption_message, translation_message, translation_segment_id
+
+    sent_ms = int(time.time() * 1000) if sent_ms is None else sent_ms
+    common = {"room": "standup", "agent": "agent-1", "speaker": "alice", "track_sid": "TR_1", "seq": 0,
+              "final": True, "sent_ms": sent_ms, "text": text}
+    attributes = {"lk.segment_id": segment, "lk.transcription_final": "true", "lk.transcribed_track_id": "TR_1",
+                  "captions.agent": "agent-1", "captions.speaker": "alice", "captions.seq": "0",
+                  "captions.sent": str(sent_ms), "captions.words": ""}
+    if language:
+        attributes.update({"lk.segment_id": translation_segment_id(segment, language), "language": language,
+                           "translated": "true", "captions.source_segment": segment,
+                           "captions.source_language": "en"})
+    if (sign_as or ("translation" if language else "caption")) == "translation":
+        message = translation_message(**common, segment_id=translation_segment_id(segment, language or "de"),
+                                      source_segment=segment, source_language="en", language=language or "de",
+                                      untranslated="")
+    else:
+        message = caption_message(**common, segment_id=attributes["lk.segment_id"], words="")
+    return FakeStream({**attributes, "captions.sig": signer.sign(message), "note": "not forwarded"}, text)
+
+
+def drained(queue: asyncio.Queue) -> list[str]:
+    texts = []
+    while not queue.empty():
+        message = json.loads(queue.get_nowait())
+        if message["type"] == "caption":
+            texts.append(message["text"])
+    return texts
+
+
+async def test_the_relay_sends_each_viewer_the_originals_and_its_own_language_only():
+    signer = CaptionSigner.for_deployment(API_SECRET, "")
+    relay = fake_relay(signer)
+    try:
+        viewers = {lang: relay.add_viewer(lang) for lang in ("", "de", "ar")}
+        unknown = relay.add_viewer("xx")  # the server refuses it; were it not, the originals only
+        for stream in (signed_stream(signer, "SG_1", "hello"), signed_stream(signer, "SG_1", "hallo", "de"),
+                       signed_stream(signer, "SG_1", "مرحبا", "ar"),
+                       signed_stream(CaptionSigner(), "SG_2", "gefälscht", "de"),  # a key of its own
+                       signed_stream(signer, "SG_3", "als Original signiert", "de", sign_as="caption"),
+                       signed_stream(signer, "SG_4", "als Übersetzung signiert", "", sign_as="translation")):
+            await relay._forward(stream, "alice\nalice")
+        assert {lang: drained(queue) for lang, queue in viewers.items()} == {
+            "": ["hello"], "de": ["hello", "hallo"], "ar": ["hello", "مرحبا"]}
+        assert drained(unknown) == ["hello"]
+        assert relay._unverified == 3, "a forged translation, and each signed as the other kind, dropped"
+    finally:
+        relay._task.cancel()
+
+
+async def test_the_relay_says_which_configured_languages_its_viewers_read(monkeypatch):
+    from captions.viewer import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "READING_UPDATE_S", 0.01)
+    relay = fake_relay(CaptionSigner())
+    participant = relay._room.local_participant
+
+    async def settled() -> str:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if relay._reading_task is None:
+                break
+        return participant.attributes.get("captions.reading", "")
+
+    try:
+        original = relay.add_viewer("")
+        assert await settled() == "" and participant.updates == [], "nobody reads a translation: nothing set"
+        german, arabic, other = relay.add_viewer("de"), relay.add_viewer("ar"), relay.add_viewer("de")
+        relay.add_viewer("xx")  # not configured: never announced
+        assert await settled() == "ar,de"
+        relay.remove_viewer(german)
+        assert await settled() == "ar,de", "another viewer still reads German"
+        relay.remove_viewer(other)
+        relay.remove_viewer(arabic)
+        assert await settled() == "", "the last reader left: the attribute goes"
+        assert len(participant.updates) <= 4, participant.updates
+        relay.remove_viewer(original)
+    finally:
+        relay._task.cancel()
+        if relay._idle_timer is not None:
+            relay._idle_timer.cancel()

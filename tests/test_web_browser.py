@@ -457,6 +457,136 @@ async def test_phone_sized_screen_keeps_controls_and_captions_usable(agentless_l
     await page.screenshot(path=screenshot_path("viewer-phone.png"))
 
 
+# ---------------------------------------------------------------- reading a translation (issue 26)
+
+
+@pytest.fixture(scope="module")
+def translating_web(agentless_livekit, tmp_path_factory) -> WebServer:
+    """`captions web --translate-to de,ar` (the bot plays the translating worker)."""
+    directory = tmp_path_factory.mktemp("translating-web")
+    server = start_web_server(agentless_livekit, directory / "web.log", directory / "data",
+                              extra_args=("--translate-to", "de,ar"))
+    yield server
+    stop(server.process)
+
+
+ROWS_JS = """() => [...document.querySelectorAll('#captions .seg')].map(s => ({
+    text: (s.querySelector('.seg-text') || s).textContent, dir: s.getAttribute('dir'),
+    interim: s.classList.contains('interim'), note: !!s.querySelector('.untranslated-note:not([hidden])'),
+    toggle: !!s.querySelector('.show-original:not([hidden])')}))"""
+
+
+async def rows(page) -> list[dict]:
+    return await page.evaluate(ROWS_JS)
+
+
+async def wait_rows(page, predicate: str) -> list[dict]:
+    """Waits until `predicate` (JavaScript, of `rows`) holds; returns the rows."""
+    await page.wait_for_function(f"() => (rows => {predicate})(({ROWS_JS})())", timeout=WAIT_MS)
+    return await rows(page)
+
+
+async def test_a_reader_of_arabic_reads_translations_in_place_right_to_left_with_the_original_on_demand(
+        agentless_livekit, translating_web, rooms, open_viewer):
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"alice": "Alice Martin"}, web=translating_web)
+    viewer = await open_viewer(translating_web.link(room_name, lang="ar"))
+    page = viewer.page
+    await wait_state(page, "live")
+    assert await page.is_visible("#language")
+    options = await page.eval_on_selector_all("#language option", "os => os.map(o => o.value)")
+    assert options == ["", "de", "ar"] and await page.input_value("#language") == "ar"
+
+    first = "SG_first"
+    await bot.interim("alice", first, "good morning")
+    await wait_rows(page, "rows.length === 1 && rows[0].text === 'good morning'")  # the original until then
+    await bot.translate("alice", first, "ar", "صباح", final=False)
+    await wait_rows(page, "rows[0].text === 'صباح' && rows[0].interim")
+    await bot.translate("alice", first, "de", "Guten Morgen", final=True)  # nobody here reads German
+    await bot.final("alice", first, "good morning everyone", time.time())
+    await bot.translate("alice", first, "ar", "صباح الخير للجميع")
+    shown = await wait_rows(page, "rows[0].text === 'صباح الخير للجميع' && !rows[0].interim")
+    assert shown[0]["dir"] == "rtl" and shown[0]["toggle"] and not shown[0]["note"]
+    assert await page.evaluate("getComputedStyle(document.querySelector('#captions .turn .text')).direction") == "rtl"
+    assert await page.get_attribute("#captions .seg .seg-text", "lang") == "ar"
+    assert await page.get_attribute("#captions .seg", "aria-hidden") is None
+
+    failed = await bot.say("alice", "the budget is ready")
+    await bot.translate("alice", failed, "ar", "the budget is ready", untranslated="translation failed")
+    await bot.say("alice", "questions later please")  # its translation never comes
+    shown = await wait_rows(page, "rows.length === 3 && rows[1].note && rows[2].note")  # the last after 5 s
+    assert [r["text"] for r in shown] == ["صباح الخير للجميع", "the budget is ready", "questions later please"]
+    assert [r["dir"] for r in shown] == ["rtl", "auto", "auto"] and not shown[1]["toggle"]
+    assert await page.text_content("#captions .seg:nth-child(2) .untranslated-note") == "not translated"
+    assert "Guten Morgen" not in await page.text_content("#captions"), "another language's translation"
+
+    # The original on demand: a button, by mouse or keyboard.
+    toggle = page.locator("#captions .seg").first.locator(".show-original")
+    assert await toggle.get_attribute("aria-expanded") == "false"
+    await toggle.click()
+    original = page.locator("#captions .seg").first.locator(".seg-original")
+    assert await original.is_visible() and await original.text_content() == "good morning everyone"
+    assert await toggle.get_attribute("aria-expanded") == "true"
+    assert await original.get_attribute("id") == await toggle.get_attribute("aria-controls")
+    await page.screenshot(path=screenshot_path("translation.png"))
+    await toggle.focus()
+    await page.keyboard.press("Enter")
+    assert await original.is_hidden() and await toggle.get_attribute("aria-expanded") == "false"
+
+    text = await _download(page, '[data-export="txt"]')
+    assert [line.split(": ", 1)[1] for line in text.splitlines()] == [
+        "صباح الخير للجميع", "the budget is ready", "questions later please"]
+    srt = await _download(page, '[data-export="srt"]')
+    assert "Alice Martin: صباح الخير للجميع" in srt
+
+    # Back to the originals: the page as it is without translation.
+    await page.select_option("#language", "")
+    await wait_rows(page, "rows[0].text === 'good morning everyone'")
+    assert await segment_texts(page) == [
+        {"text": t, "interim": False, "speaker": "Alice Martin"}
+        for t in ("good morning everyone", "the budget is ready", "questions later please")]
+    assert await page.locator("#captions .show-original, #captions .untranslated-note").count() == 0
+    assert await page.evaluate("getComputedStyle(document.querySelector('#captions .turn .text')).direction") == "ltr"
+    assert "lang=original" in page.url, "the address says what the page shows"
+    assert viewer.errors == []
+
+
+async def test_the_language_read_is_remembered_a_link_may_choose_it_and_a_late_reader_gets_translations(
+        agentless_livekit, translating_web, rooms, open_viewer):
+    """Chosen in the picker, it is remembered; a link's `lang` (an overlay's) wins; an unknown one is
+    said and the originals shown. A late reader gets the backlog's translations into its language."""
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"bea": "Bea"}, web=translating_web)
+    earlier = await bot.say("bea", "said before anyone watched", start=time.time() - 30)
+    await bot.translate("bea", earlier, "de", "gesagt bevor jemand zusah")
+    await bot.translate("bea", earlier, "ar", "قيل قبل أن يشاهد أحد")
+    link = translating_web.link(room_name)
+    viewer = await open_viewer(link)
+    page = viewer.page
+    await wait_state(page, "live")
+    await page.wait_for_selector("#captions .turn.backlog", timeout=WAIT_MS)
+    assert await page.input_value("#language") == "" and [r["text"] for r in await rows(page)] == [
+        "said before anyone watched"]
+    await page.select_option("#language", "de")
+    await wait_rows(page, "rows[0].text === 'gesagt bevor jemand zusah'")  # the backlog, asked again
+    live = await bot.say("bea", "and this is live")
+    await bot.translate("bea", live, "de", "und das ist live")
+    await wait_rows(page, "rows.length === 2 && rows[1].text === 'und das ist live'")
+
+    await page.goto(link)  # remembered
+    await wait_state(page, "live")
+    assert await page.input_value("#language") == "de"
+    await wait_rows(page, "rows.length === 2 && rows[1].text === 'und das ist live' && rows[1].dir === 'ltr'")
+    await page.goto(translating_web.link(room_name, lang="ar", overlay="1"))  # the link's wins
+    await page.wait_for_selector('body.overlay[data-state="live"]', timeout=WAIT_MS)
+    shown = await wait_rows(page, "rows.length === 2 && rows[0].text === 'قيل قبل أن يشاهد أحد'")
+    assert shown[0]["dir"] == "rtl" and not shown[0]["toggle"], "no buttons in an overlay"
+    await page.goto(translating_web.link(room_name, lang="xx"))
+    await wait_state(page, "live")
+    assert await page.input_value("#language") == ""
+    assert "not translated into “xx”" in await page.text_content("#captions .system-note")
+    await wait_rows(page, "rows.length === 2 && rows[1].text === 'and this is live'")
+    assert viewer.errors == []
+
+
 # ---------------------------------------------------------------- the real stack
 
 

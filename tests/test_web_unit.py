@@ -177,3 +177,109 @@ def test_the_viewer_elects_the_captioner_the_workers_elect():
                  for case in cases]
     assert elected == in_python
     assert run_protocol_js("console.log(JSON.stringify(P.electedCaptioner([])));") is None
+
+
+# ---------------------------------------------------------------- translations (issue 26)
+
+
+def translation_fields(**overrides) -> dict:
+    fields = {"room": "réunion: 1", "agent": "agent-AJ_1", "speaker": "alice", "trackSid": "TR_1",
+              "segmentId": "SG_1~ar", "seq": 3, "final": True, "sentMs": 1_780_000_000_123,
+              "sourceSegment": "SG_1", "sourceLanguage": "fr", "language": "ar", "untranslated": "",
+              "text": "صباح الخير 5:world 🎉", "translated": True}
+    return {**fields, **overrides}
+
+
+def python_translation_message(f: dict) -> bytes:
+    from captions.protocol import translation_message
+
+    return translation_message(room=f["room"], agent=f["agent"], speaker=f["speaker"], track_sid=f["trackSid"],
+                               segment_id=f["segmentId"], seq=f["seq"], final=f["final"], sent_ms=f["sentMs"],
+                               source_segment=f["sourceSegment"], source_language=f["sourceLanguage"],
+                               language=f["language"], untranslated=f["untranslated"], text=f["text"])
+
+
+def test_a_translation_signed_by_the_agent_verifies_in_the_viewer_and_any_change_breaks_it():
+    """The same bytes in Python and JavaScript, and the page's check (signedMessage: a translation's
+    message for a stream that says it is one) passes for the agent's signature only."""
+    from captions.protocol import translation_segment_id
+
+    signer = CaptionSigner.for_deployment(API_SECRET, "")
+    fields = translation_fields()
+    assert fields["segmentId"] == translation_segment_id("SG_1", "ar")
+    caption = {**fields, "signature": signer.sign(python_translation_message(fields))}
+    same_bytes = run_protocol_js("console.log(JSON.stringify([...P.translationMessage(ARGS[0])]));", fields)
+    assert bytes(same_bytes) == python_translation_message(fields)
+    assert run_protocol_js("console.log(JSON.stringify(P.translationSegmentId('SG_1', 'ar')));") == "SG_1~ar"
+    cases = [caption] + [{**caption, field: other} for field, other in [
+        ("text", "صباح الخير"), ("language", "he"), ("sourceSegment", "SG_2"), ("sourceLanguage", "en"),
+        ("untranslated", "too slow"), ("seq", 4), ("final", False), ("speaker", "bob"), ("segmentId", "SG_1~he"),
+        ("sentMs", fields["sentMs"] + 1)]]
+    checked = run_protocol_js("const [key, cases] = ARGS; const out = [];"
+                              "for (const c of cases) out.push(await verify(key, c.signature, P.signedMessage(c)));"
+                              "console.log(JSON.stringify(out));", signer.public_key, cases)
+    assert checked == [True] + [False] * 10
+
+
+def test_an_originals_signature_never_passes_for_a_translations_nor_the_reverse():
+    """Same fields, same text: a caption's signature over a translation's message (and the reverse)
+    does not verify, in the page (signedMessage) or in the relay (protocol.verify_caption)."""
+    from captions.protocol import (
+        ATTR_AGENT,
+        ATTR_LANGUAGE,
+        ATTR_SEGMENT_ID,
+        ATTR_SENT,
+        ATTR_SEQ,
+        ATTR_SIGNATURE,
+        ATTR_SOURCE_LANGUAGE,
+        ATTR_SOURCE_SEGMENT,
+        ATTR_SPEAKER,
+        ATTR_TRANSCRIBED_TRACK_ID,
+        ATTR_TRANSCRIPTION_FINAL,
+        ATTR_TRANSLATED,
+        ATTR_WORDS,
+        verify_caption,
+    )
+
+    signer = CaptionSigner.for_deployment(API_SECRET, "")
+    fields = translation_fields(untranslated="", words="")
+    as_caption = caption_message(room=fields["room"], agent=fields["agent"], speaker=fields["speaker"],
+                                 track_sid=fields["trackSid"], segment_id=fields["segmentId"], seq=fields["seq"],
+                                 final=True, sent_ms=fields["sentMs"], words="", text=fields["text"])
+    caption_signature, translation_signature = signer.sign(as_caption), signer.sign(python_translation_message(fields))
+    cases = [  # (fields as the page reads them, signature): which verify
+        ({**fields, "translated": False}, caption_signature),
+        ({**fields, "translated": True}, translation_signature),
+        ({**fields, "translated": True}, caption_signature),
+        ({**fields, "translated": False}, translation_signature),
+    ]
+    in_node = run_protocol_js("const [key, cases] = ARGS; const out = [];"
+                              "for (const [c, s] of cases) out.push(await verify(key, s, P.signedMessage(c)));"
+                              "console.log(JSON.stringify(out));", signer.public_key, cases)
+    assert in_node == [True, True, False, False]
+    base = {ATTR_SEGMENT_ID: fields["segmentId"], ATTR_TRANSCRIPTION_FINAL: "true", ATTR_AGENT: fields["agent"],
+            ATTR_SPEAKER: fields["speaker"], ATTR_TRANSCRIBED_TRACK_ID: fields["trackSid"], ATTR_SEQ: "3",
+            ATTR_SENT: str(fields["sentMs"]), ATTR_WORDS: ""}
+    translated = {**base, ATTR_TRANSLATED: "true", ATTR_LANGUAGE: "ar", ATTR_SOURCE_SEGMENT: "SG_1",
+                  ATTR_SOURCE_LANGUAGE: "fr"}
+    in_python = [verify_caption(signer.public_key, fields["room"], "alice", {**attributes, ATTR_SIGNATURE: signature},
+                                fields["text"])
+                 for attributes, signature in [(base, caption_signature), (translated, translation_signature),
+                                               (translated, caption_signature), (base, translation_signature)]]
+    assert in_python == [True, True, False, False]
+
+
+def test_the_viewer_writes_right_to_left_languages_right_to_left():
+    codes = ["ar", "he", "fa", "ur", "yi", "ps", "ar-eg", "de", "fr", "ja", "pt-br", "", "EN"]
+    directions = run_protocol_js("console.log(JSON.stringify(ARGS[0].map(P.directionOf)));", codes)
+    assert directions == ["rtl"] * 7 + ["ltr"] * 4 + ["auto", "ltr"]
+
+
+def test_the_viewers_translation_constants_mirror_the_python_ones():
+    from captions import protocol
+
+    constants = run_protocol_js("console.log(JSON.stringify(Object.fromEntries(Object.entries(P)"
+                                ".filter(([name]) => /^[A-Z_]+$/.test(name)))));")
+    for name in ("ATTR_LANGUAGE", "ATTR_TRANSLATED", "ATTR_SOURCE_SEGMENT", "ATTR_SOURCE_LANGUAGE",
+                 "ATTR_UNTRANSLATED", "ATTR_READING"):
+        assert constants[name] == getattr(protocol, name), name

@@ -29,18 +29,25 @@ from captions.protocol import (
     ATTR_AGENT_CLAIM,
     ATTR_AGENT_QUEUED,
     ATTR_AGENT_STATUS,
+    ATTR_LANGUAGE,
     ATTR_SEGMENT_ID,
     ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
+    ATTR_SOURCE_LANGUAGE,
+    ATTR_SOURCE_SEGMENT,
     ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
+    ATTR_TRANSLATED,
+    ATTR_UNTRANSLATED,
     ATTR_WORDS,
     TOPIC_TRANSCRIPTION,
     CaptionSigner,
     FinalSegment,
     caption_message,
+    translation_message,
+    translation_segment_id,
 )
 from captions.viewer.links import viewer_link
 from captions.viewer.server import WEB_DIR
@@ -245,15 +252,56 @@ class CaptionAgentBot:
             attributes[ATTR_WORDS] = words
         return attributes
 
-    async def _send(self, speaker: str, segment_id: str, text: str, final: bool, words=None) -> None:
-        words_attr = json.dumps(words) if final else ""
+    def translation_attributes(self, speaker: str, source_segment: str, language: str, text: str, final: bool,
+                               untranslated: str = "", source_language: str = "en", seq: int | None = None,
+                               sent_ms: int | None = None) -> dict[str, str]:
+        """The attributes the worker sends with a translation of `source_segment`, signed now (or at
+        `sent_ms`)."""
+        segment_id = translation_segment_id(source_segment, language)
+        if seq is None:
+            seq = self._seq.get(segment_id, 0)
+            self._seq[segment_id] = seq + 1
+        sent_ms = int(time.time() * 1000) if sent_ms is None else sent_ms
+        agent, track = self.room.local_participant.identity, f"TR_{speaker}"
+        message = translation_message(room=self.room.name, agent=agent, speaker=speaker, track_sid=track,
+                                      segment_id=segment_id, seq=seq, final=final, sent_ms=sent_ms,
+                                      source_segment=source_segment, source_language=source_language,
+                                      language=language, untranslated=untranslated, text=text)
+        attributes = {ATTR_SEGMENT_ID: segment_id, ATTR_TRANSCRIPTION_FINAL: "true" if final else "false",
+                      ATTR_TRANSCRIBED_TRACK_ID: track, ATTR_AGENT: agent, ATTR_SPEAKER: speaker, ATTR_SEQ: str(seq),
+                      ATTR_SENT: str(sent_ms), ATTR_LANGUAGE: language, ATTR_TRANSLATED: "true",
+                      ATTR_SOURCE_SEGMENT: source_segment, ATTR_SOURCE_LANGUAGE: source_language,
+                      ATTR_SIGNATURE: self.signer.sign(message)}
+        if untranslated:
+            attributes[ATTR_UNTRANSLATED] = untranslated
+        return attributes
+
+    async def translate(self, speaker: str, source_segment: str, language: str, text: str, final: bool = True,
+                        untranslated: str = "", **signed) -> dict[str, str]:
+        """Publishes a translation of `source_segment` as the worker does (a final one goes to the
+        transcript first, with its language); returns its attributes (a replay sends them again)."""
+        attributes = self.translation_attributes(speaker, source_segment, language, text, final, untranslated,
+                                                 **signed)
+        original = next((s for s in self.finals if s.segment_id == source_segment), None)
+        if final and self.transcript is not None and original is not None:
+            self.transcript.append(FinalSegment(
+                attributes[ATTR_SEGMENT_ID], speaker, original.participant_name, original.track_id, text,
+                original.start, original.end, [], language=language, translation_of=source_segment))
+        await self.send_stream(speaker, text, attributes)
+        return attributes
+
+    async def send_stream(self, speaker: str, text: str, attributes: dict[str, str]) -> None:
         # As the worker: a speaker who left gets their captions in the agent's own name.
         present = speaker in self.room.remote_participants
         writer = await self.room.local_participant.stream_text(
             topic=TOPIC_TRANSCRIPTION, sender_identity=speaker if present else self.room.local_participant.identity,
-            attributes=self.signed_attributes(speaker, segment_id, text, final, words_attr))
+            attributes=attributes)
         await writer.write(text)
         await writer.aclose()
+
+    async def _send(self, speaker: str, segment_id: str, text: str, final: bool, words=None) -> None:
+        words_attr = json.dumps(words) if final else ""
+        await self.send_stream(speaker, text, self.signed_attributes(speaker, segment_id, text, final, words_attr))
 
     async def interim(self, speaker: str, segment_id: str, text: str) -> None:
         await self._send(speaker, segment_id, text, final=False)

@@ -2,7 +2,10 @@
 // agent's captions (LiveKit's lk.transcription text streams) one line per speaker turn.
 //
 // Modules: session.js (the room connection and the state shown), transcript.js (the captions on
-// the page), preferences.js (text size and theme), export.js (TXT/SRT/WebVTT), protocol.js.
+// the page), preferences.js (text size, theme, language), export.js (TXT/SRT/WebVTT), protocol.js.
+//
+// The language read: "Original" or one of the languages the viewer server offers (/api/config),
+// from the picker (remembered) or the link's `lang` parameter (for overlays; it wins).
 
 import { FORMATS } from './export.js';
 import { Preferences } from './preferences.js';
@@ -23,11 +26,13 @@ const ui = {
   jump: $('jump-live'),
   roomName: $('room-name'),
   theme: $('theme'),
+  language: $('language'),
+  languagePicker: $('language-picker'),
 };
 
 const prefs = new Preferences(ui.theme, overlay);
 const speakers = new Speakers();
-const transcript = new Transcript(ui.captions, ui.empty, speakers);
+const transcript = new Transcript(ui.captions, ui.empty, speakers, { overlay });
 
 // ---------------------------------------------------------------- follow the live edge
 
@@ -62,6 +67,59 @@ function jumpToLive() {
   ui.captions.focus({ preventScroll: true });
 }
 
+// ---------------------------------------------------------------- the language read
+
+/** The languages the viewer server offers translations into (none when it says nothing). */
+async function offeredLanguages() {
+  try {
+    const response = await fetch('/api/config', { cache: 'no-store' });
+    const body = await response.json();
+    return Array.isArray(body.languages) ? body.languages.filter((code) => typeof code === 'string' && code) : [];
+  } catch {
+    return [];
+  }
+}
+
+/** "Deutsch (German)": the language's own name, and its name in the reader's language. */
+function languageLabel(code) {
+  const name = (locale) => {
+    try {
+      return new Intl.DisplayNames([locale], { type: 'language' }).of(code) || code;
+    } catch {
+      return code;
+    }
+  };
+  const own = name(code);
+  const ours = name(navigator.language || 'en');
+  return own === ours ? own : `${own} (${ours})`;
+}
+
+/** The picker's options, and the language to read first: the link's, else the one remembered. */
+function setUpLanguages(languages) {
+  for (const code of languages) {
+    const option = document.createElement('option');
+    option.value = code;
+    option.lang = code;
+    option.textContent = languageLabel(code);
+    ui.language.append(option);
+  }
+  ui.languagePicker.hidden = !languages.length;
+  const asked = params.has('lang') ? params.get('lang').trim().toLowerCase().replace(/_/g, '-') : null;
+  if (asked === null) return languages.includes(prefs.values.language) ? prefs.values.language : '';
+  if (!asked || asked === 'original' || languages.includes(asked)) return asked === 'original' ? '' : asked;
+  transcript.note(`Captions are not translated into “${asked}” here: showing the original captions.`);
+  return '';
+}
+
+function chooseLanguage(session, language) {
+  prefs.setLanguage(language);
+  if (params.has('lang')) { // the address keeps saying what the page shows (a reload, a bookmark)
+    params.set('lang', language || 'original');
+    history.replaceState(null, '', `${location.pathname}?${params}`);
+  }
+  session.setLanguage(language);
+}
+
 // ---------------------------------------------------------------- export
 
 function download(format) {
@@ -71,8 +129,9 @@ function download(format) {
   const link = document.createElement('a');
   const room = (ui.roomName.textContent || 'room').replace(/[^\w.-]+/g, '_').slice(0, 60);
   const stamp = new Date().toISOString().slice(0, 19).replace(/[:T]/g, '-');
+  const language = transcript.language ? `-${transcript.language.replace(/[^\w-]+/g, '')}` : '';
   link.href = URL.createObjectURL(blob);
-  link.download = `captions-${room}-${stamp}.${spec.extension}`;
+  link.download = `captions-${room}${language}-${stamp}.${spec.extension}`;
   document.body.append(link);
   link.click();
   link.remove();
@@ -81,7 +140,7 @@ function download(format) {
 
 // ---------------------------------------------------------------- start
 
-function start() {
+async function start() {
   if (overlay) {
     document.body.classList.add('overlay');
     const size = Number(params.get('size'));
@@ -97,8 +156,16 @@ function start() {
   }
   ui.captions.addEventListener('scroll', onCaptionsScroll, { passive: true });
   ui.jump.addEventListener('click', jumpToLive);
-  const session = new Session({ ui, params, transcript, speakers, onCaptions: keepLive });
+  const onLanguageRefused = (language, message) => {
+    ui.language.value = '';
+    transcript.note(`${message || `Captions are not translated into ${language} here.`} Showing the original captions.`);
+  };
+  const session = new Session({ ui, params, transcript, speakers, onCaptions: keepLive, onLanguageRefused });
   window.addEventListener('pagehide', () => session.close());
+  const language = setUpLanguages(await offeredLanguages());
+  ui.language.value = language;
+  transcript.setLanguage(language);
+  ui.language.addEventListener('change', () => chooseLanguage(session, ui.language.value));
   session.connect();
 }
 

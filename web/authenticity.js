@@ -6,7 +6,8 @@
 // whether a stream named "alice" came from an agent or from alice, anyone who saw a stream's header
 // can write into it, and every participant sets its own attributes. So:
 // * a caption's signature (over room, agent, speaker, track, segment, update number, final, time,
-//   words and text) must verify with the server's key;
+//   words and text; a translation's over its language and source segment too, as a message of
+//   another kind) must verify with the server's key;
 // * a participant is a captioner only if it is an agent and its captions.claim (a signature of the
 //   room and its own identity) verifies with that key; the room's captioner is elected among them
 //   from what the server says (join time), never from an attribute;
@@ -19,10 +20,10 @@ import {
   ATTR_AGENT_CLAIM,
   ATTR_AGENT_SUPERSEDED,
   REPLAY_WINDOW_MS,
-  captionMessage,
   claimMessage,
   electedCaptioner,
   fromBase64,
+  signedMessage,
 } from './protocol.js';
 
 const CAPTIONER_WAIT_MS = 5000;
@@ -85,9 +86,10 @@ export class CaptionVerifier {
   }
 
   /** True when `caption` ({agent, speaker, trackSid, segmentId, seq, final, sentMs, words, text,
-   * signature}) was signed with the caption key for this room. */
+   * signature}, and for a translation translated, sourceSegment, sourceLanguage, language,
+   * untranslated) was signed with the caption key for this room, as what it says it is. */
   verify(caption, roomName) {
-    return this.signedByKey(caption.signature, captionMessage({ ...caption, room: roomName }));
+    return this.signedByKey(caption.signature, signedMessage({ ...caption, room: roomName }));
   }
 
   /** Whether `participant` is a captioner: an agent whose claim names it in this room. Cached per

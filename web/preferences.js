@@ -1,8 +1,8 @@
-// The reader's display preferences (text size, theme), kept in localStorage.
+// The reader's display preferences (text size, theme, the language read), kept in localStorage.
 
 const PREFS_KEY = 'captions.viewer.prefs';
 const FONT_SIZES = [14, 16, 18, 20, 24, 28, 32, 40, 48];
-const DEFAULTS = { fontSize: 20, theme: 'system' };
+const DEFAULTS = { fontSize: 20, theme: 'system', language: '' };
 
 export class Preferences {
   /** `themePicker`: the <select> that shows the theme; `overlay`: the overlay sets its own size. */
@@ -34,6 +34,12 @@ export class Preferences {
       // Private browsing may refuse storage: the settings still apply to this page.
     }
     this.apply();
+  }
+
+  /** The language read ('' for the originals). */
+  setLanguage(language) {
+    this.values.language = language;
+    this.save();
   }
 
   setTheme(theme) {

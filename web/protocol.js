@@ -16,6 +16,12 @@ export const ATTR_AGENT_QUEUED = 'captions.queued';
 export const ATTR_AGENT_PROBLEM = 'captions.problem';
 export const ATTR_AGENT_CLAIM = 'captions.claim';
 export const ATTR_AGENT_SUPERSEDED = 'captions.superseded';
+export const ATTR_LANGUAGE = 'language';
+export const ATTR_TRANSLATED = 'translated';
+export const ATTR_SOURCE_SEGMENT = 'captions.source_segment';
+export const ATTR_SOURCE_LANGUAGE = 'captions.source_language';
+export const ATTR_UNTRANSLATED = 'captions.untranslated';
+export const ATTR_READING = 'captions.reading';
 
 const SIGNATURE_CONTEXT = 'lk-captions-v2';
 
@@ -48,6 +54,36 @@ function lengthPrefixed(...fields) {
 export function captionMessage({ room, agent, speaker, trackSid, segmentId, seq, final, sentMs, words, text }) {
   return lengthPrefixed(SIGNATURE_CONTEXT, 'caption', room, agent, speaker, trackSid, segmentId, String(seq),
     final ? 'final' : 'interim', String(sentMs), words, text);
+}
+
+/** The bytes a translation's signature covers (captions/protocol.py `translation_message`): its own
+ * kind, so that an original's signature never passes for a translation's, nor the reverse. */
+export function translationMessage({ room, agent, speaker, trackSid, segmentId, seq, final, sentMs, sourceSegment,
+  sourceLanguage, language, untranslated, text }) {
+  return lengthPrefixed(SIGNATURE_CONTEXT, 'translation', room, agent, speaker, trackSid, segmentId, String(seq),
+    final ? 'final' : 'interim', String(sentMs), sourceSegment, sourceLanguage, language, untranslated, text);
+}
+
+/** The lk.segment_id of `sourceSegment`'s translation into `language` (captions/protocol.py
+ * `translation_segment_id`). */
+export function translationSegmentId(sourceSegment, language) {
+  return `${sourceSegment}~${language}`;
+}
+
+/** The bytes a signature covers for `caption` (the fields the page read from its stream): a
+ * translation's when it says it is one, an original's otherwise. */
+export function signedMessage(caption) {
+  return caption.translated ? translationMessage(caption) : captionMessage(caption);
+}
+
+// Scripts written right to left: a language whose primary subtag is one of these is shown rtl.
+const RTL_LANGUAGES = new Set(['ar', 'arc', 'ckb', 'dv', 'fa', 'he', 'iw', 'ku', 'ps', 'sd', 'syr', 'ug', 'ur', 'yi']);
+
+/** 'rtl' or 'ltr' for a language code (BCP-47: its primary subtag decides); 'auto' when unknown. */
+export function directionOf(language) {
+  const primary = String(language || '').split('-')[0].toLowerCase();
+  if (!primary) return 'auto';
+  return RTL_LANGUAGES.has(primary) ? 'rtl' : 'ltr';
 }
 
 /** The bytes a captioner's captions.claim signs (captions/protocol.py `claim_message`). */

@@ -12,18 +12,24 @@ import {
   ATTR_AGENT_PROBLEM,
   ATTR_AGENT_QUEUED,
   ATTR_AGENT_STATUS,
+  ATTR_LANGUAGE,
   ATTR_SEGMENT_ID,
   ATTR_SENT,
   ATTR_SEQ,
   ATTR_SIGNATURE,
+  ATTR_SOURCE_LANGUAGE,
+  ATTR_SOURCE_SEGMENT,
   ATTR_TRANSCRIBED_TRACK_ID,
   ATTR_TRANSCRIPTION_FINAL,
+  ATTR_TRANSLATED,
+  ATTR_UNTRANSLATED,
   ATTR_WORDS,
   MAX_CAPTION_CHARS,
   electedCaptioner,
   parseJsonArray,
   parseWords,
   speakerOf,
+  translationSegmentId,
 } from './protocol.js';
 
 const RETRY_DELAYS_S = [1, 2, 4, 8, 15, 30];
@@ -55,20 +61,25 @@ async function readJson(response) {
 }
 
 /** What the viewer server needs to know which room to let this page view: the signed link, or
- * (only in its dev-only --open mode) a room name. */
-function linkQuery(params) {
+ * (only in its dev-only --open mode) a room name; and the language read, if any. */
+function linkQuery(params, language) {
   const query = new URLSearchParams();
   for (const key of ['link', 'room']) if (params.has(key)) query.set(key, params.get(key));
+  if (language) query.set('lang', language);
   return query;
 }
+
+/** The viewer server's close code for a language it does not translate into (server.py). */
+const CLOSE_LANGUAGE = 4422;
 
 export class Session {
   /**
    * `ui`: the status, notice and room-name elements; `onCaptions()`: called after the transcript
    * changed (to follow the live edge).
    */
-  constructor({ ui, params, transcript, speakers, onCaptions }) {
+  constructor({ ui, params, transcript, speakers, onCaptions, onLanguageRefused = () => {} }) {
     this.ui = ui;
+    this.onLanguageRefused = onLanguageRefused;
     this.params = params;
     this.transcript = transcript;
     this.speakers = speakers;
@@ -125,6 +136,7 @@ export class Session {
   async onCaption(message) {
     const arrived = this.verifier.serverNow(); // its arrival: a replay is older than this
     const attributes = message.attributes && typeof message.attributes === 'object' ? message.attributes : {};
+    const translated = attributes[ATTR_TRANSLATED] === 'true';
     const caption = {
       agent: attributes[ATTR_AGENT] || '',
       speaker: speakerOf(String(message.sender || ''), attributes),
@@ -136,10 +148,24 @@ export class Session {
       words: attributes[ATTR_WORDS] || '',
       signature: attributes[ATTR_SIGNATURE] || '',
       text: typeof message.text === 'string' ? message.text : '',
+      translated,
+      sourceSegment: attributes[ATTR_SOURCE_SEGMENT] || '',
+      sourceLanguage: attributes[ATTR_SOURCE_LANGUAGE] || '',
+      language: attributes[ATTR_LANGUAGE] || '',
+      untranslated: attributes[ATTR_UNTRANSLATED] || '',
     };
     if (!caption.agent || !caption.speaker || !caption.segmentId || !Number.isSafeInteger(caption.seq)
         || caption.seq < 0 || !Number.isSafeInteger(caption.sentMs) || !caption.signature) {
       console.warn('ignoring a caption stream without the agent\'s signature fields', message.id);
+      return;
+    }
+    if (translated && (!caption.sourceSegment || !caption.language
+        || caption.segmentId !== translationSegmentId(caption.sourceSegment, caption.language))) {
+      console.warn('ignoring a translation stream without its source segment and language', message.id);
+      return;
+    }
+    if (translated && caption.language !== this.transcript.language) {
+      console.warn(`ignoring a translation into ${caption.language}: this page reads ${this.transcript.language || 'the originals'}`);
       return;
     }
     if (caption.text.length > MAX_CAPTION_CHARS) {
@@ -173,6 +199,8 @@ export class Session {
       start: Date.now() / 1000,
       seq: caption.seq,
       agent: caption.agent,
+      translation: translated ? { of: caption.sourceSegment, language: caption.language,
+        sourceLanguage: caption.sourceLanguage, untranslated: caption.untranslated } : null,
     });
     if (refused) {
       console.warn(`ignoring a caption for ${caption.speaker} (${caption.segmentId}): ${refused}`);
@@ -188,7 +216,7 @@ export class Session {
     let body = {};
     let response;
     try {
-      response = await fetch(`/api/backlog?${linkQuery(this.params)}`, { cache: 'no-store' });
+      response = await fetch(`/api/backlog?${linkQuery(this.params, this.transcript.language)}`, { cache: 'no-store' });
       body = await readJson(response);
     } catch (error) {
       console.warn('backlog request failed', error);
@@ -270,13 +298,24 @@ export class Session {
     this.showState('connecting');
     let room = null;
     room = new RelayRoom(this.handlersFor(() => room));
+    const { language } = this.transcript;
     let hello;
     try {
-      hello = await room.connect(linkQuery(this.params));
+      hello = await room.connect(linkQuery(this.params, language));
     } catch (error) {
+      if (error.code === CLOSE_LANGUAGE && this.transcript.language) {
+        // The operator no longer translates into it: the originals, and the reader is told.
+        this.onLanguageRefused(this.transcript.language, error.message);
+        this.transcript.setLanguage('');
+        return this.connect();
+      }
       const state = CLOSE_STATES[error.code];
       if (state && state !== 'busy') return this.end(state, error.message);
       return this.scheduleRetry(`Could not reach the viewer server (${error.message}).`);
+    }
+    if (language !== this.transcript.language) { // the reader chose another meanwhile
+      room.disconnect();
+      return this.connect();
     }
     if (typeof hello.caption_key !== 'string' || !Number.isFinite(hello.server_time_ms)) {
       room.disconnect();
@@ -291,6 +330,21 @@ export class Session {
     this.rememberNames(room);
     this.refreshRoomState();
     this.loadBacklog();
+  }
+
+  /** Reads `language` ('' for the originals) from now on: the relay is opened again for it (each
+   * viewer's socket carries one language), and the backlog is asked again for its translations. */
+  setLanguage(language) {
+    if (language === this.transcript.language) return;
+    this.transcript.setLanguage(language);
+    this.onCaptions();
+    this.backlog.loaded = false;
+    if (this.phase === 'connected' || this.phase === 'reconnecting') {
+      const room = this.room;
+      this.room = null; // its close is not a lost connection
+      room?.disconnect();
+      this.connect();
+    }
   }
 
   close() {

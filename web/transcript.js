@@ -1,10 +1,23 @@
 // The transcript on the page: caption segments rendered as turns (consecutive segments of one
 // speaker), interim text replaced in place by the final text, the room's backlog above.
 //
+// Reading a translation (issue 26): each segment shows its translation into the reader's language
+// (interim translations replaced in place too), the original until one comes; a segment whose
+// translation failed, or has not come `TRANSLATION_WAIT_MS` after its final, shows the original
+// with a visible "not translated" note; each translated segment can show its original on demand.
+// Translations are segments of their own (their own lk.segment_id, updates and final), attached to
+// the original they translate.
+//
 // Every piece of text that comes from the room (captions, names, identities) goes into the page
 // through textContent, never as HTML.
 
+import { directionOf, translationSegmentId } from './protocol.js';
+
 const COLOR_SLOTS = 6;
+
+/** How long after an original's final its translation may take before the original is shown as not
+ * translated (it still replaces the original if it comes later). */
+export const TRANSLATION_WAIT_MS = 5000;
 
 /** Speakers' display names and colours (a colour slot each, in order of first appearance). */
 export class Speakers {
@@ -37,13 +50,63 @@ function segmentKey(identity, id) {
 
 /** Segments keyed by speaker and lk.segment_id, rendered as turns. */
 export class Transcript {
-  constructor(container, empty, speakers) {
+  constructor(container, empty, speakers, { overlay = false } = {}) {
     this.container = container;
     this.empty = empty;
     this.speakers = speakers;
+    this.overlay = overlay;
     this.segments = new Map();
     this.lastTurn = null;
     this.nameLabels = new Map(); // identity -> name elements of that speaker's turns
+    this.language = ''; // the language read: '' for the originals
+  }
+
+  /** Reads `language` ('' for the originals) from now on: every segment is shown again in it. */
+  setLanguage(language) {
+    if (language === this.language) return;
+    this.language = language;
+    this.container.classList.toggle('translating', Boolean(language));
+    for (const text of this.container.querySelectorAll('.turn .text')) this.directText(text);
+    const waiting = [];
+    for (const segment of this.segments.values()) {
+      if (segment.translationOf) continue;
+      segment.late = false;
+      if (segment.final) waiting.push(segment);
+      this.render(segment);
+    }
+    this.expectTranslations(waiting);
+  }
+
+  /** The direction and language of a turn's text: the reader's language's. */
+  directText(text) {
+    if (this.language) {
+      text.lang = this.language;
+      text.dir = directionOf(this.language);
+    } else {
+      text.removeAttribute('lang');
+      text.removeAttribute('dir');
+    }
+  }
+
+  /** The translation into the language read of original `segment`, if one came. */
+  translationOf(segment) {
+    if (!this.language) return null;
+    const translation = this.segments.get(segmentKey(segment.identity, translationSegmentId(segment.id, this.language)));
+    return translation?.translationOf === segment.id && translation.language === this.language ? translation : null;
+  }
+
+  /** Final `segments` whose translation does not come in time are shown as not translated. */
+  expectTranslations(segments) {
+    if (!this.language || !segments.length) return;
+    const language = this.language;
+    setTimeout(() => {
+      if (this.language !== language) return;
+      for (const segment of segments) {
+        if (segment.late || this.translationOf(segment)?.final) continue;
+        segment.late = true;
+        this.render(segment);
+      }
+    }, TRANSLATION_WAIT_MS);
   }
 
   /**
@@ -52,11 +115,12 @@ export class Transcript {
    * one arriving late, or one shown already (a replay), never replaces a newer one; a final one
    * (live or from the backlog) is never reverted or shown again.
    */
-  update({ id, identity, name, text, final, words, start, seq, agent }) {
+  update({ id, identity, name, text, final, words, start, seq, agent, translation }) {
     const key = segmentKey(identity, id);
     let segment = this.segments.get(key);
     if (segment?.final) return 'its segment is already final';
     if (segment && seq <= segment.seq) return `update ${seq} is not newer than update ${segment.seq}, already shown`;
+    if (translation) return this.updateTranslation(key, segment, { id, identity, text, final, seq, agent, ...translation });
     if (!segment) {
       if (!text) return '';
       segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1, agent };
@@ -69,13 +133,101 @@ export class Transcript {
     segment.seq = seq;
     segment.text = text;
     segment.final = final;
-    segment.node.textContent = text;
-    segment.node.classList.toggle('interim', !final);
-    // The captions region is aria-live: announce each segment once, final, not every interim word.
-    if (final) segment.node.removeAttribute('aria-hidden');
-    else segment.node.setAttribute('aria-hidden', 'true');
     if (final) this.finish(segment, words);
+    this.render(segment);
+    if (final) this.expectTranslations([segment]);
     return '';
+  }
+
+  /** A translation's update (`of`: the original's segment id): kept as a segment of its own, and
+   * shown in its original's place. */
+  updateTranslation(key, segment, { id, identity, text, final, seq, agent, of, language, sourceLanguage, untranslated }) {
+    if (!segment) {
+      if (!text) return '';
+      segment = { id, identity, translationOf: of, language, sourceLanguage, agent, text: '', final: false, seq: -1 };
+      this.segments.set(key, segment);
+    }
+    Object.assign(segment, { seq, text, final, untranslated: untranslated || '' });
+    const original = this.segments.get(segmentKey(identity, of));
+    if (original && !original.translationOf) this.render(original);
+    return '';
+  }
+
+  /** Shows original `segment` as the reader reads it: its text, or its translation. */
+  render(segment) {
+    const { node } = segment;
+    if (!node) return;
+    const translation = this.translationOf(segment);
+    if (!this.language) {
+      if (segment.parts) {
+        segment.parts = null;
+        for (const name of ['lang', 'dir']) node.removeAttribute(name);
+        node.classList.remove('translated', 'untranslated');
+      }
+      node.textContent = segment.text;
+      this.settle(node, segment.final || segment.interrupted);
+      node.classList.toggle('interim', !segment.final || Boolean(segment.interrupted));
+      return;
+    }
+    const parts = segment.parts || this.buildParts(segment);
+    const failed = translation?.untranslated || '';
+    const shown = Boolean(translation?.text) && !failed && (translation.final || !segment.late);
+    const note = failed || (segment.late && segment.final && !shown && segment.text
+      ? 'The translation did not come in time.' : '');
+    parts.text.textContent = shown ? translation.text : segment.text;
+    parts.text.lang = shown ? translation.language : translation?.sourceLanguage || '';
+    if (!parts.text.lang) parts.text.removeAttribute('lang');
+    parts.text.dir = shown ? directionOf(translation.language) : 'auto';
+    node.dir = parts.text.dir;
+    parts.note.hidden = !note;
+    parts.note.title = note ? `Shown in the original language: ${note}` : '';
+    parts.original.textContent = segment.text;
+    if (translation?.sourceLanguage) parts.original.lang = translation.sourceLanguage;
+    parts.toggle.hidden = !shown || this.overlay;
+    parts.original.hidden = !shown || !segment.showOriginal;
+    node.classList.toggle('translated', shown);
+    node.classList.toggle('untranslated', Boolean(note));
+    node.classList.toggle('interim', shown ? !translation.final : !segment.final || Boolean(segment.interrupted));
+    // Settled: its translation final, or its original final and shown as not translated.
+    this.settle(node, segment.interrupted || (shown ? translation.final : segment.final && Boolean(note)));
+  }
+
+  /** The captions region is aria-live: announce each segment once, settled, not every interim word. */
+  settle(node, settled) {
+    if (settled) node.removeAttribute('aria-hidden');
+    else node.setAttribute('aria-hidden', 'true');
+  }
+
+  /** The elements of a segment read in translation: its text, the "not translated" note, the
+   * button that shows its original, and the original. */
+  buildParts(segment) {
+    const text = document.createElement('span');
+    text.className = 'seg-text';
+    const note = document.createElement('span');
+    note.className = 'untranslated-note';
+    note.textContent = 'not translated';
+    note.hidden = true;
+    const original = document.createElement('span');
+    original.className = 'seg-original';
+    original.dir = 'auto';
+    original.id = `original-${(this.originalIds = (this.originalIds || 0) + 1)}`;
+    original.hidden = true;
+    const toggle = document.createElement('button');
+    toggle.type = 'button';
+    toggle.className = 'show-original';
+    toggle.textContent = 'Original';
+    toggle.title = 'Show what was said, in the original language';
+    toggle.setAttribute('aria-expanded', 'false');
+    toggle.setAttribute('aria-controls', original.id);
+    toggle.hidden = true;
+    toggle.addEventListener('click', () => {
+      segment.showOriginal = !segment.showOriginal;
+      toggle.setAttribute('aria-expanded', String(segment.showOriginal));
+      this.render(segment);
+    });
+    segment.node.replaceChildren(text, note, toggle, original);
+    segment.parts = { text, note, toggle, original };
+    return segment.parts;
   }
 
   finish(segment, words) {
@@ -112,19 +264,23 @@ export class Transcript {
     header.append(label, when);
     const text = document.createElement('p');
     text.className = 'text';
+    this.directText(text);
     element.append(header, text);
     if (!this.nameLabels.has(identity)) this.nameLabels.set(identity, []);
     this.nameLabels.get(identity).push(label);
     return { identity, element, text };
   }
 
-  /** Puts the room's earlier captions above the live ones, skipping segments already shown. */
+  /** Puts the room's earlier captions above the live ones, skipping segments already shown; the
+   * translated finals among them (into the language read) go to their originals. */
   addBacklog(records) {
-    const fresh = records
+    const known = records
       .filter((r) => r && typeof r.segment_id === 'string' && typeof r.participant_identity === 'string'
         && typeof r.text === 'string' && r.text && Number.isFinite(r.start)
-        && !this.segments.has(segmentKey(r.participant_identity, r.segment_id)))
-      .sort((a, b) => a.start - b.start);
+        && !this.segments.has(segmentKey(r.participant_identity, r.segment_id)));
+    const translations = known.filter((r) => typeof r.translation_of === 'string' && r.translation_of);
+    const fresh = known.filter((r) => !r.translation_of).sort((a, b) => a.start - b.start);
+    for (const r of translations) this.addBacklogTranslation(r);
     if (!fresh.length) return 0;
     const fragment = document.createDocumentFragment();
     let turn = null;
@@ -144,16 +300,32 @@ export class Transcript {
       node.textContent = r.text;
       turn.text.append(node);
       const words = Array.isArray(r.words) ? r.words : [];
-      this.segments.set(segmentKey(r.participant_identity, r.segment_id), {
+      const segment = {
         id: r.segment_id, identity: r.participant_identity, text: r.text, final: true,
         words, start: r.start, end: Number.isFinite(r.end) ? r.end : r.start, node, seq: Infinity,
-      });
+      };
+      this.segments.set(segmentKey(r.participant_identity, r.segment_id), segment);
+      if (this.language) this.render(segment);
     }
+    this.expectTranslations(fresh.map((r) => this.segments.get(segmentKey(r.participant_identity, r.segment_id))));
     const firstLive = this.container.querySelector('.turn:not(.backlog)');
     this.container.insertBefore(fragment, firstLive);
     if (!this.lastTurn) this.lastTurn = turn;
     this.empty.hidden = true;
     return fresh.length;
+  }
+
+  /** A translated final from the backlog (the transcript file keeps every language). */
+  addBacklogTranslation(r) {
+    if (r.language !== this.language || !this.language) return;
+    const segment = {
+      id: r.segment_id, identity: r.participant_identity, translationOf: r.translation_of, language: r.language,
+      sourceLanguage: '', text: r.text, final: true, seq: Infinity,
+      untranslated: typeof r.untranslated === 'string' ? r.untranslated : '',
+    };
+    this.segments.set(segmentKey(r.participant_identity, r.segment_id), segment);
+    const original = this.segments.get(segmentKey(r.participant_identity, r.translation_of));
+    if (original && !original.translationOf) this.render(original);
   }
 
   /**
@@ -165,9 +337,10 @@ export class Transcript {
       if (segment.final || segment.agent !== agent) continue;
       segment.final = true;
       segment.interrupted = true;
+      if (!segment.node) continue; // a translation: its original says so
       segment.node.classList.add('interrupted');
-      segment.node.removeAttribute('aria-hidden');
       segment.node.title = 'The captioner stopped here; captions continue below.';
+      this.render(segment);
     }
   }
 
@@ -175,13 +348,19 @@ export class Transcript {
     for (const label of this.nameLabels.get(identity) || []) label.textContent = this.speakers.nameOf(identity);
   }
 
-  /** Final segments for export, with their speakers' current names. */
+  /** Final segments for export, with their speakers' current names, in the language read: each
+   * one's final translation, or its original where there is none. */
   finals() {
     return [...this.segments.values()]
-      .filter((s) => s.final && !s.interrupted && s.text)
-      .map((s) => ({
-        name: this.speakers.nameOf(s.identity), text: s.text, start: s.start, end: s.end, words: s.words,
-      }));
+      .filter((s) => s.final && !s.interrupted && s.text && !s.translationOf)
+      .map((s) => {
+        const name = this.speakers.nameOf(s.identity);
+        const translation = this.translationOf(s);
+        if (!translation?.final || !translation.text || translation.untranslated) {
+          return { name, text: s.text, start: s.start, end: s.end, words: s.words };
+        }
+        return { name, text: translation.text, start: s.start, end: s.end, words: spreadWords(translation.text, s) };
+      });
   }
 
   /** A one-line note in the transcript (not a caption), such as a failed backlog load. */
@@ -191,4 +370,15 @@ export class Transcript {
     p.textContent = message;
     this.container.insertBefore(p, this.container.querySelector('.turn'));
   }
+}
+
+/** A translation's words laid evenly over its original's time (a translation has no word times of
+ * its own), so that exports cut it into cues of readable length as they cut the original. */
+function spreadWords(text, original) {
+  const words = text.split(/\s+/).filter(Boolean);
+  const start = original.words?.length ? original.words[0][1] : original.start;
+  const end = original.words?.length ? original.words[original.words.length - 1][2] : original.end;
+  if (!Number.isFinite(start) || !Number.isFinite(end) || end <= start || !words.length) return [];
+  const step = (end - start) / words.length;
+  return words.map((word, i) => [word, start + i * step, start + (i + 1) * step]);
 }

@@ -16,6 +16,13 @@ the viewers' WebSockets (server.py) only:
 * the other participants' identity and display name (captions name their speaker), never their
   metadata, attributes or join times.
 
+Translations (issue 26) are captions too, verified the same way; each viewer reads one language
+(or only the originals), and its socket carries the originals and that language's translations,
+never every language. The relay sets its own participant attribute ``captions.reading`` to the
+languages its viewers read (only configured ones, so at most ``--translate-to``'s few; "" removes
+it), updated as viewers come and go, coalesced to one update per `READING_UPDATE_S`: the room's
+captioner translates only into those.
+
 A room that does not exist (a meeting not started, or over) is not created by a viewer: the relay
 checks through the server API first, tells its viewers the room is empty, and checks again every
 `ABSENT_RECHECK_S`.
@@ -36,7 +43,15 @@ import secrets
 from collections.abc import Awaitable, Callable
 
 from captions.log import logger
-from captions.protocol import ATTR_SPEAKER, CAPTION_ATTRIBUTES, TOPIC_TRANSCRIPTION, verify_caption
+from captions.protocol import (
+    ATTR_LANGUAGE,
+    ATTR_READING,
+    ATTR_SPEAKER,
+    ATTR_TRANSLATED,
+    CAPTION_ATTRIBUTES,
+    TOPIC_TRANSCRIPTION,
+    verify_caption,
+)
 
 MAX_CAPTION_CHARS = 2000
 """A caption is a line of text (web/protocol.js `MAX_CAPTION_CHARS`): a longer stream is dropped."""
@@ -49,6 +64,8 @@ MAX_STREAMS_PER_SENDER = 16
 a burst can overlap a few)."""
 RELAY_NAME = "Caption viewers"
 AGENT_KIND = 4  # ParticipantKind AGENT, in LiveKit's protocol (and livekit-client's enum)
+READING_UPDATE_S = 0.5
+"""At most one ``captions.reading`` update this often (a viewer switching languages reconnects)."""
 VIEWER_QUEUE = 256
 """Messages waiting for one slow viewer; past that the viewer is disconnected (it reconnects)."""
 
@@ -57,12 +74,18 @@ class RoomRelay:
     """One room's captions for every viewer of it on this server (see the module notes)."""
 
     def __init__(self, url: str, token: Callable[[], str], room_name: str, on_idle: Callable[[RoomRelay], None],
-                 caption_key: str, room_exists: Callable[[str], Awaitable[bool]]):
+                 caption_key: str, room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = ()):
         self.url, self._token, self.room_name, self._on_idle = url, token, room_name, on_idle
         self._caption_key, self._room_exists = caption_key, room_exists
-        self._reading: collections.Counter[str] = collections.Counter()
+        self._languages = languages
+        """The configured translation languages: the only ones a viewer can read, or the relay announce."""
+        self._streams: collections.Counter[str] = collections.Counter()
         self._unverified = 0
-        self.viewers: set[asyncio.Queue] = set()
+        self.viewers: dict[asyncio.Queue, str] = {}
+        """Each viewer's queue, and the language it reads ("": the originals only)."""
+        self.reading = ""
+        """The ``captions.reading`` attribute as last set in the room."""
+        self._reading_task: asyncio.Task | None = None
         self.connected = asyncio.Event()
         self._room = None
         self._task: asyncio.Task | None = None
@@ -71,10 +94,12 @@ class RoomRelay:
 
     # Viewers ----------------------------------------------------------------------------------
 
-    def add_viewer(self) -> asyncio.Queue:
-        """A queue of JSON messages for one viewer, starting with the room as it is now."""
+    def add_viewer(self, language: str = "") -> asyncio.Queue:
+        """A queue of JSON messages for one viewer that reads `language` (a configured one, or "" for
+        the originals only), starting with the room as it is now."""
         queue: asyncio.Queue = asyncio.Queue(maxsize=VIEWER_QUEUE)
-        self.viewers.add(queue)
+        self.viewers[queue] = language if language in self._languages else ""
+        self._reading_changed()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -85,7 +110,8 @@ class RoomRelay:
         return queue
 
     def remove_viewer(self, queue: asyncio.Queue) -> None:
-        self.viewers.discard(queue)
+        self.viewers.pop(queue, None)
+        self._reading_changed()
         if not self.viewers and self._idle_timer is None:
             self._idle_timer = asyncio.get_running_loop().call_later(IDLE_S, self._idle)
 
@@ -94,17 +120,47 @@ class RoomRelay:
         if not self.viewers:
             self._on_idle(self)
 
-    def _send(self, message: dict) -> None:
-        """Encoded once, queued for every viewer."""
+    def _send(self, message: dict, language: str | None = None) -> None:
+        """Encoded once, queued for every viewer (only those reading `language`, when given)."""
         text = encode(message)
-        for queue in list(self.viewers):
+        for queue, reads in list(self.viewers.items()):
+            if language is not None and reads != language:
+                continue
             try:
                 queue.put_nowait(text)
             except asyncio.QueueFull:  # a viewer that does not read: it is closed, and reconnects
-                self.viewers.discard(queue)
+                self.viewers.pop(queue, None)
+                self._reading_changed()
                 while not queue.empty():
                     queue.get_nowait()
                 queue.put_nowait(OVERFLOW)
+
+    # What its viewers read ----------------------------------------------------------------------
+
+    def wanted_reading(self) -> str:
+        """The ``captions.reading`` attribute its viewers call for: their languages, sorted."""
+        return ",".join(sorted({language for language in self.viewers.values() if language}))
+
+    def _reading_changed(self) -> None:
+        """Sets ``captions.reading`` again (soon, once) if the viewers' languages changed."""
+        if not self._languages or self._room is None or not self.connected.is_set():
+            return
+        if self.wanted_reading() != self.reading and self._reading_task is None:
+            self._reading_task = asyncio.create_task(self._publish_reading(), name="relay-reading")
+
+    async def _publish_reading(self) -> None:
+        try:
+            while (room := self._room) is not None and (wanted := self.wanted_reading()) != self.reading:
+                try:
+                    await room.local_participant.set_attributes({ATTR_READING: wanted})
+                    if room is self._room:  # not a room left meanwhile (the next join sets it again)
+                        self.reading = wanted
+                except Exception as e:  # noqa: BLE001 - the room went away meanwhile: the next join sets it
+                    logger.info("relay of room %r could not set %s (%s)", self.room_name, ATTR_READING, e)
+                    return
+                await asyncio.sleep(READING_UPDATE_S)
+        finally:
+            self._reading_task = None
 
     # The room ---------------------------------------------------------------------------------
 
@@ -113,8 +169,9 @@ class RoomRelay:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in list(self._readers):
-            task.cancel()
+        for task in [*self._readers, self._reading_task]:
+            if task is not None:
+                task.cancel()
 
     async def _run(self) -> None:
         """Joins the room, and joins again (with backoff) whenever the connection is lost for good."""
@@ -136,6 +193,7 @@ class RoomRelay:
                 logger.warning("relay of room %r could not join (%s: %s)", self.room_name, type(e).__name__, e)
             finally:
                 self.connected.clear()
+                self.reading = ""  # a new participant each join: it has no attributes yet
                 room, self._room = self._room, None
                 if room is not None:
                     with contextlib.suppress(Exception):
@@ -160,6 +218,7 @@ class RoomRelay:
         await room.connect(self.url, self._token(), options=rtc.RoomOptions(auto_subscribe=False))
         self.connected.set()
         self._send(self._snapshot())
+        self._reading_changed()
 
     def _on_attributes_changed(self, changed: dict[str, str], participant) -> None:
         if int(participant.kind) == AGENT_KIND:  # others' attributes are nobody's business here
@@ -173,12 +232,12 @@ class RoomRelay:
     def _on_caption_stream(self, reader, sender: str) -> None:
         # Per sender and speaker: the agent sends in its own name for every speaker who left.
         sender = f"{sender}\n{(reader.info.attributes or {}).get(ATTR_SPEAKER, '')}"
-        if self._reading[sender] >= MAX_STREAMS_PER_SENDER:
+        if self._streams[sender] >= MAX_STREAMS_PER_SENDER:
             reader.close()  # unread: its subscription goes at once
             logger.info("relay of room %r: more than %d caption streams at once from %r: one dropped",
                         self.room_name, MAX_STREAMS_PER_SENDER, sender)
             return
-        self._reading[sender] += 1
+        self._streams[sender] += 1
         task = asyncio.create_task(self._forward(reader, sender))
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
@@ -195,9 +254,9 @@ class RoomRelay:
             return
         finally:
             reader.close()  # a no-op once read to its end; otherwise its subscription would stay
-            self._reading[sending] -= 1
-            if not self._reading[sending]:
-                del self._reading[sending]
+            self._streams[sending] -= 1
+            if not self._streams[sending]:
+                del self._streams[sending]
         attributes = {k: v for k, v in (reader.info.attributes or {}).items() if k in CAPTION_ATTRIBUTES}
         if not verify_caption(self._caption_key, self.room_name, sender, attributes, text):
             # Not a caption of this deployment: nothing a viewer should see. Said, but not for each
@@ -207,8 +266,10 @@ class RoomRelay:
                 logger.info("relay of room %r: dropped a caption stream from %r that does not verify (%d so far)",
                             self.room_name, sender, self._unverified)
             return
+        # A translation goes to the viewers of its language only (verified: its signature covers it).
+        language = attributes.get(ATTR_LANGUAGE, "") if attributes.get(ATTR_TRANSLATED) == "true" else None
         self._send({"type": "caption", "id": reader.info.stream_id, "sender": sender, "attributes": attributes,
-                    "text": text})
+                    "text": text}, language)
 
 
 async def _read_bounded(reader) -> str:
@@ -235,9 +296,9 @@ class Relays:
     """The relays of this viewer server, one per room with viewers."""
 
     def __init__(self, url: str, token_for: Callable[[str], str], caption_key: str,
-                 room_exists: Callable[[str], Awaitable[bool]]):
+                 room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = ()):
         self.url, self._token_for = url, token_for
-        self._caption_key, self._room_exists = caption_key, room_exists
+        self._caption_key, self._room_exists, self._languages = caption_key, room_exists, languages
         self._relays: dict[str, RoomRelay] = {}
         self._closing: set[asyncio.Task] = set()
         """Relays of rooms gone idle, leaving (kept referenced until they have left)."""
@@ -246,7 +307,7 @@ class Relays:
         relay = self._relays.get(room)
         if relay is None:
             relay = RoomRelay(self.url, lambda: self._token_for(room), room, self._drop, self._caption_key,
-                              self._room_exists)
+                              self._room_exists, self._languages)
             self._relays[room] = relay
         return relay
 

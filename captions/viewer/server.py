@@ -17,6 +17,11 @@ Who may do what (the security model in the docs names the test for each row):
   who reads them.
 * With the room, a viewer gets the deployment's caption key (the public half: captions/protocol.py),
   the one key its page trusts, and this server's clock, against which the page refuses replays.
+* Translations (issue 26): a viewer names the language it reads (``lang``, one of the operator's
+  ``--translate-to`` languages, nothing else: an unknown one is refused with close code 4422); its
+  socket carries the originals and that language's translations only, and its backlog the originals
+  and that language's translated finals. The relay tells the room's captioner which languages its
+  viewers read (relay.py), so the worker translates only into those.
 
 Every request that costs something (a live connection, a transcript read) has a per-link (the
 link's ``jti``, its one canonical name) and a per-address budget (ratelimit.py); past it the answer
@@ -47,7 +52,7 @@ from captions import PROJECT_ROOT
 from captions.config import add_caption_secret_option, add_livekit_options, add_option, positive_int
 from captions.live.transcripts import BACKLOG_WINDOW_S, recent_segments, transcript_path
 from captions.log import logger
-from captions.protocol import CaptionSigner
+from captions.protocol import CaptionSigner, FinalSegment
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import ROOM_NAME, AccessDenied, Link, add_viewer_secret_option, check_link
 from captions.viewer.ratelimit import RateLimiter
@@ -89,6 +94,9 @@ class WebSettings:
     tokens_per_minute_per_address: float = 60
     backlogs_per_minute_per_link: float = 12
     backlogs_per_minute_per_address: float = 12
+    translate_to: tuple[str, ...] = ()
+    """The languages captions are translated into (the workers' ``--translate-to``): what a viewer may
+    choose to read, besides the original."""
 
     @functools.cached_property
     def caption_key(self) -> str:
@@ -98,7 +106,8 @@ class WebSettings:
 
 REVOCATION_CHECK_S = 1.0
 """How often a live viewer's link is checked against the revocation list."""
-CLOSE_CODES = {"missing": 4400, "invalid": 4403, "expired": 4401, "revoked": 4410, "rate_limited": 4429}
+CLOSE_CODES = {"missing": 4400, "invalid": 4403, "expired": 4401, "revoked": 4410, "rate_limited": 4429,
+               "language": 4422}
 """WebSocket close codes for a refused or ended link (the page's states: web/session.js)."""
 MAX_LIVE_PER_LINK = 1000
 """Open live connections on one link: a webinar's link is shared by its whole audience."""
@@ -113,11 +122,13 @@ CLOSE_SLOW = 4408
 
 def relay_token(settings: WebSettings, room: str) -> str:
     """The LiveKit token of this server's relay in `room`: it subscribes to nothing and publishes
-    nothing; LiveKit delivers it the room's data (the caption streams) all the same."""
+    nothing; LiveKit delivers it the room's data (the caption streams) all the same. With translation
+    configured it may set its own attributes (``captions.reading``: the languages its viewers read)."""
     from livekit import api
 
     grants = api.VideoGrants(room_join=True, room=room, hidden=not settings.viewers_visible, can_subscribe=False,
-                             can_publish=False, can_publish_data=False, can_update_own_metadata=False)
+                             can_publish=False, can_publish_data=False,
+                             can_update_own_metadata=bool(settings.translate_to))
     return (api.AccessToken(settings.api_key, settings.api_secret).with_identity(relay_identity())
             .with_name(RELAY_NAME).with_ttl(timedelta(minutes=10)).with_grants(grants).to_jwt())
 
@@ -165,7 +176,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
 
     server_api = _ServerApi(settings)
     relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room), settings.caption_key,
-                              server_api.room_exists)
+                              server_api.room_exists, settings.translate_to)
     live_viewers = _LiveViewers()
     token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
     token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
@@ -207,11 +218,22 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         too_many(links.take(link.link_id))
         return link.room, link
 
+    def reading_language(request: web.Request) -> str:
+        """The language a viewer reads (``lang``): "" for the originals, else one of the configured
+        ones; raises _Refused for anything else."""
+        language = normal_language(request.query.get("lang", "")[:32])
+        if language and language not in settings.translate_to:
+            offered = ", ".join(settings.translate_to) or "none"
+            raise _Refused(_json_error(400, f"Captions are not translated into {language[:16]!r} here "
+                                       f"(languages offered: {offered}).", "language"))
+        return language
+
     async def live(request: web.Request) -> web.StreamResponse:
         """A room's live captions over a WebSocket, until the link ends (see the module notes)."""
         refused = None
         try:
             room, link = checked_link(request, "live", token_addresses, token_links)
+            language = reading_language(request)
         except _Refused as e:
             refused = e.response
         ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
@@ -227,7 +249,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             await _close(ws, request, 4429, over)
             return ws
         with live_viewers.counted(client_address(request), link.link_id if link else room):
-            await _serve_viewer(ws, request, room, link)
+            await _serve_viewer(ws, request, room, link, language)
         return ws
 
     async def _close(ws: web.WebSocketResponse, request: web.Request, code: int, message: str) -> None:
@@ -238,13 +260,14 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             if request.transport is not None:
                 request.transport.abort()
 
-    async def _serve_viewer(ws: web.WebSocketResponse, request: web.Request, room: str, link: Link | None) -> None:
+    async def _serve_viewer(ws: web.WebSocketResponse, request: web.Request, room: str, link: Link | None,
+                            language: str) -> None:
         # The hello first: the page reads every other message as part of the room it opened.
         await ws.send_str(encode({"type": "hello", "room": room, "caption_key": settings.caption_key,
                                   "server_time_ms": int(time.time() * 1000),
-                                  "link_expires_at": link.expires_at if link else None}))
+                                  "link_expires_at": link.expires_at if link else None, "language": language}))
         relay = relays.relay(room)  # after the await: a relay that went idle meanwhile is not reused
-        queue = relay.add_viewer()
+        queue = relay.add_viewer(language)
         sender = asyncio.create_task(_forward(ws, queue))
         reader = asyncio.create_task(_read_nothing(ws))
         ending = asyncio.create_task(_link_end(link))
@@ -293,6 +316,7 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     async def backlog(request: web.Request) -> web.Response:
         try:
             room, _ = checked_link(request, "backlog", backlog_addresses, backlog_links)
+            language = reading_language(request)
         except _Refused as e:
             return e.response
         if settings.data_dir is None:
@@ -304,13 +328,14 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             logger.error("backlog of room %r unreadable: %s", room, e)
             return _json_error(503, "Earlier captions cannot be read right now; new captions appear below.",
                                "backlog_unavailable")
-        return web.json_response({"room": room, "window_s": BACKLOG_WINDOW_S,
-                                  "segments": [dataclasses.asdict(seg) for seg in segments]},
+        return web.json_response({"room": room, "window_s": BACKLOG_WINDOW_S, "language": language,
+                                  "segments": [dataclasses.asdict(seg) for seg in segments
+                                               if _in_backlog(seg, language)]},
                                  headers={"Cache-Control": "no-store"})
 
     async def config(request: web.Request) -> web.Response:
-        return web.json_response({"caption_key": settings.caption_key,
-                                  "server_time_ms": int(time.time() * 1000)}, headers={"Cache-Control": "no-store"})
+        return web.json_response({"caption_key": settings.caption_key, "server_time_ms": int(time.time() * 1000),
+                                  "languages": list(settings.translate_to)}, headers={"Cache-Control": "no-store"})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "open_access": settings.open_access})
@@ -339,6 +364,11 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     app.on_shutdown.append(lambda app: relays.aclose())
     app.on_cleanup.append(lambda app: server_api.aclose())
     return app
+
+
+def _in_backlog(segment: FinalSegment, language: str) -> bool:
+    """The originals, and the translated finals into the viewer's language."""
+    return not segment.translation_of or (bool(language) and segment.language == language)
 
 
 class _ServerApi:
@@ -397,6 +427,25 @@ class _LiveViewers:
                     del counter[key]
 
 
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
+"""A language a viewer may read: a BCP-47 primary code with at most one subtag, lower case (``de``,
+``pt-br``), as the workers' targets."""
+
+
+def normal_language(text: str) -> str:
+    """`text` as the workers spell language codes: lower case, ``_`` read as ``-``."""
+    return text.strip().lower().replace("_", "-")
+
+
+def language_list(text: str) -> tuple[str, ...]:
+    """argparse type for --translate-to: comma-separated language codes (``de,fr,ar``)."""
+    codes = tuple(dict.fromkeys(normal_language(code) for code in text.split(",") if code.strip()))
+    bad = [code for code in codes if not LANGUAGE_CODE.match(code)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"not a language code: {', '.join(map(repr, bad))} (use codes such as de,fr)")
+    return codes
+
+
 _ENDED = {"expired": "This viewer link has expired. Ask the operator for a new one.",
           "revoked": "This viewer link was revoked by the operator. Ask them for a new one."}
 
@@ -436,6 +485,9 @@ def configure_web_parser(parser: argparse.ArgumentParser) -> None:
                help="DEV ONLY: let anyone view any room without a signed link")
     add_option(parser, "--data-dir", env="CAPTIONS_DATA_DIR", default="data", type=Path,
                help="the worker's transcript directory, read for late viewers' backlog")
+    add_option(parser, "--translate-to", env="CAPTIONS_TRANSLATE_TO", default=(), type=language_list,
+               help="languages viewers may read captions in, besides the original (comma-separated codes, "
+                    "the workers' setting: one .env configures both)")
     add_option(parser, "--behind-proxy", env="CAPTIONS_WEB_BEHIND_PROXY", default=False, type=_truthy, nargs="?",
                const=True, help="a reverse proxy is in front: per-address limits use X-Forwarded-For")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -454,6 +506,7 @@ def settings_from_args(args: argparse.Namespace) -> WebSettings:
         open_access=bool(args.open),
         data_dir=args.data_dir,
         behind_proxy=bool(args.behind_proxy),
+        translate_to=tuple(args.translate_to),
     )
 
 
