@@ -63,3 +63,13 @@ def captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory) -> Captio
     worker = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory.mktemp("worker"))
     yield worker
     worker.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_translation_model(tmp_path_factory) -> Path:
+    """Tiny random translation models (seed 0), one CTranslate2 OPUS-MT-style model per ordered pair
+    of en, fr, de, es in `SRC-TGT/` subdirectories: what `captions make-test-checkpoint DIR` writes
+    into DIR/translation/, and a spec `load_translation_model` reads."""
+    from captions.translate.tiny import write_tiny_translation_model
+
+    return write_tiny_translation_model(tmp_path_factory.mktemp("translation") / "translation", seed=0)

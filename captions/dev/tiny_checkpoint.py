@@ -1,4 +1,5 @@
-"""`captions make-test-checkpoint DIR`: a tiny random Kyutai STT checkpoint in the real on-disk layout.
+"""`captions make-test-checkpoint DIR`: a tiny random Kyutai STT checkpoint in the real on-disk layout,
+and tiny random translation models beside it in DIR/translation/ (captions/translate/tiny.py).
 
 No machine of ours can download the real weights, yet the whole model path (moshi's loaders, Mimi,
 LMGen, the tokenizer, the VAD heads) must run in tests and demos. This writes config.json, the LM
@@ -261,7 +262,17 @@ def make_test_checkpoint(out_dir: str | Path, seed: int = 0, full_mimi: bool = F
     return out
 
 
+TRANSLATION_SUBDIR = "translation"
+"""Where `captions make-test-checkpoint DIR` writes the tiny translation models: DIR/translation/."""
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    from captions.translate.tiny import DEFAULT_LANGUAGES
+
+    parser.description = (
+        "Write a tiny random Kyutai STT checkpoint into OUT_DIR, and tiny random translation models (one "
+        f"CTranslate2 OPUS-MT-style model per language pair) into OUT_DIR/{TRANSLATION_SUBDIR}/. Both write "
+        "meaningless words; both are in the real on-disk formats.")
     parser.add_argument("out_dir", help="directory to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--full-mimi", action="store_true",
@@ -272,11 +283,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--delay", type=float, default=0.5, help="stt_config audio_delay_seconds")
     parser.add_argument("--prefix", type=float, default=0.0, help="stt_config audio_silence_prefix_seconds")
     parser.add_argument("--no-vad", action="store_true", help="no semantic-VAD extra heads (like stt-2.6b-en)")
+    parser.add_argument("--translation-languages", default=",".join(DEFAULT_LANGUAGES),
+                        help=f"languages of the tiny translation models in OUT_DIR/{TRANSLATION_SUBDIR}/, one "
+                             "model per ordered pair; empty: write none")
 
 
 def run(args: argparse.Namespace) -> int:
     make_test_checkpoint(args.out_dir, seed=args.seed, full_mimi=args.full_mimi, lm_dim=args.lm_dim,
                          lm_layers=args.lm_layers, lm_heads=args.lm_heads, delay_s=args.delay,
                          prefix_s=args.prefix, vad=not args.no_vad)
+    languages = [code.strip() for code in args.translation_languages.split(",") if code.strip()]
+    if languages:
+        from captions.translate.tiny import write_tiny_translation_model
+
+        write_tiny_translation_model(Path(args.out_dir) / TRANSLATION_SUBDIR, languages, seed=args.seed)
     print(args.out_dir)
     return 0

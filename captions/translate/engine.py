@@ -1,0 +1,225 @@
+"""The translation engine: one background thread per worker that batches every pending translation
+into one model call (dynamic batching: what piles up while a batch runs goes into the next one).
+
+Threads: `submit` and `close` are called from any thread (each room's event loop) and never block
+on the model: `submit` takes a lock for O(1) work and returns a `concurrent.futures.Future`. The
+engine's own thread ("translation") is the only caller of the model. A future's done-callbacks run
+on the engine thread (or on the submitting thread, for a future that fails or is dropped at once):
+a caller on an event loop hands results over with `loop.call_soon_threadsafe` (or wraps the future
+with `asyncio.wrap_future`).
+
+What a caller can rely on:
+
+* finals are served before interims, in the order submitted; each batch holds at most `max_batch`;
+* a queued interim is dropped (its future cancelled), never silently, when the queue of interims is
+  full (the oldest goes first), when a newer interim or the final of the same `key` (a caption
+  segment) arrives, or when the caller cancels it;
+* a model exception fails that batch's futures with the exception; the engine goes on with the next;
+* `close()` stops the thread and fails what is still queued with `TranslationEngineClosed`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from captions.log import logger
+from captions.translate.model import TranslationRequest, UnsupportedPair, language_code
+
+MAX_QUEUED_INTERIMS = 64
+"""Interims waiting at once (all rooms together), beyond which the oldest is dropped: a bound on
+memory and on the work a burst of interims can queue in front of the next final."""
+
+
+class Translator(Protocol):
+    """What the engine needs from a model (TranslationModel, or a fake in tests)."""
+
+    def translate_batch(self, requests: Sequence[TranslationRequest]) -> list[str]: ...
+
+
+class TranslationEngineClosed(RuntimeError):
+    """The engine was closed before this translation ran."""
+
+
+@dataclass
+class _Job:
+    request: TranslationRequest
+    final: bool
+    key: Hashable | None
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineCounters:
+    """Plain counters, for metrics and tests; read them from any thread (each is one int or float)."""
+
+    submitted: int = 0
+    translated: int = 0
+    """Futures resolved with a translation."""
+    dropped: int = 0
+    """Interims cancelled before they ran (queue full, superseded, or cancelled by the caller)."""
+    failed: int = 0
+    """Futures failed by a model exception, an unsupported pair or close()."""
+    batches: int = 0
+    busy_s: float = 0.0
+    """Time spent in the model."""
+    largest_batch: int = 0
+
+
+class TranslationEngine:
+    """Batched translation on one thread; see the module docstring for the contract."""
+
+    def __init__(self, model: Translator, max_batch: int = 32, max_interims: int = MAX_QUEUED_INTERIMS,
+                 on_batch: Callable[[int, float], None] | None = None):
+        """`on_batch(size, seconds)` is called on the engine thread after each model call (metrics)."""
+        if max_batch < 1 or max_interims < 1:
+            raise ValueError("max_batch and max_interims must be at least 1")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_interims = max_interims
+        self.counters = EngineCounters()
+        self._on_batch = on_batch
+        self._counters_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._finals: deque[_Job] = deque()
+        self._interims: deque[_Job] = deque()
+        self._interim_by_key: dict[Hashable, _Job] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="translation", daemon=True)
+        self._thread.start()
+
+    # ---- any thread ---------------------------------------------------------------------------
+
+    def submit(self, text: str, source: str, target: str, *, final: bool,
+               key: Hashable | None = None) -> Future[str]:
+        """Queues a translation and returns its future at once. `key` (for example the caption's
+        segment id and the target language) lets a newer interim or the final of the same key
+        replace a queued interim, whose future is then cancelled."""
+        job = _Job(TranslationRequest(text, source, target), final, key)
+        supports = getattr(self.model, "supports", None)
+        if supports is not None and not supports(source, target):
+            self._fail([job], UnsupportedPair(f"no translation model for "
+                                              f"{language_code(source)}->{language_code(target)}"))
+            return job.future
+        dropped: list[_Job] = []
+        with self._cond:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._count("submitted")
+                if key is not None and (old := self._interim_by_key.pop(key, None)) is not None:
+                    self._interims.remove(old)  # O(queued interims), bounded by max_interims
+                    dropped.append(old)
+                if final:
+                    self._finals.append(job)
+                else:
+                    if len(self._interims) >= self.max_interims:
+                        dropped.append(self._pop_interim())
+                    self._interims.append(job)
+                    if key is not None:
+                        self._interim_by_key[key] = job
+                self._cond.notify()
+        if closed:
+            self._fail([job], TranslationEngineClosed("the translation engine is closed"))
+        self._drop(dropped)  # outside the lock: cancel() runs the callers' callbacks
+        return job.future
+
+    @property
+    def queued(self) -> int:
+        """Translations waiting (finals and interims)."""
+        with self._cond:
+            return len(self._finals) + len(self._interims)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stops the thread after the batch in progress (waiting up to `timeout` for it) and fails
+        every queued future with TranslationEngineClosed. Idempotent."""
+        with self._cond:
+            self._closed = True
+            pending = list(self._finals) + list(self._interims)
+            self._finals.clear()
+            self._interims.clear()
+            self._interim_by_key.clear()
+            self._cond.notify_all()
+        self._fail(pending, TranslationEngineClosed("the translation engine closed before this ran"))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- the engine thread ------------------------------------------------------------------------
+
+    def _pop_interim(self) -> _Job:
+        job = self._interims.popleft()
+        if job.key is not None and self._interim_by_key.get(job.key) is job:
+            del self._interim_by_key[job.key]
+        return job
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Waits for work; the next batch (finals first), or None once closed."""
+        with self._cond:
+            while not self._closed and not self._finals and not self._interims:
+                self._cond.wait()
+            if self._closed:
+                return None
+            batch = []
+            while self._finals and len(batch) < self.max_batch:
+                batch.append(self._finals.popleft())
+            while self._interims and len(batch) < self.max_batch:
+                batch.append(self._pop_interim())
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            self._count("dropped", len(batch) - len(jobs))  # cancelled by their caller meanwhile
+            if jobs:
+                self._translate(jobs)
+
+    def _translate(self, jobs: list[_Job]) -> None:
+        start = time.perf_counter()
+        try:
+            texts = self.model.translate_batch([job.request for job in jobs])
+            if len(texts) != len(jobs):
+                raise RuntimeError(f"the model returned {len(texts)} translations for {len(jobs)} texts")
+        except Exception as e:  # noqa: BLE001 - the model's failure is this batch's, not the engine's
+            logger.warning("translation of a batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
+            self._record(len(jobs), time.perf_counter() - start)
+            for job in jobs:
+                job.future.set_exception(e)
+            self._count("failed", len(jobs))
+            return
+        self._record(len(jobs), time.perf_counter() - start)
+        for job, text in zip(jobs, texts):
+            job.future.set_result(text)
+        self._count("translated", len(jobs))
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._counters_lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    def _record(self, size: int, seconds: float) -> None:
+        with self._counters_lock:
+            self.counters.batches += 1
+            self.counters.busy_s += seconds
+            self.counters.largest_batch = max(self.counters.largest_batch, size)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(size, seconds)
+            except Exception:  # noqa: BLE001 - a metrics hook must not stop translation
+                logger.exception("translation on_batch callback failed")
+
+    def _fail(self, jobs: list[_Job], error: BaseException) -> None:
+        for job in jobs:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+                self._count("failed")
+
+    def _drop(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.future.cancel()
+            self._count("dropped")

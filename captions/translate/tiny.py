@@ -1,0 +1,279 @@
+"""Random translation models in the real CTranslate2 layout of a converted OPUS-MT (Marian) model.
+
+No machine of ours can download translation weights, yet the whole translation path (CTranslate2's
+loader and decoder, the SentencePiece tokenizers, the engine's batching) must run in tests, demos
+and benchmarks. This writes, deterministically for a seed and without network, what
+`ct2-transformers-converter --model Helsinki-NLP/opus-mt-SRC-TGT --copy_files source.spm target.spm`
+writes: model.bin, config.json and shared_vocabulary.json from `ctranslate2.specs.TransformerSpec`
+(post-norm, swish, sinusoidal positions, tied embeddings, a decoder that starts from a zero
+embedding, as the converter's Marian loader sets them), with source.spm and target.spm trained here
+on the small bundled text below.
+
+Two shapes: TINY (a few hundred kilobytes per pair; its output is meaningless words, as the tiny
+STT checkpoint's is) for tests and `captions make-test-checkpoint`, and OPUS_MT_BASE (the shape and
+vocabulary size of Helsinki-NLP/opus-mt-en-de, about 74 M parameters) for `captions bench translate`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from captions.log import logger
+
+DEFAULT_LANGUAGES = ("en", "fr", "de", "es")
+"""The tiny model's languages: the STT model's two (English, French) and two more to read in."""
+
+
+@dataclass(frozen=True)
+class MarianShape:
+    """The dimensions of a Marian transformer (one language pair)."""
+
+    d_model: int
+    layers: int
+    """Encoder layers, and as many decoder layers."""
+    heads: int
+    ffn: int
+    vocab_size: int | None
+    """Tokens in the shared vocabulary; None: exactly the tokenizer's pieces. Production models'
+    vocabularies are larger than our tokenizer's: the rest is filled with pieces the tokenizer
+    never writes (they decode to its unknown sign)."""
+    max_positions: int = 512
+
+
+TINY = MarianShape(d_model=32, layers=2, heads=2, ffn=64, vocab_size=None)
+OPUS_MT_BASE = MarianShape(d_model=512, layers=6, heads=8, ffn=2048, vocab_size=58101)
+"""Helsinki-NLP/opus-mt-en-de's config.json (a transformer-align base model): the production shape."""
+
+TOKENIZER_VOCAB = 400
+PROJECTION_GAIN = 4.0
+"""Sharpens the random model's output distribution, so that its greedy choice depends on its input."""
+END_BIAS = 7.0
+"""Added to the </s> logit of the random model: it then ends most sentences after a few words."""
+
+# A little of each language, enough for a tokenizer with word pieces of all of them.
+SENTENCES: dict[str, list[str]] = {
+    "en": [
+        "Good morning everyone, thank you for joining the weekly planning meeting.",
+        "The budget for the next quarter looks reasonable, but travel costs went up.",
+        "Could you share your screen so that we can all see the latest figures?",
+        "I think we should ship the new release before the end of the month.",
+        "Let me summarise the three decisions we took during the last call.",
+        "The customer asked whether live captions also work on mobile phones.",
+        "Please mute your microphone when you are not speaking.",
+        "We will meet again next Tuesday at ten o'clock.",
+    ],
+    "fr": [
+        "Bonjour à tous, nous allons commencer la réunion dans quelques instants.",
+        "Je pense que la nouvelle version est prête pour les tests utilisateurs.",
+        "Les sous-titres en direct rendent les appels plus accessibles.",
+        "Pouvez-vous partager votre écran pour que tout le monde voie les chiffres ?",
+        "Le budget du prochain trimestre semble raisonnable, mais les voyages coûtent plus cher.",
+        "Merci beaucoup, à demain et bonne journée.",
+        "Nous avons pris trois décisions lors de la dernière réunion.",
+        "Coupez votre micro quand vous ne parlez pas, s'il vous plaît.",
+    ],
+    "de": [
+        "Guten Morgen zusammen, danke, dass ihr an der wöchentlichen Planung teilnehmt.",
+        "Das Budget für das nächste Quartal sieht vernünftig aus, aber die Reisekosten sind gestiegen.",
+        "Kannst du deinen Bildschirm teilen, damit wir alle die neuesten Zahlen sehen?",
+        "Ich denke, wir sollten die neue Version vor Ende des Monats veröffentlichen.",
+        "Live-Untertitel machen Anrufe für alle zugänglicher.",
+        "Bitte schalte dein Mikrofon stumm, wenn du nicht sprichst.",
+        "Wir treffen uns nächsten Dienstag um zehn Uhr wieder.",
+        "Vielen Dank und bis morgen.",
+    ],
+    "es": [
+        "Buenos días a todos, gracias por venir a la reunión semanal de planificación.",
+        "El presupuesto del próximo trimestre parece razonable, pero los viajes cuestan más.",
+        "¿Puedes compartir tu pantalla para que todos veamos las últimas cifras?",
+        "Creo que deberíamos publicar la nueva versión antes de fin de mes.",
+        "Los subtítulos en directo hacen las llamadas más accesibles.",
+        "Por favor, silencia tu micrófono cuando no estés hablando.",
+        "Nos vemos el próximo martes a las diez.",
+        "Muchas gracias y hasta mañana.",
+    ],
+    "it": [
+        "Buongiorno a tutti, grazie per essere qui alla riunione settimanale.",
+        "Penso che dovremmo pubblicare la nuova versione prima della fine del mese.",
+        "I sottotitoli in diretta rendono le chiamate più accessibili.",
+        "Grazie mille e a domani.",
+    ],
+    "pt": [
+        "Bom dia a todos, obrigado por participarem da reunião semanal.",
+        "Acho que devemos lançar a nova versão antes do fim do mês.",
+        "As legendas ao vivo tornam as chamadas mais acessíveis.",
+        "Muito obrigado e até amanhã.",
+    ],
+}
+
+
+def train_tokenizer(path: Path, vocab_size: int = TOKENIZER_VOCAB) -> None:
+    """A SentencePiece unigram model on SENTENCES, with OPUS-MT's special pieces: 0 <unk>, 1 <s>,
+    2 </s> (CTranslate2 reads the vocabulary by piece, not by id, so ids do not matter there)."""
+    import sentencepiece as spm
+
+    text = [sentence for sentences in SENTENCES.values() for sentence in sentences]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        num_threads=1, seed_sentencepiece_size=10000, minloglevel=2, character_coverage=1.0,
+    )
+    path.write_bytes(model.getvalue())
+
+
+def _vocabulary(tokenizer_path: Path, size: int | None) -> list[str]:
+    """The shared vocabulary as the converter writes it for OPUS-MT: </s>, <unk>, then the pieces
+    (the converter also drops the <pad> that Transformers appends)."""
+    import sentencepiece as spm
+
+    processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    pieces = [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    tokens = ["</s>", "<unk>"] + [p for p in pieces if p not in ("<unk>", "<s>", "</s>")]
+    if size is not None:
+        if size < len(tokens):
+            raise ValueError(f"vocabulary of {size} is smaller than the tokenizer's {len(tokens)} pieces")
+        tokens += [f"▁filler{i}" for i in range(size - len(tokens))]
+    return tokens
+
+
+def _is_word(token: str) -> bool:
+    return token.startswith("▁") and len(token) >= 4 and not token.startswith("▁filler")
+
+
+def _sinusoids(positions: int, dim: int) -> np.ndarray:
+    """Marian's static sinusoidal position table (sines in the first half, cosines in the second)."""
+    half = dim // 2
+    frequencies = np.exp(-math.log(10000.0) * np.arange(half) / max(half - 1, 1))
+    angles = np.arange(positions)[:, None] * frequencies[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+class _Weights:
+    """Random weights from one seeded generator, scaled so that activations stay near unit size."""
+
+    def __init__(self, seed: int):
+        self._rng = np.random.default_rng(seed)
+
+    def matrix(self, rows: int, columns: int) -> np.ndarray:
+        return self._rng.standard_normal((rows, columns), dtype=np.float32) / np.float32(math.sqrt(columns))
+
+    def vector(self, size: int, scale: float = 0.02) -> np.ndarray:
+        return self._rng.standard_normal(size, dtype=np.float32) * np.float32(scale)
+
+    def linear(self, spec, rows: int, columns: int) -> None:
+        spec.weight = self.matrix(rows, columns)
+        spec.bias = self.vector(rows)
+
+    @staticmethod
+    def norm(spec, dim: int) -> None:
+        spec.gamma = np.ones(dim, dtype=np.float32)
+        spec.beta = np.zeros(dim, dtype=np.float32)
+
+    def ffn(self, spec, dim: int, hidden: int) -> None:
+        self.linear(spec.linear_0, hidden, dim)
+        self.linear(spec.linear_1, dim, hidden)
+        self.norm(spec.layer_norm, dim)
+
+
+def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, end_sentences: bool = True,
+                word_output: bool = True, end_bias: float = END_BIAS):
+    """A `TransformerSpec` shaped like the converter's output for a Marian model, random weights.
+
+    `end_sentences=False` makes </s> unreachable, so that every translation runs to the length
+    limit the caller sets (the benchmark's random model then decodes as many tokens as a real
+    translation of the same caption would, instead of stopping at a random point)."""
+    from ctranslate2.specs import common_spec, transformer_spec
+
+    spec = transformer_spec.TransformerSpec.from_config(
+        (shape.layers, shape.layers), shape.heads, pre_norm=False,
+        activation=common_spec.Activation.SWISH, layernorm_embedding=False,
+    )
+    weights, dim, size = _Weights(seed), shape.d_model, len(vocabulary)
+    embeddings = weights.matrix(size, dim)  # tied: both embeddings and the output projection
+    positions = _sinusoids(shape.max_positions, dim)
+    for side, embedding in ((spec.encoder, spec.encoder.embeddings[0]), (spec.decoder, spec.decoder.embeddings)):
+        embedding.weight = embeddings
+        side.scale_embeddings = math.sqrt(dim)
+        side.position_encodings.encodings = positions
+    for layer in spec.encoder.layer:
+        weights.linear(layer.self_attention.linear[0], 3 * dim, dim)
+        weights.linear(layer.self_attention.linear[1], dim, dim)
+        weights.norm(layer.self_attention.layer_norm, dim)
+        weights.ffn(layer.ffn, dim, shape.ffn)
+    for layer in spec.decoder.layer:
+        weights.linear(layer.self_attention.linear[0], 3 * dim, dim)
+        weights.linear(layer.self_attention.linear[1], dim, dim)
+        weights.norm(layer.self_attention.layer_norm, dim)
+        weights.linear(layer.attention.linear[0], dim, dim)
+        weights.linear(layer.attention.linear[1], 2 * dim, dim)
+        weights.linear(layer.attention.linear[2], dim, dim)
+        weights.norm(layer.attention.layer_norm, dim)
+        weights.ffn(layer.ffn, dim, shape.ffn)
+    spec.decoder.start_from_zero_embedding = True
+    # Untied for the random model: tied random weights make the decoder repeat its last token, where
+    # an untied projection walks through different pieces (the format is the same: tied weights are
+    # the same array saved once).
+    spec.decoder.projection.weight = weights.matrix(size, dim) * np.float32(PROJECTION_GAIN)
+    bias = np.zeros(size, dtype=np.float32)
+    if word_output:
+        # Whole words only (pieces that start a word and are at least 3 characters long), and
+        # an end of sentence now and then: the random model writes short runs of separate words.
+        bias[[i for i, token in enumerate(vocabulary) if not _is_word(token)]] = -1e4
+    bias[vocabulary.index("</s>")] = end_bias if end_sentences else -1e4
+    spec.decoder.projection.bias = bias
+    # What the converter's Marian loader writes into config.json.
+    spec.config.eos_token = "</s>"
+    spec.config.unk_token = "<unk>"
+    spec.config.decoder_start_token = "</s>"
+    spec.register_source_vocabulary(vocabulary)
+    spec.register_target_vocabulary(vocabulary)
+    return spec
+
+
+def write_marian_model(out_dir: Path, tokenizer_path: Path, shape: MarianShape, seed: int,
+                       quantization: str | None = None, end_sentences: bool = True) -> Path:
+    """One converted-Marian directory: model.bin, config.json, shared_vocabulary.json, source.spm
+    and target.spm (one tokenizer for both sides, as OPUS-MT's joint-vocabulary models have)."""
+    spec = marian_spec(shape, _vocabulary(tokenizer_path, shape.vocab_size), seed, end_sentences)
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(str(out_dir))
+    for name in ("source.spm", "target.spm"):
+        shutil.copyfile(tokenizer_path, out_dir / name)
+    return out_dir
+
+
+def write_tiny_translation_model(path: str | Path, languages: Sequence[str] = DEFAULT_LANGUAGES,
+                                 seed: int = 0) -> Path:
+    """A directory of tiny random OPUS-MT-style models, one per ordered pair of `languages`, named
+    `SRC-TGT/` (`en-de/`, `fr-de/`, ...), as `load_translation_model` reads a directory of pairs.
+
+    Deterministic for a seed (each pair gets its own weights); about a second for four languages."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / "tokenizer.spm"
+        train_tokenizer(tokenizer)
+        for index, (source, target) in enumerate(
+                (s, t) for s in languages for t in languages if s != t):
+            pair_dir = out / f"{source}-{target}"
+            if pair_dir.exists():
+                shutil.rmtree(pair_dir)
+            write_marian_model(pair_dir, tokenizer, TINY, seed=seed * 1000 + index)
+    (out / "README.txt").write_text(
+        "Tiny random translation models (meaningless output), one CTranslate2 OPUS-MT-style model per\n"
+        f"language pair; written by captions make-test-checkpoint (seed {seed}).\n")
+    (out / "languages.json").write_text(json.dumps(list(languages)) + "\n")
+    logger.info("wrote tiny translation models for %s to %s (seed %d)", ",".join(languages), out, seed)
+    return out
