@@ -17,9 +17,10 @@ what should be with what is, through LiveKit's own server API, every `interval_s
   stays the scheduler and picks the worker. With explicit dispatch (an agent name), only rooms that
   asked for this agent name (they hold a dispatch for it) are dispatched again.
 * a dispatch that no worker took within `UNASSIGNED_S` gets a sibling: LiveKit may have offered it
-  to a worker that cannot answer (a frozen process keeps its connection), and it waits 10 s for that
-  answer, then drops the job without trying another worker. The recovery's own dispatches that no
-  worker took are deleted once that wait is over, so a room without any worker does not pile them up.
+  to a worker that cannot answer (a frozen process keeps its connection), and it waits for that
+  answer (3 s measured, 10 s at most), then drops the job without trying another worker. The
+  recovery's own dispatches that no worker took are deleted once that wait is over, so a room
+  without any worker does not pile them up.
 
 It runs in every worker: recovery lasts as long as one worker does, and a room cannot be captioned
 without a worker anyway. It keeps no state that matters (the heartbeat timings are rebuilt by
@@ -56,7 +57,8 @@ DISPATCH_GRACE_S = 10.0
 """A dispatch this recent is still bringing its captioner (a job starts within a few seconds)."""
 UNASSIGNED_S = 3.0
 """A dispatch that no worker took this long after its creation may be waiting on a worker that cannot
-answer (livekit-server waits 10 s per offer and does not retry on a timeout): dispatch another."""
+answer (livekit-server drops the job after 3 s measured, 10 s at most, without trying another
+worker): dispatch another. Each dispatch is a new pick by load, so one soon goes to a live worker."""
 OFFER_TIMEOUT_S = 12.0
 """livekit-server's wait for a worker's answer to a job offer (AssignJobTimeout, 10 s), with margin:
 a dispatch older than this without a job was not taken by anyone."""
