@@ -78,6 +78,32 @@ def add_caption_secret_option(parser: argparse.ArgumentParser) -> None:
                     "viewer server only (falls back to the LiveKit API secret, which every agent holds)")
 
 
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
+"""A BCP-47 primary language code, optionally with one subtag (``de``, ``pt-br``), lower case."""
+
+
+def language_code(value: object) -> str | None:
+    """`value` as a language code (``de``, ``pt-br``: lower case, ``_`` read as ``-``), or None."""
+    if not isinstance(value, str) or len(value) > 12:
+        return None
+    code = value.strip().lower().replace("_", "-")
+    return code if LANGUAGE_CODE.match(code) else None
+
+
+def language_list(text: str) -> tuple[str, ...]:
+    """argparse type for a comma-separated list of language codes (``de,es``); empty: none."""
+    codes: list[str] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        code = language_code(item)
+        if code is None:
+            raise argparse.ArgumentTypeError(f"{item.strip()!r} is not a language code (use codes like de,es)")
+        if code not in codes:
+            codes.append(code)
+    return tuple(codes)
+
+
 # ---- start-up validation (fail fast, one clear line) -----------------------------------------------
 
 DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

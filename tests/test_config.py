@@ -47,6 +47,10 @@ def the_error(result: subprocess.CompletedProcess) -> str:
     pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "0", "must be a positive integer or auto, got 0", id="batch-size-0"),
     pytest.param("--batch-size", "CAPTIONS_BATCH_SIZE", "-3", "must be a positive integer or auto, got -3",
                  id="negative-batch-size"),
+    pytest.param("--translate-to", "CAPTIONS_TRANSLATE_TO", "de,<b>", "'<b>' is not a language code",
+                 id="translate-to-junk"),
+    pytest.param("--translation-device", "CAPTIONS_TRANSLATION_DEVICE", "tpu", "unknown device 'tpu'",
+                 id="translation-device"),
 ])
 @pytest.mark.parametrize("via", ["flag", "env"])
 def test_invalid_values_are_rejected_with_the_option_named(flag, env, bad, expected, via):
@@ -120,3 +124,15 @@ def test_check_livekit_accepts_the_real_server_and_rejects_a_wrong_secret(liveki
     check_livekit(livekit_server.url, livekit_server.api_key, livekit_server.api_secret)
     with pytest.raises(ConfigError, match="rejected the API key"):
         check_livekit(livekit_server.url, livekit_server.api_key, "wrong")
+
+
+@pytest.mark.livekit
+def test_a_translation_model_that_cannot_be_found_is_one_line_before_the_speech_model_loads(livekit_server, tmp_path):
+    missing = tmp_path / "no-such-translation-model"
+    result = worker("--model", str(tmp_path / "no-such-checkpoint"), "--metrics-port", "0", "--translate-to", "de",
+                    "--translation-model", str(missing),
+                    env={"LIVEKIT_URL": livekit_server.url, "LIVEKIT_API_KEY": livekit_server.api_key,
+                         "LIVEKIT_API_SECRET": livekit_server.api_secret})
+    assert result.returncode == 1
+    message = the_error(result)
+    assert message == f"captions worker: translation model directory {missing} does not exist"

@@ -139,3 +139,43 @@ async def test_a_final_sent_as_its_speaker_leaves_goes_out_again_in_the_agents_n
     assert await publisher.drain(5.0)
     assert len(room.local_participant.sent) == 2
     task.cancel()
+
+
+async def test_a_translation_goes_in_its_own_lane_signed_as_one_with_its_originals_number(room, monkeypatch):
+    """Translations (issue 26) never hold back their speaker's originals: a stuck translation stream
+    waits in the lane of its speaker and language, and a translation is signed with
+    `translation_message` and the number of the update it translates."""
+    from captions.live.publisher import Translation
+    from captions.protocol import ATTR_LANGUAGE, ATTR_SOURCE_SEGMENT, ATTR_TRANSLATED, verify_caption
+
+    monkeypatch.setattr(publisher_module, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(publisher_module, "FINAL_PUBLISH_ATTEMPTS", 1)
+    signer = CaptionSigner()
+    publisher = CaptionPublisher(room, signer)
+    numbered = []
+    publisher.on_numbered = lambda item, seq: numbered.append((item.update.text, seq))
+    task = asyncio.create_task(publisher.run())
+    translated = OutgoingCaption("alice", "TR_alice", CaptionUpdate("SG_a~de", "hallo", True, []),
+                                 translation=Translation("SG_a", "en", "de", 3))
+    publisher.put(translated)
+    publisher.put(caption("alice", "SG_b", "hello", final=True))
+    assert await publisher.drain(5.0)
+    (_, text, _), (_, translated_text, translation) = sorted(room.local_participant.sent,
+                                                           key=lambda sent: ATTR_TRANSLATED in sent[2])
+    assert text == "hello" and translated_text == "hallo"
+    assert numbered == [("hello", 0)], "only originals are numbered"
+    assert translation[ATTR_SEQ] == "3" and translation[ATTR_TRANSLATED] == "true"
+    assert translation[ATTR_LANGUAGE] == "de" and translation[ATTR_SOURCE_SEGMENT] == "SG_a"
+    assert verify_caption(signer.public_key, "r", "alice", translation, "hallo")
+    assert not verify_caption(signer.public_key, "r", "alice", {**translation, ATTR_LANGUAGE: "es"}, "hallo")
+    assert not verify_caption(signer.public_key, "r", "alice", {**translation, ATTR_TRANSLATED: "false"}, "hallo"), \
+        "a translation's signature passed for an original's"
+
+    room.local_participant.hang.add("alice")  # now every alice stream hangs: the two lanes are apart
+    publisher.put(translated)
+    await asyncio.sleep(0.05)
+    room.local_participant.hang.clear()
+    publisher.put(caption("alice", "SG_c", "still going", final=True))
+    await asyncio.sleep(0.1)
+    assert room.local_participant.sent[-1][1] == "still going", "a stuck translation held back the original"
+    task.cancel()

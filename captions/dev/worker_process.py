@@ -80,12 +80,15 @@ def captions_command() -> list[str]:
 def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path, batch_size: int = 3,
                           extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
                           env: dict[str, str] | None = None, data_dir: Path | None = None,
-                          diagnostics: bool = False) -> CaptionsWorker:
+                          diagnostics: bool = False, translate_to: str = "",
+                          translation_model: Path | None = None) -> CaptionsWorker:
     """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered.
 
     It writes transcripts to `data_dir` (default workdir/data; workers on one host share theirs), the
     audio of every engine stream to workdir/recordings and its log to workdir/worker.log; with
-    `diagnostics`, its reports to workdir/diagnostics.jsonl."""
+    `diagnostics`, its reports to workdir/diagnostics.jsonl. `translate_to` (e.g. "de,es") with a
+    local `translation_model` (e.g. the tiny one): it translates too (CPU); else it does not,
+    whatever this process's environment says."""
     from captions.live.worker import READY_MESSAGE
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -95,11 +98,15 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
     diagnostics_path = workdir / "diagnostics.jsonl" if diagnostics else None
     if diagnostics:
         extra_args = ("--diagnostics-file", str(diagnostics_path), *extra_args)
+    translation = ["--translate-to", translate_to]
+    if translate_to:
+        assert translation_model is not None, "a worker that translates needs a local translation model"
+        translation += ["--translation-model", str(translation_model), "--translation-device", "cpu"]
     environment = dict(os.environ, LIVEKIT_URL=server.url, LIVEKIT_API_KEY=server.api_key,
                        LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
     command = [*captions_command(), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
                "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
-               "--health-port", "0", "--metrics-port", str(metrics_port), *extra_args]
+               "--health-port", "0", "--metrics-port", str(metrics_port), *translation, *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port, diagnostics_path=diagnostics_path)

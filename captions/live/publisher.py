@@ -8,6 +8,11 @@ take, holds back only its own speaker. Every call into the SDK has a timeout (`S
 Every caption is signed with the pool's caption key (captions/protocol.py), numbered within its
 segment and stamped with the moment it is sent.
 
+Translations (translation.py) are captions too, in lanes of their own (one per speaker and
+language), so that they never hold back an original; they carry the number of the original update
+they translate, and `on_numbered` hears of every original update as it is numbered, just before it
+is sent.
+
 Threads: everything here runs on the room's event loop.
 """
 
@@ -19,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from livekit import rtc
@@ -29,17 +35,24 @@ from captions.live.timing import ATTR_TIMING
 from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT,
+    ATTR_LANGUAGE,
     ATTR_SEGMENT_ID,
     ATTR_SENT,
     ATTR_SEQ,
     ATTR_SIGNATURE,
+    ATTR_SOURCE_LANGUAGE,
+    ATTR_SOURCE_SEGMENT,
     ATTR_SPEAKER,
     ATTR_TRANSCRIBED_TRACK_ID,
     ATTR_TRANSCRIPTION_FINAL,
+    ATTR_TRANSLATED,
+    ATTR_UNTRANSLATED,
     ATTR_WORDS,
     TOPIC_TRANSCRIPTION,
     CaptionSigner,
+    FinalSegment,
     caption_message,
+    translation_message,
 )
 
 FINAL_PUBLISH_ATTEMPTS = 5
@@ -49,6 +62,20 @@ RESEND_WINDOW_S = 3.0
 abort the streams of a sender who disconnects, even one that was nearly through."""
 SEND_TIMEOUT_S = 5.0
 """One stream (open, write, close) that takes longer is given up (and a final retried)."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    """What makes an `OutgoingCaption` a translation (captions/protocol.py); its `update` then holds
+    the translated segment (`translation_segment_id`) and text."""
+
+    source_segment: str
+    source_language: str
+    language: str
+    seq: int
+    """The number of the original update it translates (its own `captions.seq`)."""
+    untranslated: str = ""
+    """Why the text is the original's (translation failed or too slow); "" when translated."""
 
 
 @dataclass
@@ -64,6 +91,15 @@ class OutgoingCaption:
     resend_seq: int | None = None
     """Set on a final sent again in the agent's own name, with its first sending's number: its
     speaker left while (or just after) it went out (`speaker_left`)."""
+    translation: Translation | None = None
+    """Set on a translated caption."""
+    segment: FinalSegment | None = None
+    """An original final's transcript record (its translations are recorded after it)."""
+
+    @property
+    def lane(self) -> str:
+        """The lane it is sent in: its speaker's, or its speaker's in its language."""
+        return self.identity if self.translation is None else f"{self.identity}\n{self.translation.language}"
 
 
 class _Lane:
@@ -76,11 +112,15 @@ class _Lane:
 
 
 class CaptionPublisher:
-    """The room's publish lanes (one per speaker), started by `put` once `run()` is running."""
+    """The room's publish lanes (one per speaker, and one per speaker and language of its
+    translations), started by `put` once `run()` is running. `on_numbered(caption, seq)`: an original
+    update got its number and is about to be sent (translation.py feeds on it; it must not block)."""
 
-    def __init__(self, room: rtc.Room, signer: CaptionSigner):
+    def __init__(self, room: rtc.Room, signer: CaptionSigner,
+                 on_numbered: Callable[[OutgoingCaption, int], None] | None = None):
         self._room = room
         self._signer = signer
+        self.on_numbered = on_numbered
         self._lanes: dict[str, _Lane] = {}
         self._running = False
         self._idle = asyncio.Event()
@@ -91,12 +131,12 @@ class CaptionPublisher:
         """Per speaker, the finals being sent or sent in the last RESEND_WINDOW_S (`speaker_left`)."""
 
     def put(self, caption: OutgoingCaption) -> None:
-        lane = self._lanes.setdefault(caption.identity, _Lane())
+        lane = self._lanes.setdefault(caption.lane, _Lane())
         lane.queue.append(caption)
         lane.waiting[caption.update.segment_id] += 1
         self._idle.clear()
         if self._running:
-            self._start(caption.identity, lane)
+            self._start(caption.lane, lane)
 
     def speaker_left(self, identity: str) -> None:
         """`identity` left the room: its finals of the last moments go out again, in the agent's own
@@ -118,9 +158,9 @@ class CaptionPublisher:
     async def run(self) -> None:
         """Publishes until cancelled (the lanes are cancelled with it)."""
         self._running = True
-        for identity, lane in self._lanes.items():
+        for key, lane in self._lanes.items():
             if lane.queue:
-                self._start(identity, lane)
+                self._start(key, lane)
         try:
             await asyncio.Event().wait()
         finally:
@@ -129,11 +169,11 @@ class CaptionPublisher:
                 if lane.task is not None:
                     lane.task.cancel()
 
-    def _start(self, identity: str, lane: _Lane) -> None:
+    def _start(self, key: str, lane: _Lane) -> None:
         if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(self._drain_lane(identity, lane), name=f"publish-{identity[:40]}")
+            lane.task = asyncio.create_task(self._drain_lane(key, lane), name=f"publish-{key[:40]}")
 
-    async def _drain_lane(self, identity: str, lane: _Lane) -> None:
+    async def _drain_lane(self, key: str, lane: _Lane) -> None:
         try:
             while lane.queue:
                 item = lane.queue.popleft()
@@ -147,12 +187,12 @@ class CaptionPublisher:
                 # else: a newer text of this segment is already queued (publishing is behind)
         except Exception:  # noqa: BLE001 - _publish handles its own failures; anything else is a bug
             METRICS.error("publish")
-            logger.exception("the caption lane of %s failed; its queued captions are dropped", identity)
+            logger.exception("the caption lane %r failed; its queued captions are dropped", key)
             lane.queue.clear()
             lane.waiting.clear()
         finally:
             if not lane.queue:
-                self._lanes.pop(identity, None)
+                self._lanes.pop(key, None)
             if not self._lanes:
                 self._idle.set()
 
@@ -167,6 +207,8 @@ class CaptionPublisher:
         retry is not taken for a replay, and a replay is (captions/protocol.py)."""
         update, agent = item.update, self._room.local_participant.identity
         sent_ms = int(time.time() * 1000)
+        if item.translation is not None:
+            return self._translation_attributes(item, seq, agent, sent_ms)
         message = caption_message(room=self._room.name, agent=agent, speaker=item.identity,
                                   track_sid=item.track_sid, segment_id=update.segment_id, seq=seq,
                                   final=update.final, sent_ms=sent_ms, words=item.words_attr or "",
@@ -187,8 +229,49 @@ class CaptionPublisher:
             attributes[ATTR_TIMING] = json.dumps({**item.timing, "published": time.time()})
         return attributes
 
+    def _translation_attributes(self, item: OutgoingCaption, seq: int, agent: str, sent_ms: int) -> dict[str, str]:
+        update, translation = item.update, item.translation
+        assert translation is not None
+        message = translation_message(room=self._room.name, agent=agent, speaker=item.identity,
+                                      track_sid=item.track_sid, segment_id=update.segment_id, seq=seq,
+                                      final=update.final, sent_ms=sent_ms,
+                                      source_segment=translation.source_segment,
+                                      source_language=translation.source_language, language=translation.language,
+                                      untranslated=translation.untranslated, text=update.text)
+        return {
+            ATTR_SEGMENT_ID: update.segment_id,
+            ATTR_TRANSCRIBED_TRACK_ID: item.track_sid,
+            ATTR_TRANSCRIPTION_FINAL: "true" if update.final else "false",
+            ATTR_AGENT: agent,
+            ATTR_SPEAKER: item.identity,
+            ATTR_SEQ: str(seq),
+            ATTR_SENT: str(sent_ms),
+            ATTR_LANGUAGE: translation.language,
+            ATTR_TRANSLATED: "true",
+            ATTR_SOURCE_SEGMENT: translation.source_segment,
+            ATTR_SOURCE_LANGUAGE: translation.source_language,
+            ATTR_UNTRANSLATED: translation.untranslated,
+            ATTR_SIGNATURE: self._signer.sign(message),
+        }
+
+    def _number(self, item: OutgoingCaption) -> int:
+        """Its `captions.seq`: a resent final's first number, a translation's original's, or the next
+        of its segment (then `on_numbered` hears of it)."""
+        if item.resend_seq is not None:
+            return item.resend_seq
+        if item.translation is not None:
+            return item.translation.seq
+        seq = self._next_seq_of(item.update)
+        if self.on_numbered is not None:
+            try:
+                self.on_numbered(item, seq)
+            except Exception:  # noqa: BLE001 - translation must never cost an original caption
+                METRICS.error("translation")
+                logger.exception("feeding caption %s to the translator failed", item.update.segment_id)
+        return seq
+
     async def _publish(self, item: OutgoingCaption) -> None:
-        seq = self._next_seq_of(item.update) if item.resend_seq is None else item.resend_seq
+        seq = self._number(item)
         if item.update.final and item.resend_seq is None:
             recent = self._recent_finals.setdefault(item.identity, collections.deque())
             now = asyncio.get_running_loop().time()

@@ -8,7 +8,8 @@ slot while its speaker talks and gives it back after a pause, keeping their audi
 for one. Its captions come back here: a final segment is handed to the transcript's writer thread
 and published once it is written, or after WRITE_WAIT_S if the disk is slow (publisher.py). Leave,
 mute and unpublish end the speaker: the engine flushes the last words and the final caption goes
-out."""
+out. With a translation engine, a `RoomTranslator` (translation.py) translates what is published
+into the languages the room's readers want, after the originals."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from captions.live.slots import SlotQueue
 from captions.live.speaker import Speaker, SpeakerOptions
 from captions.live.track_audio import RtcTrackSource
 from captions.live.transcripts import PROBLEM_TRANSCRIPT_UNAVAILABLE, TranscriptStore, transcript_path
+from captions.live.translation import RoomTranslator, TranslationEngine, TranslationOptions
 from captions.log import logger
 from captions.protocol import (
     ATTR_AGENT_ALIVE,
@@ -64,16 +66,19 @@ class RoomOptions:
     """Attach the captions.timing attribute to every caption (diagnostics; costs a little per chunk)."""
     livekit: LiveKitCredentials | None = None
     """The server API, to claim the room against another captioner (presence.py); None: no claim."""
+    translation: TranslationOptions = field(default_factory=TranslationOptions)
+    """Into which languages captions may be translated, and how (with a translation engine)."""
 
 
 class RoomCaptioner:
     """Captions every speaker of one connected `rtc.Room` with the shared engine."""
 
     def __init__(self, room: rtc.Room, slots: SlotQueue, options: RoomOptions, signer: CaptionSigner | None = None,
-                 on_superseded: Callable[[], None] | None = None):
+                 on_superseded: Callable[[], None] | None = None, translation_engine: TranslationEngine | None = None):
         """`signer`: the worker's key (one per process); a room made without one gets its own.
         `on_superseded()`: the recovery replaced this captioner (its heartbeat was late): end the
-        job, which flushes and publishes its open captions (`aclose`) before leaving."""
+        job, which flushes and publishes its open captions (`aclose`) before leaving.
+        `translation_engine`: the worker's (one per process); None: no translation."""
         self.on_superseded = on_superseded
         self.room = room
         self.slots = slots
@@ -99,6 +104,11 @@ class RoomCaptioner:
         """Speakers who stopped and whose last words are still being flushed."""
         self._signer = signer or CaptionSigner()
         self._publisher = CaptionPublisher(room, self._signer)
+        self._translator: RoomTranslator | None = None
+        if translation_engine is not None:
+            self._translator = RoomTranslator(room, translation_engine, self._publisher, options.translation,
+                                              write=self.transcript.submit)
+            self._publisher.on_numbered = self._translator.on_numbered
         self._tasks: set[asyncio.Task[None]] = set()
         self._status_dirty = asyncio.Event()
         self._closed = False
@@ -155,6 +165,8 @@ class RoomCaptioner:
         self.room.on("participant_disconnected", self._on_participant_disconnected)
         self.room.on("participant_attributes_changed", self._on_attributes_changed)
         self._spawn(self._publisher.run(), "publisher")
+        if self._translator is not None:
+            self._translator.start()
         self._spawn(self._release_held_forever(), "transcript-wait")
         self._spawn(self._update_status_forever(), "status")
         self.status_changed()
@@ -183,13 +195,25 @@ class RoomCaptioner:
                 task.cancel()
         with contextlib.suppress(asyncio.TimeoutError):  # the last finals, through their transcript writes
             await asyncio.wait_for(self._held_idle.wait(), max(0.1, deadline - asyncio.get_running_loop().time()))
-        if self.room.isconnected() and not await self._publisher.drain(
-                max(0.1, deadline - asyncio.get_running_loop().time())):
+        if self.room.isconnected() and not await self._drain_captions(deadline):
             logger.warning("room %s: leaving with captions not yet published", self.room_name)
+        if self._translator is not None:
+            self._translator.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.to_thread(self.transcript.close)  # waits for the disk: not on this loop
+
+    async def _drain_captions(self, deadline: float) -> bool:
+        """Publishes what is queued by loop time `deadline`: the originals, then their translations
+        (which come once the originals are out). False if something was left."""
+        loop = asyncio.get_running_loop()
+        if not await self._publisher.drain(max(0.1, deadline - loop.time())):
+            return False
+        if self._translator is None:
+            return True
+        return (await self._translator.drain(max(0.1, deadline - loop.time()))
+                and await self._publisher.drain(max(0.1, deadline - loop.time())))
 
     def speakers(self) -> list[Speaker]:
         """The microphones being captioned (or waiting), in the order they were subscribed."""
@@ -298,7 +322,7 @@ class RoomCaptioner:
         if self._unclaimed is not None:
             self._unclaimed.append((speaker, update, wall_time, timing))
             return
-        words_attr, written = None, None
+        words_attr, written, segment = None, None, None
         if update.final and update.text:
             words = [Word(w.text, wall_time(w.start), wall_time(w.end)) for w in update.words]
             segment = FinalSegment(
@@ -309,7 +333,8 @@ class RoomCaptioner:
             )
             written = self.transcript.submit(segment)  # a failure is logged and counted there
             words_attr = words_attribute(words)
-        caption = OutgoingCaption(speaker.identity, speaker.track_sid, update, words_attr, timing)
+        caption = OutgoingCaption(speaker.identity, speaker.track_sid, update, words_attr, timing,
+                                  segment=segment)
         if not self._held and (written is None or written.done()):
             self._publisher.put(caption)
             return

@@ -33,19 +33,24 @@ from captions.config import (
     add_caption_secret_option,
     add_livekit_options,
     add_option,
+    device_name,
+    language_list,
     non_negative_float,
     non_negative_int,
 )
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
 from captions.stt.model import AUTO_BATCH_SIZE, add_model_options, batch_size
+from captions.translate.model import DEFAULT_TRANSLATION_MODEL
 
 if TYPE_CHECKING:
     from captions.live.recovery import Reconciler
     from captions.live.room import RoomCaptioner, RoomOptions
     from captions.live.slots import SlotQueue
+    from captions.live.translation import TranslationOptions
     from captions.protocol import CaptionSigner
     from captions.stt.engine import SttEngine
+    from captions.translate.engine import TranslationEngine
 
 READY_MESSAGE = "caption worker registered with LiveKit"
 """Logged once the worker can take rooms (`captions up` and the tests wait for it)."""
@@ -76,6 +81,19 @@ def add_captioning_options(parser: argparse.ArgumentParser) -> None:
                help="delete transcripts (and recordings) not written for this many days; 0 keeps them forever")
 
 
+def add_translation_options(parser: argparse.ArgumentParser) -> None:
+    """Live translation of the captions (captions/live/translation.py, captions/translate/)."""
+    add_option(parser, "--translate-to", env="CAPTIONS_TRANSLATE_TO", default="", type=language_list,
+               help="languages captions may be translated into, comma-separated (e.g. de,es), each while "
+                    "someone in the room reads it; a room's metadata {\"captions\": {\"translate_to\": [...]}} "
+                    "picks among them; empty: no translation (no model is loaded)")
+    add_option(parser, "--translation-model", env="CAPTIONS_TRANSLATION_MODEL", default=DEFAULT_TRANSLATION_MODEL,
+               help="translation model (CTranslate2): a Hugging Face repo id or local directory, a directory of "
+                    "one directory per language pair, or a repo id template with {source} and {target}")
+    add_option(parser, "--translation-device", env="CAPTIONS_TRANSLATION_DEVICE", default="auto", type=device_name,
+               help="device of the translation model: auto (the speech model's --device), cpu, cuda or cuda:N")
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
@@ -93,6 +111,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_caption_secret_option(parser)
+    add_translation_options(parser)
     add_option(parser, "--reconcile-interval", env="CAPTIONS_RECONCILE_INTERVAL", default=1.5,
                type=non_negative_float, help="seconds between this worker's checks that every room with a "
                "speaker has a live captioner (recovery after crashes and restarts); 0 turns them off")
@@ -140,6 +159,8 @@ class CaptionService:
     room_options: RoomOptions
     signer: CaptionSigner
     """The worker's caption-signing key, shared by its rooms (captions/protocol.py)."""
+    translation: TranslationEngine | None = None
+    """The translation engine every room shares (one model); None: no translation."""
 
     def load(self) -> float:
         """The load livekit-agents reports to LiveKit: occupied slots / B, scaled to LOAD_WHEN_FULL."""
@@ -197,7 +218,8 @@ async def _caption_room(ctx) -> None:
     job_started = time.monotonic()
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer,
-                              on_superseded=lambda: ctx.shutdown(reason="superseded: its heartbeat was late"))
+                              on_superseded=lambda: ctx.shutdown(reason="superseded: its heartbeat was late"),
+                              translation_engine=_service.translation)
     _captioners[ctx.job.id] = captioner
     ctx.add_shutdown_callback(captioner.aclose)  # after the room is gone: a safety net
     # Listen first, then ask whether this room is ours: nothing slow (server API calls, attribute
@@ -234,6 +256,8 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     from captions.stt.engine import SttEngine
 
     start_livekit_runtime()
+    # The translation model first: a wrong spec is said in seconds, not after the speech model's load.
+    translation, translation_options = _load_translation(args)
     engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size,
                             align_frames=not args.unaligned_frames)
     engine.broken_listeners.append(engine_failed)
@@ -248,10 +272,33 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
                               max_turn_hold_s=args.max_turn_hold)
     options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
-                          livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret))
+                          livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret),
+                          translation=translation_options)
     # The pool's one caption key, the one the viewer server vouches for (captions/protocol.py).
     return CaptionService(engine, slots, options, CaptionSigner.for_deployment(args.caption_secret or args.api_secret,
-                                                                                 args.agent_name))
+                                                                                 args.agent_name), translation)
+
+
+def _load_translation(args: argparse.Namespace) -> tuple[TranslationEngine | None, TranslationOptions]:
+    """The translation engine (one model for every room of this worker) and the rooms' options;
+    no engine without --translate-to. Raises TranslationModelError (one line) if the model cannot load."""
+    from captions.live.translation import STT_LANGUAGES, TranslationOptions
+
+    if not args.translate_to:
+        return None, TranslationOptions()
+    from captions.translate.engine import TranslationEngine
+    from captions.translate.language import warm_up_language_detection
+    from captions.translate.model import load_translation_model
+
+    warm_up_language_detection(STT_LANGUAGES)  # seconds once here, rather than on a room's loop
+    device = args.device if args.translation_device == "auto" else args.translation_device
+    pairs = [(source, target) for source in STT_LANGUAGES for target in args.translate_to if source != target]
+    model = load_translation_model(args.translation_model, device=device, pairs=pairs)
+    engine = TranslationEngine(model)
+    # What the model translates into: a room's metadata picks among these.
+    available = tuple(sorted({target for _, target in model.pairs}))
+    logger.info("translation: %s into %s on %s", args.translation_model, ", ".join(args.translate_to), device)
+    return engine, TranslationOptions(targets=args.translate_to, available=available)
 
 
 def _build_server(args: argparse.Namespace, service: CaptionService):
@@ -326,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
     global _service
     from captions.config import ConfigError, check_livekit
     from captions.stt.model import CheckpointError
+    from captions.translate.model import TranslationModelError
 
     try:
         # Fail fast, before minutes of model loading: LiveKit must answer with these keys.
@@ -348,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
     start_diagnostics(args.diagnostics_file)
     try:
         _service = _load_service(args)
-    except CheckpointError as e:
+    except (CheckpointError, TranslationModelError) as e:
         print(f"captions worker: {e}", file=sys.stderr)
         return 1
     READINESS.model_loaded = True
@@ -368,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _service.slots.close()
         _service.engine.close()
+        if _service.translation is not None:
+            _service.translation.close()
         if observability is not None:
             observability.close()
     if _engine_failure is not None:
