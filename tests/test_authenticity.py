@@ -346,6 +346,42 @@ async def test_a_replayed_caption_is_not_shown_again_or_as_new(agentless_livekit
     assert viewer.errors == [] and late.errors == []
 
 
+async def test_a_forged_or_replayed_translation_is_not_shown(agentless_livekit, translating_web, rooms,
+                                                             open_viewer):
+    """A reader of German. Mallory sends translations of Alice's segment: unsigned, with a bogus
+    signature, and with the signature of a genuine original (a caption's signature never passes for
+    a translation's); the relay drops them. Translations the agent did sign, replayed (signed long
+    ago, or already final), reach the page, which drops them as it drops replayed originals."""
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"alice": "Alice (CEO)"}, web=translating_web)
+    mallory = await join(agentless_livekit, room_name, "mallory", "Mallory")
+    rooms.append(mallory)
+    viewer = await open_viewer(translating_web.link(room_name, lang="de"))
+    page = viewer.page
+    await wait_state(page, "live")
+    segment = await bot.say("alice", "good morning everyone")
+    genuine = await bot.translate("alice", segment, "de", "guten Morgen allerseits")
+    await wait_text(page, "guten Morgen allerseits")
+
+    forged = {**genuine, ATTR_SEQ: "7", ATTR_SENT: str(int(time.time() * 1000))}
+    await send_caption(mallory, FORGED, **{k: v for k, v in forged.items() if k != ATTR_SIGNATURE})
+    await send_caption(mallory, FORGED, **{**forged, ATTR_SIGNATURE: BOGUS_SIGNATURE})
+    original = bot.signed_attributes("alice", f"{segment}~de", FORGED, final=True)  # an original's signature
+    await send_caption(mallory, FORGED, **{**genuine, **original})
+    later = await bot.say("alice", "the numbers are final")
+    await bot.translate("alice", later, "de", FORGED, sent_ms=int(time.time() * 1000) - 10_000)  # long ago
+    await bot.send_stream("alice", "guten Morgen allerseits", genuine)  # once more: already final
+    await bot.translate("alice", later, "de", "die Zahlen sind endgültig")
+    await wait_text(page, "die Zahlen sind endgültig")
+    await asyncio.sleep(1.0)
+    assert FORGED not in await page_text(page) and FORGED not in await exports(page)
+    shown = await page.eval_on_selector_all("#captions .seg .seg-text", "ts => ts.map(t => t.textContent)")
+    assert shown == ["guten Morgen allerseits", "die Zahlen sind endgültig"]
+    assert "that does not verify (3 so far)" in translating_web.log_path.read_text(errors="replace")
+    warnings = "\n".join(viewer.warnings)
+    assert "a replay" in warnings and "already final" in warnings, viewer.warnings
+    assert viewer.errors == []
+
+
 def verify_caption(caption, room: str, caption_key: str) -> bool:
     """The viewer's check, in Python: the caption's signature against the key the server vouches for
     (`caption.sender` is already the speaker: bots.speaker_of)."""

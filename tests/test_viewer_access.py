@@ -7,6 +7,7 @@ holds only the link."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -202,3 +203,53 @@ async def test_a_participant_flooding_the_caption_topic_leaves_nothing_behind_in
         finally:
             await ws.close()
             await mallory.disconnect()
+
+
+async def relay_reading(livekit_server, room_name: str) -> str | None:
+    """The relay's ``captions.reading``, as the server API lists it (the relay is hidden: the room's
+    participants, the captioner included, do not see it; the server API does)."""
+    from livekit import api
+
+    async with api.LiveKitAPI(livekit_server.url, livekit_server.api_key, livekit_server.api_secret) as lk:
+        listed = await lk.room.list_participants(api.ListParticipantsRequest(room=room_name))
+    relays = [p for p in listed.participants if p.identity.startswith("captions-relay-")]
+    assert len(relays) <= 1, [p.identity for p in listed.participants]
+    return relays[0].attributes.get("captions.reading") if relays else "(not joined yet)"
+
+
+async def wait_reading(livekit_server, room_name: str, expected: str | None) -> None:
+    deadline = time.monotonic() + 10
+    while (reading := await relay_reading(livekit_server, room_name)) != expected:
+        assert time.monotonic() < deadline, f"captions.reading is {reading!r}, not {expected!r}"
+        await asyncio.sleep(0.2)
+
+
+async def test_each_viewer_gets_its_own_language_and_the_relay_says_which_are_read(livekit_server, tmp_path):
+    """Two viewers, one reading German, one the originals: the German reader's socket carries the
+    originals and the German translations, the other's the originals only, neither the Arabic ones
+    (nobody reads them). The relay's captions.reading says "de" while the German reader is there."""
+    room_name = f"languages-{time.monotonic_ns()}"
+    alice, _ = await speaker_with_everything(livekit_server, room_name)
+    bot = await CaptionAgentBot.start(livekit_server, room_name, {"alice": "Alice"})
+    settings = dataclasses.replace(web_settings(livekit_server, tmp_path), translate_to=("de", "ar"))
+    async with TestClient(TestServer(create_app(settings))) as client:
+        original = await live(client, make_link(LINK_SECRET, room_name, 600))
+        german = await client.ws_connect("/api/live", params={"link": make_link(LINK_SECRET, room_name, 600),
+                                                              "lang": "de"})
+        try:
+            assert (await german.receive_json(timeout=10))["language"] == "de"
+            await wait_reading(livekit_server, room_name, "de")
+            await bot.final("alice", "SG_1", "good morning", time.time())
+            await bot.translate("alice", "SG_1", "de", "guten Morgen")
+            await bot.translate("alice", "SG_1", "ar", "صباح الخير")
+            texts = {}
+            for name, ws in (("original", original), ("german", german)):
+                texts[name] = [json.loads(m)["text"] for m in await read_all(ws, 2.0)
+                               if json.loads(m)["type"] == "caption"]
+            assert texts == {"original": ["good morning"], "german": ["good morning", "guten Morgen"]}
+            await german.close()
+            await wait_reading(livekit_server, room_name, None)  # the last German reader left
+        finally:
+            await original.close()
+            await bot.room.disconnect()
+            await alice.disconnect()

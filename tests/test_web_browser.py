@@ -460,16 +460,6 @@ async def test_phone_sized_screen_keeps_controls_and_captions_usable(agentless_l
 # ---------------------------------------------------------------- reading a translation (issue 26)
 
 
-@pytest.fixture(scope="module")
-def translating_web(agentless_livekit, tmp_path_factory) -> WebServer:
-    """`captions web --translate-to de,ar` (the bot plays the translating worker)."""
-    directory = tmp_path_factory.mktemp("translating-web")
-    server = start_web_server(agentless_livekit, directory / "web.log", directory / "data",
-                              extra_args=("--translate-to", "de,ar"))
-    yield server
-    stop(server.process)
-
-
 ROWS_JS = """() => [...document.querySelectorAll('#captions .seg')].map(s => ({
     text: (s.querySelector('.seg-text') || s).textContent, dir: s.getAttribute('dir'),
     interim: s.classList.contains('interim'), note: !!s.querySelector('.untranslated-note:not([hidden])'),

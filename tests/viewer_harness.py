@@ -133,6 +133,16 @@ def agentless_web(agentless_livekit, tmp_path_factory) -> WebServer:
     stop(server.process)
 
 
+@pytest.fixture(scope="module")
+def translating_web(agentless_livekit, tmp_path_factory) -> WebServer:
+    """`captions web --translate-to de,ar` (a bot plays the translating worker)."""
+    directory = tmp_path_factory.mktemp("translating-web")
+    server = start_web_server(agentless_livekit, directory / "web.log", directory / "data",
+                              extra_args=("--translate-to", "de,ar"))
+    yield server
+    stop(server.process)
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def browser():
     from playwright.async_api import async_playwright
