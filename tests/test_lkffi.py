@@ -1,5 +1,5 @@
 """captions/live/sdk_fixes.py against the real livekit SDK and a real livekit-server: each speaker's audio stream
-is woken by its own track only, and still gets all of its own audio; and two rooms connecting at once
+is handed its own track's audio only, and still gets all of its own audio; and two rooms connecting at once
 in a fresh process both connect once the FFI runtime was created early (and one of them hangs
 without that, which is why the worker does it)."""
 
@@ -126,10 +126,9 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
         assert set(counter.handles) <= {handles[name]}, (
             f"{name}'s stream was handed other streams' audio: {dict(counter.handles)}")
         assert counter.handles[handles[name]] >= 100, f"{name}'s stream got {dict(counter.handles)}"
-    # Without the fix every stream sees every stream's events. When this fails, the SDK filters by
-    # stream itself (livekit >= 1.2 does): captions/live/sdk_fixes.open_audio_stream can go.
-    assert set(plain_counter.handles) > {plain._ffi_handle.handle}, (
-        f"the SDK no longer fans audio out to every stream: {dict(plain_counter.handles)}")
+    # The router hands each routed stream's audio to that stream only, so an unrouted stream of the
+    # SDK's own sees only its own audio as well (the SDK's fan-out itself: tests/test_sdk_fixes.py).
+    assert set(plain_counter.handles) == {plain._ffi_handle.handle}, dict(plain_counter.handles)
 
     # Each stream still carries its own speaker, whole: 1.5 s of its tone.
     for name, hz in TONES_HZ.items():
@@ -137,6 +136,59 @@ async def test_each_speakers_audio_stream_is_woken_only_by_its_own_track(livekit
         loud = pcm[np.abs(pcm) > 1000]
         assert loud.size >= 1.2 * RATE, f"{name}: {loud.size / RATE:.2f} s of its tone arrived"
         assert abs(dominant_hz(pcm) - hz) < 20, f"{name}: heard {dominant_hz(pcm):.0f} Hz, sent {hz:.0f} Hz"
+
+
+@pytest.mark.parametrize("path", ["new", "today"])
+async def test_audio_chunks_carry_each_tracks_own_audio_whole_by_either_path(livekit_server, tmp_path, monkeypatch,
+                                                                            path):
+    """sdk_fixes.audio_chunks, as the worker reads every microphone: through the router (each chunk
+    taken out of its event on the loop's hand-over) or, with CAPTIONS_HOST_PATH=today, the narrowed
+    SDK stream. Two readers on each track (the kept and the live stream of one speaker)."""
+    from captions.live.sdk_fixes import audio_chunks
+
+    monkeypatch.setenv("CAPTIONS_HOST_PATH", path)
+    room_name = f"lkffi-chunks-{path}"
+    speakers = {name: await Publisher(livekit_server, room_name, name, auto_subscribe=False).connect()
+                for name in TONES_HZ}
+    listener = rtc.Room()
+    subscribed: dict[str, rtc.Track] = {}
+    listener.on("track_subscribed", lambda track, _pub, who: subscribed.__setitem__(who.identity, track))
+    await listener.connect(livekit_server.url, make_token(livekit_server, room_name, "listener"))
+    received: dict[tuple[str, int], list[np.ndarray]] = {}
+    try:
+        await wait_until(lambda: set(subscribed) == set(TONES_HZ), 10, "both tracks")
+
+        async def read(key: tuple[str, int]) -> None:
+            async for pcm in audio_chunks(subscribed[key[0]], sample_rate=RATE, frame_size_ms=key[1]):
+                received[key].append(pcm.copy())
+
+        keys = [(name, chunk_ms) for name in TONES_HZ for chunk_ms in (80, 10)]
+        received.update({key: [] for key in keys})
+        readers = [asyncio.create_task(read(key)) for key in keys]
+        await asyncio.gather(*(speakers[name].play(tone_wav(tmp_path / f"{name}.wav", hz, 1.5))
+                               for name, hz in TONES_HZ.items()))
+        await wait_until(lambda: all(tone_passed(chunks) for chunks in received.values()), 10,
+                         "the end of each tone to reach each reader")
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)  # each closes its stream
+    finally:
+        await listener.disconnect()
+        for speaker in speakers.values():
+            await speaker.disconnect()
+
+    for (name, chunk_ms), chunks in received.items():
+        assert {chunk.size for chunk in chunks} == {RATE * chunk_ms // 1000}
+        pcm = np.concatenate(chunks)
+        loud = pcm[np.abs(pcm) > 1000]
+        assert loud.size >= 1.2 * RATE, f"{name}/{chunk_ms}: {loud.size / RATE:.2f} s of its tone arrived"
+        assert abs(dominant_hz(pcm) - TONES_HZ[name]) < 20, f"{name}/{chunk_ms}: heard {dominant_hz(pcm):.0f} Hz"
+    # The two readers of a track resample the same decoded audio: the 10 ms one's samples, after
+    # its cold first chunk, lie whole in the 80 ms one's (what track_audio.py's splice relies on).
+    for name in TONES_HZ:
+        kept, live = np.concatenate(received[(name, 80)]), np.concatenate(received[(name, 10)][1:])
+        probe = live[RATE:RATE + 3 * RATE // 100]
+        assert any(np.array_equal(kept[i:i + probe.size], probe) for i in range(0, kept.size - probe.size, RATE // 100))
 
 
 # Two rooms connect at the same moment from two threads, each with its own event loop (as the

@@ -302,17 +302,14 @@ class _LiveFeed:
 
 
 class RtcTrackSource:
-    """An `rtc.Track` as an `AudioSource`: one narrowed `rtc.AudioStream` per `chunks()` call."""
+    """An `rtc.Track` as an `AudioSource`: one `rtc.AudioStream` per `chunks()` call, its events
+    routed to it by handle (captions/live/sdk_fixes.py)."""
 
     def __init__(self, track) -> None:
         self._track = track
 
     async def chunks(self, chunk_ms: int) -> AsyncIterator[np.ndarray]:
-        from captions.live.sdk_fixes import open_audio_stream
+        from captions.live.sdk_fixes import audio_chunks
 
-        stream = open_audio_stream(self._track, sample_rate=SAMPLE_RATE, frame_size_ms=chunk_ms)
-        try:
-            async for event in stream:
-                yield np.frombuffer(event.frame.data, dtype=np.int16)
-        finally:
-            await stream.aclose()
+        async for pcm in audio_chunks(self._track, sample_rate=SAMPLE_RATE, frame_size_ms=chunk_ms):
+            yield pcm

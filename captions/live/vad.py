@@ -8,6 +8,22 @@ the windows are fed directly, from the audio the worker already receives at 24 k
 `SpeechGate` turns the per-window probabilities into a few facts about one track, in samples of
 its 24 kHz audio: whether the speaker talks now, where the current stretch of speech started, and
 where the speaker last spoke. How long a pause ends a turn is the caller's business (speaker.py).
+
+Most microphones are silent most of the time, and Silero costs the same on silence as on speech.
+So a window is first weighed by its energy (issue 24): while the gate is closed, a window quieter
+than `GateOptions.energy_floor_dbfs`, with no louder window in the `AWAKE_WINDOWS` before it, is
+judged silence without Silero (and without resampling). The floor sits well under speech (even a
+quiet voice's first syllable is louder), so at worst a quiet onset is noticed a window or two late;
+the speaker's pre-roll (0.5 s before the detected onset, speaker.py) still holds its start. Once a
+window is loud, Silero judges every window until `AWAKE_WINDOWS` quiet ones in a row, and always
+while the gate is open (its end is Silero's decision, as before). After skipped windows Silero's
+state starts fresh, as at a stream's start.
+
+The 24 -> 16 kHz resampling for Silero is done here in numpy (a 48-tap windowed-sinc low-pass,
+polyphase), one window at a time, instead of a round trip to the native resampler for every chunk.
+
+`CAPTIONS_HOST_PATH=today` (captions/live/sdk_fixes.py) keeps the path before these changes: the
+native resampler and Silero on every window (`captions bench host` measures both).
 """
 
 from __future__ import annotations
@@ -18,11 +34,14 @@ import numpy as np
 from livekit import rtc
 from livekit.local_inference import VAD, VAD_WINDOW_SAMPLES
 
+from captions.live.sdk_fixes import todays_host_path
 from captions.stt.api import SAMPLE_RATE
 
 VAD_SAMPLE_RATE = 16000
 WINDOW_24K = VAD_WINDOW_SAMPLES * SAMPLE_RATE // VAD_SAMPLE_RATE
 """One VAD window (32 ms) in samples of the track's 24 kHz audio."""
+AWAKE_WINDOWS = 16
+"""Quiet windows in a row (0.5 s) after a loud one during which Silero still judges every window."""
 
 
 @dataclass
@@ -33,6 +52,37 @@ class GateOptions:
     """...for this many windows in a row (64 ms: a click is not speech)."""
     deactivation: float = 0.35
     """Speech goes on while the probability stays at or above this."""
+    energy_floor_dbfs: float | None = -55.0
+    """A window quieter than this (RMS, dB of full scale) is silence without asking Silero, while
+    the gate is closed and nothing loud came just before (module notes); None: Silero judges all."""
+
+
+class _Resampler:
+    """24 kHz int16 windows to 16 kHz for Silero: upsampling by 2 (zeros between samples), a
+    windowed-sinc low-pass at 7.2 kHz, and every third sample kept, computed as two polyphase dot
+    products per output sample pair. Each window is resampled with the samples before it as its
+    context, so that the windows Silero is asked about need not be contiguous."""
+
+    TAPS = 48
+    CONTEXT = TAPS // 2
+
+    def __init__(self) -> None:
+        n = np.arange(self.TAPS) - (self.TAPS - 1) / 2
+        cutoff = 7200 / (2 * SAMPLE_RATE)  # of the 48 kHz upsampled rate
+        h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(self.TAPS, 6.0)
+        even, odd = h[0::2], h[1::2]
+        self._even = (even / even.sum())[::-1].astype(np.float32)
+        self._odd = (odd / odd.sum())[::-1].astype(np.float32)
+
+    def window(self, context: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """16 kHz int16 samples of `window` (WINDOW_24K samples), `context` the CONTEXT before it."""
+        x = np.concatenate([context, window]).astype(np.float32)
+        rows = np.lib.stride_tricks.sliding_window_view(x, self.CONTEXT)
+        half = window.size // 3
+        out = np.empty(2 * half, dtype=np.float32)
+        out[0::2] = rows[1:1 + 3 * half:3] @ self._even
+        out[1::2] = rows[2:2 + 3 * half:3] @ self._odd
+        return np.clip(out, -32768, 32767).astype(np.int16)
 
 
 class SpeechGate:
@@ -41,8 +91,23 @@ class SpeechGate:
     def __init__(self, options: GateOptions | None = None):
         self.options = options or GateOptions()
         self._vad = VAD()
-        self._resampler = rtc.AudioResampler(SAMPLE_RATE, VAD_SAMPLE_RATE, num_channels=1,
-                                             quality=rtc.AudioResamplerQuality.QUICK)
+        self._today = todays_host_path()
+        if self._today:
+            self._resampler = rtc.AudioResampler(SAMPLE_RATE, VAD_SAMPLE_RATE, num_channels=1,
+                                                 quality=rtc.AudioResamplerQuality.QUICK)
+        else:
+            self._window_resampler = _Resampler()
+            self._context = np.zeros(_Resampler.CONTEXT, dtype=np.int16)
+            floor = self.options.energy_floor_dbfs
+            self._floor_energy = None if floor is None else WINDOW_24K * (32768 * 10 ** (floor / 20)) ** 2
+            self._awake = 0
+            """Windows Silero still judges whatever their energy (after a loud one)."""
+            self._asleep = True
+            """Silero skipped the window before: its state starts fresh."""
+        self.silero_windows = 0
+        """Windows Silero judged."""
+        self.skipped_windows = 0
+        """Windows judged silence by their energy alone."""
         self._pending = np.zeros(0, dtype=np.int16)
         self._windows = 0
         """Windows judged so far: window w covers 24 kHz samples [w, w + 1) * WINDOW_24K."""
@@ -55,6 +120,35 @@ class SpeechGate:
 
     def feed(self, pcm: np.ndarray) -> bool:
         """Judges the windows this audio completes; True when speech started in it."""
+        if self._today:
+            return self._feed_today(pcm)
+        pending = np.concatenate([self._pending, pcm]) if self._pending.size else pcm
+        started = False
+        while pending.size >= WINDOW_24K:
+            window, pending = pending[:WINDOW_24K], pending[WINDOW_24K:]
+            started |= self._judge(self._probability(window))
+            self._context = window[-_Resampler.CONTEXT:]
+        self._pending = pending
+        return started
+
+    def _probability(self, window: np.ndarray) -> float:
+        if self._floor_energy is not None:
+            samples = window.astype(np.float32)
+            if float(np.dot(samples, samples)) >= self._floor_energy:
+                self._awake = AWAKE_WINDOWS
+            elif self._awake > 0:
+                self._awake -= 1
+            elif not self.speaking:
+                self.skipped_windows += 1
+                self._asleep = True
+                return 0.0
+        if self._asleep:
+            self._vad.reset()
+            self._asleep = False
+        self.silero_windows += 1
+        return self._vad.predict(self._window_resampler.window(self._context, window))
+
+    def _feed_today(self, pcm: np.ndarray) -> bool:
         frame = rtc.AudioFrame(pcm.tobytes(), SAMPLE_RATE, 1, pcm.size)
         resampled = [np.frombuffer(f.data, dtype=np.int16) for f in self._resampler.push(frame)]
         if resampled:
@@ -62,6 +156,7 @@ class SpeechGate:
         started = False
         while self._pending.size >= VAD_WINDOW_SAMPLES:
             window, self._pending = self._pending[:VAD_WINDOW_SAMPLES], self._pending[VAD_WINDOW_SAMPLES:]
+            self.silero_windows += 1
             started |= self._judge(self._vad.predict(np.ascontiguousarray(window)))
         return started
 

@@ -1,0 +1,112 @@
+"""captions/live/vad.py's energy pre-gate and numpy resampling (issue 24): silence and low noise
+never wake Silero; speech after silence, loud or quiet, starts where Silero alone says it starts
+(or a window or two later, still inside the speaker's pre-roll); and CAPTIONS_HOST_PATH=today runs
+Silero on every window as before. Speech from espeak-ng."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from captions.dev.speech import speech_samples
+from captions.live.speaker import SpeakerOptions
+from captions.live.vad import WINDOW_24K, GateOptions, SpeechGate, _Resampler
+from captions.stt.api import SAMPLE_RATE
+
+CHUNK = SAMPLE_RATE * 80 // 1000
+NOISE_STD = 30.0
+"""About -60 dBFS: a quiet room."""
+PRE_ROLL = int(SpeakerOptions().pre_roll_s * SAMPLE_RATE)
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    """About 3 s of espeak-ng speech at full level (float32, 24 kHz)."""
+    return speech_samples("Hello there, this sentence starts quietly and ends a little later.",
+                          tmp_path_factory.mktemp("vad"))
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, NOISE_STD, int(seconds * SAMPLE_RATE))
+
+
+def int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x), -32768, 32767).astype(np.int16)
+
+
+def run_gate(gate: SpeechGate, pcm: np.ndarray) -> list[int]:
+    """Feeds `pcm` in the worker's 80 ms chunks; the onsets the gate reported."""
+    onsets = []
+    for start in range(0, pcm.size - CHUNK + 1, CHUNK):
+        if gate.feed(pcm[start:start + CHUNK]):
+            onsets.append(gate.onset)
+    return onsets
+
+
+def first_sound(speech: np.ndarray, level_db: float) -> int:
+    """The first sample of the speech clip that rises above the noise floor."""
+    scaled = np.abs(speech) * 32767 * 10 ** (level_db / 20)
+    return int(np.argmax(scaled > 3 * NOISE_STD))
+
+
+@pytest.mark.parametrize("signal", ["digital silence", "low noise"])
+def test_silence_and_low_noise_never_wake_silero(signal):
+    gate = SpeechGate()
+    pcm = np.zeros(10 * SAMPLE_RATE, dtype=np.int16) if signal == "digital silence" else int16(noise(10))
+    assert run_gate(gate, pcm) == []
+    assert not gate.speaking and gate.silero_windows == 0
+    assert gate.skipped_windows == pcm.size // WINDOW_24K
+
+
+@pytest.mark.parametrize("level_db", [0.0, -20.0, -30.0], ids=["loud", "quiet", "very quiet"])
+def test_speech_after_silence_starts_where_silero_alone_says_and_the_pre_roll_holds_it(
+        monkeypatch, speech, level_db):
+    silence_s = 2.0
+    start = int(silence_s * SAMPLE_RATE)
+    clip = speech * 32767 * 10 ** (level_db / 20)
+    pcm = int16(np.concatenate([noise(silence_s), clip + noise(clip.size / SAMPLE_RATE, seed=1), noise(1.0, seed=2)]))
+    gated = SpeechGate()
+    onsets = run_gate(gated, pcm)
+    monkeypatch.setenv("CAPTIONS_HOST_PATH", "today")
+    every_window = SpeechGate()
+    reference = run_gate(every_window, pcm)
+    assert every_window.skipped_windows == 0 and every_window.silero_windows >= gated.silero_windows + 50
+
+    assert reference and onsets, (reference, onsets)
+    # At most two windows (64 ms) later than Silero on every window, never earlier than the speech.
+    assert 0 <= onsets[0] - reference[0] <= 2 * WINDOW_24K, (onsets, reference)
+    # What the speaker's turn takes in (the pre-roll before the onset) holds the first sound.
+    assert onsets[0] - PRE_ROLL <= start + first_sound(speech, level_db)
+    assert gated.skipped_windows >= silence_s * SAMPLE_RATE // WINDOW_24K - 2
+
+
+def test_the_gate_stays_open_through_quiet_windows_while_speaking(speech):
+    """While speech goes on, every window is Silero's to judge, however quiet (its end is Silero's call)."""
+    gate = SpeechGate(GateOptions(energy_floor_dbfs=-55.0))
+    pcm = int16(np.concatenate([noise(1.0), speech * 32767, noise(2.0, seed=3)]))
+    run_gate(gate, pcm)
+    speech_windows = (speech.size + SAMPLE_RATE) // WINDOW_24K
+    assert gate.silero_windows >= speech_windows - int(1.0 * SAMPLE_RATE) // WINDOW_24K
+    assert not gate.speaking  # and it closed again after the speech
+
+
+def test_no_energy_floor_means_silero_judges_every_window():
+    gate = SpeechGate(GateOptions(energy_floor_dbfs=None))
+    run_gate(gate, int16(noise(2.0)))
+    assert gate.skipped_windows == 0 and gate.silero_windows == 2 * SAMPLE_RATE // WINDOW_24K
+
+
+def test_the_resampler_keeps_speech_band_tones_and_removes_what_16_khz_cannot_hold():
+    resampler = _Resampler()
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+
+    def level(hz: float) -> float:
+        tone = int16(10000 * np.sin(2 * np.pi * hz * t))
+        context = tone[WINDOW_24K - _Resampler.CONTEXT:WINDOW_24K]
+        out = resampler.window(context, tone[WINDOW_24K:2 * WINDOW_24K])
+        assert out.size == 512 and out.dtype == np.int16
+        return float(np.sqrt(np.mean(out.astype(np.float64) ** 2)) / (10000 / np.sqrt(2)))
+
+    assert level(300) == pytest.approx(1.0, abs=0.05)
+    assert level(3000) == pytest.approx(1.0, abs=0.05)
+    assert level(10000) < 0.05  # would alias to 6 kHz
