@@ -253,13 +253,20 @@ class TranslationModel:
     def _pair(request: TranslationRequest) -> Pair:
         return language_code(request.source), language_code(request.target)
 
+    def source_tokens(self, request: TranslationRequest) -> list[str]:
+        """The tokens the model reads for `request` (its length drives the cost)."""
+        member = self._by_pair[self._pair(request)]
+        return self._source_tokens(member, request)
+
+    @staticmethod
+    def _source_tokens(member: _Member, request: TranslationRequest) -> list[str]:
+        source, target = TranslationModel._pair(request)
+        pieces = member.source_tokenizer.encode(request.text, out_type=str)
+        return member.family.source_tokens(pieces, source, target, member.vocabulary)
+
     def _translate(self, member: _Member, requests: list[TranslationRequest]) -> list[str]:
-        sources, prefixes = [], []
-        for request in requests:
-            source, target = self._pair(request)
-            pieces = member.source_tokenizer.encode(request.text, out_type=str)
-            sources.append(member.family.source_tokens(pieces, source, target, member.vocabulary))
-            prefixes.append(member.family.target_prefix(target))
+        sources = [self._source_tokens(member, request) for request in requests]
+        prefixes = [member.family.target_prefix(self._pair(request)[1]) for request in requests]
         longest = max(len(tokens) for tokens in sources)
         results = member.translator.translate_batch(
             sources, target_prefix=prefixes if any(prefixes) else None, beam_size=self.beam_size,
@@ -282,6 +289,16 @@ class TranslationModel:
 
 
 # ---- finding and loading ---------------------------------------------------------------------------
+
+def default_threads() -> int:
+    """CPU threads per translation call: the usable cores, at most 4. CTranslate2's own default (4)
+    oversubscribes a smaller machine, which makes every call slower (`captions bench translate
+    --threads N` shows it)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores))
+
 
 _HUB_FILES = ["model.bin", "config.json", "*vocabulary*", "*.spm", "*.model", "vmap.txt"]
 
@@ -341,10 +358,12 @@ def load_translation_model(spec: str, device: str = "cpu", compute_type: str = "
     """Loads every model `spec` names (see the module docstring) on `device` ("cpu", "cuda",
     "cuda:N" or "auto"). `pairs`: the (source, target) pairs wanted; expands a template, and skips
     the other pairs of a directory of pairs. `compute_type`: CTranslate2's ("auto": int8 on a CPU,
-    int8_float16 on a GPU, where supported). `threads`: CTranslate2's intra_threads (0: its
-    default). Raises TranslationModelError, with a one-line message."""
+    int8_float16 on a GPU, where supported). `threads`: CTranslate2's intra_threads (0:
+    `default_threads()`). Raises TranslationModelError, with a one-line message."""
     import ctranslate2
 
+    if threads <= 0:
+        threads = default_threads()
     if device == "auto":
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     wanted = {(language_code(s), language_code(t)) for s, t in pairs} if pairs is not None else None

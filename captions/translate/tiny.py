@@ -185,13 +185,14 @@ class _Weights:
         self.norm(spec.layer_norm, dim)
 
 
-def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, end_sentences: bool = True,
-                word_output: bool = True, end_bias: float = END_BIAS):
+def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, realistic: bool = False):
     """A `TransformerSpec` shaped like the converter's output for a Marian model, random weights.
 
-    `end_sentences=False` makes </s> unreachable, so that every translation runs to the length
-    limit the caller sets (the benchmark's random model then decodes as many tokens as a real
-    translation of the same caption would, instead of stopping at a random point)."""
+    By default (the tiny model) the output projection is untied and sharpened, writes whole words
+    only, and ends sentences now and then: short runs of different words. `realistic=True` (the
+    benchmark's model) ties the projection to the embeddings as OPUS-MT does and makes </s>
+    unreachable, so that every translation runs to the length limit the caller sets (as many tokens
+    as a real translation of the caption would have, instead of stopping at a random point)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
     spec = transformer_spec.TransformerSpec.from_config(
@@ -220,16 +221,17 @@ def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, end_senten
         weights.norm(layer.attention.layer_norm, dim)
         weights.ffn(layer.ffn, dim, shape.ffn)
     spec.decoder.start_from_zero_embedding = True
-    # Untied for the random model: tied random weights make the decoder repeat its last token, where
-    # an untied projection walks through different pieces (the format is the same: tied weights are
-    # the same array saved once).
-    spec.decoder.projection.weight = weights.matrix(size, dim) * np.float32(PROJECTION_GAIN)
     bias = np.zeros(size, dtype=np.float32)
-    if word_output:
-        # Whole words only (pieces that start a word and are at least 3 characters long), and
-        # an end of sentence now and then: the random model writes short runs of separate words.
+    if realistic:
+        spec.decoder.projection.weight = embeddings
+        bias[vocabulary.index("</s>")] = -1e4
+    else:
+        # Tied random weights make the decoder repeat its last token; an untied projection walks
+        # through different pieces (the format is the same: tied weights are one array saved once).
+        spec.decoder.projection.weight = weights.matrix(size, dim) * np.float32(PROJECTION_GAIN)
+        # Whole words only, and an end of sentence now and then.
         bias[[i for i, token in enumerate(vocabulary) if not _is_word(token)]] = -1e4
-    bias[vocabulary.index("</s>")] = end_bias if end_sentences else -1e4
+        bias[vocabulary.index("</s>")] = END_BIAS
     spec.decoder.projection.bias = bias
     # What the converter's Marian loader writes into config.json.
     spec.config.eos_token = "</s>"
@@ -240,11 +242,20 @@ def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, end_senten
     return spec
 
 
+def parameter_count(shape: MarianShape, vocab_size: int) -> int:
+    """Parameters of a Marian model of this shape with tied embeddings (as OPUS-MT's)."""
+    d, f = shape.d_model, shape.ffn
+    attention = 4 * d * d + 4 * d + 2 * d
+    ffn = 2 * d * f + f + d + 2 * d
+    return vocab_size * d + vocab_size + shape.layers * (attention + ffn) + shape.layers * (2 * attention + ffn)
+
+
 def write_marian_model(out_dir: Path, tokenizer_path: Path, shape: MarianShape, seed: int,
-                       quantization: str | None = None, end_sentences: bool = True) -> Path:
+                       quantization: str | None = None, realistic: bool = False) -> Path:
     """One converted-Marian directory: model.bin, config.json, shared_vocabulary.json, source.spm
-    and target.spm (one tokenizer for both sides, as OPUS-MT's joint-vocabulary models have)."""
-    spec = marian_spec(shape, _vocabulary(tokenizer_path, shape.vocab_size), seed, end_sentences)
+    and target.spm (one tokenizer for both sides, as OPUS-MT's joint-vocabulary models have);
+    `realistic`: see `marian_spec`."""
+    spec = marian_spec(shape, _vocabulary(tokenizer_path, shape.vocab_size), seed, realistic)
     spec.validate()
     spec.optimize(quantization=quantization)
     out_dir.mkdir(parents=True, exist_ok=True)
