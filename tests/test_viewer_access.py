@@ -217,17 +217,20 @@ async def relay_reading(livekit_server, room_name: str) -> str | None:
     return relays[0].attributes.get("captions.reading") if relays else "(not joined yet)"
 
 
-async def wait_reading(livekit_server, room_name: str, expected: str | None) -> None:
+async def wait_reading(livekit_server, room_name: str, expected: str | None, captioner: rtc.Room) -> None:
+    """Until the relay's captions.reading, and the one the captioner sees on itself, are `expected`."""
     deadline = time.monotonic() + 10
-    while (reading := await relay_reading(livekit_server, room_name)) != expected:
-        assert time.monotonic() < deadline, f"captions.reading is {reading!r}, not {expected!r}"
+    while (reading := (await relay_reading(livekit_server, room_name),
+                       captioner.local_participant.attributes.get("captions.reading") or None)) != (expected,) * 2:
+        assert time.monotonic() < deadline, f"captions.reading (relay's, captioner's) is {reading!r}, not {expected!r}"
         await asyncio.sleep(0.2)
 
 
 async def test_each_viewer_gets_its_own_language_and_the_relay_says_which_are_read(livekit_server, tmp_path):
     """Two viewers, one reading German, one the originals: the German reader's socket carries the
     originals and the German translations, the other's the originals only, neither the Arabic ones
-    (nobody reads them). The relay's captions.reading says "de" while the German reader is there."""
+    (nobody reads them). The relay's captions.reading says "de" while the German reader is there, and
+    the captioner, which cannot see the hidden relay, is told the same through the server API."""
     room_name = f"languages-{time.monotonic_ns()}"
     alice, _ = await speaker_with_everything(livekit_server, room_name)
     bot = await CaptionAgentBot.start(livekit_server, room_name, {"alice": "Alice"})
@@ -238,17 +241,19 @@ async def test_each_viewer_gets_its_own_language_and_the_relay_says_which_are_re
                                                               "lang": "de"})
         try:
             assert (await german.receive_json(timeout=10))["language"] == "de"
-            await wait_reading(livekit_server, room_name, "de")
+            await wait_reading(livekit_server, room_name, "de", bot.room)
             await bot.final("alice", "SG_1", "good morning", time.time())
             await bot.translate("alice", "SG_1", "de", "guten Morgen")
             await bot.translate("alice", "SG_1", "ar", "صباح الخير")
-            texts = {}
+            texts, everything = {}, ""
             for name, ws in (("original", original), ("german", german)):
-                texts[name] = [json.loads(m)["text"] for m in await read_all(ws, 2.0)
-                               if json.loads(m)["type"] == "caption"]
+                messages = await read_all(ws, 2.0)
+                everything += "".join(messages)
+                texts[name] = [json.loads(m)["text"] for m in messages if json.loads(m)["type"] == "caption"]
             assert texts == {"original": ["good morning"], "german": ["good morning", "guten Morgen"]}
+            assert "captions.reading" not in everything, "what others read is nobody's business"
             await german.close()
-            await wait_reading(livekit_server, room_name, None)  # the last German reader left
+            await wait_reading(livekit_server, room_name, None, bot.room)  # the last German reader left
         finally:
             await original.close()
             await bot.room.disconnect()

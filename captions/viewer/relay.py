@@ -21,7 +21,10 @@ Translations (issue 26) are captions too, verified the same way; each viewer rea
 never every language. The relay sets its own participant attribute ``captions.reading`` to the
 languages its viewers read (only configured ones, so at most ``--translate-to``'s few; "" removes
 it), updated as viewers come and go, coalesced to one update per `READING_UPDATE_S`: the room's
-captioner translates only into those.
+captioner translates only into those. livekit-server shows a hidden participant to nobody, the
+captioner included, so a hidden relay also has the server API set the same attribute on each
+captioner of the room (an agent whose claim verifies: `tell_captioner`), which a participant cannot
+do; a captioner that joins later is told too. Viewers are never shown ``captions.reading``.
 
 A room that does not exist (a meeting not started, or over) is not created by a viewer: the relay
 checks through the server API first, tells its viewers the room is empty, and checks again every
@@ -44,12 +47,15 @@ from collections.abc import Awaitable, Callable
 
 from captions.log import logger
 from captions.protocol import (
+    ATTR_AGENT_CLAIM,
     ATTR_LANGUAGE,
     ATTR_READING,
     ATTR_SPEAKER,
     ATTR_TRANSLATED,
     CAPTION_ATTRIBUTES,
     TOPIC_TRANSCRIPTION,
+    claim_message,
+    verify,
     verify_caption,
 )
 
@@ -74,10 +80,15 @@ class RoomRelay:
     """One room's captions for every viewer of it on this server (see the module notes)."""
 
     def __init__(self, url: str, token: Callable[[], str], room_name: str, on_idle: Callable[[RoomRelay], None],
-                 caption_key: str, room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = ()):
+                 caption_key: str, room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = (),
+                 tell_captioner: Callable[[str, str, dict[str, str]], Awaitable[None]] | None = None):
         self.url, self._token, self.room_name, self._on_idle = url, token, room_name, on_idle
         self._caption_key, self._room_exists = caption_key, room_exists
         self._languages = languages
+        self._tell_captioner = tell_captioner
+        """(room, identity, attributes): sets a participant's attributes through the server API."""
+        self._told: dict[str, str] = {}
+        """Per captioner, the ``captions.reading`` it was told."""
         """The configured translation languages: the only ones a viewer can read, or the relay announce."""
         self._streams: collections.Counter[str] = collections.Counter()
         self._unverified = 0
@@ -141,22 +152,45 @@ class RoomRelay:
         """The ``captions.reading`` attribute its viewers call for: their languages, sorted."""
         return ",".join(sorted({language for language in self.viewers.values() if language}))
 
+    def _captioners(self) -> list[str]:
+        """The room's captioners (agents whose claim verifies), to be told what is read."""
+        room = self._room
+        if self._tell_captioner is None or room is None:
+            return []
+        return [p.identity for p in room.remote_participants.values()
+                if int(p.kind) == AGENT_KIND and (claim := p.attributes.get(ATTR_AGENT_CLAIM))
+                and verify(self._caption_key, claim_message(room=self.room_name, identity=p.identity), claim)]
+
+    def _untold(self, wanted: str) -> list[str]:
+        return [c for c in self._captioners() if self._told.get(c, "") != wanted]
+
     def _reading_changed(self) -> None:
-        """Sets ``captions.reading`` again (soon, once) if the viewers' languages changed."""
-        if not self._languages or self._room is None or not self.connected.is_set():
+        """Sets ``captions.reading`` again (soon, once) if the viewers' languages changed, or a
+        captioner has not been told them."""
+        if not self._languages or self._room is None or not self.connected.is_set() or self._reading_task:
             return
-        if self.wanted_reading() != self.reading and self._reading_task is None:
+        wanted = self.wanted_reading()
+        if wanted != self.reading or self._untold(wanted):
             self._reading_task = asyncio.create_task(self._publish_reading(), name="relay-reading")
 
     async def _publish_reading(self) -> None:
         try:
-            while (room := self._room) is not None and (wanted := self.wanted_reading()) != self.reading:
+            while (room := self._room) is not None:
+                wanted = self.wanted_reading()
+                untold = self._untold(wanted)
+                if wanted == self.reading and not untold:
+                    return
                 try:
-                    await room.local_participant.set_attributes({ATTR_READING: wanted})
-                    if room is self._room:  # not a room left meanwhile (the next join sets it again)
-                        self.reading = wanted
-                except Exception as e:  # noqa: BLE001 - the room went away meanwhile: the next join sets it
-                    logger.info("relay of room %r could not set %s (%s)", self.room_name, ATTR_READING, e)
+                    if wanted != self.reading:
+                        await room.local_participant.set_attributes({ATTR_READING: wanted})
+                        if room is self._room:  # not a room left meanwhile (the next join sets it again)
+                            self.reading = wanted
+                    for identity in untold:
+                        await self._tell_captioner(self.room_name, identity, {ATTR_READING: wanted})
+                        self._told[identity] = wanted
+                except Exception as e:  # noqa: BLE001 - the room or the captioner went away meanwhile
+                    logger.info("relay of room %r could not set %s (%s: %s)", self.room_name, ATTR_READING,
+                                type(e).__name__, e)
                     return
                 await asyncio.sleep(READING_UPDATE_S)
         finally:
@@ -194,6 +228,7 @@ class RoomRelay:
             finally:
                 self.connected.clear()
                 self.reading = ""  # a new participant each join: it has no attributes yet
+                self._told.clear()
                 room, self._room = self._room, None
                 if room is not None:
                     with contextlib.suppress(Exception):
@@ -208,10 +243,11 @@ class RoomRelay:
         room = rtc.Room()
         self._room = room
         room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_caption_stream)
-        for event in ("participant_connected", "participant_name_changed"):
-            room.on(event, lambda participant, *_: self._send({"type": "participant", **_describe(participant)}))
+        room.on("participant_connected", self._on_participant_connected)
+        room.on("participant_name_changed", lambda participant, *_: self._send({"type": "participant",
+                                                                                **_describe(participant)}))
         room.on("participant_attributes_changed", self._on_attributes_changed)
-        room.on("participant_disconnected", lambda p: self._send({"type": "left", "identity": p.identity}))
+        room.on("participant_disconnected", self._on_participant_disconnected)
         room.on("reconnecting", lambda: self._send({"type": "reconnecting"}))
         room.on("reconnected", lambda: self._send(self._snapshot()))
         room.on("disconnected", lambda *_: closed.set())
@@ -220,9 +256,22 @@ class RoomRelay:
         self._send(self._snapshot())
         self._reading_changed()
 
+    def _on_participant_connected(self, participant) -> None:
+        self._send({"type": "participant", **_describe(participant)})
+        self._reading_changed()  # a captioner that joins is told what is read
+
+    def _on_participant_disconnected(self, participant) -> None:
+        self._told.pop(participant.identity, None)
+        self._send({"type": "left", "identity": participant.identity})
+
     def _on_attributes_changed(self, changed: dict[str, str], participant) -> None:
         if int(participant.kind) == AGENT_KIND:  # others' attributes are nobody's business here
-            self._send({"type": "participant", **_describe(participant)})
+            if set(changed) - {ATTR_READING}:  # not what the relay told it
+                self._send({"type": "participant", **_describe(participant)})
+            if ATTR_AGENT_CLAIM in changed or changed.get(ATTR_READING, self._told.get(participant.identity)) \
+                    != self._told.get(participant.identity):
+                self._told.pop(participant.identity, None)  # a new captioner, or one told otherwise since
+                self._reading_changed()
 
     def _snapshot(self) -> dict:
         room = self._room
@@ -288,7 +337,8 @@ def _describe(participant) -> dict:
     if int(participant.kind) == AGENT_KIND:
         joined = participant.joined_at
         described["joined_at_ms"] = int(joined.timestamp() * 1000) if joined is not None else None
-        described["attributes"] = {k: v for k, v in participant.attributes.items() if k.startswith("captions.")}
+        described["attributes"] = {k: v for k, v in participant.attributes.items()
+                                   if k.startswith("captions.") and k != ATTR_READING}
     return described
 
 
@@ -296,9 +346,11 @@ class Relays:
     """The relays of this viewer server, one per room with viewers."""
 
     def __init__(self, url: str, token_for: Callable[[str], str], caption_key: str,
-                 room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = ()):
+                 room_exists: Callable[[str], Awaitable[bool]], languages: tuple[str, ...] = (),
+                 tell_captioner: Callable[[str, str, dict[str, str]], Awaitable[None]] | None = None):
         self.url, self._token_for = url, token_for
         self._caption_key, self._room_exists, self._languages = caption_key, room_exists, languages
+        self._tell_captioner = tell_captioner
         self._relays: dict[str, RoomRelay] = {}
         self._closing: set[asyncio.Task] = set()
         """Relays of rooms gone idle, leaving (kept referenced until they have left)."""
@@ -307,7 +359,7 @@ class Relays:
         relay = self._relays.get(room)
         if relay is None:
             relay = RoomRelay(self.url, lambda: self._token_for(room), room, self._drop, self._caption_key,
-                              self._room_exists, self._languages)
+                              self._room_exists, self._languages, self._tell_captioner)
             self._relays[room] = relay
         return relay
 

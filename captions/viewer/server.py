@@ -175,8 +175,10 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         return response
 
     server_api = _ServerApi(settings)
+    # A hidden relay is shown to nobody: the server API tells the captioners what its viewers read.
+    tell = server_api.update_attributes if settings.translate_to and not settings.viewers_visible else None
     relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room), settings.caption_key,
-                              server_api.room_exists, settings.translate_to)
+                              server_api.room_exists, settings.translate_to, tell)
     live_viewers = _LiveViewers()
     token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
     token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
@@ -373,13 +375,14 @@ def _in_backlog(segment: FinalSegment, language: str) -> bool:
 
 class _ServerApi:
     """LiveKit's server API, for the relays to ask whether a room exists (a viewer must not create
-    one); one client, made on first use on the server's loop."""
+    one) and to tell a room's captioners what its viewers read; one client, made on first use on the
+    server's loop."""
 
     def __init__(self, settings: WebSettings) -> None:
         self._settings = settings
         self._client = None
 
-    async def room_exists(self, room: str) -> bool:
+    def _api(self):
         from livekit import api
 
         if self._client is None:
@@ -387,7 +390,19 @@ class _ServerApi:
 
             self._client = api.LiveKitAPI(self._settings.livekit_url, self._settings.api_key,
                                           self._settings.api_secret, timeout=aiohttp.ClientTimeout(total=5))
-        return bool((await self._client.room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms)
+        return self._client
+
+    async def room_exists(self, room: str) -> bool:
+        from livekit import api
+
+        return bool((await self._api().room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms)
+
+    async def update_attributes(self, room: str, identity: str, attributes: dict[str, str]) -> None:
+        """Sets (merges) `identity`'s attributes in `room`; "" removes one."""
+        from livekit import api
+
+        await self._api().room.update_participant(
+            api.UpdateParticipantRequest(room=room, identity=identity, attributes=attributes))
 
     async def aclose(self) -> None:
         if self._client is not None:
