@@ -49,7 +49,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from captions import PROJECT_ROOT
-from captions.config import add_caption_secret_option, add_livekit_options, add_option, positive_int
+from captions.config import (
+    add_caption_secret_option,
+    add_livekit_options,
+    add_option,
+    language_code,
+    language_list,
+    positive_int,
+)
 from captions.live.transcripts import BACKLOG_WINDOW_S, recent_segments, transcript_path
 from captions.log import logger
 from captions.protocol import CaptionSigner, FinalSegment
@@ -223,10 +230,11 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     def reading_language(request: web.Request) -> str:
         """The language a viewer reads (``lang``): "" for the originals, else one of the configured
         ones; raises _Refused for anything else."""
-        language = normal_language(request.query.get("lang", "")[:32])
-        if language and language not in settings.translate_to:
+        asked = request.query.get("lang", "")
+        language = language_code(asked) if asked else ""  # the workers' spelling: lower case
+        if language is None or (language and language not in settings.translate_to):
             offered = ", ".join(settings.translate_to) or "none"
-            raise _Refused(_json_error(400, f"Captions are not translated into {language[:16]!r} here "
+            raise _Refused(_json_error(400, f"Captions are not translated into {asked[:16]!r} here "
                                        f"(languages offered: {offered}).", "language"))
         return language
 
@@ -440,25 +448,6 @@ class _LiveViewers:
                 counter[key] -= 1
                 if not counter[key]:
                     del counter[key]
-
-
-LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
-"""A language a viewer may read: a BCP-47 primary code with at most one subtag, lower case (``de``,
-``pt-br``), as the workers' targets."""
-
-
-def normal_language(text: str) -> str:
-    """`text` as the workers spell language codes: lower case, ``_`` read as ``-``."""
-    return text.strip().lower().replace("_", "-")
-
-
-def language_list(text: str) -> tuple[str, ...]:
-    """argparse type for --translate-to: comma-separated language codes (``de,fr,ar``)."""
-    codes = tuple(dict.fromkeys(normal_language(code) for code in text.split(",") if code.strip()))
-    bad = [code for code in codes if not LANGUAGE_CODE.match(code)]
-    if bad:
-        raise argparse.ArgumentTypeError(f"not a language code: {', '.join(map(repr, bad))} (use codes such as de,fr)")
-    return codes
 
 
 _ENDED = {"expired": "This viewer link has expired. Ask the operator for a new one.",
