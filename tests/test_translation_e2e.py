@@ -138,7 +138,11 @@ async def test_a_reader_of_german_gets_every_final_of_each_speaker_in_german_in_
             shown = [c.attributes[ATTR_SOURCE_SEGMENT] for c in sorted(german, key=lambda c: c.order)
                      if c.sender == name]
             assert shown == spoken, f"{name}'s translations are out of order"
-        # Every translated caption (interims too) comes after the original update it translates.
+        # A segment's translated updates in seq order, its final last; each after the original it translates.
+        for segment, updates in viewer.by_segment().items():
+            if updates[0].attributes.get(ATTR_TRANSLATED) == "true":
+                seqs = [int(c.attributes[ATTR_SEQ]) for c in updates]
+                assert seqs == sorted(seqs) and [c.final for c in updates].index(True) == len(updates) - 1, segment
         for c in translations(viewer.captions, "de"):
             source = [o for o in originals(viewer.captions) if o.segment_id == c.attributes[ATTR_SOURCE_SEGMENT]
                       and o.attributes[ATTR_SEQ] == c.attributes[ATTR_SEQ]]

@@ -172,10 +172,13 @@ async def test_every_final_is_translated_into_each_language_read_signed_as_a_tra
             lane.say(who, f"SG_{who}{n}", f"{who} says {n}")
             lane.say(who, f"SG_{who}{n}", f"{who} says {n} again", final=True)
     await lane.settle()
-    originals = [(who, a) for who, _, a in lane.sent(translated=False) if is_final(a)]
+    originals = sorted(((who, a) for who, _, a in lane.sent(translated=False) if is_final(a)),
+                       key=lambda sent: sent[1][ATTR_SEGMENT_ID])
     assert len(originals) == 6
     for language in ("de", "es"):
-        finals = [(who, text, a) for who, text, a in lane.sent(True, language) if is_final(a)]
+        # (Each speaker's lane is in order; the two speakers' lanes interleave.)
+        finals = sorted(((who, text, a) for who, text, a in lane.sent(True, language) if is_final(a)),
+                        key=lambda sent: sent[2][ATTR_SOURCE_SEGMENT])
         assert [(who, a[ATTR_SOURCE_SEGMENT]) for who, _, a in finals] == \
             [(who, a[ATTR_SEGMENT_ID]) for who, a in originals], "a final was not translated, or under another name"
         for (who, text, a), (_, original) in zip(finals, originals, strict=True):
@@ -206,9 +209,10 @@ async def test_interims_go_at_a_bounded_rate_one_at_a_time_and_the_latest_text_w
     lane.say("alice", "SG_a", "the final words", final=True)
     await lane.settle()
     interims = [text for text, _, target, final in engine.submitted if not final]
-    assert 3 <= len(interims) <= elapsed / 0.3 + 1, f"{len(interims)} interims in {elapsed:.2f} s"
+    # One at once, every 0.3 s at most (one more may go between the last interim and the final).
+    assert 3 <= len(interims) <= elapsed / 0.3 + 2, f"{len(interims)} interims in {elapsed:.2f} s"
     assert engine.most_busy == 1, "two interims of one segment were in flight at once"
-    assert len(interims[-1].split()) >= 25, "the newest text did not win"
+    assert len(interims[-1].split()) >= 20, "the newest text did not win"
     sent = lane.sent(True, "de")
     assert [int(a[ATTR_SEQ]) for _, _, a in sent] == sorted(int(a[ATTR_SEQ]) for _, _, a in sent)
     assert is_final(sent[-1][2]) and sent[-1][1] == "<de> the final words"
@@ -346,7 +350,7 @@ async def test_a_segment_already_in_the_target_language_is_not_translated(engine
 async def test_a_speakers_translations_go_out_in_the_order_of_their_originals():
     # The first final is slow to translate, the next ones quick; an interim's result comes after its
     # segment's final was taken.
-    delays = {"first final": 0.4, "slow interim": 0.5}
+    delays = {"first final": 1.0, "slow interim": 0.5}
     engine = FakeEngine(delay=lambda text: delays.get(text, 0.01))
     lane = Lane(FakeRoom({"relay": "de"}), engine, interim_interval_s=0.0)
     lane.say("alice", "SG_1", "first final", final=True)
@@ -355,7 +359,10 @@ async def test_a_speakers_translations_go_out_in_the_order_of_their_originals():
     await asyncio.sleep(0.1)
     lane.say("alice", "SG_3", "third final", final=True)
     lane.say("bob", "SG_b", "bob is not held back by alice", final=True)
-    await asyncio.sleep(0.2)
+    for _ in range(80):
+        if lane.sent(True):
+            break
+        await asyncio.sleep(0.01)
     assert [text for who, text, _ in lane.sent(True)] == ["<de> bob is not held back by alice"]
     await lane.settle()
     assert [text for who, text, _ in lane.sent(True) if who == "alice"] == \
@@ -376,3 +383,24 @@ async def test_closing_stops_translating_and_publishes_nothing_more():
     await lane.settle()
     assert len(engine.submitted) == 1
     lane.close()
+
+
+async def test_a_transcript_with_translations_serves_each_language_its_own_backlog(tmp_path):
+    """The room's file holds every language; the backlog's limit counts the segments a viewer gets
+    (the originals and their language's translations), not every language's."""
+    from captions.live.transcripts import TranscriptStore, recent_segments
+
+    store = TranscriptStore(tmp_path / "room.jsonl")
+    now = time.time()
+    for n in range(3):
+        original = FinalSegment(f"SG_{n}", "alice", "Alice", "TR_a", f"hello {n}", now - 10 + n, now - 9 + n)
+        store.append(original)
+        for language in ("de", "es"):
+            store.append(FinalSegment(translation_segment_id(original.segment_id, language), "alice", "Alice",
+                                      "TR_a", f"<{language}> hello {n}", original.start, original.end,
+                                      language=language, translation_of=original.segment_id))
+    store.close()
+    german = recent_segments(tmp_path / "room.jsonl", limit=4,
+                             keep=lambda s: not s.translation_of or s.language == "de")
+    assert [s.segment_id for s in german] == ["SG_1", "SG_1~de", "SG_2", "SG_2~de"]
+    assert len(recent_segments(tmp_path / "room.jsonl")) == 9

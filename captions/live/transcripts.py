@@ -268,9 +268,11 @@ def read_transcript(path: str | Path) -> list[FinalSegment]:
 
 
 def recent_segments(path: str | Path, window_s: float = BACKLOG_WINDOW_S, limit: int = BACKLOG_MAX_SEGMENTS,
-                    now: float | None = None) -> list[FinalSegment]:
+                    now: float | None = None, keep: Callable[[FinalSegment], bool] | None = None) -> list[FinalSegment]:
     """The segments of the last `window_s` seconds (at most `limit`, the newest), oldest first; an
-    unreadable line (a worker killed mid-write) is skipped and logged. No file: no segments."""
+    unreadable line (a worker killed mid-write) is skipped and logged. No file: no segments.
+    `keep`: only the segments it accepts, before `limit` is applied (e.g. the originals and one
+    language's translations: a room's file holds every language)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -293,7 +295,7 @@ def recent_segments(path: str | Path, window_s: float = BACKLOG_WINDOW_S, limit:
         except (ValueError, TypeError) as e:
             logger.warning("%s: skipping an unreadable transcript line (%s)", path, e)
             continue
-        if segment.end >= cutoff:
+        if segment.end >= cutoff and (keep is None or keep(segment)):
             segments.append(segment)
     return segments[-limit:]
 
