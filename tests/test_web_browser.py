@@ -569,11 +569,17 @@ async def test_the_language_read_is_remembered_a_link_may_choose_it_and_a_late_r
     await page.wait_for_selector('body.overlay[data-state="live"]', timeout=WAIT_MS)
     shown = await wait_rows(page, "rows.length === 2 && rows[0].text === 'قيل قبل أن يشاهد أحد'")
     assert shown[0]["dir"] == "rtl" and not shown[0]["toggle"], "no buttons in an overlay"
+    await page.screenshot(path=screenshot_path("translation-overlay.png"))
     await page.goto(translating_web.link(room_name, lang="xx"))
     await wait_state(page, "live")
     assert await page.input_value("#language") == ""
     assert "not translated into “xx”" in await page.text_content("#captions .system-note")
     await wait_rows(page, "rows.length === 2 && rows[1].text === 'and this is live'")
+    await page.set_viewport_size({"width": 390, "height": 844})  # a phone: the picker fits too
+    box = await page.locator("#language").bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await page.screenshot(path=screenshot_path("translation-phone.png"))
     assert viewer.errors == []
 
 
