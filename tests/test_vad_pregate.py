@@ -97,14 +97,15 @@ def test_no_energy_floor_means_silero_judges_every_window():
 
 
 def test_the_resampler_keeps_speech_band_tones_and_removes_what_16_khz_cannot_hold():
+    """Level of a tone after 24 -> 16 kHz (1.0: unchanged), over two windows resampled at once."""
     resampler = _Resampler()
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
 
     def level(hz: float) -> float:
         tone = int16(10000 * np.sin(2 * np.pi * hz * t))
         context = tone[WINDOW_24K - _Resampler.CONTEXT:WINDOW_24K]
-        out = resampler.window(context, tone[WINDOW_24K:2 * WINDOW_24K])
-        assert out.size == 512 and out.dtype == np.int16
+        out = resampler.windows(context, tone[WINDOW_24K:3 * WINDOW_24K])
+        assert out.shape == (2, 512) and out.dtype == np.int16
         return float(np.sqrt(np.mean(out.astype(np.float64) ** 2)) / (10000 / np.sqrt(2)))
 
     assert level(300) == pytest.approx(1.0, abs=0.05)

@@ -71,18 +71,29 @@ class _Resampler:
         cutoff = 7200 / (2 * SAMPLE_RATE)  # of the 48 kHz upsampled rate
         h = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(self.TAPS, 6.0)
         even, odd = h[0::2], h[1::2]
-        self._even = (even / even.sum())[::-1].astype(np.float32)
-        self._odd = (odd / odd.sum())[::-1].astype(np.float32)
+        # Rows: the 25 block samples from 3q - 23 to 3q + 1 (the context before the block's start);
+        # columns: output 2q (the even taps, up to sample 3q) and 2q + 1 (the odd ones, up to 3q + 1).
+        taps = np.zeros((self.CONTEXT + 1, 2), dtype=np.float32)
+        taps[:-1, 0] = (even / even.sum())[::-1]
+        taps[1:, 1] = (odd / odd.sum())[::-1]
+        self._taps = taps
+        self._indices: dict[int, np.ndarray] = {}
 
-    def window(self, context: np.ndarray, window: np.ndarray) -> np.ndarray:
-        """16 kHz int16 samples of `window` (WINDOW_24K samples), `context` the CONTEXT before it."""
-        x = np.concatenate([context, window]).astype(np.float32)
-        rows = np.lib.stride_tricks.sliding_window_view(x, self.CONTEXT)
-        half = window.size // 3
-        out = np.empty(2 * half, dtype=np.float32)
-        out[0::2] = rows[1:1 + 3 * half:3] @ self._even
-        out[1::2] = rows[2:2 + 3 * half:3] @ self._odd
-        return np.clip(out, -32768, 32767).astype(np.int16)
+    def windows(self, context: np.ndarray, block: np.ndarray) -> np.ndarray:
+        """16 kHz int16 samples of `block` (whole windows, n x WINDOW_24K samples) as an (n, 512)
+        array; `context`: the CONTEXT samples before the block. Output 2q lies on input sample 3q,
+        output 2q + 1 between 3q + 1 and 3q + 2: each pair is one gather of the 25 samples up to
+        them and one small matrix product (the even taps, the odd taps)."""
+        x = np.concatenate([context, block]).astype(np.float32)
+        pairs = block.size // 3
+        out = (x[self._gather(pairs)] @ self._taps).reshape(-1)
+        return np.clip(out, -32768, 32767, out=out).astype(np.int16).reshape(-1, 2 * WINDOW_24K // 3)
+
+    def _gather(self, pairs: int) -> np.ndarray:
+        index = self._indices.get(pairs)
+        if index is None:
+            index = self._indices[pairs] = 1 + 3 * np.arange(pairs)[:, None] + np.arange(self.CONTEXT + 1)[None, :]
+        return index
 
 
 class SpeechGate:
@@ -123,30 +134,46 @@ class SpeechGate:
         if self._today:
             return self._feed_today(pcm)
         pending = np.concatenate([self._pending, pcm]) if self._pending.size else pcm
+        count = pending.size // WINDOW_24K
+        block, self._pending = pending[:count * WINDOW_24K], pending[count * WINDOW_24K:]
+        resampled = None  # the block's windows at 16 kHz, made once if Silero is asked about one
         started = False
-        while pending.size >= WINDOW_24K:
-            window, pending = pending[:WINDOW_24K], pending[WINDOW_24K:]
-            started |= self._judge(self._probability(window))
-            self._context = window[-_Resampler.CONTEXT:]
-        self._pending = pending
+        for i in range(count):
+            window = block[i * WINDOW_24K:(i + 1) * WINDOW_24K]
+            if self._skip(window):
+                probability = 0.0
+            else:
+                if resampled is None:
+                    resampled = self._window_resampler.windows(self._context, block)
+                probability = self._silero(resampled[i])
+            started |= self._judge(probability)
+        if count:
+            self._context = block[-_Resampler.CONTEXT:]
         return started
 
-    def _probability(self, window: np.ndarray) -> float:
-        if self._floor_energy is not None:
-            samples = window.astype(np.float32)
-            if float(np.dot(samples, samples)) >= self._floor_energy:
-                self._awake = AWAKE_WINDOWS
-            elif self._awake > 0:
-                self._awake -= 1
-            elif not self.speaking:
-                self.skipped_windows += 1
-                self._asleep = True
-                return 0.0
+    def _skip(self, window: np.ndarray) -> bool:
+        """Whether the window is silence by its energy alone (module notes)."""
+        if self._floor_energy is None:
+            return False
+        samples = window.astype(np.float32)
+        if float(np.dot(samples, samples)) >= self._floor_energy:
+            self._awake = AWAKE_WINDOWS
+            return False
+        if self._awake > 0:
+            self._awake -= 1
+            return False
+        if self.speaking:
+            return False
+        self.skipped_windows += 1
+        self._asleep = True
+        return True
+
+    def _silero(self, window16: np.ndarray) -> float:
         if self._asleep:
             self._vad.reset()
             self._asleep = False
         self.silero_windows += 1
-        return self._vad.predict(self._window_resampler.window(self._context, window))
+        return self._vad.predict(window16)
 
     def _feed_today(self, pcm: np.ndarray) -> bool:
         frame = rtc.AudioFrame(pcm.tobytes(), SAMPLE_RATE, 1, pcm.size)
