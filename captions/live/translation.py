@@ -304,7 +304,8 @@ class RoomTranslator:
 
     def _pump(self, line: _Line) -> None:
         """Submits the line's latest interim if none is in flight and its interval has passed."""
-        if line.closed or self._closed or line.in_flight is not None or line.latest is None or line.timer:
+        if (line.closed or self._closed or line.in_flight is not None or line.latest is None
+                or line.timer is not None):
             return
         now = self._loop.time()
         if now < line.next_at:

@@ -92,6 +92,9 @@ def add_translation_options(parser: argparse.ArgumentParser) -> None:
                     "one directory per language pair, or a repo id template with {source} and {target}")
     add_option(parser, "--translation-device", env="CAPTIONS_TRANSLATION_DEVICE", default="auto", type=device_name,
                help="device of the translation model: auto (the speech model's --device), cpu, cuda or cuda:N")
+    add_option(parser, "--translation-threads", env="CAPTIONS_TRANSLATION_THREADS", default=0, type=non_negative_int,
+               help="CPU threads of one translation batch (CTranslate2's intra_threads; 0: its default); on a CPU "
+                    "shared with the speech model, fewer leave it more")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -293,7 +296,8 @@ def _load_translation(args: argparse.Namespace) -> tuple[TranslationEngine | Non
     warm_up_language_detection(STT_LANGUAGES)  # seconds once here, rather than on a room's loop
     device = args.device if args.translation_device == "auto" else args.translation_device
     pairs = [(source, target) for source in STT_LANGUAGES for target in args.translate_to if source != target]
-    model = load_translation_model(args.translation_model, device=device, pairs=pairs)
+    model = load_translation_model(args.translation_model, device=device, pairs=pairs,
+                                   threads=args.translation_threads)
     engine = TranslationEngine(model)
     # What the model translates into: a room's metadata picks among these.
     available = tuple(sorted({target for _, target in model.pairs}))
