@@ -5,6 +5,7 @@ else). The same links against a real livekit-server: test_viewer_access.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from pathlib import Path
@@ -536,17 +537,19 @@ async def test_the_backlog_holds_the_originals_and_the_readers_language_only(tmp
     store = TranscriptStore(transcript_path(tmp_path, "standup"))
     now = time.time()
     store.append(FinalSegment("SG_0", "alice", "Alice", "TR_1", "hello", now - 5, now - 4, []))
-    for language, text in (("de", "hallo"), ("ar", "مرحبا")):
+    for language, text in (("de", "hallo"), ("ar", "مرحبا"), ("ar", "مرحبا 1"), ("ar", "مرحبا 2")):
         store.append(FinalSegment(f"SG_0~{language}", "alice", "Alice", "TR_1", text, now - 5, now - 4, [],
                                   language=language, translation_of="SG_0"))
     store.close()
-    app = create_app(settings(data_dir=tmp_path, translate_to=("de", "ar")), relays=FakeRelays())
+    # At most 2 segments a backlog: other languages' translations must not take the German reader's places.
+    backlogs = BacklogCache(functools.partial(recent_segments, limit=2))
+    app = create_app(settings(data_dir=tmp_path, translate_to=("de", "ar")), backlogs, relays=FakeRelays())
     async with TestClient(TestServer(app)) as client:
         texts = {}
         for lang in ("", "de", "ar"):
             response = await client.get("/api/backlog", params={**a_link(), "lang": lang})
             texts[lang] = [s["text"] for s in (await response.json())["segments"]]
-    assert texts == {"": ["hello"], "de": ["hello", "hallo"], "ar": ["hello", "مرحبا"]}
+    assert texts == {"": ["hello"], "de": ["hello", "hallo"], "ar": ["مرحبا 1", "مرحبا 2"]}
 
 
 # The relay itself, without LiveKit: streams in, viewers' queues out.

@@ -59,7 +59,7 @@ from captions.config import (
 )
 from captions.live.transcripts import BACKLOG_WINDOW_S, recent_segments, transcript_path
 from captions.log import logger
-from captions.protocol import CaptionSigner, FinalSegment
+from captions.protocol import CaptionSigner
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import ROOM_NAME, AccessDenied, Link, add_viewer_secret_option, check_link
 from captions.viewer.ratelimit import RateLimiter
@@ -333,14 +333,13 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
             return _json_error(404, "This viewer server has no access to the transcripts: earlier captions "
                                "are not available.", "no_backlog")
         try:
-            segments = await backlogs.read(transcript_path(settings.data_dir, room))
+            segments = await backlogs.read(transcript_path(settings.data_dir, room), language)
         except OSError as e:
             logger.error("backlog of room %r unreadable: %s", room, e)
             return _json_error(503, "Earlier captions cannot be read right now; new captions appear below.",
                                "backlog_unavailable")
         return web.json_response({"room": room, "window_s": BACKLOG_WINDOW_S, "language": language,
-                                  "segments": [dataclasses.asdict(seg) for seg in segments
-                                               if _in_backlog(seg, language)]},
+                                  "segments": [dataclasses.asdict(seg) for seg in segments]},
                                  headers={"Cache-Control": "no-store"})
 
     async def config(request: web.Request) -> web.Response:
@@ -374,11 +373,6 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     app.on_shutdown.append(lambda app: relays.aclose())
     app.on_cleanup.append(lambda app: server_api.aclose())
     return app
-
-
-def _in_backlog(segment: FinalSegment, language: str) -> bool:
-    """The originals, and the translated finals into the viewer's language."""
-    return not segment.translation_of or (bool(language) and segment.language == language)
 
 
 class _ServerApi:
