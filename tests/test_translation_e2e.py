@@ -6,7 +6,9 @@ Every final of each speaker gets exactly one translated final in German, attribu
 naming its original and carrying its number, in the order of the originals and signed with the
 pool's caption key; nobody reads Spanish, so nothing is translated into it; the originals are what
 they are without translation (each segment final once, in the transcript, signed as originals); and a
-participant's forged or replayed translation does not verify.
+participant's forged or replayed translation does not verify. Readers the server API names on the
+captioner itself (the viewer server's relay is hidden, and livekit-server shows a hidden participant
+to nobody) count too.
 """
 
 from __future__ import annotations
@@ -167,6 +169,16 @@ async def test_a_reader_of_german_gets_every_final_of_each_speaker_in_german_in_
                    for sender, _, _ in received), "the reader received no genuine caption to compare with"
         for sender, attributes, text in received:
             assert verify_caption(key, ROOM, sender, attributes, text) == (sender != "mallory"), (sender, text)
+
+        # Readers behind a hidden participant (whom livekit-server shows to nobody): the server API
+        # sets captions.reading on the captioner itself (as the viewer server's relay does).
+        lkapi = api.LiveKitAPI(server.url, server.api_key, server.api_secret)
+        try:
+            await lkapi.room.update_participant(api.UpdateParticipantRequest(
+                room=ROOM, identity=viewer.agent().identity, attributes={ATTR_READING: "es,ja"}))
+        finally:
+            await lkapi.aclose()
+        await wait_for_log(worker, f"room {ROOM}: translating captions into de, es\n")
     finally:
         for read_task in reads:
             read_task.cancel()
