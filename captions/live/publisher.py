@@ -97,9 +97,9 @@ class OutgoingCaption:
     """An original final's transcript record (its translations are recorded after it)."""
 
     @property
-    def lane(self) -> str:
-        """The lane it is sent in: its speaker's, or its speaker's in its language."""
-        return self.identity if self.translation is None else f"{self.identity}\n{self.translation.language}"
+    def lane(self) -> tuple[str, str]:
+        """The lane it is sent in: its speaker's (language ""), or its speaker's in its language."""
+        return self.identity, "" if self.translation is None else self.translation.language
 
 
 class _Lane:
@@ -121,7 +121,7 @@ class CaptionPublisher:
         self._room = room
         self._signer = signer
         self.on_numbered = on_numbered
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[tuple[str, str], _Lane] = {}
         self._running = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -169,11 +169,12 @@ class CaptionPublisher:
                 if lane.task is not None:
                     lane.task.cancel()
 
-    def _start(self, key: str, lane: _Lane) -> None:
+    def _start(self, key: tuple[str, str], lane: _Lane) -> None:
         if lane.task is None or lane.task.done():
-            lane.task = asyncio.create_task(self._drain_lane(key, lane), name=f"publish-{key[:40]}")
+            name = "-".join(filter(None, ("publish", key[0][:40], key[1])))
+            lane.task = asyncio.create_task(self._drain_lane(key, lane), name=name)
 
-    async def _drain_lane(self, key: str, lane: _Lane) -> None:
+    async def _drain_lane(self, key: tuple[str, str], lane: _Lane) -> None:
         try:
             while lane.queue:
                 item = lane.queue.popleft()
