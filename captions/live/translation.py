@@ -8,11 +8,13 @@ result comes back to this room's loop, where it is published in a lane of its ow
 and language), signed as a translation (captions/protocol.py): an original never waits for one.
 
 * **Which languages**: the configured targets (`--translate-to`, or the room metadata's
-  ``{"captions": {"translate_to": [...]}}``, which only the server API sets) that some participant's
-  ``captions.reading`` attribute names (this captioner's own included: the server API can set it
-  there, e.g. for readers behind a hidden participant, whom livekit-server shows to nobody). A participant only picks among the configured targets, so
-  no one makes the worker do more than its operator allowed. A language nobody reads any more is
-  dropped, except for the segments already being translated into it, which get their final.
+  ``{"captions": {"translate_to": [...]}}``, which only the server API sets, among the languages the
+  model translates into) that some participant's ``captions.reading`` attribute names, this
+  captioner's own included (the server API sets it there for the readers behind the viewer server's
+  hidden relay: livekit-server shows a hidden participant to nobody). A participant only picks among
+  the configured targets, so no one makes the worker do more than its operator allowed. A language
+  nobody reads any more is dropped, except for the segments already being translated into it, which
+  get their final.
 * **Rate**: interims at most one in flight and one every `interim_interval_s` per segment and
   language, the latest text winning; every final, within `final_timeout_s`, or the final goes out
   with the original text and ``captions.untranslated`` saying why (logged and counted).
