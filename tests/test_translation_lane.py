@@ -404,3 +404,27 @@ async def test_a_transcript_with_translations_serves_each_language_its_own_backl
                              keep=lambda s: not s.translation_of or s.language == "de")
     assert [s.segment_id for s in german] == ["SG_1", "SG_1~de", "SG_2", "SG_2~de"]
     assert len(recent_segments(tmp_path / "room.jsonl")) == 9
+
+
+async def test_the_worker_loads_one_engine_for_its_targets_and_none_without_them(tiny_translation_model, monkeypatch):
+    """--translate-to and --translation-model flow into the rooms' options and the one shared engine
+    (the speech model is not needed for that part of the worker's start)."""
+    import argparse
+
+    from captions.live import worker
+
+    for name in ("CAPTIONS_TRANSLATE_TO", "CAPTIONS_TRANSLATION_MODEL", "CAPTIONS_TRANSLATION_DEVICE"):
+        monkeypatch.delenv(name, raising=False)
+    parser = argparse.ArgumentParser()
+    worker.configure_parser(parser)
+    off = parser.parse_args([])
+    assert off.translate_to == () and worker._load_translation(off) == (None, TranslationOptions())
+    args = parser.parse_args(["--device", "cpu", "--translate-to", "DE,es", "--translation-model",
+                              str(tiny_translation_model)])
+    engine, options = await asyncio.to_thread(worker._load_translation, args)
+    try:
+        assert options.targets == ("de", "es") and set(options.available) == {"de", "es"}
+        future = engine.submit("hello there, how are you today", "en", "de", final=True)
+        assert isinstance(await asyncio.wrap_future(future), str)
+    finally:
+        engine.close()
