@@ -6,6 +6,7 @@ runs the real worker instead. Forgery attempts are in test_authenticity.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -645,3 +646,69 @@ async def test_real_worker_captions_two_named_speakers_and_a_late_viewer_gets_th
     assert set(late_names) == set(names)
     await page.screenshot(path=screenshot_path("viewer-real-worker.png"))
     assert viewer.dialogs == [] and viewer.errors == [] and late.errors == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_real_worker_a_viewer_reads_two_speakers_in_german_and_the_originals_are_unchanged(
+        tiny_checkpoint, tiny_translation_model, speech_dir, tmp_path, open_viewer):
+    """Issue 26 end to end: livekit-server + `captions worker --translate-to de` (tiny STT and
+    translation models: meaningless words, real formats) + `captions web --translate-to de` + the page
+    reading German. Nobody reads German until the page does (the relay tells the hidden captioner);
+    then every final of both speakers settles in German (or says it is not translated), each with its
+    original on demand, and the Original view shows exactly the originals."""
+    from tests.conftest import espeak_wav, start_captions_worker, start_livekit_server
+
+    server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
+    worker = web = None
+    publishers = []
+    try:
+        worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 3,
+                                         translate_to="de", translation_model=tiny_translation_model)
+        web = start_web_server(server, tmp_path / "web.log", worker.data_dir, extra_args=("--translate-to", "de"))
+        room = f"web-translate-{uuid.uuid4().hex[:6]}"
+        speech = {"spk-ann": ("Ann Lee", "The quick brown fox jumps over the lazy dog near the river bank."),
+                  "spk-ben": ("Ben Ray", "Streaming speech recognition turns every word into text as it is spoken.")}
+        publishers = [await _named_publisher(server, room, identity, name) for identity, (name, _) in speech.items()]
+        viewer = await open_viewer(web.link(room, lang="de"))
+        page = viewer.page
+        await page.wait_for_selector('#status[data-state="live"]', timeout=60000)
+        deadline = time.monotonic() + 30
+        while b"translating captions into de" not in worker.log_path.read_bytes():
+            assert time.monotonic() < deadline, "the worker never heard that someone reads German"
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*(p.wait_heard() for p in publishers))
+        wavs = [espeak_wav(text, speech_dir / f"web-translate-{identity}.wav") for identity, (_, text) in speech.items()]
+        await asyncio.gather(*(p.play(wav) for p, wav in zip(publishers, wavs, strict=True)))
+        await asyncio.gather(*(p.silence(1.0) for p in publishers))
+        for publisher in publishers:
+            await publisher.disconnect()  # the worker flushes: every segment ends final
+
+        # Settled: no interim left, and every segment in German or saying it is not translated.
+        await page.wait_for_function(
+            "() => { const segs = [...document.querySelectorAll('#captions .seg')];"
+            " const names = new Set([...document.querySelectorAll('#captions .turn .name')].map(n => n.textContent));"
+            " return names.size === 2 && segs.length && segs.every(s => !s.classList.contains('interim')"
+            " && (s.classList.contains('translated') || s.classList.contains('untranslated'))); }", timeout=90000)
+        rows_now = await page.eval_on_selector_all("#captions .seg", """segs => segs.map(s => ({
+            translated: s.classList.contains('translated'), lang: s.querySelector('.seg-text').lang,
+            text: s.querySelector('.seg-text').textContent, original: s.querySelector('.seg-original').textContent,
+            speaker: s.closest('.turn').querySelector('.name').textContent}))""")
+        assert {r["speaker"] for r in rows_now if r["translated"]} == {"Ann Lee", "Ben Ray"}, rows_now
+        assert all(r["lang"] == "de" for r in rows_now if r["translated"])
+        await page.screenshot(path=screenshot_path("translation-real-worker.png"))
+        await page.select_option("#language", "")
+        await wait_state(page, "live")
+        await page.wait_for_function("() => !document.querySelector('#captions .seg-text')", timeout=WAIT_MS)
+        originals = await segment_texts(page)
+        assert [o["text"] for o in originals] == [r["original"] for r in rows_now], "the Original view is unchanged"
+        assert viewer.errors == []
+    finally:
+        for publisher in publishers:
+            with contextlib.suppress(Exception):
+                await publisher.disconnect()
+        if web is not None:
+            stop(web.process)
+        if worker is not None:
+            worker.stop()
+        server.stop()
