@@ -142,6 +142,8 @@ class FinalSegment:
     """A translation's language; "" for an original (whose language is not recorded)."""
     translation_of: str = ""
     """A translation's source segment id; "" for an original."""
+    untranslated: str = ""
+    """Why a translation's text is the original's (its ``captions.untranslated``); "" otherwise."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
