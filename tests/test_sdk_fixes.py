@@ -163,12 +163,18 @@ async def test_the_fallback_narrows_each_streams_filter_to_its_own_handle(monkey
 
 async def test_no_router_on_an_sdk_it_was_not_written_for(monkeypatch):
     queue = FfiQueue()
-    monkeypatch.setattr("livekit.rtc._ffi_client.FfiClient.instance", SimpleNamespace(queue=queue), raising=False)
+    client = SimpleNamespace(queue=queue, _ffi_lib=object())
+    monkeypatch.setattr("livekit.rtc._ffi_client.FfiClient.instance", client, raising=False)
     monkeypatch.setattr(rtc, "__version__", "9.9.9")
     assert sdk_fixes.audio_router() is None
     monkeypatch.setattr(rtc, "__version__", "1.1.21")
     router = sdk_fixes.audio_router()
     assert router is not None and sdk_fixes.audio_router() is router  # installed once
+    del client._ffi_lib  # a client of another shape: samples could not be taken out directly
+    assert sdk_fixes.audio_router() is router  # (checked before installing only)
+    other = FfiQueue()
+    monkeypatch.setattr("livekit.rtc._ffi_client.FfiClient.instance", SimpleNamespace(queue=other), raising=False)
+    assert sdk_fixes.audio_router() is None
 
 
 def test_the_sdk_still_scans_every_subscriber_per_event():

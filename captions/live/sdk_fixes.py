@@ -19,6 +19,7 @@ keeps that fallback on purpose: `captions bench host` measures both side by side
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import threading
 from collections import deque
@@ -157,8 +158,7 @@ class _DirectFrames:
     def _take(self, event) -> None:
         audio_event = event.audio_stream_event
         if audio_event.HasField("frame_received"):
-            frame = rtc.AudioFrame._from_owned_info(audio_event.frame_received.frame)
-            self._chunks.append(np.frombuffer(frame.data, dtype=np.int16))
+            self._chunks.append(_owned_samples(audio_event.frame_received.frame))
         else:  # eos (or anything new): the SDK's stream handles it, and ends on eos
             self._ended = self._ended or audio_event.HasField("eos")
             self._stream._ffi_queue.put_nowait(event)
@@ -194,6 +194,22 @@ class _DirectFrames:
             finally:
                 self._waiter = None
         return self._chunks.popleft()
+
+
+def _owned_samples(owned) -> np.ndarray:
+    """The int16 samples of an owned native frame buffer, copied, and the buffer released: what
+    `rtc.AudioFrame._from_owned_info` does, without an AudioFrame and a tracked FfiHandle per chunk
+    (the SDK's weak set of live handles, and a finaliser, for a handle released at once)."""
+    from livekit.rtc._ffi_client import FfiClient
+
+    info = owned.info
+    size = info.num_channels * info.samples_per_channel
+    pcm = np.empty(size, dtype=np.int16)
+    ctypes.memmove(pcm.ctypes.data, info.data_ptr, 2 * size)
+    ffi = FfiClient._instance
+    if ffi is not None and ffi._pid == os.getpid() and not FfiClient._ffi_disposed:
+        ffi._ffi_lib.livekit_ffi_drop_handle(owned.handle.id)
+    return pcm
 
 
 class _AudioRouter:
@@ -291,7 +307,9 @@ def audio_router() -> _AudioRouter | None:
     if router is not None:
         return router
     if not rtc.__version__.startswith(ROUTED_SDK_VERSIONS) or not isinstance(ffi_queue, FfiQueue) or not all(
-            hasattr(ffi_queue, name) for name in ("_lock", "_subscribers", "put", "unsubscribe")):
+            hasattr(ffi_queue, name) for name in ("_lock", "_subscribers", "put", "unsubscribe")) or not all(
+            hasattr(FfiClient, name) for name in ("_instance", "_ffi_disposed")) or not hasattr(
+            FfiClient.instance, "_ffi_lib"):
         return None
     with _router_lock:
         router = getattr(ffi_queue, "_captions_router", None)

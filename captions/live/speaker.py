@@ -343,11 +343,13 @@ class Speaker:
             self._push(turn, parts)
 
     def _push(self, turn: Turn, parts: list[tuple[int, np.ndarray]]) -> None:
-        pcm16 = np.concatenate([pcm for _, pcm in parts])
+        pcm16 = parts[0][1] if len(parts) == 1 else np.concatenate([pcm for _, pcm in parts])
         if pcm16.size == 0 or turn.stream is None:
             return
         index, pcm = parts[-1]
-        turn.stream.push(pcm16.astype(np.float32) / 32768.0, produced_at=self.track.produced_at(index + pcm.size))
+        pcm32 = pcm16.astype(np.float32)
+        pcm32 *= 1 / 32768
+        turn.stream.push(pcm32, produced_at=self.track.produced_at(index + pcm.size))
         for index, pcm in parts:
             turn.record(index, pcm.size)
         if turn.recorder is not None:
