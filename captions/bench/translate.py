@@ -241,6 +241,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="cpu, cuda, cuda:N or auto")
     add_option(parser, "--cache-dir", env="CAPTIONS_BENCH_CACHE", type=Path, default=default_cache_dir(),
                help="where the built model is kept")
+    add_option(parser, "--note", env="CAPTIONS_BENCH_NOTE", default="",
+               help="a remark stored in the JSON (for example what else ran on the machine)")
     add_output_options(parser)
     parser.add_argument("--out", dest="json", type=Path, help="the same as --json")
     add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
@@ -277,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "translate",
         "machine": machine_description(device) | {"ctranslate2": ctranslate2.__version__,
                                                   "cpu_cores_total": os.cpu_count()},
+        "note": args.note,
         "model": _describe_model(args, spec, tokens),
         "settings": {
             "compute_type": args.compute_type, "threads": args.threads or default_threads(),
