@@ -235,6 +235,7 @@ async def test_a_failed_or_slow_translation_publishes_the_original_text_and_says
         "an untranslated caption could pass for a translation"
     assert lane.translator.counts.untranslated == 1 and "published untranslated" in caplog.text
     assert [s.text for s in lane.written] == ["bonjour tout le monde"], "the transcript misses it"
+    assert lane.written[0].untranslated == reason, "a late viewer's backlog would show it as translated"
     lane.close()
 
 

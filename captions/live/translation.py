@@ -25,7 +25,7 @@ and language), signed as a translation (captions/protocol.py): an original never
   A segment whose source is the target is not translated: the original serves (a segment that
   already has translated interims gets its final, with the original text).
 * **Transcript**: every translated final is written to the room's transcript (a `FinalSegment` with
-  ``language`` and ``translation_of``), after its original.
+  ``language``, ``translation_of`` and ``untranslated``), after its original.
 
 Threads: everything here runs on the room's event loop, except the engine's work, whose results come
 back with `call_soon_threadsafe`.
@@ -420,7 +420,8 @@ class RoomTranslator:
             self.counts.translated += 1
         if text and original.segment is not None and self._write is not None:
             self._write(dataclasses.replace(original.segment, segment_id=update.segment_id, text=text, words=[],
-                                            language=pending.language, translation_of=source_segment))
+                                            language=pending.language, translation_of=source_segment,
+                                            untranslated=pending.untranslated))
 
     # Closing -------------------------------------------------------------------------------------
 
