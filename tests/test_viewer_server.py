@@ -463,9 +463,9 @@ def test_open_mode_comes_from_the_environment(monkeypatch):
 
 async def test_open_live_connections_are_bounded_per_link(tmp_path, monkeypatch):
     """Opening is rate limited; keeping open is bounded too (a link, an address, the server)."""
-    from captions.viewer import server as server_module
+    from captions.viewer import ratelimit
 
-    monkeypatch.setattr(server_module, "MAX_LIVE_PER_LINK", 2)
+    monkeypatch.setattr(ratelimit, "MAX_LIVE_PER_LINK", 2)
     async with TestClient(TestServer(live_app(tmp_path))) as client:
         params = a_link()
         first, second = [await client.ws_connect("/api/live", params=params) for _ in range(2)]

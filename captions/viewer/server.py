@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import dataclasses
 import functools
 import json
@@ -62,9 +60,10 @@ from captions.log import logger
 from captions.protocol import CaptionSigner
 from captions.viewer.backlog import BacklogCache
 from captions.viewer.links import ROOM_NAME, AccessDenied, Link, add_viewer_secret_option, check_link
-from captions.viewer.ratelimit import RateLimiter
+from captions.viewer.ratelimit import OpenConnections, RateLimiter
 from captions.viewer.relay import OVERFLOW, RELAY_NAME, Relays, encode, relay_identity
 from captions.viewer.revocations import Revocations, default_path
+from captions.viewer.server_api import ServerApi
 
 WEB_DIR = PROJECT_ROOT / "web"
 LIVEKIT_CLIENT_PATH = Path("node_modules/livekit-client/dist/livekit-client.esm.mjs")
@@ -116,11 +115,6 @@ REVOCATION_CHECK_S = 1.0
 CLOSE_CODES = {"missing": 4400, "invalid": 4403, "expired": 4401, "revoked": 4410, "rate_limited": 4429,
                "language": 4422}
 """WebSocket close codes for a refused or ended link (the page's states: web/session.js)."""
-MAX_LIVE_PER_LINK = 1000
-"""Open live connections on one link: a webinar's link is shared by its whole audience."""
-MAX_LIVE_PER_ADDRESS = 100
-"""From one address (an office behind one NAT counts as one)."""
-MAX_LIVE_VIEWERS = 10_000
 CLOSE_TIMEOUT_S = 5.0
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 CLOSE_SLOW = 4408
@@ -181,12 +175,12 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    server_api = _ServerApi(settings)
+    server_api = ServerApi(settings.livekit_url, settings.api_key, settings.api_secret)
     # A hidden relay is shown to nobody: the server API tells the captioners what its viewers read.
     tell = server_api.update_attributes if settings.translate_to and not settings.viewers_visible else None
     relays = relays or Relays(settings.livekit_url, lambda room: relay_token(settings, room), settings.caption_key,
                               server_api.room_exists, settings.translate_to, tell)
-    live_viewers = _LiveViewers()
+    live_viewers = OpenConnections()
     token_links = RateLimiter(settings.tokens_per_minute_per_link, burst=10)
     token_addresses = RateLimiter(settings.tokens_per_minute_per_address, burst=20)
     backlog_links = RateLimiter(settings.backlogs_per_minute_per_link, burst=6)
@@ -373,75 +367,6 @@ def create_app(settings: WebSettings, backlogs: BacklogCache | None = None, rela
     app.on_shutdown.append(lambda app: relays.aclose())
     app.on_cleanup.append(lambda app: server_api.aclose())
     return app
-
-
-class _ServerApi:
-    """LiveKit's server API, for the relays to ask whether a room exists (a viewer must not create
-    one) and to tell a room's captioners what its viewers read; one client, made on first use on the
-    server's loop."""
-
-    def __init__(self, settings: WebSettings) -> None:
-        self._settings = settings
-        self._client = None
-
-    def _api(self):
-        from livekit import api
-
-        if self._client is None:
-            import aiohttp
-
-            self._client = api.LiveKitAPI(self._settings.livekit_url, self._settings.api_key,
-                                          self._settings.api_secret, timeout=aiohttp.ClientTimeout(total=5))
-        return self._client
-
-    async def room_exists(self, room: str) -> bool:
-        from livekit import api
-
-        return bool((await self._api().room.list_rooms(api.ListRoomsRequest(names=[room]))).rooms)
-
-    async def update_attributes(self, room: str, identity: str, attributes: dict[str, str]) -> None:
-        """Sets (merges) `identity`'s attributes in `room`; "" removes one."""
-        from livekit import api
-
-        await self._api().room.update_participant(
-            api.UpdateParticipantRequest(room=room, identity=identity, attributes=attributes))
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-
-class _LiveViewers:
-    """Open live connections per address and per link (or room, for --open), and in all: opening them
-    is rate limited, keeping them open is bounded too."""
-
-    def __init__(self) -> None:
-        self.by_address: collections.Counter[str] = collections.Counter()
-        self.by_link: collections.Counter[str] = collections.Counter()
-        self.total = 0
-
-    def over_limit(self, address: str, link: str) -> str:
-        if self.total >= MAX_LIVE_VIEWERS:
-            return "This viewer server is full; try again later."
-        if self.by_address[address] >= MAX_LIVE_PER_ADDRESS:
-            return "Too many viewers open from this address."
-        if self.by_link[link] >= MAX_LIVE_PER_LINK:
-            return "Too many viewers open on this link."
-        return ""
-
-    @contextlib.contextmanager
-    def counted(self, address: str, link: str):
-        self.by_address[address] += 1
-        self.by_link[link] += 1
-        self.total += 1
-        try:
-            yield
-        finally:
-            self.total -= 1
-            for counter, key in ((self.by_address, address), (self.by_link, link)):
-                counter[key] -= 1
-                if not counter[key]:
-                    del counter[key]
 
 
 _ENDED = {"expired": "This viewer link has expired. Ask the operator for a new one.",
