@@ -38,6 +38,7 @@ def test_json_names_the_machine_the_model_and_the_settings(translate_report):
     assert model["name"] == "tiny" and model["random_weights"] and model["parameters"] > 0
     assert model["mean_source_tokens"] == pytest.approx(13, abs=1)
     assert report["settings"]["compute_type"] == "int8" and report["settings"]["threads"] >= 1
+    assert report["settings"]["interim_linger_s"] == 0.3
 
 
 def test_throughput_and_every_run_have_consistent_figures(translate_report):

@@ -176,6 +176,24 @@ def test_finals_are_served_before_interims(fake):
     engine.close()
 
 
+def test_interims_alone_linger_for_others_and_a_final_does_not_wait(fake):
+    import time
+
+    engine = TranslationEngine(fake, interim_linger_s=0.5)
+    start = time.perf_counter()
+    interims = [engine.submit(f"interim {i}", "en", "de", final=False) for i in range(3)]
+    assert [f.result(TIMEOUT) for f in interims] == ["de:INTERIM 0", "de:INTERIM 1", "de:INTERIM 2"]
+    assert time.perf_counter() - start >= 0.45
+    assert len(fake.batches) == 1  # one batch of three, after the linger
+    start = time.perf_counter()
+    engine.submit("interim 3", "en", "de", final=False)
+    final = engine.submit("final", "en", "de", final=True)
+    assert final.result(TIMEOUT) == "de:FINAL"
+    assert time.perf_counter() - start < 0.4  # the final started a batch at once, the interim went along
+    assert [r.text for r in fake.batches[1]] == ["final", "interim 3"]
+    engine.close()
+
+
 def test_a_full_interim_queue_cancels_the_oldest(fake):
     engine, _ = _busy_engine(fake, max_interims=2)
     interims = [engine.submit(f"interim {i}", "en", "de", final=False) for i in range(3)]
