@@ -308,8 +308,7 @@ class RtcTrackSource:
     def __init__(self, track) -> None:
         self._track = track
 
-    async def chunks(self, chunk_ms: int) -> AsyncIterator[np.ndarray]:
+    def chunks(self, chunk_ms: int) -> AsyncIterator[np.ndarray]:
         from captions.live.sdk_fixes import audio_chunks
 
-        async for pcm in audio_chunks(self._track, sample_rate=SAMPLE_RATE, frame_size_ms=chunk_ms):
-            yield pcm
+        return audio_chunks(self._track, sample_rate=SAMPLE_RATE, frame_size_ms=chunk_ms)

@@ -1,0 +1,67 @@
+"""`captions bench host`, run as a user runs it, with tiny settings, through its own real
+livekit-server: both host paths measured side by side, its JSON, table and plot hold the documented
+figures. No timing targets here (speed is the benchmark's business, not the tests')."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_bench import captions
+
+pytestmark = pytest.mark.livekit
+
+
+@pytest.fixture(scope="module")
+def host_report(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-host")
+    result = captions("bench", "host", "--model", str(tiny_checkpoint), "--talkers", "1", "--talker-k", "2", "--silent", "1", "--silent-k", "2",
+                      "--seconds", "2", "--json", str(out / "host.json"), "--plot", str(out / "host.png"),
+                      timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "host.json").read_text()), out / "host.png", result.stdout
+
+
+def test_both_paths_are_measured_for_talkers_and_silent_participants_in_one_run(host_report):
+    report, _, _ = host_report
+    assert [(r["kind"], r["path"], r["participants"]) for r in report["runs"]] == [
+        ("talkers", "today", 2), ("talkers", "new", 2), ("silent", "today", 2), ("silent", "new", 2)]
+    machine = report["machine"]
+    assert machine["livekit"] and machine["cpu_cores"] >= 1 and len(machine["load_average_at_start"]) == 3
+    assert all(len(r["load_before"]) == 3 for r in report["runs"])
+    assert set(report["summary"]) == {"talkers", "silent"}
+
+
+def test_every_participant_receives_its_audio_and_talkers_are_captioned(host_report):
+    report, _, _ = host_report
+    for run in report["runs"]:
+        assert 0.8 <= run["delivered"] <= 1.1, run
+        assert run["host_cores"] > 0 and run["engine_cores"] >= 0 and run["baseline_cores"] >= 0
+        assert run["cores_per_participant"] == pytest.approx(
+            (run["host_cores"] - run["baseline_cores"]) / run["participants"], abs=1e-4)
+        if run["kind"] == "talkers":
+            # Speech opens a turn on every speaker: its audio reaches the engine, a step per 80 ms
+            # carries them all (the frame clock), and words come back.
+            assert run["live_turns"] == run["participants"]
+            assert 0.8 <= run["pushed"] <= 1.2, run
+            assert 0.5 <= run["steps_per_frame"] <= 1.5, run
+            assert run["latency_beyond_delay_ms"]["count"] > 0
+        else:
+            # Low noise: no turn, no engine step, and no caption.
+            assert run["live_turns"] == 0 and run["steps_per_frame"] == 0 and run["captions"] == 0
+
+
+def test_table_and_plot_are_written(host_report):
+    report, plot, stdout = host_report
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for run in report["runs"]:
+        assert (f"| {run['kind']} | {run['path']} | {run['participants']} ({run['tracks']} x "
+                f"{run['streams_per_track']}) | {run['host_cores']:.3f} |") in stdout
+
+
+def test_bad_paths_and_no_microphones_are_refused_with_a_clear_error():
+    result = captions("bench", "host", "--paths", "today,tomorrow", timeout=60)
+    assert result.returncode == 2 and "expected some of today, new" in result.stderr
+    result = captions("bench", "host", "--talkers", "0", "--silent", "0", timeout=60)
+    assert result.returncode == 1 and "give some --talkers or --silent" in result.stderr
