@@ -262,3 +262,82 @@ def test_realtime_factor_is_frame_time_over_mean_step_time_and_engine_failures_c
     assert samples[("captions_queued_speakers", ())] == 1
     assert samples[("captions_errors_total", (("kind", "engine_step"),))] == 2
     assert samples[("captions_engine_step_seconds_count", (("part", "lm"),))] == 2
+
+
+# ---- translation (issue 26) ------------------------------------------------------------------------
+
+def _samples(metrics: CaptionMetrics) -> dict[tuple[str, tuple], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(metrics.render().decode()) for s in f.samples}
+
+
+class _Model:
+    def translate_batch(self, requests):
+        return [f"<{r.target}> {r.text}" for r in requests]
+
+
+def test_translation_series_are_the_operators_languages_and_the_engine_is_read_at_scrape_time():
+    from captions.translate.engine import TranslationEngine
+
+    metrics, engine = CaptionMetrics(), TranslationEngine(_Model())
+    try:
+        metrics.attach_translation(engine, ("de", "es"))
+        metrics.attach_translation(engine, ("de", "es"))  # every room attaches: idempotent
+        before = _samples(metrics)
+        for kind in ("final", "interim"):
+            for language in ("de", "es"):  # from the start, at 0 (rate() and alerts work)
+                assert before[("captions_translations_published_total", (("kind", kind), ("language", language)))] == 0
+        assert before[("captions_translation_untranslated_finals_total", (("reason", "timeout"),))] == 0
+        assert before[("captions_translation_queued", ())] == 0
+        futures = [engine.submit(f"hello {n}", "en", "de", final=True) for n in range(3)]
+        assert [f.result(timeout=10) for f in futures] == [f"<de> hello {n}" for n in range(3)]
+        metrics.translation_published("de", final=True)
+        metrics.translation_published("xx", final=False)  # a room's metadata picked it: no series of its own
+        metrics.final_untranslated("error: RuntimeError")
+        metrics.final_untranslated("timeout")
+        metrics.observe_translation_delay(0.2)
+        after = _samples(metrics)
+        assert after[("captions_translations_published_total", (("kind", "final"), ("language", "de")))] == 1
+        assert after[("captions_translations_published_total", (("kind", "interim"), ("language", "other")))] == 1
+        assert not any(dict(labels).get("language") == "xx" for _, labels in after)
+        assert after[("captions_translation_untranslated_finals_total", (("reason", "error"),))] == 1
+        assert after[("captions_translation_untranslated_finals_total", (("reason", "timeout"),))] == 1
+        assert after[("captions_translation_final_delay_seconds_count", ())] == 1
+        assert after[("captions_translation_engine_submitted_total", ())] == 3
+        assert after[("captions_translation_engine_translated_total", ())] == 3
+        assert after[("captions_translation_engine_batches_total", ())] >= 1
+        assert after[("captions_translation_engine_dropped_total", ())] == 0
+        assert after[("captions_translation_engine_busy_seconds_total", ())] > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.asyncio(loop_scope="function")
+async def test_a_rooms_translator_counts_what_it_publishes_into_the_workers_metrics():
+    """Through the room's real translator and publisher (fake room and engine, tests/test_translation_lane.py):
+    a translated final counts with its delay, a failed one as untranslated, by reason."""
+    from captions.live.metrics import METRICS
+    from tests.test_translation_lane import FakeEngine, FakeRoom, Lane
+
+    def count(name: str, **labels: str) -> float:
+        return _samples(METRICS).get((name, tuple(sorted(labels.items()))), 0.0)
+
+    published = ("captions_translations_published_total", {"kind": "final", "language": "de"})
+    before = (count(published[0], **published[1]), count("captions_translation_final_delay_seconds_count"),
+              count("captions_translation_untranslated_finals_total", reason="error"))
+    lane = Lane(FakeRoom({"relay": "de"}), FakeEngine(delay=lambda text: 0.05), targets=("de",))
+    try:
+        lane.say("alice", "SG_a1", "hello there", final=True)
+        await lane.settle()
+    finally:
+        lane.close()
+    failing = Lane(FakeRoom({"relay": "de"}), FakeEngine("fail"), targets=("de",))
+    try:
+        failing.say("alice", "SG_a2", "hello again", final=True)
+        await failing.settle()
+    finally:
+        failing.close()
+    assert count(published[0], **published[1]) == before[0] + 1
+    assert count("captions_translation_final_delay_seconds_count") == before[1] + 1
+    assert count("captions_translation_final_delay_seconds_sum") >= 0.05
+    assert count("captions_translation_untranslated_finals_total", reason="error") == before[2] + 1

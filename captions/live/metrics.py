@@ -15,7 +15,13 @@ What is measured where:
 - step timings come from `engine.step_listeners` (`StepTimings`: host / encode / LM / total); on a GPU,
   encode and LM are only separated when the engine runs with ``profile=True``, otherwise the LM part
   also holds the encode's asynchronous GPU work;
-- the room code reports rooms, caption latency, dropped frames and errors through small methods.
+- the room code reports rooms, caption latency, dropped frames and errors through small methods;
+- translation (issue 26): each room's translator (captions/live/translation.py) reports what it
+  published, the finals that went out untranslated and each translated final's delay after its
+  original; the worker's translation engine (captions/translate/engine.py) is read at scrape time
+  (`attach_translation`). Language labels are the operator's --translate-to languages only (a room's
+  metadata may pick another language the model has: it is counted as ``other``), so a room cannot
+  add series.
 
 Nothing here ever sees audio or caption text.
 """
@@ -54,6 +60,13 @@ ERROR_KINDS = ("engine_step", "stream", "publish", "transcript", "room")
 DROP_REASONS = ("waiting_overflow", "shutdown")
 RECOVERY_ACTIONS = ("dispatch", "supersede_stale", "remove_stale", "remove_duplicate", "failed_round")
 STEP_PARTS = ("host", "encode", "lm", "total")
+TRANSLATION_KINDS = ("final", "interim")
+UNTRANSLATED_REASONS = ("timeout", "error")
+"""Why a final went out with its original text (captions/live/translation.py's UNTRANSLATED_*)."""
+OTHER_LANGUAGE = "other"
+"""The language label of a translation into a language not in the operator's list."""
+TRANSLATION_DELAY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+"""Seconds; issue 26's target is 0.5 at 8 speakers, and a final is given up at 3 (FINAL_TIMEOUT_S)."""
 
 
 class CaptionMetrics:
@@ -99,6 +112,23 @@ class CaptionMetrics:
             ["action"], registry=r)
         for action in RECOVERY_ACTIONS:
             self.recovery_actions.labels(action)
+        self.translations = Counter(
+            "captions_translations_published", "Translated captions published, by kind (final, interim) and "
+            "target language (the operator's --translate-to; other: a language a room's metadata picked); "
+            "finals that went out untranslated are in captions_translation_untranslated_finals instead",
+            ["kind", "language"], registry=r)
+        self.untranslated_finals = Counter(
+            "captions_translation_untranslated_finals", "Finals published in a translation's place with the "
+            "original text, by reason: timeout (the translation took too long), error (the model failed, "
+            "or the engine was closed)", ["reason"], registry=r)
+        for reason in UNTRANSLATED_REASONS:
+            self.untranslated_finals.labels(reason)
+        self.translation_delay = Histogram(
+            "captions_translation_final_delay_seconds", "From an original final handed to the publisher to "
+            "its translated final handed to the publisher (finals the model translated; untranslated ones "
+            "are counted apart)", buckets=TRANSLATION_DELAY_BUCKETS, registry=r)
+        self._translation_engine: object | None = None
+        self._translation_languages: frozenset[str] = frozenset()
         self.ready_check: Callable[[], list[str]] | None = None
         """What /readyz asks; also exported as captions_ready."""
         self._errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
@@ -116,6 +146,19 @@ class CaptionMetrics:
         self._engine, self._slots = engine, slots
         self._frame_s = engine.frame_size / engine.sample_rate
         engine.step_listeners.append(self.observe_step)
+
+    def attach_translation(self, engine: object, languages: Iterable[str]) -> None:
+        """The worker's translation engine (read at scrape time: its queue and counters) and the
+        operator's target languages (the only language labels; their series start at 0). Called by
+        every room's translator with the same engine and list; idempotent."""
+        languages = frozenset(languages)
+        with self._lock:
+            self._translation_engine = engine
+            new = languages - self._translation_languages
+            self._translation_languages |= languages
+        for language in sorted(new):
+            for kind in TRANSLATION_KINDS:
+                self.translations.labels(kind, language)
 
     # ---- what the engine and the rooms report -----------------------------------------------
 
@@ -151,6 +194,21 @@ class CaptionMetrics:
     def recovery(self, action: str) -> None:
         """One recovery action (`RECOVERY_ACTIONS`)."""
         self.recovery_actions.labels(action).inc()
+
+    def translation_published(self, language: str, final: bool) -> None:
+        """A translated caption (not an untranslated final) handed to the publisher."""
+        label = language if language in self._translation_languages else OTHER_LANGUAGE
+        self.translations.labels("final" if final else "interim", label).inc()
+
+    def final_untranslated(self, reason: str) -> None:
+        """A final published with its original text; `reason` as in ``captions.untranslated``
+        ("timeout", or "error" followed by what failed)."""
+        kind = reason.split(":", 1)[0].strip()
+        self.untranslated_finals.labels(kind if kind in UNTRANSLATED_REASONS else "error").inc()
+
+    def observe_translation_delay(self, seconds: float) -> None:
+        """From an original final to its translated final (both handed to the publisher)."""
+        self.translation_delay.observe(max(0.0, seconds))
 
     def error(self, kind: str) -> None:
         """Counts one error of `kind` (`ERROR_KINDS`; others are accepted and appear when first used)."""
@@ -200,6 +258,7 @@ class _EngineCollector:
             yield GaugeMetricFamily("captions_engine_realtime_factor", "Audio time per step time over "
                                     f"the last {RTF_WINDOW_STEPS} steps (above 1: faster than real time)",
                                     value=rtf)
+        yield from _translation_engine_metrics(m._translation_engine)
         if m.ready_check is not None:
             yield GaugeMetricFamily("captions_ready", "1 when the model is loaded and the worker is "
                                     "registered with LiveKit", value=0 if m.ready_check() else 1)
@@ -217,6 +276,32 @@ class _EngineCollector:
         if m._slots is not None:
             yield GaugeMetricFamily("captions_queued_speakers", "Speakers waiting for a free slot",
                                     value=len(m._slots))
+
+
+def _translation_engine_metrics(engine: object | None) -> Iterable[Metric]:
+    """The translation engine's queue and counters (captions/translate/engine.py's `queued` and
+    `EngineCounters`), when it has them."""
+    if engine is None:
+        return
+    counters = getattr(engine, "counters", None)
+    queued = getattr(engine, "queued", None)
+    if isinstance(queued, int):
+        yield GaugeMetricFamily("captions_translation_queued", "Translations waiting for the translation "
+                                "engine (finals and interims, every room)", value=queued)
+    if counters is None:
+        return
+    for name, help_text, field_name in (
+            ("captions_translation_engine_submitted", "Translations submitted to the engine", "submitted"),
+            ("captions_translation_engine_translated", "Translations the engine's model returned", "translated"),
+            ("captions_translation_engine_dropped", ("Translations the engine dropped before they ran: "
+             "interims when its queue of interims was full (oldest first) or a newer one of the segment "
+             "came, and any a room gave up on (too slow)"), "dropped"),
+            ("captions_translation_engine_failed", ("Translations failed by the model, an unsupported "
+             "language pair or the engine closing"), "failed"),
+            ("captions_translation_engine_batches", "Batched model calls", "batches")):
+        yield CounterMetricFamily(name, help_text, value=int(getattr(counters, field_name, 0)))
+    yield CounterMetricFamily("captions_translation_engine_busy_seconds", "Time the engine spent in the "
+                              "model", value=float(getattr(counters, "busy_s", 0.0)))
 
 
 METRICS = CaptionMetrics()

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -140,6 +141,9 @@ class _Pending:
     resolved: bool = False
     dropped: bool = False
     """Not published (a failed or superseded interim)."""
+    taken_at: float = field(default_factory=time.monotonic)
+    """When its original was taken (just after the publisher numbered it): the translation's delay
+    is measured from here (metrics)."""
 
 
 @dataclass(eq=False)
@@ -201,6 +205,7 @@ class RoomTranslator:
         self._settled.set()
         self._closed = False
         self.counts = TranslationCounts()
+        METRICS.attach_translation(engine, options.targets)
 
     # Which languages ------------------------------------------------------------------------------
 
@@ -413,11 +418,16 @@ class RoomTranslator:
                                     pending.untranslated)))
         if not final:
             self.counts.interims += 1
+            METRICS.translation_published(pending.language, final=False)
             return
         if pending.untranslated:
             self.counts.untranslated += 1
+            METRICS.final_untranslated(pending.untranslated)
         else:
             self.counts.translated += 1
+            METRICS.translation_published(pending.language, final=True)
+            if pending.future is not None:  # the model's (not the original serving for its own language)
+                METRICS.observe_translation_delay(time.monotonic() - pending.taken_at)
         if text and original.segment is not None and self._write is not None:
             self._write(dataclasses.replace(original.segment, segment_id=update.segment_id, text=text, words=[],
                                             language=pending.language, translation_of=source_segment,
