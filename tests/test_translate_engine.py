@@ -113,6 +113,17 @@ def test_a_template_expands_per_pair_and_a_missing_pair_is_one_line(tiny_transla
     assert "en->ja" in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_m2m100_family_one_model_for_every_direction(tmp_path):
+    from captions.translate.tiny import write_tiny_m2m100_model
+
+    model = load_translation_model(str(write_tiny_m2m100_model(tmp_path / "m2m100", ["en", "fr", "de"])))
+    assert model.pairs == {(s, t) for s in ("en", "fr", "de") for t in ("en", "fr", "de") if s != t}
+    assert model.source_tokens(R("Hello", "en", "de"))[0] == "__en__"
+    texts = model.translate_batch(SENTENCES[:3])
+    assert any(t.strip() for t in texts) and not any("__" in t for t in texts), texts  # prefix dropped
+    assert model.translate_batch(SENTENCES[:3]) == texts
+
+
 def test_offline_and_not_cached_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(TranslationModelError) as error:
@@ -302,3 +313,21 @@ def test_language_detection_is_unsure_of_short_text(text):
 
 def test_language_detection_with_one_candidate_is_that_one():
     assert detect_language("ok", ["en-US"]) == "en"
+
+
+def test_make_test_checkpoint_writes_the_translation_models_beside(tmp_path, monkeypatch):
+    import argparse
+
+    from captions.dev import tiny_checkpoint
+
+    monkeypatch.setattr(tiny_checkpoint, "make_test_checkpoint", lambda *a, **k: None)  # the STT part
+    parser = argparse.ArgumentParser()
+    tiny_checkpoint.configure_parser(parser)
+    assert "translation/" in parser.description
+    args = parser.parse_args([str(tmp_path / "ckpt"), "--translation-languages", "en,fr"])
+    assert tiny_checkpoint.run(args) == 0
+    model = load_translation_model(str(tmp_path / "ckpt" / tiny_checkpoint.TRANSLATION_SUBDIR))
+    assert model.pairs == {("en", "fr"), ("fr", "en")}
+    none = parser.parse_args([str(tmp_path / "bare"), "--translation-languages", ""])
+    tiny_checkpoint.run(none)
+    assert not (tmp_path / "bare" / "translation").exists()

@@ -57,6 +57,8 @@ TOKENIZER_VOCAB = 400
 PROJECTION_GAIN = 4.0
 """Sharpens the random model's output distribution, so that its greedy choice depends on its input."""
 END_BIAS = 7.0
+M2M100_END_BIAS = 2.0
+"""The same for the M2M-100-style model, whose final layer norm leaves smaller logits."""
 """Added to the </s> logit of the random model: it then ends most sentences after a few words."""
 
 # A little of each language, enough for a tokenizer with word pieces of all of them.
@@ -185,19 +187,24 @@ class _Weights:
         self.norm(spec.layer_norm, dim)
 
 
-def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, realistic: bool = False):
+def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, realistic: bool = False,
+                m2m100: bool = False, end_bias: float = END_BIAS):
     """A `TransformerSpec` shaped like the converter's output for a Marian model, random weights.
 
     By default (the tiny model) the output projection is untied and sharpened, writes whole words
     only, and ends sentences now and then: short runs of different words. `realistic=True` (the
     benchmark's model) ties the projection to the embeddings as OPUS-MT does and makes </s>
     unreachable, so that every translation runs to the length limit the caller sets (as many tokens
-    as a real translation of the caption would have, instead of stopping at a random point)."""
+    as a real translation of the caption would have, instead of stopping at a random point).
+
+    `m2m100=True`: M2M-100's variant of the same transformer, as the converter's M2M-100 loader
+    writes it (pre-norm with final norms, ReLU, a decoder started by </s> then the `__xx__` prefix)."""
     from ctranslate2.specs import common_spec, transformer_spec
 
     spec = transformer_spec.TransformerSpec.from_config(
-        (shape.layers, shape.layers), shape.heads, pre_norm=False,
-        activation=common_spec.Activation.SWISH, layernorm_embedding=False,
+        (shape.layers, shape.layers), shape.heads, pre_norm=m2m100,
+        activation=common_spec.Activation.RELU if m2m100 else common_spec.Activation.SWISH,
+        layernorm_embedding=False,
     )
     weights, dim, size = _Weights(seed), shape.d_model, len(vocabulary)
     embeddings = weights.matrix(size, dim)  # tied: both embeddings and the output projection
@@ -220,7 +227,11 @@ def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, realistic:
         weights.linear(layer.attention.linear[2], dim, dim)
         weights.norm(layer.attention.layer_norm, dim)
         weights.ffn(layer.ffn, dim, shape.ffn)
-    spec.decoder.start_from_zero_embedding = True
+    if m2m100:
+        weights.norm(spec.encoder.layer_norm, dim)
+        weights.norm(spec.decoder.layer_norm, dim)
+    else:
+        spec.decoder.start_from_zero_embedding = True
     bias = np.zeros(size, dtype=np.float32)
     if realistic:
         spec.decoder.projection.weight = embeddings
@@ -231,7 +242,7 @@ def marian_spec(shape: MarianShape, vocabulary: list[str], seed: int, realistic:
         spec.decoder.projection.weight = weights.matrix(size, dim) * np.float32(PROJECTION_GAIN)
         # Whole words only, and an end of sentence now and then.
         bias[[i for i, token in enumerate(vocabulary) if not _is_word(token)]] = -1e4
-        bias[vocabulary.index("</s>")] = END_BIAS
+        bias[vocabulary.index("</s>")] = end_bias
     spec.decoder.projection.bias = bias
     # What the converter's Marian loader writes into config.json.
     spec.config.eos_token = "</s>"
@@ -287,4 +298,24 @@ def write_tiny_translation_model(path: str | Path, languages: Sequence[str] = DE
         f"language pair; written by captions make-test-checkpoint (seed {seed}).\n")
     (out / "languages.json").write_text(json.dumps(list(languages)) + "\n")
     logger.info("wrote tiny translation models for %s to %s (seed %d)", ",".join(languages), out, seed)
+    return out
+
+
+def write_tiny_m2m100_model(path: str | Path, languages: Sequence[str] = DEFAULT_LANGUAGES, seed: int = 0) -> Path:
+    """One tiny random model in the layout the converter writes for facebook/m2m100_418M (with
+    `--copy_files sentencepiece.bpe.model`): every direction between `languages` in one model, the
+    target chosen by a `__de__`-style prefix. For tests of that family; output meaningless."""
+    out = Path(path)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer = out / "sentencepiece.bpe.model"
+    train_tokenizer(tokenizer)
+    pieces = [p for p in _vocabulary(tokenizer, None) if p not in ("</s>", "<unk>")]
+    vocabulary = ["<s>", "<pad>", "</s>", "<unk>"] + pieces + [f"__{code}__" for code in languages]
+    spec = marian_spec(TINY, vocabulary, seed, m2m100=True, end_bias=M2M100_END_BIAS)
+    spec.config.bos_token = "<s>"
+    spec.validate()
+    spec.optimize()
+    spec.save(str(out))
     return out
