@@ -92,6 +92,13 @@ def test_the_tiny_model_passes_through_same_language_and_empty_text(tiny_transla
         model.translate_batch([R("Hello there", "en", "ja")])
 
 
+def test_a_source_longer_than_the_position_table_is_cut_not_an_error(tiny_translation_model):
+    model = load_translation_model(str(tiny_translation_model), pairs=[("en", "de")])
+    text = "good morning everyone " * 300
+    assert len(model.source_tokens(R(text, "en", "de"))) > 512
+    assert isinstance(model.translate_batch([R(text, "en", "de")])[0], str)
+
+
 def test_one_pair_directory_and_an_explicit_pair(tiny_translation_model, tmp_path):
     single = load_translation_model(str(tiny_translation_model / "en-fr"))
     assert single.pairs == {("en", "fr")}

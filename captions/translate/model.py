@@ -62,6 +62,9 @@ DEFAULT_TRANSLATION_MODEL = "gaudi/opus-mt-{source}-{target}-ctranslate2"
 was built on: check that your pairs exist there, or convert your own (module docstring)."""
 
 Pair = tuple[str, str]
+MAX_INPUT_TOKENS = 512
+"""Longer sources are cut (OPUS-MT's position table ends there; a caption that long is a few
+minutes of speech without a pause)."""
 
 
 class TranslationModelError(Exception):
@@ -271,7 +274,7 @@ class TranslationModel:
         results = member.translator.translate_batch(
             sources, target_prefix=prefixes if any(prefixes) else None, beam_size=self.beam_size,
             max_decoding_length=math.ceil(self.max_length_ratio * longest) + self.max_length_extra,
-            max_batch_size=0,
+            max_input_length=MAX_INPUT_TOKENS,
         )
         texts = []
         for prefix, result in zip(prefixes, results):
@@ -335,7 +338,7 @@ def _directories(entry: str, wanted: set[Pair] | None) -> list[tuple[Path, str, 
         if not wanted:
             raise TranslationModelError(f"{entry!r} is a template: say which language pairs to load")
         found = []
-        for source, target in sorted(wanted):
+        for source, target in sorted((s, t) for s, t in wanted if s != t):
             found += _directories(f"{source}-{target}=" + entry.format(source=source, target=target), None)
         return found
     if not _looks_like_path(entry):
