@@ -4,11 +4,10 @@ worker (like the STT model) and called from one engine thread (engine.py).
 **Default family: OPUS-MT** (Helsinki-NLP's Marian models, CC-BY-4.0: commercial use allowed with
 attribution). One model per language pair, a base transformer of about 74 M parameters (6+6
 layers, width 512): about a sixth of M2M-100 418M's arithmetic per token, which is what lets a
-2-core CPU translate every final of 8 concurrent speakers within half a second (see `captions bench
-translate`), and what a GPU batches by the hundred. The cost is one model per direction (en->de
-and fr->de for German readers of the STT model's two languages; about 75 MB each in int8); pairs
-that OPUS-MT lacks can use a multi-target OPUS-MT model (`>>de<<`-style target tokens, handled
-here) or another family.
+small CPU keep up with several speakers at once (`captions bench translate` measures it), and what
+a GPU batches by the hundred. The cost is one model per direction (en->de and fr->de for German
+readers of the STT model's two languages; about 75 MB each in int8); pairs that OPUS-MT lacks can
+use a multi-target OPUS-MT model (`>>de<<`-style target tokens, handled here) or another family.
 
 **Other families**, recognised by their tokenizer file, so that using one is a matter of pointing
 `spec` at it:
@@ -18,8 +17,9 @@ here) or another family.
   times slower per token than OPUS-MT on a CPU; a fine choice on a GPU.
 * MADLAD-400 (Apache-2.0; 3B and up, GPU only in practice): T5's `spiece.model`, the source starts
   with `<2de>` and there is no target prefix: a `_Family` like `_M2M100` with those two rules.
-* NLLB (CC-BY-NC: non-commercial only, so never the default) works like M2M-100 with
-  `eng_Latn`-style codes.
+* NLLB (CC-BY-NC: non-commercial only, so never the default) frames text like M2M-100 but with
+  `eng_Latn`-style codes: its own `_Family` (mapping "en" to "eng_Latn"), told apart from M2M-100
+  by those tokens in its vocabulary.
 
 **`spec`** (`load_translation_model`) is one or several, comma-separated, of:
 
