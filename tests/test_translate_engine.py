@@ -10,6 +10,7 @@ from concurrent.futures import CancelledError
 import pytest
 
 from captions.translate import (
+    TranslationBacklogFull,
     TranslationEngine,
     TranslationEngineClosed,
     TranslationModelError,
@@ -223,6 +224,16 @@ def test_a_full_interim_queue_cancels_the_oldest(fake):
     assert [f.result(TIMEOUT) for f in interims[1:]] == ["de:INTERIM 1", "de:INTERIM 2"]
     assert final.result(TIMEOUT) == "de:FINAL"
     assert engine.counters.dropped == 1
+    engine.close()
+
+
+def test_a_full_final_queue_fails_the_oldest_final(fake):
+    engine, _ = _busy_engine(fake, max_finals=2)
+    finals = [engine.submit(f"final {i}", "en", "de", final=True) for i in range(3)]
+    with pytest.raises(TranslationBacklogFull):
+        finals[0].result(0)
+    fake.release()
+    assert [f.result(TIMEOUT) for f in finals[1:]] == ["de:FINAL 1", "de:FINAL 2"]
     engine.close()
 
 

@@ -2,7 +2,12 @@
 source-language detection (language.py). tiny.py writes random models in the real format for tests,
 demos and benchmarks; the product never imports it."""
 
-from captions.translate.engine import EngineCounters, TranslationEngine, TranslationEngineClosed
+from captions.translate.engine import (
+    EngineCounters,
+    TranslationBacklogFull,
+    TranslationEngine,
+    TranslationEngineClosed,
+)
 from captions.translate.language import detect_language, warm_up_language_detection
 from captions.translate.model import (
     DEFAULT_TRANSLATION_MODEL,
@@ -17,6 +22,7 @@ from captions.translate.model import (
 __all__ = [
     "DEFAULT_TRANSLATION_MODEL",
     "EngineCounters",
+    "TranslationBacklogFull",
     "TranslationEngine",
     "TranslationEngineClosed",
     "TranslationModel",

@@ -16,6 +16,8 @@ What a caller can rely on:
   full (the oldest goes first), when a newer interim or the final of the same `key` (a caption
   segment) arrives, or when the caller cancels it;
 * a model exception fails that batch's futures with the exception; the engine goes on with the next;
+* past `max_finals` waiting finals (a model far too slow for its load), the oldest fails with
+  `TranslationBacklogFull`: memory stays bounded;
 * `close()` stops the thread and fails what is still queued with `TranslationEngineClosed`.
 """
 
@@ -35,6 +37,9 @@ from captions.translate.model import TranslationRequest, UnsupportedPair, langua
 MAX_QUEUED_INTERIMS = 64
 """Interims waiting at once (all rooms together), beyond which the oldest is dropped: a bound on
 memory and on the work a burst of interims can queue in front of the next final."""
+MAX_QUEUED_FINALS = 1024
+"""Finals waiting at once, beyond which the oldest fails with TranslationBacklogFull: only a model
+far too slow for its load gets there, and memory stays bounded even then."""
 
 
 INTERIM_LINGER_S = 0.3
@@ -52,6 +57,10 @@ class Translator(Protocol):
 
 class TranslationEngineClosed(RuntimeError):
     """The engine was closed before this translation ran."""
+
+
+class TranslationBacklogFull(RuntimeError):
+    """Too many finals were waiting: the oldest gave way (the model cannot keep up with its load)."""
 
 
 @dataclass
@@ -85,11 +94,12 @@ class TranslationEngine:
 
     def __init__(self, model: Translator, max_batch: int = 32, max_interims: int = MAX_QUEUED_INTERIMS,
                  on_batch: Callable[[int, float], None] | None = None,
-                 interim_linger_s: float = INTERIM_LINGER_S):
+                 interim_linger_s: float = INTERIM_LINGER_S, max_finals: int = MAX_QUEUED_FINALS):
         """`on_batch(size, seconds)` is called on the engine thread after each model call (metrics);
         `interim_linger_s`: see INTERIM_LINGER_S (0: interims start at once, as finals do)."""
-        if max_batch < 1 or max_interims < 1:
-            raise ValueError("max_batch and max_interims must be at least 1")
+        if min(max_batch, max_interims, max_finals) < 1:
+            raise ValueError("max_batch, max_interims and max_finals must be at least 1")
+        self.max_finals = max_finals
         self.model = model
         self.max_batch = max_batch
         self.max_interims = max_interims
@@ -119,6 +129,7 @@ class TranslationEngine:
                                               f"{language_code(source)}->{language_code(target)}"))
             return job.future
         dropped: list[_Job] = []
+        overflow: list[_Job] = []
         with self._cond:
             if self._closed:
                 closed = True
@@ -129,6 +140,8 @@ class TranslationEngine:
                     self._interims.remove(old)  # O(queued interims), bounded by max_interims
                     dropped.append(old)
                 if final:
+                    if len(self._finals) >= self.max_finals:
+                        overflow.append(self._finals.popleft())
                     self._finals.append(job)
                 else:
                     if len(self._interims) >= self.max_interims:
@@ -140,6 +153,9 @@ class TranslationEngine:
         if closed:
             self._fail([job], TranslationEngineClosed("the translation engine is closed"))
         self._drop(dropped)  # outside the lock: cancel() runs the callers' callbacks
+        if overflow:
+            logger.warning("translation backlog full (%d finals waiting): the oldest final fails", self.max_finals)
+            self._fail(overflow, TranslationBacklogFull(f"more than {self.max_finals} finals were waiting"))
         return job.future
 
     @property
