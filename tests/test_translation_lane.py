@@ -57,7 +57,8 @@ class FakeEngine:
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(4)
 
-    def submit(self, text: str, source: str, target: str, *, final: bool) -> concurrent.futures.Future[str]:
+    def submit(self, text: str, source: str, target: str, *, final: bool,
+               key=None) -> concurrent.futures.Future[str]:
         self.submitted.append((text, source, target, final))
         if self.mode == "hang":
             return concurrent.futures.Future()

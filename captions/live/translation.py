@@ -41,7 +41,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,7 +73,8 @@ UNTRANSLATED_ERROR = "error"
 class TranslationEngine(Protocol):
     """What a room needs of the worker's engine (captions/translate/engine.py)."""
 
-    def submit(self, text: str, source: str, target: str, *, final: bool) -> concurrent.futures.Future[str]: ...
+    def submit(self, text: str, source: str, target: str, *, final: bool,
+               key: Hashable | None = None) -> concurrent.futures.Future[str]: ...
 
 
 @dataclass(frozen=True)
@@ -340,7 +341,9 @@ class RoomTranslator:
                 line: _Line | None = None) -> _Pending:
         pending = self._enqueue(original, seq, language, source, line)
         try:
-            future = self._engine.submit(original.update.text, source, language, final=final)
+            # The key: the segment's final (or a newer interim) replaces its interim still queued.
+            future = self._engine.submit(original.update.text, source, language, final=final,
+                                         key=(original.update.segment_id, language))
         except Exception as e:  # noqa: BLE001 - e.g. the engine closed: the original serves
             self._resolve(pending, None, f"{UNTRANSLATED_ERROR}: {e}")
             return pending
