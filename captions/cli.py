@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speak": ("captions.dev.speak", "a bot that speaks in a room and prints the captions it gets back"),
     "server": ("captions.dev.livekit_server", "run livekit-server in dev mode on loopback (installs it if needed)"),
     "transcribe": ("captions.stt.transcribe", "transcribe an audio file with the batched engine"),
-    "make-test-checkpoint": ("captions.dev.tiny_checkpoint", "write a tiny random checkpoint (tests/demos)"),
+    "make-test-checkpoint": ("captions.dev.tiny_checkpoint", "write a tiny random STT checkpoint and translation models (tests/demos)"),
     "bench": ("captions.bench", "the benchmarks (engine, latency, clock, ingest)"),
 }
 TOOL_PACKAGES = ("captions.dev", "captions.bench")
