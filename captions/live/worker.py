@@ -93,8 +93,8 @@ def add_translation_options(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--translation-device", env="CAPTIONS_TRANSLATION_DEVICE", default="auto", type=device_name,
                help="device of the translation model: auto (the speech model's --device), cpu, cuda or cuda:N")
     add_option(parser, "--translation-threads", env="CAPTIONS_TRANSLATION_THREADS", default=0, type=non_negative_int,
-               help="CPU threads of one translation batch (CTranslate2's intra_threads; 0: its default); on a CPU "
-                    "shared with the speech model, fewer leave it more")
+               help="CPU threads of one translation batch (CTranslate2's intra_threads; 0: the usable cores, "
+                    "at most 4); on a CPU shared with the speech model, fewer leave it more")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
