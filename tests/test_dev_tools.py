@@ -98,3 +98,38 @@ def test_an_unreachable_hub_fails_fast_with_one_line_that_says_what_to_do(tmp_pa
     assert len(lines) == 1, result.stderr
     assert "cannot reach http://127.0.0.1:" in lines[0] and "captions make-test-checkpoint" in lines[0]
     assert time.monotonic() - started < 20, "the hub client retried instead of failing fast"
+
+
+def test_captions_up_gives_the_worker_and_the_viewer_the_same_languages_and_a_local_checkpoints_translation(
+        tmp_path, monkeypatch):
+    """`captions up --translate-to de`: the worker translates into what the viewer offers, with the
+    tiny models a local make-test-checkpoint directory brings (DIR/translation/), so it runs offline;
+    a given --translation-model wins; without --translate-to, neither translates whatever the
+    environment says. (The real run: tests/test_room_e2e.py starts `captions up`.)"""
+    import argparse
+
+    from captions.dev import up
+
+    for name in ("CAPTIONS_TRANSLATE_TO", "CAPTIONS_TRANSLATION_MODEL", "CAPTIONS_TRANSLATION_DEVICE",
+                 "CAPTIONS_TRANSLATION_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def parse(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        up.configure_parser(parser)
+        return parser.parse_args(list(argv))
+
+    checkpoint = tmp_path / "tiny"
+    (checkpoint / "translation").mkdir(parents=True)
+    worker, web = up.translation_args(parse("--model", str(checkpoint), "--translate-to", "de,ES"))
+    assert web == ["--translate-to", "de,es"]
+    assert worker[worker.index("--translate-to") + 1] == "de,es"
+    assert worker[worker.index("--translation-model") + 1] == str(checkpoint / "translation")
+    worker, _ = up.translation_args(parse("--model", str(checkpoint), "--translate-to", "de",
+                                          "--translation-model", "Helsinki-NLP/opus-mt-{source}-{target}"))
+    assert worker[worker.index("--translation-model") + 1] == "Helsinki-NLP/opus-mt-{source}-{target}"
+    worker, _ = up.translation_args(parse("--model", "kyutai/stt-1b-en_fr", "--translate-to", "de"))
+    assert "--translation-model" not in worker, "the worker's own default serves a hub model"
+    monkeypatch.setenv("CAPTIONS_TRANSLATE_TO", "fr")
+    assert up.translation_args(parse("--model", str(checkpoint), "--translate-to", "")) == \
+        (["--translate-to", ""], ["--translate-to", ""])

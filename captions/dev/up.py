@@ -5,6 +5,12 @@ worker, and the viewer server; prints the viewer link to open. Each child runs i
 group so that the terminal's Ctrl-C reaches only this process, which then stops the children one at
 a time and in order: the worker first (it flushes every open caption to the transcript while
 LiveKit is still up), then the viewer, then livekit-server.
+
+With ``--translate-to de`` (issue 26), the worker translates into those languages and the viewer
+offers them in its language picker. The translation model is ``--translation-model``; unset, a local
+``--model`` made by ``captions make-test-checkpoint DIR`` brings its own tiny one (DIR/translation/),
+so ``captions make-test-checkpoint ckpt/tiny && captions up --model ckpt/tiny --translate-to de`` runs
+offline; otherwise the worker's default model (from the hub, once).
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from captions.config import add_option
+from captions.config import add_option, device_name, language_list, non_negative_int
 from captions.dev.livekit_server import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
 from captions.dev.processes import stop_on_signals, stop_process
 from captions.live.worker import READY_MESSAGE, add_captioning_options
 from captions.log import logger
+from captions.translate.model import DEFAULT_TRANSLATION_MODEL
 
 STOP_TIMEOUT_S = 30.0
 LINK_TTL_S = 7 * 24 * 3600
@@ -37,6 +45,17 @@ STOP_ORDER = ["caption worker", "viewer", "livekit-server"]
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_captioning_options(parser)
+    add_option(parser, "--translate-to", env="CAPTIONS_TRANSLATE_TO", default=(), type=language_list,
+               help="languages captions may be translated into, comma-separated (e.g. de,es): the worker "
+                    "translates into each while someone reads it, and the viewer offers them; empty: none")
+    add_option(parser, "--translation-model", env="CAPTIONS_TRANSLATION_MODEL", default=None,
+               help="the worker's translation model (a Hugging Face repo id or local directory); unset: the "
+                    "translation/ folder of a local --model made by `captions make-test-checkpoint`, else "
+                    f"{DEFAULT_TRANSLATION_MODEL}")
+    add_option(parser, "--translation-device", env="CAPTIONS_TRANSLATION_DEVICE", default="auto", type=device_name,
+               help="the worker's translation device: auto (the speech model's --device), cpu, cuda or cuda:N")
+    add_option(parser, "--translation-threads", env="CAPTIONS_TRANSLATION_THREADS", default=0,
+               type=non_negative_int, help="the worker's CPU threads per translation batch (0: CTranslate2's default)")
     add_option(parser, "--room", env="CAPTIONS_UP_ROOM", default="demo", help="room of the printed viewer link")
     parser.add_argument("--host", default="127.0.0.1", help="address for livekit-server and the viewer")
     parser.add_argument("--livekit-port", type=int, default=7880, help="livekit-server signal port")
@@ -90,6 +109,34 @@ def _captions_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "captions.cli", *args]
 
 
+def translation_model(args: argparse.Namespace) -> str | None:
+    """The worker's --translation-model: the one given; else a local checkpoint's own tiny models
+    (make-test-checkpoint's DIR/translation/); else None (the worker's default). None without
+    --translate-to."""
+    from captions.dev.tiny_checkpoint import TRANSLATION_SUBDIR
+
+    if not args.translate_to:
+        return None
+    if args.translation_model:
+        return args.translation_model
+    bundled = Path(args.model).expanduser() / TRANSLATION_SUBDIR
+    return str(bundled) if bundled.is_dir() else None
+
+
+def translation_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The translation options of (the worker, the viewer): both get the same --translate-to (the
+    viewer offers exactly what the worker translates into)."""
+    languages = ",".join(args.translate_to)
+    if not languages:
+        return ["--translate-to", ""], ["--translate-to", ""]
+    worker = ["--translate-to", languages, "--translation-device", args.translation_device,
+              "--translation-threads", str(args.translation_threads)]
+    model = translation_model(args)
+    if model is not None:
+        worker += ["--translation-model", model]
+    return worker, ["--translate-to", languages]
+
+
 def _wait_for_http(url: str, child: Child, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,10 +158,14 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str:
     children.append(server)
     _wait_for_http(f"http://{args.host}:{args.livekit_port}", server)
     lk = ["--url", livekit_url, "--api-key", DEV_API_KEY, "--api-secret", DEV_API_SECRET]
+    worker_translation, web_translation = translation_args(args)
+    if args.translate_to:
+        logger.info("translating into %s with %s", ",".join(args.translate_to),
+                    translation_model(args) or DEFAULT_TRANSLATION_MODEL)
     worker = ["worker", "start", "--model", args.model, "--device", args.device,
               "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0",
               # A local try-out needs no Prometheus endpoint, and must not fail over a busy port.
-              "--metrics-port", "0", *lk]
+              "--metrics-port", "0", *worker_translation, *lk]
     if args.record_dir is not None:
         worker += ["--record-dir", str(args.record_dir)]
     worker_child = _spawn("caption worker", _captions_command(*worker), watch_for=READY_MESSAGE)
@@ -130,7 +181,7 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str:
     # printed link is signed with exactly the key the viewer child checks.
     viewer_secret = os.environ.setdefault("CAPTIONS_VIEWER_SECRET", secrets.token_urlsafe(32))
     web = _spawn("viewer", _captions_command("web", "--host", args.host, "--port", str(args.web_port),
-                                             "--data-dir", str(args.data_dir), *lk))
+                                             "--data-dir", str(args.data_dir), *web_translation, *lk))
     children.append(web)
     base_url = f"http://{args.host}:{args.web_port}"
     _wait_for_http(f"{base_url}/healthz", web)
@@ -145,6 +196,8 @@ def _banner(args: argparse.Namespace, link: str) -> str:
              (f"  LiveKit:  ws://{args.host}:{args.livekit_port}  (API key {DEV_API_KEY}, secret "
               f"{DEV_API_SECRET}; dev keys, loopback only)"),
              f"  Open the captions of room '{args.room}':  {link}",
+             *([f"  Translated into {', '.join(args.translate_to)} for whoever reads it: pick the language in "
+                "the viewer (or add &lang=" + args.translate_to[0] + " to the link)"] if args.translate_to else []),
              "  Speak in that room from any LiveKit client (every microphone is captioned), or let a bot:",
               (f"    uv run captions speak --room {args.room} --url ws://{args.host}:{args.livekit_port} "
                '"Hello, this is a caption test."'),
