@@ -98,3 +98,57 @@ def test_bad_input_gets_a_clear_error(args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_translation_on_is_compared_with_off_on_the_originals_and_its_finals_delays_are_measured():
+    """`--translate de`'s analysis, on made-up captions: the originals' figures leave the translations
+    out; each translated final's delay after its original; untranslated and missing finals counted;
+    the comparison pairs each translating run with the run without; the 150 ms target reads the run
+    without translation."""
+    from captions.bench.latency.report import (
+        markdown_table,
+        originals,
+        targets,
+        translation_comparisons,
+        translation_summary,
+    )
+    from captions.bench.latency.session import Session
+    from captions.dev.bots import Caption
+
+    def caption(segment: str, text: str, final: bool, at: float, order: int, **translation: str) -> Caption:
+        attributes = {}
+        if translation:
+            attributes = {"translated": "true", "language": translation["language"],
+                          "captions.source_segment": translation["source"],
+                          "captions.untranslated": translation.get("untranslated", "")}
+        return Caption(text, segment, "TR_a", final, "speaker-00", attributes, at, order)
+
+    captions = [caption("SG_1", "hello", False, 10.0, 1), caption("SG_1", "hello there", True, 10.5, 2),
+                caption("SG_1-de", "hallo", False, 10.3, 3, language="de", source="SG_1"),
+                caption("SG_1-de", "hallo da", True, 10.7, 4, language="de", source="SG_1"),
+                caption("SG_2", "bye", True, 12.0, 5),
+                caption("SG_2-de", "bye", True, 15.0, 6, language="de", source="SG_2", untranslated="timeout"),
+                caption("SG_3", "again", True, 13.0, 7)]
+    session = Session(1, {}, {}, {}, {}, captions, [], [], [], {}, {}, reading=("de",))
+    assert [c.segment_id for c in originals(captions)] == ["SG_1", "SG_1", "SG_2", "SG_3"]
+    summary = translation_summary(session)
+    german = summary["per_language"]["de"]
+    assert (german["original_finals"], german["translated_finals"], german["untranslated_finals"],
+            german["missing_finals"], german["interims_received"]) == (3, 2, 1, 1, 1)
+    assert sorted(german["samples_ms"]) == pytest.approx([200.0, 3000.0])
+
+    def run(p50: float, p95: float, translation: dict | None = None) -> dict:
+        return {"speakers": 8, "frames": "shared", "translation": translation, "word_updates": 10,
+                "latency_ms": {"total": {"count": 10, "p50": p50, "p95": p95}},
+                "alignment": {"reliable": True}}
+
+    runs = [run(60.0, 120.0), run(64.0, 130.0, summary)]
+    [comparison] = translation_comparisons(runs)
+    assert comparison["originals_off_ms"]["p95"] == 120.0 and comparison["originals_on_ms"]["p95"] == 130.0
+    assert comparison["originals_change_ms"] == {"p50": 4.0, "p95": 10.0}
+    assert comparison["translated_final_delay_ms"]["count"] == 2
+    assert (comparison["translated_finals"], comparison["untranslated_finals"], comparison["missing_finals"]) == \
+        (2, 1, 1)
+    assert targets(runs)["p95_ms_at_8_speakers"] == 120.0, "the target reads the run without translation"
+    table = markdown_table({"runs": [], "translation_comparisons": [comparison]})
+    assert "| 8 | shared | de | 60.0 / 120.0 | 64.0 / 130.0 | +4.0 / +10.0 |" in table

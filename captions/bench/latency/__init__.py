@@ -30,6 +30,14 @@ are complete (captured) at origin + (j + 1) * 20 ms and are handed to WebRTC the
 between; the bots' lateness against that schedule is reported (it counts as transport, as a slow
 sender would).
 
+With `--translate de` (issue 26), each speaker count is measured twice in the same run, on the same
+livekit-server: a worker without translation, then one with `--translate-to de` whose captioner is
+told through the server API that the room reads German (``captions.reading``, as the viewer server's
+hidden relay does), so every final and interims at their bounded rate are translated while the bots
+speak. The originals' latency is compared between the two, and each translated final's arrival is
+measured after its original's. With the tiny checkpoint, the tiny random translation models are used
+(built once beside it), unless --translation-model says otherwise.
+
 The model's own text delay (0.5 s for stt-1b-en_fr, learnt: the model waits that long before
 writing a word) is not in these figures: it is reported beside them. The tiny test checkpoint
 answers at once (see tiny_checkpoint.py).
@@ -65,10 +73,11 @@ from captions.bench.latency.report import (
     plot,
     summarize_run,
     targets,
+    translation_comparisons,
 )
 from captions.bench.latency.session import run_session
 from captions.bench.latency.speakers import TICK_S, BotFailed, speech_clips
-from captions.config import add_option, positive_int
+from captions.config import add_option, language_list, non_negative_int, positive_int
 from captions.log import logger
 from captions.stt.api import SAMPLE_RATE
 
@@ -77,7 +86,8 @@ MIN_SILENCE_BEFORE_ONSET_S = 0.1
 """The engine stream must hold some silence before the speech (the onset is found in it)."""
 
 
-async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> list[dict]:
+async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path,
+                       translation_model: Path | str | None) -> list[dict]:
     from captions.dev.livekit_server import start_dev_server
 
     clips = speech_clips(max(args.speakers), args.seconds)
@@ -87,25 +97,33 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
         for n in args.speakers:
             for frames in args.frames:
                 runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames))
+                if args.translate:  # the same measurement again, translating: right after, same clips
+                    runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames,
+                                               args.translate, translation_model))
     finally:
         await asyncio.to_thread(server.stop)
     return runs
 
 
 async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: Path, clips: list[np.ndarray],
-                   frames: str) -> dict:
-    """One speaker count with one frame mode: a fresh worker, the bots, the analysis."""
+                   frames: str, translate: tuple[str, ...] = (), translation_model: Path | str | None = None) -> dict:
+    """One speaker count with one frame mode (translating into `translate`, or not): a fresh worker,
+    the bots, the analysis."""
     from captions.dev.worker_process import start_captions_worker
 
     n = len(clips)
     worker_args = ("--timing-attributes", *(("--unaligned-frames",) if frames == "unaligned" else ()))
-    logger.info("latency with %d speakers (%s frames): starting a worker with %d slots", n, frames, n)
+    if translate:
+        worker_args += ("--translation-threads", str(args.translation_threads))
+    mode = f"{frames} frames" + (f", translating into {','.join(translate)}" if translate else "")
+    logger.info("latency with %d speakers (%s): starting a worker with %d slots", n, mode, n)
     for attempt in range(1, RUN_ATTEMPTS + 1):
-        workdir_n = workdir / f"worker-{n}-{frames}-{attempt}"
-        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, workdir_n, n, worker_args)
+        workdir_n = workdir / f"worker-{n}-{frames}{'-' + '-'.join(translate) if translate else ''}-{attempt}"
+        worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, workdir_n, n, worker_args,
+                                         translate_to=",".join(translate), translation_model=translation_model)
         try:
             session = await run_session(server, worker, clips, args.lead_in, args.tail, args.timeout, workdir_n,
-                                        args.bots_per_process)
+                                        args.bots_per_process, translate)
             break
         except BotFailed as e:
             # A bot's WebRTC library crashed (seen once, under heavy load): say so, run again.
@@ -126,11 +144,54 @@ async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: 
     run = summarize_run(session, records, skipped, alignment_summary(alignments, n))
     run["frames"] = frames
     run["attempt"] = attempt
-    logger.info("%d speakers, %s frames: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, "
-                "%.1f steps/s, load %s > %s", n, frames, run["word_updates"], run["latency_ms"]["total"]["p50"],
+    logger.info("%d speakers, %s: %d word updates, total p50 %.1f / p95 %.1f / p99 %.1f ms, "
+                "%.1f steps/s, load %s > %s", n, mode, run["word_updates"], run["latency_ms"]["total"]["p50"],
                 run["latency_ms"]["total"]["p95"], run["latency_ms"]["total"]["p99"],
                 run["engine"]["steps_per_s"] or 0.0, run["load_average_before"], run["load_average_after"])
+    if translate:
+        for language, stats in run["translation"]["per_language"].items():
+            logger.info("%d speakers, into %s: %d of %d finals translated (%d untranslated), after their "
+                        "originals p50 %s / p95 %s ms", n, language, stats["translated_finals"],
+                        stats["original_finals"], stats["untranslated_finals"], stats["final_delay_ms"]["p50"],
+                        stats["final_delay_ms"]["p95"])
     return run
+
+
+def _translation_model(args: argparse.Namespace, checkpoint: Path) -> Path | str | None:
+    """--translation-model; else the checkpoint's own translation/ (make-test-checkpoint writes one);
+    else, with the tiny checkpoint, the tiny random translation models (built once); else the
+    worker's default model."""
+    from captions.dev.tiny_checkpoint import TRANSLATION_SUBDIR
+    from captions.translate.model import DEFAULT_TRANSLATION_MODEL
+
+    if not args.translate:
+        return None
+    if args.translation_model:
+        return args.translation_model
+    if (checkpoint / TRANSLATION_SUBDIR).is_dir():
+        return checkpoint / TRANSLATION_SUBDIR
+    if not args.model:
+        return _tiny_translation_model(args.cache_dir)
+    return DEFAULT_TRANSLATION_MODEL
+
+
+def _tiny_translation_model(cache_dir: Path) -> Path:
+    """The tiny random translation models (seed 0), built once into the cache; the directory name
+    changes with their generator's source."""
+    import hashlib
+
+    from captions.translate import tiny
+
+    key = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
+    directory = cache_dir / f"tiny-translation-{key}"
+    if (directory / "languages.json").is_file():
+        return directory
+    logger.info("building the tiny translation models into %s (once)", directory)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".tiny-translation-", dir=cache_dir))
+    tiny.write_tiny_translation_model(partial, seed=0)
+    partial.rename(directory)  # atomic: a crash mid-build never leaves models that look whole
+    return directory
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -153,6 +214,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=_seconds, default=20.0,
                help="seconds of speech per speaker")
     add_test_checkpoint_options(parser, "local checkpoint directory for the worker")
+    add_option(parser, "--translate", env="CAPTIONS_BENCH_TRANSLATE", type=language_list, default=(),
+               help="languages (e.g. de): measure each speaker count twice in one run, without translation "
+                    "and then with the worker translating into these for a reader in the room, and compare "
+                    "the original captions' latency; default: no translation")
+    add_option(parser, "--translation-model", env="CAPTIONS_BENCH_TRANSLATION_MODEL", default=None,
+               help="the worker's --translation-model with --translate (default: the checkpoint's "
+                    "translation/ directory, or with the tiny checkpoint the tiny random models)")
+    add_option(parser, "--translation-threads", env="CAPTIONS_BENCH_TRANSLATION_THREADS", type=non_negative_int,
+               default=0, help="the translating worker's --translation-threads (0: CTranslate2's default)")
     add_option(parser, "--lead-in", env="CAPTIONS_BENCH_LEAD_IN", type=float, default=1.0,
                help="seconds of silence between the agent's subscription and the speech")
     add_option(parser, "--tail", env="CAPTIONS_BENCH_TAIL", type=float, default=1.5,
@@ -178,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-latency-")))
             workdir.mkdir(parents=True, exist_ok=True)
             report = {"benchmark": "latency", "machine": machine_description("cpu")}
-            runs = asyncio.run(_measure_all(args, checkpoint, workdir))
+            translation_model = _translation_model(args, checkpoint)
+            runs = asyncio.run(_measure_all(args, checkpoint, workdir, translation_model))
     except (BenchError, CheckpointError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"captions bench latency: {e}", file=sys.stderr)
         return 1
@@ -186,8 +257,14 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_speaker": args.seconds,
                      "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
                      "checkpoint": str(checkpoint),
+                     "translate": list(args.translate),
+                     "translation_model": str(translation_model) if translation_model else None,
+                     "translation_threads": args.translation_threads if args.translate else None,
                      "worker": "captions worker dev --device cpu --batch-size <speakers> "
-                               "--timing-attributes [--unaligned-frames]"},
+                               "--timing-attributes [--unaligned-frames]"
+                               + (" [--translate-to <translate> --translation-model <translation_model> "
+                                  "--translation-device cpu --translation-threads <translation_threads>]"
+                                  if args.translate else "")},
         "model_text_delay_s": model_text_delay_s(checkpoint),
         "model_text_delay_note": (
             "the model's learnt wait before writing a word; not included in the figures (each is measured "
@@ -205,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
         "runs": runs,
         "targets": targets(runs),
     })
+    if args.translate:
+        report["definitions"]["translated_final_delay"] = (
+            "a translated final's arrival at the subscriber - its original final's arrival (both read whole)")
+        report["translation_comparisons"] = translation_comparisons(runs)
     return finish_report(args, report, plot, markdown_table)
 
 

@@ -38,12 +38,25 @@ def word_updates(captions: list) -> list:
     return added
 
 
+def is_translation(caption) -> bool:
+    from captions.protocol import ATTR_TRANSLATED
+
+    return caption.attributes.get(ATTR_TRANSLATED) == "true"
+
+
+def originals(captions: list) -> list:
+    """The speakers' own captions (what the latency figures are about), without their translations."""
+    return [c for c in captions if not is_translation(c)]
+
+
 def latency_records(session: Session, alignments: dict[str, Alignment]) -> tuple[list[dict], dict]:
-    """One record of seconds per word-adding update, and counts of what could not be used."""
+    """One record of seconds per word-adding update of an original caption, and counts of what could
+    not be used."""
+    from captions.bench.latency.alignment import Alignment
     from captions.live.timing import ATTR_TIMING
 
     records, skipped = [], {"no_timing": 0, "unknown_speaker": 0, "no_receive_time": 0, "no_onset": 0}
-    for caption in word_updates(session.captions):
+    for caption in word_updates(originals(session.captions)):
         if caption.sender not in session.voices:
             skipped["unknown_speaker"] += 1
             continue
@@ -95,10 +108,12 @@ def summarize_run(session: Session, records: list[dict], skipped: dict, alignmen
     keys = ("total", *COMPONENTS, *AGENT_PARTS)
     latency = {key: summarize_ms([r[key] for r in records]) for key in keys}
     component_sum = sum(latency[key]["mean"] or 0.0 for key in COMPONENTS)
+    received = originals(session.captions)
     return {
         "speakers": session.speakers,
-        "captions_received": len(session.captions),
-        "finals_received": sum(c.final for c in session.captions),
+        "translation": translation_summary(session) if session.reading else None,
+        "captions_received": len(received),
+        "finals_received": sum(c.final for c in received),
         "word_updates": len(records),
         "skipped_updates": skipped,
         "speakers_captioned": len({r["speaker"] for r in records}),
@@ -114,6 +129,62 @@ def summarize_run(session: Session, records: list[dict], skipped: dict, alignmen
     }
 
 
+def translation_summary(session: Session) -> dict:
+    """Per language read: how each original final's translated final came (or did not), and its
+    delay at the subscriber after its original (arrival - arrival)."""
+    from captions.protocol import ATTR_LANGUAGE, ATTR_SOURCE_SEGMENT, ATTR_UNTRANSLATED
+
+    finals = {c.segment_id: c for c in originals(session.captions) if c.final and c.text}
+    translations = [c for c in session.captions if is_translation(c)]
+    languages = {}
+    for language in session.reading:
+        mine = [c for c in translations if c.attributes.get(ATTR_LANGUAGE) == language]
+        translated = {c.attributes.get(ATTR_SOURCE_SEGMENT): c for c in mine if c.final}
+        matched = [(finals[source], c) for source, c in translated.items() if source in finals]
+        delays = [c.received_at - original.received_at for original, c in matched]
+        languages[language] = {
+            "original_finals": len(finals),
+            "translated_finals": len(matched),
+            "untranslated_finals": sum(bool(c.attributes.get(ATTR_UNTRANSLATED)) for _, c in matched),
+            "missing_finals": len(finals) - len(matched),
+            "interims_received": sum(not c.final for c in mine),
+            "final_delay_ms": summarize_ms(delays),
+            "samples_ms": [round(d * 1000, 2) for d in delays],
+        }
+    return {"languages": list(session.reading), "per_language": languages,
+            "worker_metrics": session.translation_metrics}
+
+
+def translation_comparisons(runs: list[dict]) -> list[dict]:
+    """Each measurement with translation on against the one without, same speakers and frames: the
+    originals' latency per word both ways, and the translated finals' delay."""
+    off = {(run["speakers"], run.get("frames", "shared")): run for run in runs if not run.get("translation")}
+    comparisons = []
+    for run in runs:
+        translation = run.get("translation")
+        base = off.get((run["speakers"], run.get("frames", "shared")))
+        if not translation or base is None:
+            continue
+        before, after = base["latency_ms"]["total"], run["latency_ms"]["total"]
+        delays = [d for stats in translation["per_language"].values() for d in stats["samples_ms"]]
+        comparisons.append({
+            "speakers": run["speakers"], "frames": run.get("frames", "shared"),
+            "languages": translation["languages"],
+            "originals_off_ms": {key: before[key] for key in ("count", "p50", "p95")},
+            "originals_on_ms": {key: after[key] for key in ("count", "p50", "p95")},
+            "originals_change_ms": {key: _difference(after[key], before[key]) for key in ("p50", "p95")},
+            "alignment_reliable": bool(base["alignment"]["reliable"] and run["alignment"]["reliable"]),
+            "translated_final_delay_ms": summarize_ms([d / 1000 for d in delays]),
+            "translated_finals": sum(s["translated_finals"] for s in translation["per_language"].values()),
+            "untranslated_finals": sum(s["untranslated_finals"] for s in translation["per_language"].values()),
+            "missing_finals": sum(s["missing_finals"] for s in translation["per_language"].values()),
+        })
+    return comparisons
+
+
+def _difference(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 3) if a is not None and b is not None else None
+
 
 def model_text_delay_s(checkpoint: Path) -> float | None:
     """The checkpoint's configured text delay (stt_config.audio_delay_seconds)."""
@@ -126,7 +197,8 @@ def model_text_delay_s(checkpoint: Path) -> float | None:
 
 
 def targets(runs: list[dict]) -> dict:
-    by_n = {run["speakers"]: run for run in runs if run.get("frames", "shared") == "shared"}
+    by_n = {run["speakers"]: run for run in runs
+            if run.get("frames", "shared") == "shared" and not run.get("translation")}
     run = by_n.get(TARGET_SPEAKERS)
     p95 = run["latency_ms"]["total"]["p95"] if run is not None else None
     # Without a reliable alignment the capture times are wrong: no verdict either way.
@@ -136,7 +208,8 @@ def targets(runs: list[dict]) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    """The README table, generated from the JSON (figures are never typed in by hand)."""
+    """The README table, generated from the JSON (figures are never typed in by hand); with
+    translation measured too, its comparison after it."""
     lines = [("| speakers | frames | steps/s (speakers per step) | word updates | total p50 / p95 / p99 (ms) | "
               "transport | queue | step | agent | delivery | bots late p95 | alignment | CPU cores: worker / bots "
               "| load (1 min) before / after |"),
@@ -145,7 +218,7 @@ def markdown_table(report: dict) -> str:
         lat = run["latency_ms"]
         parts = " | ".join(f"{lat[key]['p50']:.1f} / {lat[key]['p95']:.1f}" for key in COMPONENTS)
         engine, cores = run.get("engine") or {}, run.get("cpu_cores_used") or {}
-        lines.append(f"| {run['speakers']} | {run.get('frames', 'shared')} | "
+        lines.append(f"| {run['speakers']} | {_frames(run)} | "
                      f"{engine.get('steps_per_s') or 0:.1f} ({engine.get('streams_per_step') or 0:.1f}) | "
                      f"{run['word_updates']} | {lat['total']['p50']:.1f} / "
                      f"{lat['total']['p95']:.1f} / {lat['total']['p99']:.1f} | {parts} | "
@@ -155,11 +228,41 @@ def markdown_table(report: dict) -> str:
                      f"{run['load_average_before'][0]:.2f} / {run['load_average_after'][0]:.2f} |")
     lines.append("")
     lines.append("Components: p50 / p95 in ms (percentiles of the parts do not add up; their means do).")
+    comparisons = report.get("translation_comparisons") or []
+    if comparisons:
+        lines += ["", "Original captions without and with translation (same run), and the translated finals:", "",
+                  ("| speakers | frames | translated into | originals off: p50 / p95 (ms) | originals on: p50 / p95 "
+                   "(ms) | change p50 / p95 (ms) | translated final after its original: p50 / p95 (ms) | "
+                   "translated / untranslated / missing finals | alignment |"),
+                  "|---:|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            off, on, change, delay = (c["originals_off_ms"], c["originals_on_ms"], c["originals_change_ms"],
+                                      c["translated_final_delay_ms"])
+            lines.append(f"| {c['speakers']} | {c['frames']} | {','.join(c['languages'])} | "
+                         f"{_ms(off['p50'])} / {_ms(off['p95'])} | {_ms(on['p50'])} / {_ms(on['p95'])} | "
+                         f"{_ms(change['p50'], True)} / {_ms(change['p95'], True)} | "
+                         f"{_ms(delay['p50'])} / {_ms(delay['p95'])} | {c['translated_finals']} / "
+                         f"{c['untranslated_finals']} / {c['missing_finals']} | "
+                         f"{'ok' if c['alignment_reliable'] else 'LOST'} |")
     return "\n".join(lines)
 
 
+def _ms(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def _frames(run: dict) -> str:
+    translation = run.get("translation")
+    frames = run.get("frames", "shared")
+    return f"{frames}, translating into {','.join(translation['languages'])}" if translation else frames
+
+
 def _label(run: dict) -> str:
-    return f"{run['speakers']} speakers, {run.get('frames', 'shared')} frames"
+    label = f"{run['speakers']} speakers, {run.get('frames', 'shared')} frames"
+    translation = run.get("translation")
+    return f"{label}, into {','.join(translation['languages'])}" if translation else label
 
 
 def plot(report: dict, path: Path) -> None:
@@ -174,14 +277,18 @@ def plot(report: dict, path: Path) -> None:
         import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.8))
+    comparisons = report.get("translation_comparisons") or []
+    if comparisons:
+        fig, (cdf, bars, delays) = plt.subplots(1, 3, figsize=(18, 4.8))
+    else:
+        fig, (cdf, bars) = plt.subplots(1, 2, figsize=(12, 4.8))
     # A row whose alignment was lost has wrong capture times: drawn apart, never as a figure.
     valid = [run["alignment"]["reliable"] for run in runs]
     for run, ok in zip(runs, valid):
         values = np.sort(np.asarray(run["samples_ms"]["total"]))
         note = f"p95 {run['latency_ms']['total']['p95']:.0f} ms" if ok else "alignment LOST: not valid"
         cdf.plot(values, np.arange(1, values.size + 1) / values.size, label=f"{_label(run)} ({note})",
-                 linestyle="-" if ok else ":", alpha=1.0 if ok else 0.5)
+                 linestyle=(":" if not ok else "--" if run.get("translation") else "-"), alpha=1.0 if ok else 0.5)
     cdf.axvline(TARGET_P95_MS, color="grey", linestyle=":",
                 label=f"target p95 at 8 speakers: {TARGET_P95_MS:.0f} ms")
     cdf.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
@@ -199,11 +306,27 @@ def plot(report: dict, path: Path) -> None:
     for position, ok in zip(positions, valid):
         if not ok:
             bars.text(position, 0, "alignment\nLOST:\nnot valid", ha="center", va="bottom", fontsize=8)
-    bars.set_xticks(positions, [_label(run).replace(" speakers, ", "\n") for run in runs], fontsize=8)
+    bars.set_xticks(positions, [_label(run).replace(" speakers, ", "\n").replace(", into ", "\ninto ") for run in runs], fontsize=8)
     bars.set_xlabel("speakers (engine batch size = speakers), frame clock")
     bars.set_ylabel("mean latency (ms)")
     bars.set_title("Where the time goes (means)")
     bars.legend(fontsize=8)
+    if comparisons:
+        for run in runs:
+            if not run.get("translation"):
+                continue
+            values = np.sort(np.asarray([d for stats in run["translation"]["per_language"].values()
+                                         for d in stats["samples_ms"]]))
+            if values.size:
+                delay = summarize_ms(list(values / 1000))
+                delays.plot(values, np.arange(1, values.size + 1) / values.size,
+                            label=f"{_label(run)} (p50 {delay['p50']:.0f}, p95 {delay['p95']:.0f} ms)")
+        delays.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+        delays.set_xlabel("translated final's arrival - its original final's arrival (ms)")
+        delays.set_ylabel("fraction of finals")
+        delays.set_title("Translated finals after their originals (CDF)")
+        delays.grid(True, alpha=0.3)
+        delays.legend(fontsize=8)
     machine = report["machine"]
     fig.suptitle(f"captions bench latency - {machine['cpu_model']}, {machine['cpu_cores']} cores, "
                  f"{machine['date'][:10]}; model text delay ({report['model_text_delay_s']} s) not included",

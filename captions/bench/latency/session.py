@@ -9,17 +9,19 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from captions.bench.common import BenchError
 from captions.bench.latency.speakers import BotFailed
-from captions.dev.worker_process import engine_activity, engine_counters
+from captions.dev.worker_process import engine_activity, engine_counters, metric_values
 from captions.log import logger
 
 SETTLE_TIMEOUT_S = 30.0
+READING_TIMEOUT_S = 30.0
+"""How long the captioner may take to start translating once its readers are set."""
 
 
 # ---- one measurement ------------------------------------------------------------------------------
@@ -43,6 +45,10 @@ class Session:
     cpu_cores: dict[str, float]
     engine: dict[str, float]
     """Engine steps while the bots played, from the worker's /metrics (see `engine_activity`)."""
+    reading: tuple[str, ...] = ()
+    """The languages read in the room (translation on), or none."""
+    translation_metrics: dict[str, float] = field(default_factory=dict)
+    """The worker's ``captions_translation*`` samples once the captions settled (translation on)."""
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -55,10 +61,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float, tail_s: float,
-                      timeout_s: float, workdir: Path, bots_per_process: int = 1) -> Session:
+                      timeout_s: float, workdir: Path, bots_per_process: int = 1,
+                      reading: tuple[str, ...] = ()) -> Session:
     """N bots speak at once in a fresh room; the subscriber, here, collects every caption. The bots
     run in child processes (`_speak`), `bots_per_process` in each, so that their pacing and this
-    process's arrival times do not wait on each other's event loop."""
+    process's arrival times do not wait on each other's event loop. With `reading` (languages), the
+    room reads captions in those languages, so the worker translates them (`_read_in`) before anyone
+    speaks."""
     from captions.dev.bots import Subscriber
 
     room = f"bench-latency-{len(clips)}-{uuid.uuid4().hex[:6]}"
@@ -70,6 +79,8 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
     sub = await Subscriber(server, room).connect()
     children: list[asyncio.subprocess.Process] = []
     try:
+        if reading:
+            await _read_in(server, room, sub, worker, reading)
         for first in range(0, len(clips), bots_per_process):
             indices = list(range(first, min(len(clips), first + bots_per_process)))
             config = {"url": server.url, "api_key": server.api_key, "api_secret": server.api_secret,
@@ -101,6 +112,11 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
         engine = engine_activity(steps_before, await asyncio.to_thread(engine_counters, worker.metrics_port),
                                  time.time() - started)
         await _wait_until_settled(sub, min(SETTLE_TIMEOUT_S, max(1.0, deadline - time.monotonic())))
+        translation = {}
+        if reading:
+            translation = {name: value for name, value in
+                           (await asyncio.to_thread(metric_values, worker.metrics_port)).items()
+                           if name.startswith("captions_translation")}
         cpu = _cores_used(_CPU_SAMPLES, max(r["speech_started_at"] for r in spoken),
                           min(r["ended_at"] for r in spoken))
         return Session(
@@ -108,13 +124,38 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
             {r["identity"]: clips[i] for i, r in enumerate(spoken)},
             {r["identity"]: r["speech_started_at"] for r in spoken},
             {r["identity"]: r["handed_at"] for r in spoken}, list(sub.captions),
-            [late for r in spoken for late in r["lateness"]], load_before, load_after, cpu, engine)
+            [late for r in spoken for late in r["lateness"]], load_before, load_after, cpu, engine,
+            tuple(reading), translation)
     finally:
         for child in children:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
         await sub.disconnect()
+
+
+async def _read_in(server, room: str, sub, worker, languages: tuple[str, ...]) -> None:
+    """Sets ``captions.reading`` on the room's captioner through the server API, as the viewer
+    server's hidden relay does for its viewers, and waits until the worker says it translates into
+    those languages (a hidden subscriber's own attributes are seen by nobody)."""
+    from livekit import api
+
+    from captions.protocol import ATTR_READING
+
+    agent = await sub.wait_for_agent(READING_TIMEOUT_S)
+    lkapi = api.LiveKitAPI(server.url, server.api_key, server.api_secret)
+    try:
+        await lkapi.room.update_participant(api.UpdateParticipantRequest(
+            room=room, identity=agent.identity, attributes={ATTR_READING: ",".join(languages)}))
+    finally:
+        await lkapi.aclose()
+    said = f"room {room}: translating captions into {', '.join(sorted(languages))}\n".encode()
+    deadline = time.monotonic() + READING_TIMEOUT_S
+    while said not in worker.log_path.read_bytes():
+        if time.monotonic() > deadline:
+            raise BenchError(f"the worker did not start translating into {','.join(languages)} within "
+                             f"{READING_TIMEOUT_S:.0f} s; see {worker.log_path}")
+        await asyncio.sleep(0.1)
 
 
 _CPU_SAMPLES: list[tuple[float, dict[str, float]]] = []
