@@ -137,13 +137,14 @@ def test_translation_on_is_compared_with_off_on_the_originals_and_its_finals_del
             german["missing_finals"], german["interims_received"]) == (3, 2, 1, 1, 1)
     assert sorted(german["samples_ms"]) == pytest.approx([200.0, 3000.0])
 
-    def run(p50: float, p95: float, translation: dict | None = None) -> dict:
-        return {"speakers": 8, "frames": "shared", "translation": translation, "word_updates": 10,
+    def run(p50: float, p95: float, translation: dict | None = None, round_: int = 1) -> dict:
+        return {"speakers": 8, "frames": "shared", "translation": translation, "word_updates": 10, "round": round_,
                 "latency_ms": {"total": {"count": 10, "p50": p50, "p95": p95}},
-                "alignment": {"reliable": True}}
+                "samples_ms": {"total": [p50] * 10}, "alignment": {"reliable": True}}
 
     runs = [run(60.0, 120.0), run(64.0, 130.0, summary)]
     [comparison] = translation_comparisons(runs)
+    assert comparison["round"] == 1
     assert comparison["originals_off_ms"]["p95"] == 120.0 and comparison["originals_on_ms"]["p95"] == 130.0
     assert comparison["originals_change_ms"] == {"p50": 4.0, "p95": 10.0}
     assert comparison["translated_final_delay_ms"]["count"] == 2
@@ -151,4 +152,10 @@ def test_translation_on_is_compared_with_off_on_the_originals_and_its_finals_del
         (2, 1, 1)
     assert targets(runs)["p95_ms_at_8_speakers"] == 120.0, "the target reads the run without translation"
     table = markdown_table({"runs": [], "translation_comparisons": [comparison]})
-    assert "| 8 | shared | de | 60.0 / 120.0 | 64.0 / 130.0 | +4.0 / +10.0 |" in table
+    assert "| 8 | shared | 1 | de | 60.0 / 120.0 | 64.0 / 130.0 | +4.0 / +10.0 |" in table
+    # A second round (on first this time) pairs with its own off run; every sample together is round "all".
+    runs += [run(70.0, 140.0, summary, 2), run(50.0, 100.0, None, 2)]
+    first, second, pooled = translation_comparisons(runs)
+    assert (first["round"], second["round"], pooled["round"]) == (1, 2, "all")
+    assert second["originals_change_ms"] == {"p50": 20.0, "p95": 40.0}
+    assert pooled["originals_off_ms"]["count"] == 20 and pooled["translated_finals"] == 4

@@ -96,17 +96,25 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
     try:
         for n in args.speakers:
             for frames in args.frames:
-                runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames))
-                if args.translate:  # the same measurement again, translating: right after, same clips
-                    runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames,
-                                               args.translate, translation_model))
+                if not args.translate:
+                    runs.append(await _measure(args, server, checkpoint, workdir, clips[:n], frames))
+                    continue
+                # Without and with translation, same clips, one right after the other; each round
+                # swaps which goes first, so that a load changing meanwhile weighs on both alike.
+                for index in range(args.rounds):
+                    for translate in ((), args.translate) if index % 2 == 0 else (args.translate, ()):
+                        run = await _measure(args, server, checkpoint, workdir, clips[:n], frames, translate,
+                                             translation_model if translate else None, index + 1)
+                        run["round"] = index + 1
+                        runs.append(run)
     finally:
         await asyncio.to_thread(server.stop)
     return runs
 
 
 async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: Path, clips: list[np.ndarray],
-                   frames: str, translate: tuple[str, ...] = (), translation_model: Path | str | None = None) -> dict:
+                   frames: str, translate: tuple[str, ...] = (), translation_model: Path | str | None = None,
+                   round_: int = 1) -> dict:
     """One speaker count with one frame mode (translating into `translate`, or not): a fresh worker,
     the bots, the analysis."""
     from captions.dev.worker_process import start_captions_worker
@@ -118,7 +126,8 @@ async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: 
     mode = f"{frames} frames" + (f", translating into {','.join(translate)}" if translate else "")
     logger.info("latency with %d speakers (%s): starting a worker with %d slots", n, mode, n)
     for attempt in range(1, RUN_ATTEMPTS + 1):
-        workdir_n = workdir / f"worker-{n}-{frames}{'-' + '-'.join(translate) if translate else ''}-{attempt}"
+        workdir_n = workdir / (f"worker-{n}-{frames}{'-' + '-'.join(translate) if translate else ''}"
+                               f"{f'-round{round_}' if round_ > 1 else ''}-{attempt}")
         worker = await asyncio.to_thread(start_captions_worker, server, checkpoint, workdir_n, n, worker_args,
                                          translate_to=",".join(translate), translation_model=translation_model)
         try:
@@ -218,6 +227,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="languages (e.g. de): measure each speaker count twice in one run, without translation "
                     "and then with the worker translating into these for a reader in the room, and compare "
                     "the original captions' latency; default: no translation")
+    add_option(parser, "--rounds", env="CAPTIONS_BENCH_ROUNDS", type=positive_int, default=1,
+               help="with --translate: measure without and with translation this many times, each round "
+                    "swapping which goes first (a load that changes during the run then weighs on both alike)")
     add_option(parser, "--translation-model", env="CAPTIONS_BENCH_TRANSLATION_MODEL", default=None,
                help="the worker's --translation-model with --translate (default: the checkpoint's "
                     "translation/ directory, or with the tiny checkpoint the tiny random models)")
@@ -258,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
                      "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
                      "checkpoint": str(checkpoint),
                      "translate": list(args.translate),
+                     "rounds": args.rounds if args.translate else None,
                      "translation_model": str(translation_model) if translation_model else None,
                      "translation_threads": args.translation_threads if args.translate else None,
                      "worker": "captions worker dev --device cpu --batch-size <speakers> "

@@ -156,30 +156,46 @@ def translation_summary(session: Session) -> dict:
 
 
 def translation_comparisons(runs: list[dict]) -> list[dict]:
-    """Each measurement with translation on against the one without, same speakers and frames: the
-    originals' latency per word both ways, and the translated finals' delay."""
-    off = {(run["speakers"], run.get("frames", "shared")): run for run in runs if not run.get("translation")}
-    comparisons = []
-    for run in runs:
-        translation = run.get("translation")
-        base = off.get((run["speakers"], run.get("frames", "shared")))
-        if not translation or base is None:
-            continue
-        before, after = base["latency_ms"]["total"], run["latency_ms"]["total"]
-        delays = [d for stats in translation["per_language"].values() for d in stats["samples_ms"]]
-        comparisons.append({
-            "speakers": run["speakers"], "frames": run.get("frames", "shared"),
-            "languages": translation["languages"],
-            "originals_off_ms": {key: before[key] for key in ("count", "p50", "p95")},
-            "originals_on_ms": {key: after[key] for key in ("count", "p50", "p95")},
-            "originals_change_ms": {key: _difference(after[key], before[key]) for key in ("p50", "p95")},
-            "alignment_reliable": bool(base["alignment"]["reliable"] and run["alignment"]["reliable"]),
-            "translated_final_delay_ms": summarize_ms([d / 1000 for d in delays]),
-            "translated_finals": sum(s["translated_finals"] for s in translation["per_language"].values()),
-            "untranslated_finals": sum(s["untranslated_finals"] for s in translation["per_language"].values()),
-            "missing_finals": sum(s["missing_finals"] for s in translation["per_language"].values()),
-        })
+    """Each measurement with translation on against the one without, same speakers, frames and round:
+    the originals' latency per word both ways, and the translated finals' delay; with several
+    rounds, also every round's samples together (round "all")."""
+    def key(run: dict) -> tuple:
+        return run["speakers"], run.get("frames", "shared"), run.get("round", 1)
+
+    off = {key(run): run for run in runs if not run.get("translation")}
+    pairs = [(off[key(run)], run) for run in runs if run.get("translation") and key(run) in off]
+    comparisons = [_comparison(key(on)[2], [base], [on]) for base, on in pairs]
+    groups: dict[tuple, list] = {}
+    for base, on in pairs:
+        groups.setdefault(key(on)[:2], []).append((base, on))
+    for group in groups.values():
+        if len(group) > 1:
+            comparisons.append(_comparison("all", [base for base, _ in group], [on for _, on in group]))
     return comparisons
+
+
+def _comparison(round_: int | str, bases: list[dict], ons: list[dict]) -> dict:
+    def originals_ms(group: list[dict]) -> dict:
+        if len(group) == 1:
+            total = group[0]["latency_ms"]["total"]
+            return {key: total[key] for key in ("count", "p50", "p95")}
+        pooled = summarize_ms([v / 1000 for run in group for v in run["samples_ms"]["total"]])
+        return {key: pooled[key] for key in ("count", "p50", "p95")}
+
+    before, after = originals_ms(bases), originals_ms(ons)
+    stats = [s for run in ons for s in run["translation"]["per_language"].values()]
+    delays = [d for s in stats for d in s["samples_ms"]]
+    return {
+        "speakers": ons[0]["speakers"], "frames": ons[0].get("frames", "shared"), "round": round_,
+        "languages": ons[0]["translation"]["languages"],
+        "originals_off_ms": before, "originals_on_ms": after,
+        "originals_change_ms": {key: _difference(after[key], before[key]) for key in ("p50", "p95")},
+        "alignment_reliable": all(run["alignment"]["reliable"] for run in (*bases, *ons)),
+        "translated_final_delay_ms": summarize_ms([d / 1000 for d in delays]),
+        "translated_finals": sum(s["translated_finals"] for s in stats),
+        "untranslated_finals": sum(s["untranslated_finals"] for s in stats),
+        "missing_finals": sum(s["missing_finals"] for s in stats),
+    }
 
 
 def _difference(a: float | None, b: float | None) -> float | None:
@@ -231,14 +247,14 @@ def markdown_table(report: dict) -> str:
     comparisons = report.get("translation_comparisons") or []
     if comparisons:
         lines += ["", "Original captions without and with translation (same run), and the translated finals:", "",
-                  ("| speakers | frames | translated into | originals off: p50 / p95 (ms) | originals on: p50 / p95 "
+                  ("| speakers | frames | round | translated into | originals off: p50 / p95 (ms) | originals on: p50 / p95 "
                    "(ms) | change p50 / p95 (ms) | translated final after its original: p50 / p95 (ms) | "
                    "translated / untranslated / missing finals | alignment |"),
-                  "|---:|---|---|---|---|---|---|---|---|"]
+                  "|---:|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
             off, on, change, delay = (c["originals_off_ms"], c["originals_on_ms"], c["originals_change_ms"],
                                       c["translated_final_delay_ms"])
-            lines.append(f"| {c['speakers']} | {c['frames']} | {','.join(c['languages'])} | "
+            lines.append(f"| {c['speakers']} | {c['frames']} | {c.get('round', 1)} | {','.join(c['languages'])} | "
                          f"{_ms(off['p50'])} / {_ms(off['p95'])} | {_ms(on['p50'])} / {_ms(on['p95'])} | "
                          f"{_ms(change['p50'], True)} / {_ms(change['p95'], True)} | "
                          f"{_ms(delay['p50'])} / {_ms(delay['p95'])} | {c['translated_finals']} / "
@@ -262,7 +278,9 @@ def _frames(run: dict) -> str:
 def _label(run: dict) -> str:
     label = f"{run['speakers']} speakers, {run.get('frames', 'shared')} frames"
     translation = run.get("translation")
-    return f"{label}, into {','.join(translation['languages'])}" if translation else label
+    if translation:
+        label = f"{label}, into {','.join(translation['languages'])}"
+    return f"{label} #{run['round']}" if run.get("round") else label
 
 
 def plot(report: dict, path: Path) -> None:
