@@ -147,6 +147,14 @@ async def test_a_closed_loop_drops_its_events_and_keeps_the_others_flowing():
     queue.put(audio_event(11, 1))
     await settle()
     assert [seq(e) for e in drain(a._ffi_queue)] == [1]
+    # A loop that closed with a hand-over still pending: its events are not kept piling up.
+    closing = asyncio.new_event_loop()
+    router._routes[44] = (closing, None, None)
+    queue.put(audio_event(44, 0))
+    closing.close()
+    for i in range(100):
+        queue.put(audio_event(44, i))
+    assert closing not in router._batches
 
 
 async def test_the_fallback_narrows_each_streams_filter_to_its_own_handle(monkeypatch):

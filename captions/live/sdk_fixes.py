@@ -267,6 +267,10 @@ class _AudioRouter:
 
     def _hand_over(self, route, event) -> None:
         loop = route[0]
+        if loop.is_closed():  # its streams were never closed (a room's thread ended): nobody reads them
+            with self._batch_lock:
+                self._batches.pop(loop, None)
+            return
         with self._batch_lock:
             batch = self._batches.get(loop)
             first = batch is None
