@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 from livekit import rtc
+from livekit.rtc._ffi_client import FfiClient
 
 from captions.log import logger
 
@@ -47,8 +48,6 @@ def start_livekit_runtime() -> None:
     replaced the first as `FfiClient.instance` (whose queue receives every native event), and the
     room that had subscribed to the first client's queue never saw its connect answer (livekit
     1.1.21; a room left uncaptioned)."""
-    from livekit.rtc._ffi_client import FfiClient
-
     FfiClient.instance  # noqa: B018 - the access creates it
 
 
@@ -58,9 +57,11 @@ def open_audio_stream(track: rtc.Track, *, sample_rate: int, frame_size_ms: int)
     livekit 1.1.21 subscribes every AudioStream to every stream's audio events and drops the others'
     in Python, one event-loop wake-up each: with N speakers in the process, each 10 ms chunk is
     handled N times, and at a few dozen speakers the process falls behind real time (`captions
-    bench ingest`, figures in the README). livekit 1.2 filters by
-    stream handle itself, but livekit-agents 1.8.9 pins 1.1.21; this narrows the subscription the
-    same way."""
+    bench ingest`, figures in the README). livekit 1.2 filters by stream handle itself, but
+    livekit-agents 1.8.9 pins 1.1.21. Here the stream's audio comes through the router (module
+    notes: by handle, one loop wake-up per tick), or, where there is none (or with
+    CAPTIONS_HOST_PATH=today), through its subscription narrowed to its own handle (still one
+    filter call per subscriber and event, on the FFI's thread)."""
     stream = rtc.AudioStream.from_track(track=track, sample_rate=sample_rate, num_channels=1,
                                         frame_size_ms=frame_size_ms)
     router = None if todays_host_path() else audio_router()
@@ -75,8 +76,6 @@ def open_audio_stream(track: rtc.Track, *, sample_rate: int, frame_size_ms: int)
 def _narrow_to_own_events(stream: rtc.AudioStream) -> bool:
     """Replaces the stream's FFI subscription filter with one that also checks the stream handle.
     Events of this stream already queued stay; only other streams' events are kept out."""
-    from livekit.rtc._ffi_client import FfiClient
-
     try:
         handle = stream._ffi_handle.handle
         own_queue = stream._ffi_queue
@@ -200,8 +199,6 @@ def _owned_samples(owned) -> np.ndarray:
     """The int16 samples of an owned native frame buffer, copied, and the buffer released: what
     `rtc.AudioFrame._from_owned_info` does, without an AudioFrame and a tracked FfiHandle per chunk
     (the SDK's weak set of live handles, and a finaliser, for a handle released at once)."""
-    from livekit.rtc._ffi_client import FfiClient
-
     info = owned.info
     size = info.num_channels * info.samples_per_channel
     pcm = np.empty(size, dtype=np.int16)
@@ -304,7 +301,7 @@ _router_lock = threading.Lock()
 def audio_router() -> _AudioRouter | None:
     """The router on this process's FfiQueue, installed on first use; None where this SDK's
     private layer is not the one it was written for (the callers fall back, module notes)."""
-    from livekit.rtc._ffi_client import FfiClient, FfiQueue
+    from livekit.rtc._ffi_client import FfiQueue
 
     ffi_queue = FfiClient.instance.queue
     router = getattr(ffi_queue, "_captions_router", None)
