@@ -116,7 +116,7 @@ async def run_session(server, worker, clips: list[np.ndarray], lead_in_s: float,
         if reading:
             translation = {name: value for name, value in
                            (await asyncio.to_thread(metric_values, worker.metrics_port)).items()
-                           if name.startswith("captions_translation")}
+                           if name.startswith("captions_translation") and "_created" not in name}
         cpu = _cores_used(_CPU_SAMPLES, max(r["speech_started_at"] for r in spoken),
                           min(r["ended_at"] for r in spoken))
         return Session(
