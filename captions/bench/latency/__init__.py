@@ -63,6 +63,7 @@ from captions.bench.common import (
     frame_modes,
     machine_description,
     positive_ints,
+    report_again,
     resolve_test_checkpoint,
 )
 from captions.bench.latency.alignment import alignment_summary, speaker_alignments
@@ -244,12 +245,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--workdir", env="CAPTIONS_BENCH_WORKDIR", type=Path, default=None,
                help="keep the server and worker logs and recordings here (default: a temporary directory)")
     add_output_options(parser)
+    add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
+               help="measure nothing: print the tables (and --plot) of an earlier run's JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from captions.dev.livekit_server import find_livekit_server
     from captions.stt.model import CheckpointError
 
+    if args.from_json:
+        return report_again("latency", args.from_json, args.plot, plot, markdown_table)
     try:
         if find_livekit_server() is None:
             raise BenchError("livekit-server is missing: run `captions server --install-only`")

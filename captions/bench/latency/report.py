@@ -283,6 +283,17 @@ def _label(run: dict) -> str:
     return f"{label} #{run['round']}" if run.get("round") else label
 
 
+def _tick(run: dict) -> str:
+    """The bar's label, one short line per part: speakers, frames, translation, round."""
+    translation = run.get("translation")
+    lines = [str(run["speakers"]), run.get("frames", "shared")]
+    if translation:
+        lines.append("+" + ",".join(translation["languages"]))
+    if run.get("round"):
+        lines.append(f"#{run['round']}")
+    return "\n".join(lines)
+
+
 def plot(report: dict, path: Path) -> None:
     """The latency distribution per speaker count (CDF), and the mean split of each."""
     import warnings
@@ -307,6 +318,9 @@ def plot(report: dict, path: Path) -> None:
         note = f"p95 {run['latency_ms']['total']['p95']:.0f} ms" if ok else "alignment LOST: not valid"
         cdf.plot(values, np.arange(1, values.size + 1) / values.size, label=f"{_label(run)} ({note})",
                  linestyle=(":" if not ok else "--" if run.get("translation") else "-"), alpha=1.0 if ok else 0.5)
+    valid_values = [v for run, ok in zip(runs, valid) if ok for v in run["samples_ms"]["total"]]
+    if valid_values and not all(valid):  # a lost alignment's wrong (even negative) figures set no scale
+        cdf.set_xlim(0, max(*valid_values, TARGET_P95_MS) * 1.15)
     cdf.axvline(TARGET_P95_MS, color="grey", linestyle=":",
                 label=f"target p95 at 8 speakers: {TARGET_P95_MS:.0f} ms")
     cdf.axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
@@ -324,7 +338,7 @@ def plot(report: dict, path: Path) -> None:
     for position, ok in zip(positions, valid):
         if not ok:
             bars.text(position, 0, "alignment\nLOST:\nnot valid", ha="center", va="bottom", fontsize=8)
-    bars.set_xticks(positions, [_label(run).replace(" speakers, ", "\n").replace(", into ", "\ninto ") for run in runs], fontsize=8)
+    bars.set_xticks(positions, [_tick(run) for run in runs], fontsize=8 if len(runs) <= 4 else 7)
     bars.set_xlabel("speakers (engine batch size = speakers), frame clock")
     bars.set_ylabel("mean latency (ms)")
     bars.set_title("Where the time goes (means)")
