@@ -88,12 +88,12 @@ MIN_SILENCE_BEFORE_ONSET_S = 0.1
 
 
 async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path,
-                       translation_model: Path | str | None) -> list[dict]:
+                       translation_model: Path | str | None, runs: list[dict]) -> None:
+    """Every measurement, each appended to `runs` as it ends (a later failure keeps the earlier)."""
     from captions.dev.livekit_server import start_dev_server
 
     clips = speech_clips(max(args.speakers), args.seconds)
     server = await asyncio.to_thread(start_dev_server, workdir / "livekit-server.log")
-    runs = []
     try:
         for n in args.speakers:
             for frames in args.frames:
@@ -110,7 +110,6 @@ async def _measure_all(args: argparse.Namespace, checkpoint: Path, workdir: Path
                         runs.append(run)
     finally:
         await asyncio.to_thread(server.stop)
-    return runs
 
 
 async def _measure(args: argparse.Namespace, server, checkpoint: Path, workdir: Path, clips: list[np.ndarray],
@@ -255,21 +254,32 @@ def run(args: argparse.Namespace) -> int:
 
     if args.from_json:
         return report_again("latency", args.from_json, args.plot, plot, markdown_table)
+    runs: list[dict] = []
     try:
         if find_livekit_server() is None:
             raise BenchError("livekit-server is missing: run `captions server --install-only`")
         checkpoint = resolve_test_checkpoint(args)
+        translation_model = _translation_model(args, checkpoint)
         with contextlib.ExitStack() as stack:
             workdir = args.workdir
             if workdir is None:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-latency-")))
             workdir.mkdir(parents=True, exist_ok=True)
-            report = {"benchmark": "latency", "machine": machine_description("cpu")}
-            translation_model = _translation_model(args, checkpoint)
-            runs = asyncio.run(_measure_all(args, checkpoint, workdir, translation_model))
+            machine = machine_description("cpu")
+            asyncio.run(_measure_all(args, checkpoint, workdir, translation_model, runs))
     except (BenchError, CheckpointError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"captions bench latency: {e}", file=sys.stderr)
+        if runs:  # what was measured before the failure is kept, marked incomplete
+            report = _report(args, machine, checkpoint, translation_model, runs)
+            report["incomplete"] = str(e)
+            finish_report(args, report, plot, markdown_table)
         return 1
+    return finish_report(args, _report(args, machine, checkpoint, translation_model, runs), plot, markdown_table)
+
+
+def _report(args: argparse.Namespace, machine: dict, checkpoint: Path, translation_model: Path | str | None,
+            runs: list[dict]) -> dict:
+    report = {"benchmark": "latency", "machine": machine}
     report.update({
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_speaker": args.seconds,
                      "lead_in_s": args.lead_in, "tail_s": args.tail, "publisher_frame_ms": TICK_S * 1000,
@@ -304,6 +314,6 @@ def run(args: argparse.Namespace) -> int:
         report["definitions"]["translated_final_delay"] = (
             "a translated final's arrival at the subscriber - its original final's arrival (both read whole)")
         report["translation_comparisons"] = translation_comparisons(runs)
-    return finish_report(args, report, plot, markdown_table)
+    return report
 
 
