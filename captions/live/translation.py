@@ -68,6 +68,8 @@ MAX_LANGUAGES_TEXT = 256
 UNTRANSLATED_TIMEOUT = "timeout"
 UNTRANSLATED_ERROR = "error"
 """``captions.untranslated`` reasons: too slow, the model failed (followed by what failed)."""
+LOG_WANTED_S = 10.0
+"""A room logs its translated languages at most this often (a participant may flip its own)."""
 
 
 class TranslationEngine(Protocol):
@@ -201,6 +203,7 @@ class RoomTranslator:
         self._outputs: dict[tuple[str, str], collections.deque[_Pending]] = {}
         """Per (speaker, language), the translations in the order of their originals."""
         self._speaker_language: dict[str, str] = {}
+        self._wanted_logged_at = -LOG_WANTED_S
         self._unresolved = 0
         self._settled = asyncio.Event()
         self._settled.set()
@@ -251,8 +254,13 @@ class RoomTranslator:
         read = {language for languages in self._reading.values() for language in languages}
         wanted = frozenset(language for language in self._targets if language in read)
         if wanted != self.wanted:
-            logger.info("room %s: translating captions into %s", self._room.name,
-                        ", ".join(sorted(wanted)) or "no language")
+            # Readers come and go (and a participant may flip its own attribute): a log line only
+            # when the set changes, and not more than once per LOG_WANTED_S per room.
+            now = time.monotonic()
+            if now - self._wanted_logged_at >= LOG_WANTED_S:
+                self._wanted_logged_at = now
+                logger.info("room %s: translating captions into %s", self._room.name,
+                            ", ".join(sorted(wanted)) or "no language")
             self.wanted = wanted
 
     # Captions in ---------------------------------------------------------------------------------
@@ -305,7 +313,9 @@ class RoomTranslator:
                 self._resolve(line.in_flight, None, "superseded")
         text = original.update.text
         if not text or source == language:
-            if started:  # its translated line is open at viewers: close it (the original serves)
+            # Already in the reader's language: the original is its translation, sent as one so that
+            # a reader's page does not wait for one and mark the line "not translated".
+            if started or text:
                 self._resolve(self._enqueue(original, seq, language, source), text, "")
             return
         self._submit(original, seq, language, source, final=True)

@@ -225,9 +225,15 @@ class TranslationEngine:
         except Exception as e:  # noqa: BLE001 - the model's failure is this batch's, not the engine's
             logger.warning("translation of a batch of %d failed: %s: %s", len(jobs), type(e).__name__, e)
             self._record(len(jobs), time.perf_counter() - start)
-            for job in jobs:
-                job.future.set_exception(e)
-            self._count("failed", len(jobs))
+            if len(jobs) > 1:
+                # One bad text must not fail every other room's captions of its batch: halve the
+                # batch until the failure is narrowed down to the text(s) that cause it.
+                half = len(jobs) // 2
+                self._translate(jobs[:half])
+                self._translate(jobs[half:])
+                return
+            jobs[0].future.set_exception(e)
+            self._count("failed")
             return
         self._record(len(jobs), time.perf_counter() - start)
         for job, text in zip(jobs, texts):
