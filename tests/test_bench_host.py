@@ -36,6 +36,8 @@ def test_both_paths_are_measured_for_talkers_and_silent_participants_in_one_run(
 def test_every_participant_receives_its_audio_and_talkers_are_captioned(host_report):
     report, _, _ = host_report
     for run in report["runs"]:
+        assert run["kept_up"] is (0.95 <= run["delivered"] <= 1.05 and (
+            run["pushed"] is None or 0.95 <= run["pushed"] <= 1.05))
         assert 0.8 <= run["delivered"] <= 1.1, run
         assert run["host_cores"] > 0 and run["engine_cores"] >= 0 and run["baseline_cores"] >= 0
         assert run["cores_per_participant"] == pytest.approx(
@@ -58,6 +60,14 @@ def test_table_and_plot_are_written(host_report):
     for run in report["runs"]:
         assert (f"| {run['kind']} | {run['path']} | {run['participants']} ({run['tracks']} x "
                 f"{run['streams_per_track']}) | {run['host_cores']:.3f} |") in stdout
+
+
+def test_an_earlier_runs_table_is_printed_again_from_its_json(host_report, tmp_path):
+    report, _, stdout = host_report
+    path = tmp_path / "host.json"
+    path.write_text(json.dumps(report))
+    result = captions("bench", "host", "--from-json", str(path), timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() in stdout
 
 
 def test_bad_paths_and_no_microphones_are_refused_with_a_clear_error():

@@ -336,6 +336,7 @@ def measure(args: argparse.Namespace, workdir: Path, checkpoint: Path) -> list[d
                 raise BenchError(f"a bot process stopped early: see {workdir}/bots-*.log")
             result = json.loads(out.read_text())
             run = {**configuration, **result, "load_before": load_before}
+            run["kept_up"] = kept_up(run)
             runs.append(run)
             print(f"{kind} {participants} ({configuration['tracks']} x {configuration['streams_per_track']}), "
                   f"{configuration['path']}: {1000 * run['cores_per_participant']:.2f} millicores each, "
@@ -350,13 +351,26 @@ def measure(args: argparse.Namespace, workdir: Path, checkpoint: Path) -> list[d
         server.stop()
 
 
+KEPT_UP = (0.95, 1.05)
+"""A run kept up when the audio received (and, for talkers, pushed) in its window was this share of
+real time: outside it the process fell behind, or caught up a backlog, and its cost is not per
+second of audio (a machine loaded far beyond its cores does that)."""
+
+
+def kept_up(run: dict) -> bool:
+    low, high = KEPT_UP
+    return low <= run["delivered"] <= high and (run.get("pushed") is None or low <= run["pushed"] <= high)
+
+
 def summary(runs: list[dict]) -> dict:
-    """Per kind and path: the median over repeats of the cost per participant, and today / new."""
+    """Per kind and path: the median over the repeats that kept up of the cost per participant,
+    and today / new."""
     out: dict = {}
     for kind in ("talkers", "silent"):
         per_path = {}
         for path in PATHS:
-            values = sorted(r["cores_per_participant"] for r in runs if r["kind"] == kind and r["path"] == path)
+            values = sorted(r["cores_per_participant"] for r in runs
+                            if r["kind"] == kind and r["path"] == path and kept_up(r))
             if values:
                 per_path[path] = values[len(values) // 2]
         if per_path:
@@ -368,9 +382,9 @@ def summary(runs: list[dict]) -> dict:
 
 def markdown_table(report: dict) -> str:
     header = ("| kind | path | participants (tracks x k) | host cores | idle baseline | per participant "
-              "| delivered | pushed | steps / 80 ms | latency beyond delay p50 / p95 | load before |")
+              "| delivered | pushed | steps / 80 ms | latency beyond delay p50 / p95 | load before | kept up |")
     lines = [header,
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["runs"]:
         latency = r.get("latency_beyond_delay_ms")
         lat = f"{latency['p50']:.0f} / {latency['p95']:.0f} ms" if latency else "-"
@@ -378,7 +392,7 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {r['kind']} | {r['path']} | {r['participants']} ({r['tracks']} x {r['streams_per_track']}) "
                      f"| {r['host_cores']:.3f} | {r['baseline_cores']:.3f} | {r['cores_per_participant']:.4f} "
                      f"| {100 * r['delivered']:.0f} % | {pushed} | {r['steps_per_frame']:.2f} | {lat} "
-                     f"| {r['load_before'][0]:.2f} |")
+                     f"| {r['load_before'][0]:.2f} | {'yes' if kept_up(r) else 'no'} |")
     return "\n".join(lines)
 
 
@@ -393,12 +407,17 @@ def plot(report: dict, path: Path) -> None:
     width = 0.35
     for offset, p in enumerate(PATHS):
         for i, kind in enumerate(kinds):
-            values = [1000 * r["cores_per_participant"] for r in report["runs"] if r["kind"] == kind and r["path"] == p]
+            rows = [r for r in report["runs"] if r["kind"] == kind and r["path"] == p]
+            values = [1000 * r["cores_per_participant"] for r in rows if kept_up(r)]
+            x = i + (offset - 0.5) * width
             if values:
-                x = i + (offset - 0.5) * width
                 ax.bar(x, float(np.median(values)), width, color=("tab:gray", "tab:blue")[offset],
                        label=p if i == 0 else None)
                 ax.plot([x] * len(values), values, "k.", markersize=4)
+            behind = [1000 * r["cores_per_participant"] for r in rows if not kept_up(r)]
+            if behind:
+                ax.plot([x] * len(behind), behind, "rx", markersize=5,
+                        label="did not keep up" if i == 0 and offset == 0 else None)
     targets = {"talkers": 5.0, "silent": 1.0}
     for i, kind in enumerate(kinds):
         ax.hlines(targets[kind], i - 0.45, i + 0.45, colors="tab:red", linestyles="dashed",
@@ -433,6 +452,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="a folder for each listener's cProfile of its event loop while measured (slows it: "
                     "for finding where the time goes, not for the figures)")
     add_test_checkpoint_options(parser, "the checkpoint the engine steps (its thread's CPU is left out)")
+    add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
+               help="print the table (and --plot) of an earlier run's JSON instead of measuring")
     add_output_options(parser)
 
 
@@ -444,8 +465,11 @@ def _paths(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from captions.bench.common import report_again
     from captions.dev.livekit_server import find_livekit_server
 
+    if args.from_json:
+        return report_again("host", args.from_json, args.plot, plot, markdown_table)
     if find_livekit_server() is None:
         print("captions bench host: livekit-server is missing: run `captions server --install-only`", file=sys.stderr)
         return 1
