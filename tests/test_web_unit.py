@@ -1,5 +1,6 @@
-"""The viewer's JavaScript without a browser, run by node: the transcript export (web/export.js) and
-the caption protocol (web/protocol.js) against the Python one. The viewer server: test_viewer_server.py."""
+"""The viewer's JavaScript without a room: the transcript export (web/export.js) and the caption
+protocol (web/protocol.js) against the Python one, run by node; the transcript (web/transcript.js) on
+an empty page in headless Chromium. The viewer server: test_viewer_server.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from captions.protocol import CaptionSigner, caption_message
 from captions.viewer.server import WEB_DIR
@@ -283,3 +286,145 @@ def test_the_viewers_translation_constants_mirror_the_python_ones():
     for name in ("ATTR_LANGUAGE", "ATTR_TRANSLATED", "ATTR_SOURCE_SEGMENT", "ATTR_SOURCE_LANGUAGE",
                  "ATTR_UNTRANSLATED", "ATTR_READING"):
         assert constants[name] == getattr(protocol, name), name
+
+
+# ---------------------------------------------------------------- the transcript (web/transcript.js in Chromium)
+
+PAGE_ORIGIN = "http://viewer.test"
+
+
+def run_in_page(body: str) -> object:
+    """`body` (the inside of an async JavaScript function that returns JSON-able data) in headless
+    Chromium, on an empty page served with web/ (no server: Playwright answers the requests) whose
+    clock is Playwright's, run on by `await tick(ms)`; `T` is web/transcript.js."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.viewer_harness import CHROMIUM, CHROMIUM_ARGS
+
+    def serve(route):
+        path = route.request.url.removeprefix(PAGE_ORIGIN).split("?")[0].lstrip("/")
+        file = (WEB_DIR / path).resolve()
+        if path == "unit.html":
+            route.fulfill(body="<!doctype html><html><body><main id='captions'></main><p id='empty'></p></body></html>",
+                          content_type="text/html")
+        elif file.is_file() and file.is_relative_to(WEB_DIR.resolve()):
+            route.fulfill(path=file, content_type="text/javascript" if file.suffix == ".js" else None)
+        else:
+            route.fulfill(status=404)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.clock.install()
+            page.route(f"{PAGE_ORIGIN}/**", serve)
+            page.goto(f"{PAGE_ORIGIN}/unit.html")
+            page.expose_function("tickClock", page.clock.run_for)
+            result = page.evaluate("async () => { const T = await import('/transcript.js');"
+                                   " const tick = (ms) => window.tickClock(ms);" + body + "}")
+            assert errors == []
+            return result
+        finally:
+            browser.close()
+
+
+# A German reader's transcript; `say` and `translate` apply one update as session.js does.
+TRANSCRIPT_JS = """
+const transcript = new T.Transcript(document.getElementById('captions'), document.getElementById('empty'),
+                                    new T.Speakers());
+transcript.setLanguage('de');
+const seqs = {};
+const update = (id, text, final, translation) => {
+  seqs[id] = (seqs[id] || 0) + 1;
+  const words = final ? text.split(' ').map((w, i) => [w, 100 + i, 100.5 + i]) : [];
+  const refused = transcript.update({id, identity: 'alice', text, final, words, start: 100, seq: seqs[id],
+                                     agent: 'agent-1', translation});
+  if (refused) throw new Error(refused);
+};
+const say = (id, text, final = true) => update(id, text, final, null);
+const translate = (id, text, final = true, untranslated = '') => update(`${id}~de`, text, final,
+  {of: id, language: 'de', sourceLanguage: 'en', untranslated});
+const line = (id) => {
+  const seg = [...document.querySelectorAll('#captions .seg')][id];
+  const note = seg.querySelector('.untranslated-note');
+  const reason = seg.querySelector('.untranslated-reason');
+  return {text: seg.querySelector('.seg-text').textContent, interim: seg.classList.contains('interim'),
+          ariaHidden: seg.getAttribute('aria-hidden'), note: Boolean(note && !note.hidden),
+          noteText: note && !note.hidden ? note.textContent : '', noteAriaHidden: note?.getAttribute('aria-hidden'),
+          reason: reason && !reason.hidden ? reason.textContent : '',
+          reasonVisible: reason && !reason.hidden ? reason.lastChild.textContent : '',
+          translated: seg.classList.contains('translated'), untranslated: seg.classList.contains('untranslated')};
+};
+const exported = () => transcript.finals().map((f) => f.text);
+"""
+
+
+@pytest.mark.browser
+def test_a_translation_cut_off_by_its_captioner_leaving_is_neither_shown_nor_exported_as_final():
+    """The original's final came, its translated final did not: the interim translation ("das Budget
+    ist") may say the opposite of the final ("not approved"). The original serves, marked as not
+    translated because the translation was cut off, at once and still 5 s later."""
+    out = run_in_page(TRANSCRIPT_JS + """
+        say('SG_1', 'good morning');
+        translate('SG_1', 'guten Morgen');
+        say('SG_2', 'the budget is', false);
+        translate('SG_2', 'das Budget ist', false);
+        say('SG_2', 'the budget is not approved');
+        const before = line(1);
+        transcript.interrupt('agent-1');
+        const cut = line(1);
+        await tick(T.TRANSLATION_WAIT_MS + 1000);
+        return {before, cut, later: line(1), first: line(0), exported: exported()};
+    """)
+    assert out["before"]["text"] == "das Budget ist" and out["before"]["interim"]  # an interim translation
+    for state in (out["cut"], out["later"]):
+        assert state["text"] == "the budget is not approved"
+        assert not state["interim"] and state["ariaHidden"] is None, "settled: read out once"
+        assert state["note"] and state["untranslated"] and not state["translated"]
+        assert state["reason"] == "not translated: the translation was cut off"
+    assert out["first"]["text"] == "guten Morgen" and not out["first"]["note"]
+    assert out["exported"] == ["guten Morgen", "the budget is not approved"]
+
+
+@pytest.mark.browser
+def test_a_line_cut_off_with_its_translation_stays_as_it_was_and_is_not_exported():
+    out = run_in_page(TRANSCRIPT_JS + """
+        say('SG_1', 'the budget is', false);
+        translate('SG_1', 'das Budget ist', false);
+        transcript.interrupt('agent-1');
+        await tick(T.TRANSLATION_WAIT_MS + 1000);
+        return {line: line(0), interrupted: document.querySelector('.seg').classList.contains('interrupted'),
+                exported: exported()};
+    """)
+    assert out["line"]["text"] == "das Budget ist" and out["line"]["interim"] and not out["line"]["note"]
+    assert out["interrupted"] and out["exported"] == []
+
+
+@pytest.mark.browser
+def test_the_not_translated_note_says_why_in_plain_words_to_everyone():
+    """Visible next to the badge and read out with it (the badge itself is aria-hidden, so that it
+    is not read twice), not only in a hover title; the captioner's reasons are not shown as sent."""
+    out = run_in_page(TRANSCRIPT_JS + """
+        say('SG_1', 'one');
+        translate('SG_1', 'one', true, 'timeout');
+        say('SG_2', 'two');
+        translate('SG_2', 'two', true, 'error: TranslationBacklogFull');
+        say('SG_3', 'three');  // no translation comes
+        const early = line(2);
+        await tick(T.TRANSLATION_WAIT_MS + 100);
+        const notes = [0, 1, 2].map(line);
+        const title = document.querySelector('.untranslated-note').title;
+        transcript.setLanguage('');
+        return {early, notes, title, html: document.getElementById('captions').innerHTML};
+    """)
+    assert not out["early"]["note"]
+    assert [n["reason"] for n in out["notes"]] == ["not translated: the translation came too late",
+                                                 "not translated: the translation failed",
+                                                 "not translated: the translation came too late"]
+    assert [n["reasonVisible"] for n in out["notes"]] == ["the translation came too late", "the translation failed",
+                                                        "the translation came too late"]
+    assert all(n["noteText"] == "not translated" and n["noteAriaHidden"] == "true" for n in out["notes"])
+    assert out["title"] == "Shown in the original language: the translation came too late."
+    assert "Backlog" not in out["html"] and "not translated" not in out["html"], "originals: no notes"

@@ -19,6 +19,17 @@ const COLOR_SLOTS = 6;
  * translated (it still replaces the original if it comes later). */
 export const TRANSLATION_WAIT_MS = 5000;
 
+/**
+ * Why a line is shown in its original language, in words for its readers: `untranslated` as the
+ * captioner sent it (`timeout`, `error` or `error: ...`) or as the page set it (`interrupted`: the
+ * captioner left before the translated final), '' when no translation came in time.
+ */
+export function untranslatedReason(untranslated) {
+  if (!untranslated || untranslated === 'timeout') return 'the translation came too late';
+  if (untranslated === 'interrupted') return 'the translation was cut off';
+  return 'the translation failed';
+}
+
 /** Speakers' display names and colours (a colour slot each, in order of first appearance). */
 export class Speakers {
   constructor() {
@@ -170,24 +181,30 @@ export class Transcript {
       return;
     }
     const parts = segment.parts || this.buildParts(segment);
-    const failed = translation?.untranslated || '';
+    // A translation cut off (its captioner left before its final) serves only while its original
+    // was cut off too: then the line stays as it was, marked as cut off, as an original would.
+    const failed = translation?.untranslated || (translation?.interrupted && !segment.interrupted ? 'interrupted' : '');
     const shown = Boolean(translation?.text) && !failed && (translation.final || !segment.late);
-    const note = failed || (segment.late && segment.final && !shown && segment.text
-      ? 'The translation did not come in time.' : '');
+    const untranslated = Boolean(failed) || (segment.late && segment.final && !shown && Boolean(segment.text));
+    const note = untranslated ? `not translated: ${untranslatedReason(failed)}` : '';
     parts.text.textContent = shown ? translation.text : segment.text;
     parts.text.lang = shown ? translation.language : translation?.sourceLanguage || '';
     if (!parts.text.lang) parts.text.removeAttribute('lang');
     parts.text.dir = shown ? directionOf(translation.language) : 'auto';
     node.dir = parts.text.dir;
+    // The note's badge says "not translated"; its reason is there in words for everyone: read out
+    // (the badge's text and the reason, as one sentence), on the page and on hovering the badge.
     parts.note.hidden = !note;
-    parts.note.title = note ? `Shown in the original language: ${note}` : '';
+    parts.note.title = note ? `Shown in the original language: ${untranslatedReason(failed)}.` : '';
+    parts.reason.hidden = !note;
+    parts.reasonText.textContent = note ? untranslatedReason(failed) : '';
     parts.original.textContent = segment.text;
     if (translation?.sourceLanguage) parts.original.lang = translation.sourceLanguage;
     parts.toggle.hidden = !shown || this.overlay;
     parts.original.hidden = !shown || !segment.showOriginal;
     node.classList.toggle('translated', shown);
     node.classList.toggle('untranslated', Boolean(note));
-    node.classList.toggle('interim', shown ? !translation.final : !segment.final || Boolean(segment.interrupted));
+    node.classList.toggle('interim', !(shown ? translation.final : segment.final) || Boolean(segment.interrupted));
     // Settled: its translation final, or its original final and shown as not translated.
     this.settle(node, segment.interrupted || (shown ? translation.final : segment.final && Boolean(note)));
   }
@@ -206,7 +223,16 @@ export class Transcript {
     const note = document.createElement('span');
     note.className = 'untranslated-note';
     note.textContent = 'not translated';
+    note.setAttribute('aria-hidden', 'true'); // read out from `reason`, with its reason
     note.hidden = true;
+    const reason = document.createElement('span');
+    reason.className = 'untranslated-reason';
+    const spoken = document.createElement('span');
+    spoken.className = 'visually-hidden';
+    spoken.textContent = 'not translated: ';
+    const reasonText = document.createElement('span');
+    reason.append(spoken, reasonText);
+    reason.hidden = true;
     const original = document.createElement('span');
     original.className = 'seg-original';
     original.dir = 'auto';
@@ -225,8 +251,8 @@ export class Transcript {
       toggle.setAttribute('aria-expanded', String(segment.showOriginal));
       this.render(segment);
     });
-    segment.node.replaceChildren(text, note, toggle, original);
-    segment.parts = { text, note, toggle, original };
+    segment.node.replaceChildren(text, note, reason, toggle, original);
+    segment.parts = { text, note, reason, reasonText, toggle, original };
     return segment.parts;
   }
 
@@ -331,17 +357,33 @@ export class Transcript {
   /**
    * A captioner left without finishing its open segments (its worker crashed; a recovered one
    * continues with new segments): they stay as they were, marked as cut off, and are not exported.
+   * A translation cut off whose original was final is not a translation of it (an interim
+   * translation may leave out what changes its meaning): the original serves, marked as not
+   * translated; one whose original was cut off too stays with it as it was.
    */
   interrupt(agent) {
+    const cut = [];
     for (const segment of this.segments.values()) {
       if (segment.final || segment.agent !== agent) continue;
       segment.final = true;
       segment.interrupted = true;
-      if (!segment.node) continue; // a translation: its original says so
-      segment.node.classList.add('interrupted');
-      segment.node.title = 'The captioner stopped here; captions continue below.';
-      this.render(segment);
+      cut.push(segment);
     }
+    const originals = new Set();
+    for (const segment of cut) {
+      if (!segment.translationOf) {
+        if (!segment.node) continue;
+        segment.node.classList.add('interrupted');
+        segment.node.title = 'The captioner stopped here; captions continue below.';
+        originals.add(segment);
+        continue;
+      }
+      const original = this.segments.get(segmentKey(segment.identity, segment.translationOf));
+      if (!original || original.translationOf) continue;
+      if (!original.interrupted) segment.untranslated ||= 'interrupted';
+      originals.add(original);
+    }
+    for (const original of originals) this.render(original);
   }
 
   renameSpeaker(identity) {
@@ -356,7 +398,7 @@ export class Transcript {
       .map((s) => {
         const name = this.speakers.nameOf(s.identity);
         const translation = this.translationOf(s);
-        if (!translation?.final || !translation.text || translation.untranslated) {
+        if (!translation?.final || translation.interrupted || !translation.text || translation.untranslated) {
           return { name, text: s.text, start: s.start, end: s.end, words: s.words };
         }
         return { name, text: translation.text, start: s.start, end: s.end, words: spreadWords(translation.text, s) };
