@@ -95,8 +95,29 @@ ATTR_SOURCE_SEGMENT = "captions.source_segment"
 ATTR_SOURCE_LANGUAGE = "captions.source_language"
 ATTR_UNTRANSLATED = "captions.untranslated"
 ATTR_READING = "captions.reading"
-"""A participant attribute: comma-separated languages its readers want (the viewer server's relay
-sets it); the worker translates into those of its configured targets only."""
+"""A participant attribute: comma-separated languages its readers want (a visible relay sets it on
+itself); the worker translates into those of its configured targets only."""
+ATTR_READING_FROM = "captions.reading."
+"""Prefix of the captioner's attributes ``captions.reading.<relay identity>`` = `reading_value`: what
+each viewer server's readers want, set on the captioner through the server API (a hidden relay's own
+attributes reach nobody). One key per relay, so that several viewer servers do not overwrite each
+other; each entry expires, so that a viewer server that died stops costing translations."""
+READING_TTL_S = 90
+"""A ``captions.reading.<relay>`` entry holds this long; its relay renews it well before."""
+
+
+def reading_value(languages: str, expires_s: int) -> str:
+    """A ``captions.reading.<relay>`` value: the languages, ``@`` and when it expires (Unix seconds)."""
+    return f"{languages}@{expires_s}"
+
+
+def parse_reading_value(value: str) -> tuple[str, float]:
+    """(languages, expiry in Unix seconds) of a `reading_value`; expired (0) when malformed."""
+    languages, _, expires = value.rpartition("@")
+    try:
+        return languages, float(int(expires[:12]))
+    except ValueError:
+        return "", 0.0
 
 ATTR_AGENT_STATUS = "captions.status"
 ATTR_AGENT_QUEUED = "captions.queued"

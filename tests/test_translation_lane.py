@@ -436,3 +436,29 @@ async def test_the_worker_loads_one_engine_for_its_targets_and_none_without_them
         assert isinstance(await asyncio.wrap_future(future), str)
     finally:
         engine.close()
+
+
+async def test_each_viewer_servers_entry_on_the_captioner_counts_until_it_expires(engine):
+    """Viewer servers tell the captioner what their readers read in entries of their own
+    (``captions.reading.<relay>``, with an expiry): all of them count, an expired one does not, and
+    one that expires while the room runs stops its languages (a viewer server that died)."""
+    from captions.protocol import ATTR_READING_FROM, reading_value
+
+    room = FakeRoom()
+    lane = Lane(room, engine)
+    now = time.time()
+    entries = {f"{ATTR_READING_FROM}a": reading_value("de", int(now + 90)),
+               f"{ATTR_READING_FROM}b": reading_value("es", int(now) - 1),
+               f"{ATTR_READING_FROM}c": "junk@"}
+    room.local_participant.attributes = dict(entries)
+    room.emit("participant_attributes_changed", entries, room.local_participant)
+    assert lane.translator.wanted == {"de"}, "the expired and the malformed entries asked for more"
+    soon = {f"{ATTR_READING_FROM}b": reading_value("es", int(time.time()) + 1)}
+    room.local_participant.attributes.update(soon)
+    room.emit("participant_attributes_changed", soon, room.local_participant)
+    assert lane.translator.wanted == {"de", "es"}
+    deadline = time.monotonic() + 5
+    while lane.translator.wanted != {"de"}:
+        assert time.monotonic() < deadline, "an entry that expired still costs translations"
+        await asyncio.sleep(0.1)
+    lane.close()

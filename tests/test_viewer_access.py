@@ -217,11 +217,24 @@ async def relay_reading(livekit_server, room_name: str) -> str | None:
     return relays[0].attributes.get("captions.reading") if relays else "(not joined yet)"
 
 
+def told_captioner(captioner: rtc.Room) -> str | None:
+    """What the relays told the captioner: its ``captions.reading.<relay>`` entries' languages (one
+    relay here), None without one."""
+    from captions.protocol import ATTR_READING_FROM, parse_reading_value
+
+    entries = {key: parse_reading_value(value) for key, value in captioner.local_participant.attributes.items()
+               if key.startswith(ATTR_READING_FROM) and value}
+    assert len(entries) <= 1, entries
+    for languages, expires in entries.values():
+        assert expires > time.time(), "an entry that expired"
+        return languages
+    return None
+
+
 async def wait_reading(livekit_server, room_name: str, expected: str | None, captioner: rtc.Room) -> None:
-    """Until the relay's captions.reading, and the one the captioner sees on itself, are `expected`."""
+    """Until the relay's captions.reading, and what it told the captioner, are `expected`."""
     deadline = time.monotonic() + 10
-    while (reading := (await relay_reading(livekit_server, room_name),
-                       captioner.local_participant.attributes.get("captions.reading") or None)) != (expected,) * 2:
+    while (reading := (await relay_reading(livekit_server, room_name), told_captioner(captioner))) != (expected,) * 2:
         assert time.monotonic() < deadline, f"captions.reading (relay's, captioner's) is {reading!r}, not {expected!r}"
         await asyncio.sleep(0.2)
 

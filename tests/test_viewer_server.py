@@ -680,3 +680,65 @@ async def test_the_relay_says_which_configured_languages_its_viewers_read(monkey
         relay._task.cancel()
         if relay._idle_timer is not None:
             relay._idle_timer.cancel()
+
+
+async def test_two_viewer_servers_tell_one_captioner_their_own_languages_without_overwriting(monkeypatch):
+    """Each relay has its own ``captions.reading.<relay>`` entry on the captioner: before, two viewer
+    servers in front of one room overwrote one attribute about twice a second, forever, and a quarter
+    to a third of either's lines went untranslated. A failed server API call is tried again; a relay
+    that leaves removes its entry; every entry expires unless renewed."""
+    from types import SimpleNamespace
+
+    from captions.protocol import ATTR_AGENT_CLAIM, ATTR_READING_FROM, READING_TTL_S, parse_reading_value
+    from captions.viewer import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "READING_UPDATE_S", 0.01)
+    monkeypatch.setattr(relay_module, "READING_RETRY_S", 0.05)
+    signer = CaptionSigner()
+    captioner = SimpleNamespace(identity="agent-1", name="", kind=4, joined_at=None,
+                                attributes={ATTR_AGENT_CLAIM: signer.claim("standup", "agent-1")})
+    calls, failures = [], [1]
+    relays = []
+
+    async def tell(room: str, identity: str, attributes: dict[str, str]) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("server API hiccup")
+        calls.append(dict(attributes))
+        for key, value in attributes.items():
+            if value:
+                captioner.attributes[key] = value
+            else:
+                captioner.attributes.pop(key, None)
+        for relay in relays:  # every relay sees the captioner's attributes change
+            relay._on_attributes_changed(dict(attributes), captioner)
+
+    for _ in range(2):
+        relay = fake_relay(signer)
+        relay._tell_captioner = tell
+        relay._room.remote_participants = {"agent-1": captioner}
+        relays.append(relay)
+    try:
+        german, arabic = relays[0].add_viewer("de"), relays[1].add_viewer("ar")
+        await asyncio.sleep(0.5)
+        snapshot = json.loads(german.get_nowait())
+        assert not [k for p in snapshot["participants"] for k in p.get("attributes", {}) if "reading" in k]
+        entries = {k: parse_reading_value(v) for k, v in captioner.attributes.items() if k.startswith(ATTR_READING_FROM)}
+        assert sorted(languages for languages, _ in entries.values()) == ["ar", "de"], entries
+        assert all(0 < expires - time.time() <= READING_TTL_S for _, expires in entries.values())
+        assert len(calls) == 2, f"the relays kept overwriting each other: {calls}"
+        relays[0].remove_viewer(german)
+        await relays[0].aclose()
+        assert [parse_reading_value(v)[0] for k, v in captioner.attributes.items()
+                if k.startswith(ATTR_READING_FROM)] == ["ar"], "the relay that left still asks for German"
+        relays[1].remove_viewer(arabic)
+        messages = []
+        while not german.empty():
+            messages.append(german.get_nowait())
+        assert "captions.reading" not in "".join(messages), "what others read is nobody's business"
+    finally:
+        for relay in relays:
+            relay._task.cancel()
+            if relay._idle_timer is not None:
+                relay._idle_timer.cancel()
+            await relay.aclose()

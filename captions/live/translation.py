@@ -52,7 +52,13 @@ from captions.live.metrics import METRICS
 from captions.live.publisher import CaptionPublisher, OutgoingCaption, Translation
 from captions.live.segmenter import CaptionUpdate
 from captions.log import logger
-from captions.protocol import ATTR_READING, FinalSegment, translation_segment_id
+from captions.protocol import (
+    ATTR_READING,
+    ATTR_READING_FROM,
+    FinalSegment,
+    parse_reading_value,
+    translation_segment_id,
+)
 from captions.translate.language import detect_language
 
 STT_LANGUAGES = ("en", "fr")
@@ -65,6 +71,8 @@ MAX_LANGUAGES = 16
 """Languages read from one attribute or room setting (more are ignored)."""
 MAX_LANGUAGES_TEXT = 256
 """Characters of a ``captions.reading`` attribute looked at (the rest is ignored)."""
+MAX_RELAYS = 16
+"""``captions.reading.<relay>`` entries looked at on the captioner (viewer servers of one room)."""
 UNTRANSLATED_TIMEOUT = "timeout"
 UNTRANSLATED_ERROR = "error"
 """``captions.untranslated`` reasons: too slow, the model failed (followed by what failed)."""
@@ -229,7 +237,7 @@ class RoomTranslator:
         self._update_wanted()
 
     def _on_attributes(self, changed: dict[str, str], participant: rtc.Participant) -> None:
-        if ATTR_READING in changed:
+        if any(key == ATTR_READING or key.startswith(ATTR_READING_FROM) for key in changed):
             self._note_reader(participant)
             self._update_wanted()
 
@@ -244,11 +252,28 @@ class RoomTranslator:
         self._update_wanted()
 
     def _note_reader(self, participant: rtc.Participant) -> None:
-        languages = parse_languages((getattr(participant, "attributes", None) or {}).get(ATTR_READING, ""))
-        if languages:
-            self._reading[participant.identity] = languages
+        """What `participant` asks for: its own ``captions.reading``, and, on this captioner, what each
+        viewer server's relay told it (``captions.reading.<relay>``, until that entry expires)."""
+        attributes = getattr(participant, "attributes", None) or {}
+        asked = list(parse_languages(attributes.get(ATTR_READING, "")))
+        relayed = sorted(key for key in attributes if key.startswith(ATTR_READING_FROM))[:MAX_RELAYS]
+        now, renew_by = time.time(), None
+        for key in relayed:
+            languages, expires = parse_reading_value(attributes[key])
+            if expires > now:
+                asked += [code for code in parse_languages(languages) if code not in asked]
+                renew_by = expires if renew_by is None else min(renew_by, expires)
+        if asked:
+            self._reading[participant.identity] = tuple(asked)
         else:
             self._reading.pop(participant.identity, None)
+        if renew_by is not None and self._loop is not None:  # look again once the first entry expires
+            self._loop.call_later(renew_by - now + 0.1, self._expire, participant)
+
+    def _expire(self, participant: rtc.Participant) -> None:
+        if not self._closed:
+            self._note_reader(participant)
+            self._update_wanted()
 
     def _update_wanted(self) -> None:
         read = {language for languages in self._reading.values() for language in languages}

@@ -22,9 +22,13 @@ never every language. The relay sets its own participant attribute ``captions.re
 languages its viewers read (only configured ones, so at most ``--translate-to``'s few; "" removes
 it), updated as viewers come and go, coalesced to one update per `READING_UPDATE_S`: the room's
 captioner translates only into those. livekit-server shows a hidden participant to nobody, the
-captioner included, so a hidden relay also has the server API set the same attribute on each
-captioner of the room (an agent whose claim verifies: `tell_captioner`), which a participant cannot
-do; a captioner that joins later is told too. Viewers are never shown ``captions.reading``.
+captioner included, so a hidden relay also has the server API set ``captions.reading.<relay>`` on
+each captioner of the room (an agent whose claim verifies: `tell_captioner`), which a participant
+cannot do: a key of its own, so that several viewer servers in front of one room do not overwrite
+each other, holding an expiry (captions/protocol.py `reading_value`) that the relay renews every
+`READING_RENEW_S`, so that a viewer server that died stops costing translations. A captioner that
+joins later is told too; a failed call is tried again after `READING_RETRY_S`; a relay that leaves
+removes its entry. Viewers are never shown ``captions.reading``.
 
 A room that does not exist (a meeting not started, or over) is not created by a viewer: the relay
 checks through the server API first, tells its viewers the room is empty, and checks again every
@@ -43,6 +47,7 @@ import collections
 import contextlib
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 
 from captions.log import logger
@@ -50,11 +55,15 @@ from captions.protocol import (
     ATTR_AGENT_CLAIM,
     ATTR_LANGUAGE,
     ATTR_READING,
+    ATTR_READING_FROM,
     ATTR_SPEAKER,
     ATTR_TRANSLATED,
     CAPTION_ATTRIBUTES,
+    READING_TTL_S,
     TOPIC_TRANSCRIPTION,
     claim_message,
+    parse_reading_value,
+    reading_value,
     verify,
     verify_caption,
 )
@@ -72,6 +81,10 @@ RELAY_NAME = "Caption viewers"
 AGENT_KIND = 4  # ParticipantKind AGENT, in LiveKit's protocol (and livekit-client's enum)
 READING_UPDATE_S = 0.5
 """At most one ``captions.reading`` update this often (a viewer switching languages reconnects)."""
+READING_RENEW_S = READING_TTL_S / 3
+"""A captioner's ``captions.reading.<relay>`` entry is renewed this often (it expires after the TTL)."""
+READING_RETRY_S = 2.0
+"""After a failed server API call, the captioners are told again this much later."""
 VIEWER_QUEUE = 256
 """Messages waiting for one slow viewer; past that the viewer is disconnected (it reconnects)."""
 
@@ -87,8 +100,11 @@ class RoomRelay:
         self._languages = languages
         self._tell_captioner = tell_captioner
         """(room, identity, attributes): sets a participant's attributes through the server API."""
-        self._told: dict[str, str] = {}
-        """Per captioner, the ``captions.reading`` it was told."""
+        self._told: dict[str, tuple[str, float]] = {}
+        """Per captioner, the languages it was told, and when (time.monotonic())."""
+        self._reading_key = f"{ATTR_READING_FROM}{secrets.token_hex(6)}"
+        """This relay's ``captions.reading.<relay>`` attribute on captioners (stable across rejoins)."""
+        self._retry: asyncio.TimerHandle | None = None
         """The configured translation languages: the only ones a viewer can read, or the relay announce."""
         self._streams: collections.Counter[str] = collections.Counter()
         self._unverified = 0
@@ -162,13 +178,19 @@ class RoomRelay:
                 and verify(self._caption_key, claim_message(room=self.room_name, identity=p.identity), claim)]
 
     def _untold(self, wanted: str) -> list[str]:
-        return [c for c in self._captioners() if self._told.get(c, "") != wanted]
+        """The captioners not told `wanted` yet, or told long enough ago that their entry needs renewing."""
+        now = time.monotonic()
+        return [c for c in self._captioners()
+                if (told := self._told.get(c)) is None or told[0] != wanted or now - told[1] >= READING_RENEW_S]
 
     def _reading_changed(self) -> None:
         """Sets ``captions.reading`` again (soon, once) if the viewers' languages changed, or a
-        captioner has not been told them."""
+        captioner has not been told them (or needs its entry renewed)."""
         if not self._languages or self._room is None or not self.connected.is_set() or self._reading_task:
             return
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         wanted = self.wanted_reading()
         if wanted != self.reading or self._untold(wanted):
             self._reading_task = asyncio.create_task(self._publish_reading(), name="relay-reading")
@@ -186,19 +208,40 @@ class RoomRelay:
                         if room is self._room:  # not a room left meanwhile (the next join sets it again)
                             self.reading = wanted
                     for identity in untold:
-                        await self._tell_captioner(self.room_name, identity, {ATTR_READING: wanted})
-                        self._told[identity] = wanted
-                except Exception as e:  # noqa: BLE001 - the room or the captioner went away meanwhile
-                    logger.info("relay of room %r could not set %s (%s: %s)", self.room_name, ATTR_READING,
-                                type(e).__name__, e)
+                        value = reading_value(wanted, int(time.time() + READING_TTL_S)) if wanted else ""
+                        await self._tell_captioner(self.room_name, identity, {self._reading_key: value})
+                        self._told[identity] = (wanted, time.monotonic())
+                except Exception as e:  # noqa: BLE001 - the room or the captioner went away, the API failed
+                    logger.info("relay of room %r could not set %s (%s: %s); trying again in %.0f s",
+                                self.room_name, ATTR_READING, type(e).__name__, e, READING_RETRY_S)
+                    self._retry = asyncio.get_running_loop().call_later(READING_RETRY_S, self._retry_reading)
                     return
                 await asyncio.sleep(READING_UPDATE_S)
         finally:
             self._reading_task = None
+            if self._retry is None and self._room is not None and self._told and self.wanted_reading():
+                # Renew the captioners' entries before they expire.
+                self._retry = asyncio.get_running_loop().call_later(READING_RENEW_S, self._retry_reading)
+
+    def _retry_reading(self) -> None:
+        self._retry = None
+        self._reading_changed()
+
+    async def _forget_reading(self) -> None:
+        """Removes this relay's entry from the captioners it told (it leaves the room)."""
+        told, self._told = list(self._told), {}
+        if self._tell_captioner is None:
+            return
+        for identity in told:
+            with contextlib.suppress(Exception):  # best effort: the entry expires anyway
+                await self._tell_captioner(self.room_name, identity, {self._reading_key: ""})
 
     # The room ---------------------------------------------------------------------------------
 
     async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -206,6 +249,7 @@ class RoomRelay:
         for task in [*self._readers, self._reading_task]:
             if task is not None:
                 task.cancel()
+        await self._forget_reading()
 
     async def _run(self) -> None:
         """Joins the room, and joins again (with backoff) whenever the connection is lost for good."""
@@ -228,7 +272,6 @@ class RoomRelay:
             finally:
                 self.connected.clear()
                 self.reading = ""  # a new participant each join: it has no attributes yet
-                self._told.clear()
                 room, self._room = self._room, None
                 if room is not None:
                     with contextlib.suppress(Exception):
@@ -266,10 +309,12 @@ class RoomRelay:
 
     def _on_attributes_changed(self, changed: dict[str, str], participant) -> None:
         if int(participant.kind) == AGENT_KIND:  # others' attributes are nobody's business here
-            if set(changed) - {ATTR_READING}:  # not what the relay told it
+            if any(key != ATTR_READING and not key.startswith(ATTR_READING_FROM) for key in changed):
+                # not what relays told it
                 self._send({"type": "participant", **_describe(participant)})
-            if ATTR_AGENT_CLAIM in changed or changed.get(ATTR_READING, self._told.get(participant.identity)) \
-                    != self._told.get(participant.identity):
+            told = self._told.get(participant.identity)
+            if ATTR_AGENT_CLAIM in changed or (self._reading_key in changed and told is not None
+                                               and parse_reading_value(changed[self._reading_key])[0] != told[0]):
                 self._told.pop(participant.identity, None)  # a new captioner, or one told otherwise since
                 self._reading_changed()
 
@@ -338,7 +383,8 @@ def _describe(participant) -> dict:
         joined = participant.joined_at
         described["joined_at_ms"] = int(joined.timestamp() * 1000) if joined is not None else None
         described["attributes"] = {k: v for k, v in participant.attributes.items()
-                                   if k.startswith("captions.") and k != ATTR_READING}
+                                   if k.startswith("captions.") and k != ATTR_READING
+                                   and not k.startswith(ATTR_READING_FROM)}
     return described
 
 
