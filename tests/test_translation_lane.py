@@ -16,13 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from captions.live.publisher import CaptionPublisher, OutgoingCaption
+from captions.live.reading import parse_languages, room_settings
 from captions.live.segmenter import CaptionUpdate
 from captions.live.translation import (
     UNTRANSLATED_TIMEOUT,
     RoomTranslator,
     TranslationOptions,
-    parse_languages,
-    room_settings,
 )
 from captions.protocol import (
     ATTR_LANGUAGE,

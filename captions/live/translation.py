@@ -39,26 +39,19 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import json
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from livekit import rtc
 
-from captions.config import language_code
 from captions.live.metrics import METRICS
 from captions.live.publisher import CaptionPublisher, OutgoingCaption, Translation
+from captions.live.reading import languages_asked, room_settings
 from captions.live.segmenter import CaptionUpdate
 from captions.log import logger
-from captions.protocol import (
-    ATTR_READING,
-    ATTR_READING_FROM,
-    FinalSegment,
-    parse_reading_value,
-    translation_segment_id,
-)
+from captions.protocol import ATTR_READING, ATTR_READING_FROM, FinalSegment, translation_segment_id
 from captions.translate.language import detect_language
 
 STT_LANGUAGES = ("en", "fr")
@@ -67,12 +60,6 @@ INTERIM_INTERVAL_S = 0.7
 FINAL_TIMEOUT_S = 3.0
 INTERIM_TIMEOUT_S = 3.0
 """An interim's translation that takes longer is dropped (the next one, or the final, replaces it)."""
-MAX_LANGUAGES = 16
-"""Languages read from one attribute or room setting (more are ignored)."""
-MAX_LANGUAGES_TEXT = 256
-"""Characters of a ``captions.reading`` attribute looked at (the rest is ignored)."""
-MAX_RELAYS = 16
-"""``captions.reading.<relay>`` entries looked at on the captioner (viewer servers of one room)."""
 UNTRANSLATED_TIMEOUT = "timeout"
 UNTRANSLATED_ERROR = "error"
 """``captions.untranslated`` reasons: too slow, the model failed (followed by what failed)."""
@@ -100,40 +87,6 @@ class TranslationOptions:
     available: tuple[str, ...] | None = None
     """The languages the worker's model translates into (a room's metadata picks among them); None:
     any."""
-
-
-def parse_languages(value: Any) -> tuple[str, ...]:
-    """Language codes from a comma-separated string or a list, in order, without repeats or junk;
-    at most MAX_LANGUAGES of them, from the first MAX_LANGUAGES_TEXT characters of a string."""
-    if isinstance(value, str):
-        items: Iterable[Any] = value[:MAX_LANGUAGES_TEXT].split(",")
-    elif isinstance(value, list):
-        items = value[:MAX_LANGUAGES * 4]
-    else:
-        return ()
-    codes: list[str] = []
-    for item in items:
-        code = language_code(item)
-        if code is not None and code not in codes:
-            codes.append(code)
-    return tuple(codes[:MAX_LANGUAGES])
-
-
-def room_settings(metadata: str, default_targets: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
-    """(target languages, configured source language or None) from room metadata
-    ``{"captions": {"translate_to": [...], "source_language": "fr"}}``; other metadata (other
-    applications use it too: anything, JSON or not) leaves the defaults."""
-    try:
-        data = json.loads(metadata) if metadata else None
-    except (ValueError, RecursionError):
-        return default_targets, None
-    settings = data.get("captions") if isinstance(data, dict) else None
-    if not isinstance(settings, dict):
-        return default_targets, None
-    targets = default_targets
-    if "translate_to" in settings and isinstance(settings["translate_to"], (str, list)):
-        targets = parse_languages(settings["translate_to"])
-    return targets, language_code(settings.get("source_language"))
 
 
 @dataclass(eq=False)
@@ -254,15 +207,8 @@ class RoomTranslator:
     def _note_reader(self, participant: rtc.Participant) -> None:
         """What `participant` asks for: its own ``captions.reading``, and, on this captioner, what each
         viewer server's relay told it (``captions.reading.<relay>``, until that entry expires)."""
-        attributes = getattr(participant, "attributes", None) or {}
-        asked = list(parse_languages(attributes.get(ATTR_READING, "")))
-        relayed = sorted(key for key in attributes if key.startswith(ATTR_READING_FROM))[:MAX_RELAYS]
-        now, renew_by = time.time(), None
-        for key in relayed:
-            languages, expires = parse_reading_value(attributes[key])
-            if expires > now:
-                asked += [code for code in parse_languages(languages) if code not in asked]
-                renew_by = expires if renew_by is None else min(renew_by, expires)
+        now = time.time()
+        asked, renew_by = languages_asked(getattr(participant, "attributes", None) or {}, now)
         if asked:
             self._reading[participant.identity] = tuple(asked)
         else:
