@@ -14,8 +14,8 @@ from captions.live.vad import WINDOW_24K, GateOptions, SpeechGate, _Resampler
 from captions.stt.api import SAMPLE_RATE
 
 CHUNK = SAMPLE_RATE * 80 // 1000
-NOISE_STD = 30.0
-"""About -60 dBFS: a quiet room."""
+NOISE_STD = 5.0
+"""About -76 dBFS: a quiet microphone's floor, under the gate's -70 dBFS."""
 PRE_ROLL = int(SpeakerOptions().pre_roll_s * SAMPLE_RATE)
 
 
@@ -73,8 +73,9 @@ def test_speech_after_silence_starts_where_silero_alone_says_and_the_pre_roll_ho
     assert every_window.skipped_windows == 0 and every_window.silero_windows >= gated.silero_windows + 50
 
     assert reference and onsets, (reference, onsets)
-    # At most two windows (64 ms) later than Silero on every window, never earlier than the speech.
-    assert 0 <= onsets[0] - reference[0] <= 2 * WINDOW_24K, (onsets, reference)
+    # A few windows later than Silero on every window at most (it wakes on the first loud window,
+    # its state from before the silence), never earlier; the pre-roll is what keeps the start.
+    assert 0 <= onsets[0] - reference[0] <= 5 * WINDOW_24K, (onsets, reference)
     # What the speaker's turn takes in (the pre-roll before the onset) holds the first sound.
     assert onsets[0] - PRE_ROLL <= start + first_sound(speech, level_db)
     assert gated.skipped_windows >= silence_s * SAMPLE_RATE // WINDOW_24K - 2
@@ -82,12 +83,42 @@ def test_speech_after_silence_starts_where_silero_alone_says_and_the_pre_roll_ho
 
 def test_the_gate_stays_open_through_quiet_windows_while_speaking(speech):
     """While speech goes on, every window is Silero's to judge, however quiet (its end is Silero's call)."""
-    gate = SpeechGate(GateOptions(energy_floor_dbfs=-55.0))
+    gate = SpeechGate(GateOptions(energy_floor_dbfs=-55.0))  # a high floor: still Silero's while speaking
     pcm = int16(np.concatenate([noise(1.0), speech * 32767, noise(2.0, seed=3)]))
     run_gate(gate, pcm)
     speech_windows = (speech.size + SAMPLE_RATE) // WINDOW_24K
     assert gate.silero_windows >= speech_windows - int(1.0 * SAMPLE_RATE) // WINDOW_24K
     assert not gate.speaking  # and it closed again after the speech
+
+
+def at_level(clip: np.ndarray, rms_dbfs: float) -> np.ndarray:
+    """`clip` scaled so that its voiced windows' RMS is `rms_dbfs`."""
+    windows = clip[:clip.size // WINDOW_24K * WINDOW_24K].reshape(-1, WINDOW_24K)
+    energy = np.sqrt(np.mean(windows ** 2, axis=1))
+    voiced = energy[energy > energy.max() * 10 ** (-30 / 20)]
+    return clip / np.sqrt(np.mean(voiced ** 2)) * 32767 * 10 ** (rms_dbfs / 20)
+
+
+@pytest.mark.parametrize("rms_dbfs", [-58.0, -60.0])
+def test_a_quiet_speaker_is_heard_as_silero_alone_hears_them(monkeypatch, speech, tmp_path, rms_dbfs):
+    """A far or quiet microphone: a sentence, seconds of near silence, then "Yes.", at -58 or -60
+    dBFS. A review found that the first pre-gate (-55 dBFS, Silero's state reset after skipped
+    windows) lost such answers entirely and heard the sentence 0.8 s late; Silero on every window
+    caught both. Each start is heard within a few windows of where Silero alone hears it."""
+    yes = speech_samples("Yes.", tmp_path)
+    parts = [noise(1.0), at_level(speech, rms_dbfs), noise(4.0, seed=4), at_level(yes, rms_dbfs), noise(2.0, seed=5)]
+    pcm = int16(np.concatenate(parts) + noise(sum(p.size for p in parts) / SAMPLE_RATE, seed=6))
+    yes_at = sum(p.size for p in parts[:3])
+    monkeypatch.setenv("CAPTIONS_HOST_PATH", "today")
+    reference = run_gate(SpeechGate(), pcm)
+    monkeypatch.delenv("CAPTIONS_HOST_PATH")
+    gated = SpeechGate()
+    onsets = run_gate(gated, pcm)
+    for heard in (lambda onset: onset < yes_at - PRE_ROLL, lambda onset: onset >= yes_at - PRE_ROLL):
+        expected, got = [o for o in reference if heard(o)], [o for o in onsets if heard(o)]
+        assert expected, "Silero alone does not hear it: the test says nothing"
+        assert got and got[0] - expected[0] <= 5 * WINDOW_24K, (onsets, reference)
+    assert gated.skipped_windows > 0, "the near silence was not skipped"
 
 
 def test_no_energy_floor_means_silero_judges_every_window():

@@ -12,12 +12,17 @@ where the speaker last spoke. How long a pause ends a turn is the caller's busin
 Most microphones are silent most of the time, and Silero costs the same on silence as on speech.
 So a window is first weighed by its energy (issue 24): while the gate is closed, a window quieter
 than `GateOptions.energy_floor_dbfs`, with no louder window in the `AWAKE_WINDOWS` before it, is
-judged silence without Silero (and without resampling). The floor sits well under speech (even a
-quiet voice's first syllable is louder), so at worst a quiet onset is noticed a window or two late;
-the speaker's pre-roll (0.5 s before the detected onset, speaker.py) still holds its start. Once a
+judged silence without Silero (and without resampling). The floor (-70 dBFS) sits under any voice
+a microphone carries: a review measured that at -55 dBFS a far or quiet speaker (-58 to -63 dBFS)
+lost whole short answers ("Yes.") that Silero alone caught, and that resetting Silero's state after
+skipped windows lost them too (its first windows then score lower): so the floor is low, Silero's
+state carries over the skipped windows, and when a loud window wakes it, it first hears the
+`WARM_UP_WINDOWS` windows before (measured on espeak speech at -50 to -63 dBFS: every start heard
+where Silero on every window hears it, or earlier). It skips digital silence and the quietest noise;
+a microphone with a noise floor above -70 dBFS gets Silero on every window, as before. Once a
 window is loud, Silero judges every window until `AWAKE_WINDOWS` quiet ones in a row, and always
-while the gate is open (its end is Silero's decision, as before). After skipped windows Silero's
-state starts fresh, as at a stream's start.
+while the gate is open (its end is Silero's decision, as before). The speaker's pre-roll (0.5 s
+before the detected onset, speaker.py) holds an onset noticed a window or two late.
 
 The 24 -> 16 kHz resampling for Silero is done here in numpy (a 48-tap windowed-sinc low-pass,
 polyphase), one window at a time, instead of a round trip to the native resampler for every chunk.
@@ -42,6 +47,8 @@ WINDOW_24K = VAD_WINDOW_SAMPLES * SAMPLE_RATE // VAD_SAMPLE_RATE
 """One VAD window (32 ms) in samples of the track's 24 kHz audio."""
 AWAKE_WINDOWS = 16
 """Quiet windows in a row (0.5 s) after a loud one during which Silero still judges every window."""
+WARM_UP_WINDOWS = 8
+"""Windows before a loud one that Silero hears first when it wakes (256 ms)."""
 
 
 @dataclass
@@ -52,7 +59,7 @@ class GateOptions:
     """...for this many windows in a row (64 ms: a click is not speech)."""
     deactivation: float = 0.35
     """Speech goes on while the probability stays at or above this."""
-    energy_floor_dbfs: float | None = -55.0
+    energy_floor_dbfs: float | None = -70.0
     """A window quieter than this (RMS, dB of full scale) is silence without asking Silero, while
     the gate is closed and nothing loud came just before (module notes); None: Silero judges all."""
 
@@ -108,13 +115,13 @@ class SpeechGate:
                                                  quality=rtc.AudioResamplerQuality.QUICK)
         else:
             self._window_resampler = _Resampler()
-            self._context = np.zeros(_Resampler.CONTEXT, dtype=np.int16)
+            self._history = np.zeros(WARM_UP_WINDOWS * WINDOW_24K + _Resampler.CONTEXT, dtype=np.int16)
+            """The audio just before the windows being fed: resampling context, and Silero's warm-up."""
+            self._skipped_last = False
             floor = self.options.energy_floor_dbfs
             self._floor_energy = None if floor is None else WINDOW_24K * (32768 * 10 ** (floor / 20)) ** 2
             self._awake = 0
             """Windows Silero still judges whatever their energy (after a loud one)."""
-            self._asleep = True
-            """Silero skipped the window before: its state starts fresh."""
         self.silero_windows = 0
         """Windows Silero judged."""
         self.skipped_windows = 0
@@ -138,18 +145,31 @@ class SpeechGate:
         block, self._pending = pending[:count * WINDOW_24K], pending[count * WINDOW_24K:]
         resampled = None  # the block's windows at 16 kHz, made once if Silero is asked about one
         started = False
+        history = self._history.size
+        audio = np.concatenate([self._history, block]) if count else self._history
         for i in range(count):
             window = block[i * WINDOW_24K:(i + 1) * WINDOW_24K]
             if self._skip(window):
-                probability = 0.0
+                probability, self._skipped_last = 0.0, True
             else:
+                if self._skipped_last:  # waking up: Silero hears the windows just before first
+                    self._warm_up(audio[:history + i * WINDOW_24K])
+                    self._skipped_last = False
                 if resampled is None:
-                    resampled = self._window_resampler.windows(self._context, block)
+                    resampled = self._window_resampler.windows(self._history[-_Resampler.CONTEXT:], block)
                 probability = self._silero(resampled[i])
             started |= self._judge(probability)
         if count:
-            self._context = block[-_Resampler.CONTEXT:]
+            self._history = audio[-history:]
         return started
+
+    def _warm_up(self, before: np.ndarray) -> None:
+        """Feeds Silero the `WARM_UP_WINDOWS` windows at the end of `before` (their verdicts unused):
+        after skipped windows its state is stale, and a cold or stale state scores a quiet voice's
+        first windows too low (a review measured quiet answers lost)."""
+        warm = before[-WARM_UP_WINDOWS * WINDOW_24K - _Resampler.CONTEXT:]
+        for window16 in self._window_resampler.windows(warm[:_Resampler.CONTEXT], warm[_Resampler.CONTEXT:]):
+            self._silero(window16)
 
     def _skip(self, window: np.ndarray) -> bool:
         """Whether the window is silence by its energy alone (module notes)."""
@@ -165,13 +185,9 @@ class SpeechGate:
         if self.speaking:
             return False
         self.skipped_windows += 1
-        self._asleep = True
         return True
 
     def _silero(self, window16: np.ndarray) -> float:
-        if self._asleep:
-            self._vad.reset()
-            self._asleep = False
         self.silero_windows += 1
         return self._vad.predict(window16)
 
