@@ -33,8 +33,9 @@ from captions.log import logger
 
 HOST_PATH_ENV = "CAPTIONS_HOST_PATH"
 """`today`: the host path as it was before issue 24's changes (the benchmark's baseline)."""
-ROUTED_SDK_VERSIONS = ("1.1.",)
-"""livekit rtc versions whose FfiQueue the router was written against (checked: 1.1.21)."""
+ROUTED_SDK_VERSIONS = ("1.1.21",)
+"""livekit rtc versions whose private FfiQueue and AudioStream layout the router was checked against
+(pyproject allows any 1.1.x: another falls back to the SDK's own path, with a warning)."""
 
 
 def todays_host_path() -> bool:
@@ -117,7 +118,12 @@ async def audio_chunks(track: rtc.Track, *, sample_rate: int, frame_size_ms: int
             async for event in stream:
                 yield np.frombuffer(event.frame.data, dtype=np.int16)
     finally:
-        await stream.aclose()
+        # Unsubscribed whatever happens to aclose: a room's loop torn down with its tasks cancelled
+        # (livekit-agents ends a job so) would otherwise leave the route, and with it the stream.
+        try:
+            await stream.aclose()
+        finally:
+            FfiClient.instance.queue.unsubscribe(stream._ffi_queue)
 
 
 _warned: list[bool] = []
@@ -251,6 +257,9 @@ class _AudioRouter:
             if handle is not None:
                 self._routes.pop(handle, None)
             self._unsubscribe_from_queue(queue)
+        with self._batch_lock:  # hand-overs to loops that ended: no drain will ever take them
+            for loop in [loop for loop in self._batches if loop.is_closed()]:
+                del self._batches[loop]
 
     def put(self, event) -> None:
         """On the FFI's thread, for every event."""
