@@ -75,8 +75,8 @@ IDLE_S = 30.0
 RECONNECT_DELAYS_S = (1, 2, 4, 8, 15)
 ABSENT_RECHECK_S = 2.0
 MAX_STREAMS_PER_SENDER = 16
-"""Caption streams read at once per sender and speaker (the agent sends one at a time per speaker;
-a burst can overlap a few)."""
+"""Caption streams read at once per sender, speaker and language (the agent sends one at a time per
+speaker and language; a burst can overlap a few)."""
 RELAY_NAME = "Caption viewers"
 AGENT_KIND = 4  # ParticipantKind AGENT, in LiveKit's protocol (and livekit-client's enum)
 READING_UPDATE_S = 0.5
@@ -324,8 +324,12 @@ class RoomRelay:
         return {"type": "room", "room": self.room_name, "participants": participants}
 
     def _on_caption_stream(self, reader, sender: str) -> None:
-        # Per sender and speaker: the agent sends in its own name for every speaker who left.
-        sender = f"{sender}\n{(reader.info.attributes or {}).get(ATTR_SPEAKER, '')}"
+        # Per sender, speaker and language: the agent sends in its own name for every speaker who
+        # left, and a speaker's translations beside its originals (a configured language, or none:
+        # the sender names it, so no sender gets more than the configured languages' budgets).
+        attributes = reader.info.attributes or {}
+        language = attributes.get(ATTR_LANGUAGE, "")
+        sender = f"{sender}\n{attributes.get(ATTR_SPEAKER, '')}\n{language if language in self._languages else ''}"
         if self._streams[sender] >= MAX_STREAMS_PER_SENDER:
             reader.close()  # unread: its subscription goes at once
             logger.info("relay of room %r: more than %d caption streams at once from %r: one dropped",
