@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import os
 import shutil
 import socket
@@ -278,8 +279,8 @@ class _Connection:
             self.writer.send(wire.control({"op": "granted", "wid": remote.wid, "stream": _describe(stream)}))
 
     def _on_event(self, remote: _Remote, event: StreamEvent) -> None:
-        # The engine's thread: enqueue and return.
-        self.writer.send(wire.control({"op": "event", "wid": remote.wid, "e": wire.event_to_wire(event)}))
+        # The engine's thread: enqueue and return (the frame is made on the writer's thread).
+        self.writer.send(functools.partial(_event_frame, remote.wid, event))
         if event.ended:
             self._forget_remote(remote)
             self._server.queue_changed()
@@ -328,9 +329,15 @@ class _Connection:
             # else: its grant is on its way; `_on_granted` refuses it and the queue frees the slot
         self.writer.close(timeout=0.5)
         self._sock.close()
-        logger.warning("engine server: receiving process %s disconnected (%s): %d streams aborted, %d waiters "
-                       "left the queue", self._name(), why, aborted, cancelled)
+        # Expected when it stops with nothing held; worth a warning when it held slots (it died).
+        logger.log(logging.WARNING if aborted or cancelled else logging.INFO,
+                   "engine server: receiving process %s disconnected (%s): %d streams aborted, %d waiters left "
+                   "the queue", self._name(), why, aborted, cancelled)
         self._server._forget(self)
+
+
+def _event_frame(wid: int, event: StreamEvent) -> bytes:
+    return wire.control({"op": "event", "wid": wid, "e": wire.event_to_wire(event)})
 
 
 def _describe(stream: EngineStream | None) -> list[int] | None:

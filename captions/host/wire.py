@@ -119,13 +119,13 @@ def event_from_wire(fields: list) -> StreamEvent:
 
 class FrameWriter:
     """The one writer of a socket (module notes). `send` never blocks; `on_error(exc)` runs once,
-    on the writer's thread, if a write fails (the peer is gone)."""
+    on the writer's thread, if a write fails (the peer is gone). A frame may be given as a function
+    that makes it: it is then made on the writer's thread (the engine's thread only enqueues)."""
 
     def __init__(self, sock: socket.socket, name: str, on_error: Callable[[BaseException], None] | None = None):
         self._sock = sock
         self._cond = threading.Condition()
-        self._frames: list[bytes] = []
-        self._queued_bytes = 0
+        self._frames: list[bytes | Callable[[], bytes]] = []
         self._closed = False
         self._on_error = on_error
         self.writes = 0
@@ -133,18 +133,12 @@ class FrameWriter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def queued_bytes(self) -> int:
-        with self._cond:
-            return self._queued_bytes
-
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes | Callable[[], bytes]) -> bool:
         """Queues `frame`; False once the writer is closed (the frame is dropped)."""
         with self._cond:
             if self._closed:
                 return False
             self._frames.append(frame)
-            self._queued_bytes += len(frame)
             self._cond.notify()
         return True
 
@@ -161,11 +155,11 @@ class FrameWriter:
             with self._cond:
                 while not self._frames and not self._closed:
                     self._cond.wait()
-                frames, self._frames, self._queued_bytes = self._frames, [], 0
+                frames, self._frames = self._frames, []
                 closed = self._closed
             if frames:
                 try:
-                    self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+                    self._sock.sendall(b"".join(f if isinstance(f, bytes) else f() for f in frames))
                     self.writes += 1
                 except OSError as e:
                     with self._cond:
