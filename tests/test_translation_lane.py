@@ -461,3 +461,16 @@ async def test_each_viewer_servers_entry_on_the_captioner_counts_until_it_expire
         assert time.monotonic() < deadline, "an entry that expired still costs translations"
         await asyncio.sleep(0.1)
     lane.close()
+
+
+async def test_a_participant_flipping_its_languages_cannot_flood_the_log(engine, caplog):
+    """A reader's own attribute, flipped 1000 times: each change is followed, the first ones logged
+    (tests and the latency benchmark wait for those lines), the rest at most once per 10 s."""
+    room = FakeRoom()
+    lane = Lane(room, engine)
+    with caplog.at_level("INFO"):
+        for i in range(1000):
+            room.set_reading("mallory", "de" if i % 2 == 0 else "es")
+    assert lane.translator.wanted == {"es"}
+    assert 20 <= caplog.text.count("translating captions into") <= 21
+    lane.close()

@@ -63,8 +63,10 @@ INTERIM_TIMEOUT_S = 3.0
 UNTRANSLATED_TIMEOUT = "timeout"
 UNTRANSLATED_ERROR = "error"
 """``captions.untranslated`` reasons: too slow, the model failed (followed by what failed)."""
+LOG_WANTED_FREELY = 20
 LOG_WANTED_S = 10.0
-"""A room logs its translated languages at most this often (a participant may flip its own)."""
+"""A room logs each change of its translated languages, past its first `LOG_WANTED_FREELY` changes at
+most one per `LOG_WANTED_S` (a participant may flip its own attribute)."""
 
 
 class TranslationEngine(Protocol):
@@ -165,6 +167,7 @@ class RoomTranslator:
         """Per (speaker, language), the translations in the order of their originals."""
         self._speaker_language: dict[str, str] = {}
         self._wanted_logged_at = -LOG_WANTED_S
+        self._wanted_changes = 0
         self._unresolved = 0
         self._settled = asyncio.Event()
         self._settled.set()
@@ -225,10 +228,11 @@ class RoomTranslator:
         read = {language for languages in self._reading.values() for language in languages}
         wanted = frozenset(language for language in self._targets if language in read)
         if wanted != self.wanted:
-            # Readers come and go (and a participant may flip its own attribute): a log line only
-            # when the set changes, and not more than once per LOG_WANTED_S per room.
+            # Readers come and go (and a participant may flip its own attribute): a log line when the
+            # set changes, past the room's first LOG_WANTED_FREELY changes at most one per LOG_WANTED_S.
             now = time.monotonic()
-            if now - self._wanted_logged_at >= LOG_WANTED_S:
+            self._wanted_changes += 1
+            if self._wanted_changes <= LOG_WANTED_FREELY or now - self._wanted_logged_at >= LOG_WANTED_S:
                 self._wanted_logged_at = now
                 logger.info("room %s: translating captions into %s", self._room.name,
                             ", ".join(sorted(wanted)) or "no language")
