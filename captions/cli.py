@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("captions.dev.livekit_server", "run livekit-server in dev mode on loopback (installs it if needed)"),
     "transcribe": ("captions.stt.transcribe", "transcribe an audio file with the batched engine"),
     "make-test-checkpoint": ("captions.dev.tiny_checkpoint", "write a tiny random STT checkpoint and translation models (tests/demos)"),
-    "bench": ("captions.bench", "the benchmarks (engine, latency, clock, ingest)"),
+    "bench": ("captions.bench", "the benchmarks (engine, latency, clock, ingest, host, meeting, soak, translate)"),
 }
 TOOL_PACKAGES = ("captions.dev", "captions.bench")
 """The development tools: the product never imports them, and the Docker image leaves them out."""
