@@ -174,7 +174,8 @@ class EngineClient:
         self.lost: str | None = None
         """Why the connection ended (None while it serves)."""
         self._closing = False
-        self._writer = wire.FrameWriter(self._sock, "engine-client-writer", on_error=lambda e: self._lose(str(e)))
+        self._writer = wire.FrameWriter(self._sock, "engine-client-writer",
+                                        on_error=lambda e: self._lose(f"{ENGINE_GONE} ({e})"))
         self._send(wire.control({"op": "hello", "index": index, "pid": os.getpid()}))
         self._reader = threading.Thread(target=self._read_forever, name="engine-client-reader", daemon=True)
         self._reader.start()
@@ -262,7 +263,7 @@ class EngineClient:
         except Exception as e:  # noqa: BLE001 - any bug here ends the channel visibly
             logger.exception("engine channel: a message from the engine process failed")
             why = f"{type(e).__name__}: {e}"
-        self._lose(why)
+        self._lose(f"{ENGINE_GONE} ({why})")
 
     def _handle(self, message: dict) -> None:
         op = message["op"]
@@ -281,7 +282,7 @@ class EngineClient:
             if request is not None and request.stream is not None:
                 request.stream._set_lead(int(message["lead"]))
         elif op == "engine_failed":
-            self._lose(f"the engine failed: {message.get('cause', '?')}")
+            self._lose(str(message.get("cause", "?")), failed=True)
         else:
             logger.warning("engine channel: unknown message %r", op)
 
@@ -319,7 +320,9 @@ class EngineClient:
                 request.stream._ended = True
         request.waiter.on_event(event)
 
-    def _lose(self, cause: str) -> None:
+    def _lose(self, cause: str, failed: bool = False) -> None:
+        """The channel ended: `cause` is why (`failed`: the engine process's engine failed, and
+        `cause` is the engine's own reason, as a local engine's failure reads)."""
         with self._lock:
             if self.lost is not None:
                 return
@@ -337,9 +340,10 @@ class EngineClient:
             stream._set_lead(stream.lead_samples)
             with contextlib.suppress(Exception):
                 request.waiter.on_event(StreamEvent(stream.id, request.frames, [], "", None, ended=True,
-                                                    error=f"{ENGINE_GONE}: {cause}"))
+                                                    error=f"engine failed: {cause}" if failed else cause))
         if self._closing:
             return
-        logger.error("engine channel: %s (%s): this receiving process stops", ENGINE_GONE, cause)
+        logger.error("engine channel: %s%s: this receiving process stops", "the engine failed: " if failed else "",
+                     cause)
         if self._on_lost is not None:
             self._on_lost(cause)

@@ -37,6 +37,7 @@ from captions.config import (
     language_list,
     non_negative_float,
     non_negative_int,
+    positive_int,
 )
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
@@ -111,6 +112,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
                     "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
                     "than its share of the slots gives them back whatever this is")
+    add_option(parser, "--receivers", env="CAPTIONS_RECEIVERS", default=1, type=positive_int,
+               help="processes that take rooms (receive audio, detect voice, publish captions); 1: this process "
+                    "does everything; 2 or more: this process runs only the engine and the slot queue, and starts "
+                    "that many receiving processes that feed it (captions/host/)")
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_caption_secret_option(parser)
@@ -385,6 +390,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"captions worker: {e}", file=sys.stderr)
         return 2
+    if args.receivers > 1:  # this process: the engine only; receiving processes take the rooms
+        from captions.host.engine_process import run_engine_process
+
+        return run_engine_process(args, EXIT_ENGINE_FAILED)
     try:
         observability = _start_observability(args)
     except OSError as e:
@@ -403,6 +412,14 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, TranslationModelError) as e:
         print(f"captions worker: {e}", file=sys.stderr)
         return 1
+    return serve_rooms(args, _service, observability)
+
+
+def serve_rooms(args: argparse.Namespace, service: CaptionService, observability=None) -> int:
+    """Registers with LiveKit and captions the rooms it is given until stopped; the exit status.
+    Closes the service (and `observability`) at the end."""
+    global _service
+    _service = service
     READINESS.model_loaded = True
     mode = "explicit dispatch as " + repr(args.agent_name) if args.agent_name else "automatic dispatch"
     logger.info("worker ready: %d slots, %s, LiveKit at %s", _service.engine.batch_size, mode, args.url)

@@ -1,0 +1,81 @@
+"""A receiving process of `captions worker --receivers P`: `python -m captions.host.receiver SOCKET
+INDEX`, started by the engine process (receivers.py), never by hand.
+
+It is today's worker (captions/live/worker.py: registration with LiveKit, every room's job, voice
+detection, turns, publishing, recovery) with the engine process's slot queue and engine streams
+(engine_client.py) in place of its own engine. It tells the engine process every second what keeps
+it from being ready. If the engine process goes away, or says its engine failed, it stops as a
+worker whose engine failed does: its rooms are closed and it exits with `EXIT_ENGINE_FAILED`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import warnings
+
+from captions.host.engine_client import EngineClient
+from captions.host.receivers import RECEIVER_ARGS_ENV, decode_args
+
+READY_REPORT_S = 1.0
+
+
+def main(argv: list[str]) -> int:
+    from captions.live import worker
+    from captions.live.sdk_fixes import start_livekit_runtime
+    from captions.translate.model import TranslationModelError
+
+    socket_path, index = argv[0], int(argv[1])
+    args = decode_args(os.environ[RECEIVER_ARGS_ENV])
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s %(name)s [receiver {index}]: %(message)s")
+    if args.api_secret == "secret":  # as captions/cli.py: livekit-server --dev's well-known secret
+        warnings.filterwarnings("ignore", message="The HMAC key is")
+    try:
+        client = EngineClient(socket_path, index, on_lost=worker.engine_failed)
+    except OSError as e:
+        print(f"captions worker: receiving process {index}: cannot reach the engine process: {e}", file=sys.stderr)
+        return worker.EXIT_ENGINE_FAILED
+    start_livekit_runtime()
+    try:
+        translation, translation_options = worker._load_translation(args)
+    except TranslationModelError as e:
+        print(f"captions worker: {e}", file=sys.stderr)
+        client.close()
+        return 1
+    service = _rooms_service(args, client, translation, translation_options)
+    stop = threading.Event()
+
+    def report_ready() -> None:
+        while not stop.wait(READY_REPORT_S):
+            client.report_ready(worker.not_ready())
+
+    threading.Thread(target=report_ready, name="receiver-ready", daemon=True).start()
+    try:
+        return worker.serve_rooms(args, service)
+    finally:
+        stop.set()
+
+
+def _rooms_service(args, client: EngineClient, translation, translation_options):
+    """The worker's `CaptionService` (worker.py's `_load_service`, which the single process keeps as
+    it is) with the engine process's engine and slot queue in place of its own."""
+    from captions.live.presence import LiveKitCredentials
+    from captions.live.room import RoomOptions
+    from captions.live.speaker import SpeakerOptions
+    from captions.live.worker import CaptionService
+    from captions.protocol import CaptionSigner
+
+    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
+                              max_turn_hold_s=args.max_turn_hold)
+    options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
+                          livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret),
+                          translation=translation_options)
+    signer = CaptionSigner.for_deployment(args.caption_secret or args.api_secret, args.agent_name)
+    return CaptionService(client.engine, client.slots, options, signer, translation)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

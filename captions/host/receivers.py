@@ -1,0 +1,146 @@
+"""The receiving processes of `captions worker --receivers P`, started and kept running by the engine
+process (engine_process.py).
+
+Each is `python -m captions.host.receiver SOCKET INDEX`, in a session of its own (a Ctrl-C in a
+terminal reaches only the engine process, which passes it on once). Its options are the worker's,
+as JSON in the environment variable `RECEIVER_ARGS_ENV` (not on the command line, where other users
+could read the secrets): every worker option means the same in a receiving process, except that the
+engine process alone serves /metrics and /readyz (and answers the diagnostics signal), and
+livekit-agents' health port is any free port.
+
+A receiving process that exits while the worker runs is started again after a bounded backoff
+(its rooms meanwhile get a captioner from any process's recovery: captions/live/recovery.py). One
+that exits with a failure before it was ever ready (bad options, a translation model that does not
+load) stops the worker: restarting it would only fail again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from captions.log import logger
+
+RECEIVER_ARGS_ENV = "CAPTIONS_RECEIVER_ARGS"
+RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""Backoff before starting a receiving process again, by how many times in a row it died early."""
+STABLE_AFTER_S = 60.0
+"""A receiving process that ran this long before it died starts the backoff afresh."""
+
+
+def encode_args(args: argparse.Namespace) -> str:
+    """The worker's options for its receiving processes (module notes), as JSON."""
+    values = dict(vars(args), health_port=0, metrics_port=0, diagnostics_file=None, receivers=1)
+
+    def encode(value):
+        if isinstance(value, Path):
+            return {"__path__": str(value)}
+        if isinstance(value, tuple):
+            return {"__tuple__": list(value)}
+        raise TypeError(f"cannot pass {type(value).__name__} to a receiving process")
+
+    return json.dumps(values, default=encode)
+
+
+def decode_args(text: str) -> argparse.Namespace:
+    def decode(value: dict):
+        if "__path__" in value:
+            return Path(value["__path__"])
+        if "__tuple__" in value:
+            return tuple(value["__tuple__"])
+        return value
+
+    return argparse.Namespace(**json.loads(text, object_hook=decode))
+
+
+@dataclass(eq=False)
+class _Process:
+    index: int
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    """Deaths in a row, each within STABLE_AFTER_S of its start (the first death counts as one)."""
+    restart_at: float | None = None
+    ever_ready: bool = False
+
+
+class ReceiverPool:
+    """`count` receiving processes feeding the engine server at `socket_path`."""
+
+    def __init__(self, count: int, socket_path: str, args: argparse.Namespace):
+        self._socket_path = socket_path
+        self._environment = dict(os.environ, **{RECEIVER_ARGS_ENV: encode_args(args)})
+        self._processes = [_Process(i) for i in range(count)]
+        self._stopping = False
+        self.started = 0
+        """Receiving processes started so far (restarts included)."""
+
+    def start(self) -> None:
+        for entry in self._processes:
+            self._spawn(entry)
+
+    def pids(self) -> dict[int, int]:
+        """The running receiving processes' pids, by index."""
+        return {e.index: e.process.pid for e in self._processes if e.process is not None and e.process.poll() is None}
+
+    def supervise(self, ready: set[int]) -> int | None:
+        """Called every half second or so: notes which are `ready` (indexes), starts again those that
+        died (after their backoff). Returns an exit status when the worker must stop (module notes)."""
+        now = time.monotonic()
+        for entry in self._processes:
+            if entry.index in ready:
+                entry.ever_ready = True
+            if entry.process is not None and (status := entry.process.poll()) is not None:
+                if not entry.ever_ready and status in (1, 2):
+                    logger.error("receiving process %d exited with status %d before it was ever ready: the "
+                                 "worker stops", entry.index, status)
+                    return status
+                ran = now - entry.started_at
+                entry.failures = 1 if ran >= STABLE_AFTER_S else entry.failures + 1
+                delay = RESTART_DELAYS_S[min(entry.failures, len(RESTART_DELAYS_S)) - 1]
+                logger.warning("receiving process %d (pid %d) exited with %s after %.0f s: a new one starts in "
+                               "%.0f s; its rooms go to the recovery", entry.index, entry.process.pid,
+                               _status(status), ran, delay)
+                entry.process, entry.restart_at = None, now + delay
+            if entry.process is None and entry.restart_at is not None and now >= entry.restart_at:
+                self._spawn(entry)
+        return None
+
+    def stop(self, sig: int | None, timeout: float) -> None:
+        """Sends `sig` to each (None: none; they stop by themselves), waits up to `timeout` seconds in
+        all, then kills those still running."""
+        self._stopping = True
+        running = [e.process for e in self._processes if e.process is not None and e.process.poll() is None]
+        if sig is not None:
+            for process in running:
+                process.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        for process in running:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("receiving process (pid %d) did not stop in %.0f s: killed", process.pid, timeout)
+                process.kill()
+                process.wait()
+
+    def _spawn(self, entry: _Process) -> None:
+        if self._stopping:
+            return
+        command = [sys.executable, "-m", "captions.host.receiver", self._socket_path, str(entry.index)]
+        entry.process = subprocess.Popen(command, env=self._environment, start_new_session=True)
+        entry.started_at, entry.restart_at = time.monotonic(), None
+        self.started += 1
+        logger.info("started receiving process %d (pid %d)", entry.index, entry.process.pid)
+
+
+def _status(returncode: int) -> str:
+    if returncode < 0:
+        return f"signal {signal.Signals(-returncode).name}"
+    return f"status {returncode}"
