@@ -1,0 +1,145 @@
+"""`captions worker --receivers 2` end to end (issue 24's first step): one engine process, two
+receiving processes registered with a real livekit-server, rooms placed across them by LiveKit's
+own dispatch, each with a talking bot and a hidden viewer bot. A receiving process killed with
+SIGKILL loses only its own rooms: the other process's rooms keep their captions, the killed one's
+are captioned again by the recovery, and the engine process starts a new receiving process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from captions.dev.bots import Publisher, Subscriber
+from captions.dev.livekit_server import start_dev_server
+from captions.dev.worker_process import start_captions_worker
+from captions.live.worker import READY_MESSAGE
+from captions.protocol import ATTR_AGENT
+from tests.conftest import espeak_wav
+
+pytestmark = [pytest.mark.livekit, pytest.mark.slow, pytest.mark.failover, pytest.mark.timeout(240),
+              pytest.mark.asyncio(loop_scope="session")]
+
+RECOVERY_BOUND_S = 20.0
+"""The killed process's rooms are captioned again within this of the kill."""
+MAX_ROOMS = 6
+"""Rooms opened, one at a time, until both receiving processes caption one: LiveKit picks a worker at
+random weighted by 1 - load (livekit-server's selectWorkerWeightedByLoad), and both report the same
+load (the one engine's), so each new room lands on the other process with probability 1/2: six
+rooms leave one chance in 32 that they all land on one."""
+SURVIVOR_GAP_S = 8.0
+"""The other process's rooms: no pause between two captions longer than this (a sentence lasts 4 s)."""
+SPEECH = "The quick brown fox jumps over the lazy dog near the river bank."
+STARTED = re.compile(r"started receiving process (\d+) \(pid (\d+)\)")
+CAPTIONING = re.compile(r"\[receiver (\d+)\]: captioning room (\S+) as (\S+)")
+
+
+class Room:
+    def __init__(self, server, name: str):
+        self.name = name
+        self.viewer = Subscriber(server, name, identity="viewer")
+        self.speaker = Publisher(server, name, "alice")
+        self.talking: asyncio.Task | None = None
+
+    async def start(self, wav: Path) -> None:
+        await self.viewer.connect()
+        await self.speaker.connect()
+        self.talking = asyncio.create_task(self.speaker.talk(wav))
+
+    def agents(self) -> set[str]:
+        return {c.attributes.get(ATTR_AGENT, "") for c in self.viewer.captions}
+
+    def captions_after(self, at: float, agent: str | None = None) -> list:
+        return [c for c in self.viewer.captions
+                if c.received_at > at and (agent is None or c.attributes.get(ATTR_AGENT) == agent)]
+
+    async def aclose(self) -> None:
+        if self.talking is not None:
+            self.talking.cancel()
+            with contextlib.suppress(BaseException):
+                await self.talking
+        for bot in (self.speaker, self.viewer):
+            with contextlib.suppress(Exception):
+                await bot.disconnect()
+
+
+def receiver_of(log: str, room: str, agent: str) -> int:
+    return next(int(i) for i, r, a in CAPTIONING.findall(log) if r == room and a == agent)
+
+
+async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, tmp_path, speech_dir):
+    server = start_dev_server(tmp_path / "livekit-server.log")
+    worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 4,
+                                     ("--receivers", "2"))
+    rooms: list[Room] = []
+    try:
+        log = worker.log_path.read_text
+        deadline = time.monotonic() + 60
+        while log().count(READY_MESSAGE) < 2:  # both receiving processes registered with LiveKit
+            assert time.monotonic() < deadline, f"the second receiving process did not register:\n{worker.log_tail()}"
+            await asyncio.sleep(0.2)
+        pids = {int(i): int(p) for i, p in STARTED.findall(log())}
+        assert sorted(pids) == [0, 1]
+        wav = speech_dir / "receivers.wav"
+        if not wav.exists():
+            espeak_wav(SPEECH, wav)
+
+        # Rooms one at a time until each receiving process captions at least one.
+        placed: dict[str, int] = {}
+        while len(set(placed.values())) < 2:
+            assert len(rooms) < MAX_ROOMS, f"LiveKit put all {MAX_ROOMS} rooms on one receiving process: {placed}"
+            room = Room(server, f"host-{len(rooms)}")
+            rooms.append(room)
+            await room.start(wav)
+            await room.viewer.wait_until(lambda r=room: r.viewer.captions, 60, f"captions in {room.name}")
+            (agent,) = room.agents()
+            placed[room.name] = receiver_of(log(), room.name, agent)
+
+        # SIGKILL the first room's receiving process.
+        doomed = placed[rooms[0].name]
+        victims = [r for r in rooms if placed[r.name] == doomed]
+        survivors = [r for r in rooms if placed[r.name] != doomed]
+        old_agents = {r.name: next(iter(r.agents())) for r in rooms}
+        killed_at = time.time()
+        os.kill(pids[doomed], signal.SIGKILL)
+
+        # Its rooms are captioned again, by a new captioner, within the bound.
+        for room in victims:
+            await room.viewer.wait_until(
+                lambda r=room: any(c.attributes.get(ATTR_AGENT) != old_agents[r.name]
+                                   for c in r.captions_after(killed_at)),
+                RECOVERY_BOUND_S, f"{room.name} captioned again after the kill")
+        recovered_after = time.time() - killed_at
+        # The other process's rooms never stopped: the same captioner, captions all along.
+        widest = 0.0
+        for room in survivors:
+            theirs = sorted(c.received_at for c in room.captions_after(killed_at - 5, old_agents[room.name]))
+            assert theirs and theirs[-1] > killed_at + recovered_after - 3, f"{room.name} stopped getting captions"
+            gaps = [b - a for a, b in itertools.pairwise(theirs)]
+            assert max(gaps, default=0) < SURVIVOR_GAP_S, f"{room.name}'s captions paused {max(gaps):.1f} s"
+            widest = max(widest, *gaps)
+            assert room.agents() == {old_agents[room.name]}
+        # A new receiving process took the killed one's place, and registered.
+        deadline = time.monotonic() + 30
+        while log().count(READY_MESSAGE) < 3:
+            assert time.monotonic() < deadline, f"no new receiving process registered:\n{worker.log_tail()}"
+            await asyncio.sleep(0.2)
+        restarted = [int(p) for i, p in STARTED.findall(log()) if int(i) == doomed]
+        assert len(restarted) == 2 and restarted[1] != pids[doomed]
+        assert f"receiving process {doomed} (pid {pids[doomed]}) disconnected" in log()
+        print(f"placed {placed}; killed receiver {doomed}: its rooms captioned again after {recovered_after:.1f} s; "
+              f"the other rooms' widest gap between captions {widest:.1f} s")
+    finally:
+        for room in rooms:
+            await room.aclose()
+        status = await asyncio.to_thread(worker.stop, 60)
+        server.stop()
+    assert status == 0, worker.log_tail()
