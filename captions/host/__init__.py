@@ -11,8 +11,11 @@ served over one Unix stream socket per receiving process (engine_server.py; fram
 Why a socket and not shared memory (yet): one connection carries requests, grants, events, yield
 answers and audio in order, which keeps the slot queue's semantics exactly; audio is sent as raw
 float32 behind a 13-byte header, and each side's one writer thread sends everything queued in one
-write per wake-up (32 live streams: one write per 10 ms tick). Measured on the shared 2-core test
-machine under heavy load (2026-12-06): about 8 us of the engine process's CPU per pushed 10 ms chunk,
-0.0008 cores per live talker, mostly its reader thread's frame parsing; shared memory for audio
-would take that off the engine process (issue 24's suggestion), at 400 talkers a third of a core.
+write per wake-up (32 to 128 live streams: about 100 writes a second per receiving process).
+Measured on the shared 2-core AMD EPYC test machine (2026-12-06, load average 1.2-1.7; 32, 64 and 128
+live streams of 10 ms chunks through one or two connections to a null engine stepping every 80 ms):
+7.5-11 us of the engine process's CPU per pushed chunk (0.0007-0.0011 cores per live talker), most
+of it the reader thread parsing frames, and 6-12 us on the receiving side. Shared memory for audio
+(issue 24's suggestion) would take that off the engine process: at 400 talkers it is a third of a
+core there, under the same interpreter lock as the engine's thread.
 """
