@@ -35,6 +35,7 @@ MAX_ROOMS = 6
 random weighted by 1 - load (livekit-server's selectWorkerWeightedByLoad), and both report the same
 load (the one engine's), so each new room lands on the other process with probability 1/2: six
 rooms leave one chance in 32 that they all land on one (the test then checks the recovery only)."""
+SLOTS = MAX_ROOMS
 SURVIVOR_GAP_S = 8.0
 """The other process's rooms: no pause between two captions longer than this (a sentence lasts 4 s)."""
 SPEECH = "The quick brown fox jumps over the lazy dog near the river bank."
@@ -77,7 +78,9 @@ def receiver_of(log: str, room: str, agent: str) -> int:
 
 async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, tmp_path, speech_dir):
     server = start_dev_server(tmp_path / "livekit-server.log")
-    worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 4,
+    # A slot for every room's talker: the test is about processes, not the queue (with 4 slots and 5
+    # rooms, a recovered room's talker waited for a slot past the bound, and survivors yielded theirs).
+    worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", SLOTS,
                                      ("--receivers", "2"))
     rooms: list[Room] = []
     try:
