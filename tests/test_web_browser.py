@@ -389,11 +389,13 @@ async def test_agent_states_absent_loading_waiting_live(agentless_livekit, agent
     await wait_state(page, "live")
     assert await page.is_hidden("#notice")
     await bot.set_status("live", **{"captions.problem": "transcript_unavailable"})  # a full disk, say
-    await page.wait_for_function("document.querySelector('#notice').textContent.includes('cannot save')",
+    # Arrow functions: Playwright polls a bare expression with eval, which the page's CSP refuses
+    # (the test failed so whenever the state was not there at the first look).
+    await page.wait_for_function("() => document.querySelector('#notice').textContent.includes('cannot save')",
                                  timeout=WAIT_MS)
     await page.screenshot(path=screenshot_path("transcript-unavailable.png"))
     await bot.set_status("live", **{"captions.problem": ""})
-    await page.wait_for_function("document.querySelector('#notice').hidden", timeout=WAIT_MS)
+    await page.wait_for_function("() => document.querySelector('#notice').hidden", timeout=WAIT_MS)
     await bot.room.disconnect()
     await wait_state(page, "no-agent")
 
