@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -269,3 +270,31 @@ def add_output_options(parser: argparse.ArgumentParser) -> None:
     """--json and --plot, shared by every benchmark."""
     add_option(parser, "--json", env="CAPTIONS_BENCH_JSON", type=Path, help="write the results here")
     add_option(parser, "--plot", env="CAPTIONS_BENCH_PLOT", type=Path, help="write a PNG plot here")
+
+
+def spawn_role(module: str, role: str, config: dict, workdir: Path, name: str,
+               env: dict | None = None) -> subprocess.Popen:
+    """`python -m module role <workdir/name.json>`, its output in `workdir/name.log`: a benchmark's
+    bots or listener in a process of its own."""
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config))
+    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process by the OS
+    return subprocess.Popen([sys.executable, "-m", module, role, str(path)],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+
+
+def listener_result(listener: subprocess.Popen, timeout_s: float, out: Path, workdir: Path, name: str,
+                    bots: list[subprocess.Popen]) -> dict:
+    """The JSON a listener process wrote to `out` once it ended; a BenchError, naming its log, when
+    it did not end in time, failed, or a bot process stopped meanwhile."""
+    try:
+        code = listener.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        listener.kill()
+        raise BenchError(f"the listener did not finish: see {workdir}/{name}.log") from None
+    if code != 0 or not out.exists():
+        tail = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise BenchError(f"the listener failed ({code}):\n{tail}")
+    if any(bot.poll() is not None for bot in bots):
+        raise BenchError(f"a bot process stopped early: see {workdir}/bots-*.log")
+    return json.loads(out.read_text())

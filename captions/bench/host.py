@@ -50,10 +50,12 @@ from captions.bench.common import (
     add_output_options,
     add_test_checkpoint_options,
     finish_report,
+    listener_result,
     machine_description,
     resolve_test_checkpoint,
     run_child_process,
     save_figure,
+    spawn_role,
     summarize_ms,
 )
 from captions.config import add_option, positive_int
@@ -264,11 +266,7 @@ def _child_main(role: str, config_path: str) -> int:
 # ---- the parent --------------------------------------------------------------------------------------
 
 def _spawn(role: str, config: dict, workdir: Path, name: str, env: dict | None = None) -> subprocess.Popen:
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(config))
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process by the OS
-    return subprocess.Popen([sys.executable, "-m", "captions.bench.host", role, str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})))
+    return spawn_role("captions.bench.host", role, config, workdir, name, env)
 
 
 def _signals(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]]:
@@ -324,17 +322,8 @@ def measure(args: argparse.Namespace, workdir: Path, checkpoint: Path) -> list[d
                       "batch_size": participants if kind == "talkers" else 1}
             load_before = [round(x, 2) for x in os.getloadavg()]
             listener = _spawn("listen", config, workdir, f"listener-{n}", env={PATH_ENV: configuration["path"]})
-            try:
-                code = listener.wait(timeout=per_run_s + 2 * SUBSCRIBE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-                raise BenchError(f"the listener did not finish: see {workdir}/listener-{n}.log") from None
-            if code != 0 or not out.exists():
-                tail = (workdir / f"listener-{n}.log").read_text(errors="replace")[-2000:]
-                raise BenchError(f"the listener failed ({code}):\n{tail}")
-            if any(bot.poll() is not None for bot in bots):
-                raise BenchError(f"a bot process stopped early: see {workdir}/bots-*.log")
-            result = json.loads(out.read_text())
+            result = listener_result(listener, per_run_s + 2 * SUBSCRIBE_TIMEOUT_S, out, workdir, f"listener-{n}",
+                                     bots)
             run = {**configuration, **result, "load_before": load_before}
             run["kept_up"] = kept_up(run)
             runs.append(run)

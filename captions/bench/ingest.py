@@ -37,10 +37,12 @@ from captions.bench.common import (
     BenchError,
     add_output_options,
     finish_report,
+    listener_result,
     machine_description,
     positive_ints,
     run_child_process,
     save_figure,
+    spawn_role,
 )
 from captions.config import add_option, positive_int
 from captions.stt.api import SAMPLE_RATE
@@ -170,11 +172,7 @@ def _child_main(role: str, config_path: str) -> int:
 # ---- the parent --------------------------------------------------------------------------------------
 
 def _spawn(role: str, config: dict, workdir: Path, name: str) -> subprocess.Popen:
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(config))
-    log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process by the OS
-    return subprocess.Popen([sys.executable, "-m", "captions.bench.ingest", role, str(path)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    return spawn_role("captions.bench.ingest", role, config, workdir, name)
 
 
 def _configurations(args: argparse.Namespace) -> list[dict]:
@@ -210,17 +208,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
             config = {**base, **configuration, "tracks": args.tracks, "seconds": args.seconds, "out": str(out)}
             listener = _spawn("listen", config, workdir, f"listener-{n}")
             load_before = round(os.getloadavg()[0], 2)
-            try:
-                code = listener.wait(timeout=per_run_s + SUBSCRIBE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                listener.kill()
-                raise BenchError(f"the listener did not finish: see {workdir}/listener-{n}.log") from None
-            if code != 0 or not out.exists():
-                tail = (workdir / f"listener-{n}.log").read_text(errors="replace")[-2000:]
-                raise BenchError(f"the listener failed ({code}):\n{tail}")
-            if any(bot.poll() is not None for bot in bots):
-                raise BenchError(f"a bot process stopped early: see {workdir}/bots-*.log")
-            result = json.loads(out.read_text())
+            result = listener_result(listener, per_run_s + SUBSCRIBE_TIMEOUT_S, out, workdir, f"listener-{n}", bots)
             streams = args.tracks * configuration["streams_per_track"]
             run = {**configuration, "tracks": args.tracks, "streams": streams, **result,
                    "cores_per_stream": round(result["cores"] / streams, 4), "load_1min_before": load_before}
