@@ -210,11 +210,17 @@ class TranslationEngine:
             return batch
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            self._count("dropped", len(batch) - len(jobs))  # cancelled by their caller meanwhile
-            if jobs:
-                self._translate(jobs)
+        try:
+            while (batch := self._next_batch()) is not None:
+                jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
+                self._count("dropped", len(batch) - len(jobs))  # cancelled by their caller meanwhile
+                if jobs:
+                    self._translate(jobs)
+        except BaseException:  # noqa: BLE001 - logged; the thread ends either way
+            # A bug here must not leave callers waiting on a thread that is gone: closed, every queued
+            # and later translation fails at once (the rooms publish the originals, marked).
+            logger.exception("the translation engine's thread failed: translation is off until the worker restarts")
+            self.close()
 
     def _translate(self, jobs: list[_Job]) -> None:
         start = time.perf_counter()
