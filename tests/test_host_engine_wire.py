@@ -199,3 +199,18 @@ def test_an_engine_failure_reaches_every_receiver(host):
     until(lambda: len(lost) == 1, what="on_lost")
     assert "illegal memory access" in lost[0]
     assert alice.ended.wait(3) and alice.events[-1].error is not None
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff\x01", b"\x00\x00\x00\x05\x63{not json", b"\x00\x00\x00\x02\x7f!"],
+                         ids=["huge length", "bad json", "unknown kind"])
+def test_a_connection_that_sends_garbage_is_dropped_and_its_slots_freed(host, garbage):
+    """Anything on the engine's socket that is not a well-formed frame ends that connection (with its
+    streams), never the engine process nor the other receivers."""
+    _, _, server, connect = host
+    bad, good = connect(), connect()
+    alice, bob = Speaker("a/alice"), Speaker("b/bob")
+    bad.slots.request(alice.waiter).push(tone(0.24))
+    until(lambda: len(server.receivers()) == 2, what="both connected")
+    bad._sock.sendall(garbage)
+    until(lambda: len(server.receivers()) == 1, what="the garbage sender dropped")
+    assert good.slots.request(bob.waiter) is not None, "its slot was not freed for the others"

@@ -358,7 +358,7 @@ def test_make_test_checkpoint_writes_the_translation_models_beside(tmp_path, mon
 def test_an_engine_whose_thread_dies_fails_what_waits_and_what_comes_at_once(fake, monkeypatch, caplog):
     """A bug in the engine's own loop: nothing waits on a thread that is gone (rooms would time each
     final out, 3 s late); queued and later submissions fail at once, and the log says why."""
-    engine, first = _busy_engine(fake)
+    engine, _ = _busy_engine(fake)
     queued = engine.submit("queued", "en", "de", final=True)
 
     def broken() -> None:
