@@ -118,8 +118,8 @@ class Meeting:
         waiting = set(self.queue.waiting())
         for s in self.speakers.values():
             turn = s.turn
-            if turn is not None and turn.state is TurnState.WAITING and turn.waiter is not None \
-                    and turn.waiter.label not in waiting and not s._stopped:
+            if turn is not None and turn.state is TurnState.WAITING and turn.stream is None \
+                    and turn.client.label not in waiting and not s._stopped:
                 return True  # granted: the stream hops over to the room's loop
         return self.engine.slots_in_use < self.engine.batch_size and len(self.queue) > 0
 

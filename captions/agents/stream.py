@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from livekit import rtc
 from livekit.agents import (
+    APIConnectionError,
     APIConnectOptions,
     APIError,
     stt,
@@ -20,8 +21,9 @@ from livekit.agents import (
 )
 from livekit.agents.types import TimedString
 
-from captions.agents.engines import SharedEngine, SlotRequest
+from captions.agents.engines import SharedEngine
 from captions.live.segmenter import CaptionUpdate, Segmenter
+from captions.live.stream_client import KeptAudioBound, StreamClient
 from captions.log import logger
 from captions.stt.api import SAMPLE_RATE, EngineStream, StreamEvent, Word
 
@@ -84,22 +86,32 @@ class Timeline:
         return self.base_s + t - shift
 
 
+async def granted_stream(client: StreamClient, shared: SharedEngine, timeout: float) -> EngineStream:
+    """The client's stream once granted; after `timeout` s a retryable APIConnectionError (livekit-agents'
+    retry convention), the request staying in line for the retry."""
+    try:
+        return await client.wait(timeout)
+    except asyncio.TimeoutError:
+        raise APIConnectionError(
+            f"Kyutai STT: no free engine slot for {timeout:g} s ({shared.engine.batch_size} slots, "
+            f"{client.waiting} waiting); still in line") from None
+
+
 @dataclass(eq=False)
 class EngineSession:
-    """One engine stream of a recognize stream (a new one after an engine error)."""
+    """One engine stream of a recognize stream (a new one after an engine error). The client counts
+    what was pushed (flush silence included: the engine stream's own time) and the frames stepped."""
 
-    stream: EngineStream
+    client: StreamClient
     segmenter: Segmenter
     timeline: Timeline
-    pushed: int = 0
-    """Samples pushed, flush silence included (the engine stream's own time)."""
-    frames: int = 0
-    """Frames the engine has stepped (its events' `frames`)."""
     partial: str = ""
     """The word the model is writing, as of the latest event."""
     heard_since_flush: bool = False
-    ended: bool = False
-    error: str | None = None
+
+    @property
+    def stream(self) -> EngineStream:
+        return self.client.stream
 
 
 _FLUSH = object()
@@ -126,7 +138,8 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
         """Caller's samples pushed into an engine stream or dropped while waiting."""
         self._unreported = 0
         """Caller's samples pushed since the last usage event."""
-        self._request: SlotRequest | None = None
+        self._bound = KeptAudioBound(self._label, stt._max_wait_audio_s)
+        self._client: StreamClient | None = None
         self._session: EngineSession | None = None
         self._speaking = False
         self._reader = asyncio.create_task(self._read_input(), name=f"{self._label}-input")
@@ -163,27 +176,24 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
         self._wake.set()
 
     def _drop_beyond_bound(self) -> None:
-        limit = self._kyutai._max_wait_audio_s * SAMPLE_RATE
-        dropped = 0
-        while self._pending_samples > limit and self._pending:
+        excess = self._bound.excess(self._pending_samples)
+        while excess > 0 and self._pending:
             item = self._pending.popleft()
             if item is not _FLUSH:
                 self._pending_samples -= item.size
-                dropped += item.size
-        if dropped:
-            self._consumed += dropped
-            logger.warning("%s: still no engine slot: dropped the oldest %.2f s of audio (kept: %.0f s)",
-                           self._label, dropped / SAMPLE_RATE, self._kyutai._max_wait_audio_s)
+                self._consumed += item.size
+                excess -= item.size
 
     # The attempt (livekit-agents calls _run again after a retryable APIError) --------------------
 
     async def _run(self) -> None:
         shared = await self._kyutai.engine()  # no timeout: loading is not a connection (README)
         if self._session is None:
-            if self._request is None:
-                self._request = SlotRequest(shared, self._label, self._on_engine_event)
-            stream = await self._request.wait(self._conn_options.timeout)
-            self._session = EngineSession(stream, Segmenter(options=self._kyutai._segmenter_options),
+            if self._client is None:
+                self._client = StreamClient(shared.slots, self._label, self._on_engine_event)
+                self._client.request()
+            stream = await granted_stream(self._client, shared, self._conn_options.timeout)
+            self._session = EngineSession(self._client, Segmenter(options=self._kyutai._segmenter_options),
                                            Timeline(self._consumed / SAMPLE_RATE))
             logger.info("%s: recognising in engine slot %d", self._label, stream.slot_index)
         await self._feed(shared, self._session)
@@ -191,7 +201,7 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
     async def _feed(self, shared: SharedEngine, session: EngineSession) -> None:
         while True:
             self._wake.clear()
-            if session.ended:
+            if session.client.ended:
                 self._fail(session)  # raises: the engine ended the stream on its own (an error)
             if self._pending:
                 item = self._pending.popleft()
@@ -200,11 +210,11 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
                         await self._flush(shared, session)
                 elif not self._push(session, item):
                     self._pending.appendleft(item)
-                    await self._until(lambda: session.ended)
+                    await self._until(lambda: session.client.ended)
             elif self._input_done:
-                session.stream.close()
-                await self._until(lambda: session.ended)
-                if session.error:
+                session.client.release()  # flushed: the last words come out
+                await self._until(lambda: session.client.ended)
+                if session.client.error:
                     self._fail(session)
                 return
             else:
@@ -212,20 +222,19 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
 
     def _push(self, session: EngineSession, pcm: np.ndarray) -> bool:
         try:
-            session.stream.push(pcm)
+            session.client.push(pcm)
         except RuntimeError:
             return False  # the engine already ended this stream; its last event is on its way
         self._pending_samples -= pcm.size
-        session.pushed += pcm.size
         session.heard_since_flush = True
         self._consumed += pcm.size
         self._unreported += pcm.size
         return True
 
     def _push_silence(self, session: EngineSession, samples: int) -> None:
-        session.stream.push(np.zeros(samples, dtype=np.float32))
-        session.timeline.insert(session.pushed / SAMPLE_RATE, samples / SAMPLE_RATE)
-        session.pushed += samples
+        at_s = session.client.pushed / SAMPLE_RATE
+        session.client.push(np.zeros(samples, dtype=np.float32))
+        session.timeline.insert(at_s, samples / SAMPLE_RATE)
 
     async def _flush(self, shared: SharedEngine, session: EngineSession) -> None:
         """The open segment becomes final with every word heard so far (module notes)."""
@@ -234,31 +243,25 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
         session.heard_since_flush = False
         engine = shared.engine
         frame = engine.frame_size
-        pending = (session.stream.lead_samples + session.pushed) % frame
         # The model's delay after the last sample, counted from the end of its (completed) frame;
-        # the extra frame keeps the stream's frames on the shared clock (engine.py).
-        silence_frames = engine.model.flush_frames + (1 if pending else 0)
+        # the extra frame keeps the stream's frames on the shared clock (stream_client.py).
+        silence_frames = engine.model.flush_frames + (1 if session.client.frame_remainder else 0)
         # words.py ends a word after a second of padding that follows its start.
         word_end_frames = math.ceil(engine.frame_rate) + 1
         try:
             self._push_silence(session, silence_frames * frame)
-            await self._until_stepped(session, frame)
+            await self._until(lambda: session.client.stepped_all)
             for _ in range(word_end_frames):
-                if not session.partial or session.ended:
+                if not session.partial or session.client.ended:
                     break
                 self._push_silence(session, frame)
-                await self._until_stepped(session, frame)
+                await self._until(lambda: session.client.stepped_all)
         except RuntimeError:
             pass  # the engine ended the stream meanwhile (an error): `_feed` reports it
-        if session.ended:
+        if session.client.ended:
             return
         self._emit(session, session.segmenter.flush())
         self._end_of_speech()
-
-    async def _until_stepped(self, session: EngineSession, frame_size: int) -> None:
-        """Until the engine has stepped every whole frame pushed so far."""
-        target = (session.stream.lead_samples + session.pushed) // frame_size
-        await self._until(lambda: session.ended or session.frames >= target)
 
     async def _until(self, done: Callable[[], bool]) -> None:
         while not done():
@@ -268,26 +271,26 @@ class KyutaiRecognizeStream(stt.RecognizeStream):
             await self._wake.wait()
 
     def _fail(self, session: EngineSession) -> None:
-        self._session, self._request = None, None
-        raise APIError(f"Kyutai STT engine: {session.error or 'stream ended unexpectedly'}")
+        self._session, self._client = None, None
+        raise APIError(f"Kyutai STT engine: {session.client.error or 'stream ended unexpectedly'}")
 
     def _on_done(self, _task: asyncio.Task[None]) -> None:
         self._reader.cancel()
-        if self._request is not None:
-            self._request.release()  # leaves the line, or frees the slot of a cancelled stream
+        if self._client is not None:
+            self._client.release(flush=False)  # leaves the line, or frees the slot of a cancelled stream
 
     # Engine events -> speech events -------------------------------------------------------------
 
     def _on_engine_event(self, event: StreamEvent) -> None:
         session = self._session
         if session is None or self._task.done():
+            self._wake.set()  # the client has noted the frames and the end
             return
-        session.frames, session.partial = event.frames, event.partial
+        session.partial = event.partial
         self._emit(session, session.segmenter.feed(event))
         if not session.segmenter.speaking:
             self._end_of_speech()
         if event.ended:
-            session.ended, session.error = True, event.error
             self._report_usage()
         self._wake.set()
 

@@ -18,9 +18,10 @@ from livekit.agents import (
 )
 from livekit.agents.types import TimedString
 
-from captions.agents.engines import DEFAULT_BATCH_SIZE, SharedEngine, SlotRequest, is_loaded, shared_engine
-from captions.agents.stream import KyutaiRecognizeStream, model_audio, speech_data
+from captions.agents.engines import DEFAULT_BATCH_SIZE, SharedEngine, is_loaded, shared_engine
+from captions.agents.stream import KyutaiRecognizeStream, granted_stream, model_audio, speech_data
 from captions.live.segmenter import SegmenterOptions
+from captions.live.stream_client import StreamClient
 from captions.log import logger
 from captions.stt.api import StreamEvent, Word
 from captions.stt.model import DEFAULT_MODEL
@@ -109,15 +110,16 @@ class KyutaiSTT(stt.STT):
             if event.ended and not ended.done():
                 ended.set_result(event.error)
 
-        request = SlotRequest(shared, f"recognize-{next(self._labels)}", on_event)
+        client = StreamClient(shared.slots, f"recognize-{next(self._labels)}", on_event)
         try:
-            stream = await request.wait(conn_options.timeout)
+            client.request()
+            await granted_stream(client, shared, conn_options.timeout)
             if audio.size:
-                stream.push(audio)
-            stream.close()
+                client.push(audio)
+            client.release()  # flushed: every word comes out
             error = await ended
         finally:
-            request.release()
+            client.release(flush=False)
         if error:
             raise APIError(f"Kyutai STT engine: {error}")
         timed = [TimedString(w.text, start_time=w.start, end_time=w.end) for w in words]

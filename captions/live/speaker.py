@@ -27,7 +27,7 @@ went away. If the task that watches the track fails, the speaker ends at once: i
 and its slot freed, and `ended` is set (nothing is left waiting on it).
 
 Threads: everything here runs on the room's event loop (granted slots and engine events hop over:
-slots.loop_waiter).
+stream_client.py, which also states the frame clock's contract).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ import numpy as np
 from captions.live.metrics import METRICS
 from captions.live.recorder import StreamRecorder
 from captions.live.segmenter import CaptionUpdate, Segmenter, SegmenterOptions
-from captions.live.slots import SlotQueue, Waiter, loop_waiter
+from captions.live.slots import SlotQueue
+from captions.live.stream_client import KeptAudioBound, StreamClient
 from captions.live.supervise import supervised
 from captions.live.timing import StreamTiming
 from captions.live.track_audio import LIVE_CHUNK, AudioSource, TrackAudio
@@ -115,11 +116,10 @@ class Turn:
         self.start = start
         """Nothing before this track index goes into the turn (it went to the turn before)."""
         self.since = time.monotonic()
-        self.stream: EngineStream | None = None
-        self.waiter: Waiter | None = None
-        """The request while the turn waits for a slot (None once granted)."""
-        self.claim: Waiter | None = None
-        """The request the slot was granted to: names the turn's slot to the queue (`should_yield`)."""
+        self.client: StreamClient | None = None
+        """The turn's engine stream: asked for, then granted (stream_client.py)."""
+        self.bound: KeptAudioBound | None = None
+        """How much of the turn's audio is kept while it waits (stream_client.py)."""
         self.granted_end = 0
         """The track's end when the slot came: how long the turn has held it, in audio."""
         self.yield_asked: int | None = None
@@ -127,7 +127,10 @@ class Turn:
         self.segmenter: Segmenter | None = None
         self.recorder: StreamRecorder | None = None
         self.timing: StreamTiming | None = None
-        self.overflowed = False
+
+    @property
+    def stream(self) -> EngineStream | None:
+        return self.client.stream if self.client is not None else None
 
     @property
     def kept_samples(self) -> int:
@@ -230,7 +233,7 @@ class Speaker:
                                   (gate.onset or track.end) - self._samples(self.options.pre_roll_s))
         elif turn.open_start is not None and ended:
             turn.hold_until(min(track.end, (gate.last_speech or track.end) + self._samples(self.options.release_after_s)))
-        excess = turn.kept_samples - self._samples(self.options.max_wait_s)
+        excess = turn.bound.excess(turn.kept_samples)
         if excess > 0:
             self._drop_oldest(turn, excess)
         keep = turn.open_start if turn.open_start is not None else track.end - self._samples(
@@ -239,10 +242,6 @@ class Speaker:
 
     def _drop_oldest(self, turn: Turn, samples: int) -> None:
         METRICS.frame_dropped("waiting_overflow", -(-samples // FRAME_SIZE))
-        if not turn.overflowed:
-            turn.overflowed = True
-            logger.warning("room %s: %s has waited for a slot longer than %.0f s of audio: the oldest is "
-                           "dropped", self.host.room_name, self.identity, self.options.max_wait_s)
         while samples > 0 and turn.held:
             index, pcm = turn.held[0]
             cut = min(samples, pcm.size)
@@ -262,23 +261,17 @@ class Speaker:
         self.turn = turn
         if since is None:
             since = time.monotonic() - (self.track.end - start) / SAMPLE_RATE
-        turn.waiter = loop_waiter(f"{self.host.room_name}/{self.identity}",
-                                  on_granted=lambda stream: self._granted(turn, stream),
-                                  on_event=lambda event: self._on_event(turn, event), since=since,
-                                  live_chunk=LIVE_CHUNK, room=self.host.room_name)
-        stream = self.host.slots.request(turn.waiter)
-        if stream is None:
+        turn.bound = KeptAudioBound(f"room {self.host.room_name}: {self.identity}", self.options.max_wait_s)
+        turn.client = StreamClient(self.host.slots, f"{self.host.room_name}/{self.identity}",
+                                   on_granted=lambda stream: self._granted(turn, stream),
+                                   on_event=lambda event: self._on_event(turn, event), since=since,
+                                   live_chunk=LIVE_CHUNK, room=self.host.room_name)
+        if not turn.client.request():
             logger.info("room %s: %s talks and waits for a slot", self.host.room_name, self.identity)
             self.host.status_changed()
-        else:
-            self._granted(turn, stream)
 
     def _granted(self, turn: Turn, stream: EngineStream) -> None:
-        if turn.state is TurnState.CLOSING:  # given up (the worker stops) just as the slot came
-            stream.abort()
-            return
         METRICS.observe_slot_wait(time.monotonic() - turn.since)
-        turn.claim, turn.waiter, turn.stream = turn.waiter, None, stream
         turn.granted_end = self.track.end
         turn.segmenter = Segmenter(options=self.host.segmenter_options)
         if self.host.record_dir is not None:
@@ -349,11 +342,11 @@ class Speaker:
         index, pcm = parts[-1]
         pcm32 = pcm16.astype(np.float32)
         pcm32 *= 1 / 32768
-        turn.stream.push(pcm32, produced_at=self.track.produced_at(index + pcm.size))
+        turn.client.push(pcm32, produced_at=self.track.produced_at(index + pcm.size))
         for index, pcm in parts:
             turn.record(index, pcm.size)
         if turn.recorder is not None:
-            turn.recorder.write(pcm16, turn.stream.lead_samples)
+            turn.recorder.write(pcm16, turn.client.lead_samples)
         if turn.timing is not None:
             turn.timing.record(pcm16, time.time())
 
@@ -365,18 +358,14 @@ class Speaker:
         if turn.state is TurnState.CLOSING:
             return
         turn.state = TurnState.CLOSING
-        if turn.waiter is not None:  # never got a slot
-            self.host.slots.cancel(turn.waiter)
+        if turn.stream is None:  # never got a slot (one on its way is aborted when it comes)
+            turn.client.release()
             METRICS.frame_dropped("shutdown", -(-turn.kept_samples // FRAME_SIZE))
             self.host.status_changed()
             self._turn_done(turn)
             return
         self._closing.add(turn)
-        self.host.slots.closing(turn.claim)
-        if flush:
-            turn.stream.close()
-        else:
-            turn.stream.abort()
+        turn.client.release(flush)
 
     # ---- fair shares: yielding a slot ----------------------------------------------------------
 
@@ -385,7 +374,7 @@ class Speaker:
 
     def _judge_yield(self, turn: Turn) -> None:
         """Every 80 ms of a live turn: whether the queue asks it to yield; past the bound, it does."""
-        asked = self.host.slots.should_yield(turn.claim, self._long_held(turn))
+        asked = turn.client.should_yield(self._long_held(turn))
         if not asked:
             turn.yield_asked = None
             return
@@ -401,7 +390,7 @@ class Speaker:
         from the next sample waits for a slot behind those who waited (module notes)."""
         if turn is not self.turn or turn.state is not TurnState.LIVE or self._stopped:
             return
-        if not self.host.slots.should_yield(turn.claim, self._long_held(turn)):
+        if not turn.client.should_yield(self._long_held(turn)):
             turn.yield_asked = None  # served meanwhile: no need any more
             return
         start = turn.open_start if turn.open_start is not None else self.track.end
