@@ -1,4 +1,5 @@
-"""The captions protocol: what the agent publishes over LiveKit and what viewers read.
+"""The captions protocol: what the agent publishes over LiveKit and what viewers read. The spec is
+docs/protocol.md, which this module and web/protocol.js both follow; the notes below are its summary.
 
 Captions follow LiveKit's own transcription protocol so that LiveKit's front-end components show
 them too:

@@ -1,5 +1,5 @@
-// The captions protocol, as the agent publishes it (mirrors captions/protocol.py, whose module
-// docstring is the spec).
+// The captions protocol, as the agent publishes it. The spec is docs/protocol.md, which this module
+// and captions/protocol.py (the worker's side) both follow.
 
 export const TOPIC_TRANSCRIPTION = 'lk.transcription';
 export const ATTR_SEGMENT_ID = 'lk.segment_id';
