@@ -1,6 +1,7 @@
 """The tree shows the architecture: the product (stt, live, viewer, protocol) never imports the
-development tools or the benchmarks, no module imports itself back through others, the engine's
-interface loads without torch, and the Docker image (which leaves the tools out) still runs."""
+development tools or the benchmarks, no module imports itself back through others or is over 500
+lines, the engine's interface loads without torch, and the Docker image (which leaves the tools
+out) still runs."""
 
 from __future__ import annotations
 
@@ -87,6 +88,15 @@ def test_no_import_cycles():
     for name in sorted(GRAPH):
         visit(name)
     assert not cycles, cycles
+
+
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_of_the_package_is_over_500_lines():
+    """A module that long does several jobs: split it along them (as bench/latency and bench/meeting are)."""
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long
 
 
 def test_the_engine_interface_and_the_queue_load_without_torch():
