@@ -11,6 +11,9 @@ offers them in its language picker. The translation model is ``--translation-mod
 ``--model`` made by ``captions make-test-checkpoint DIR`` brings its own tiny one (DIR/translation/),
 so ``captions make-test-checkpoint ckpt/tiny && captions up --model ckpt/tiny --translate-to de`` runs
 offline; otherwise the worker's default model (from the hub, once).
+
+``--receivers`` (issue 24) is passed on to the worker as given: auto (the default) lets the worker
+choose from the cores it may use (captions/host/receivers.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from captions.config import add_option, device_name, language_list, non_negative_int
 from captions.dev.livekit_server import DEV_API_KEY, DEV_API_SECRET, dev_server_command, ensure_livekit_server
 from captions.dev.processes import stop_on_signals, stop_process
+from captions.host.receivers import add_receivers_option
 from captions.live.worker import READY_MESSAGE, add_captioning_options
 from captions.log import logger
 from captions.translate.model import DEFAULT_TRANSLATION_MODEL
@@ -56,6 +60,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="the worker's translation device: auto (the speech model's --device), cpu, cuda or cuda:N")
     add_option(parser, "--translation-threads", env="CAPTIONS_TRANSLATION_THREADS", default=0,
                type=non_negative_int, help="the worker's CPU threads per translation batch (0: CTranslate2's default)")
+    add_receivers_option(parser)
     add_option(parser, "--room", env="CAPTIONS_UP_ROOM", default="demo", help="room of the printed viewer link")
     parser.add_argument("--host", default="127.0.0.1", help="address for livekit-server and the viewer")
     parser.add_argument("--livekit-port", type=int, default=7880, help="livekit-server signal port")
@@ -150,6 +155,18 @@ def _wait_for_http(url: str, child: Child, timeout: float = 20) -> None:
     raise RuntimeError(f"{child.name} did not answer at {url} within {timeout:.0f} s")
 
 
+def worker_args(args: argparse.Namespace, translation: list[str], livekit: list[str]) -> list[str]:
+    """`captions worker ...` as `captions up` runs it: its captioning options and --receivers passed on."""
+    worker = ["worker", "start", "--model", args.model, "--device", args.device,
+              "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0",
+              "--receivers", str(args.receivers),
+              # A local try-out needs no Prometheus endpoint, and must not fail over a busy port.
+              "--metrics-port", "0", *translation, *livekit]
+    if args.record_dir is not None:
+        worker += ["--record-dir", str(args.record_dir)]
+    return worker
+
+
 def _start_children(args: argparse.Namespace, children: list[Child]) -> str:
     """Starts everything (appending to `children` as it goes); returns the viewer link."""
     binary = ensure_livekit_server()
@@ -162,13 +179,8 @@ def _start_children(args: argparse.Namespace, children: list[Child]) -> str:
     if args.translate_to:
         logger.info("translating into %s with %s", ",".join(args.translate_to),
                     translation_model(args) or DEFAULT_TRANSLATION_MODEL)
-    worker = ["worker", "start", "--model", args.model, "--device", args.device,
-              "--batch-size", str(args.batch_size), "--data-dir", str(args.data_dir), "--health-port", "0",
-              # A local try-out needs no Prometheus endpoint, and must not fail over a busy port.
-              "--metrics-port", "0", *worker_translation, *lk]
-    if args.record_dir is not None:
-        worker += ["--record-dir", str(args.record_dir)]
-    worker_child = _spawn("caption worker", _captions_command(*worker), watch_for=READY_MESSAGE)
+    worker_child = _spawn("caption worker", _captions_command(*worker_args(args, worker_translation, lk)),
+                          watch_for=READY_MESSAGE)
     children.append(worker_child)
     from captions.viewer.links import viewer_link
     from captions.viewer.server import LIVEKIT_CLIENT_PATH, WEB_DIR

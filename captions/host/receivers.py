@@ -26,13 +26,64 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from captions.config import add_option
 from captions.log import logger
 
+AUTO = "auto"
+CORES_KEPT = 2
+"""Cores `--receivers auto` leaves to the engine process (its engine thread's host work, the socket
+readers: about 0.001 cores per live talker) and to the rest of the machine (the OS, livekit-server
+when it runs on the same host)."""
+MAX_AUTO_RECEIVERS = 8
+"""`--receivers auto` never starts more: one receiving process tops out near 50 live talkers, about
+one core (0.016-0.026 cores per talker, docs/benchmarks/host.md), so 8 carry about 400, what one GPU
+steps in real time (Kyutai publishes 400 streams on an H100). More would cost memory (each is a
+livekit-agents worker with its own translation model) for talkers the one engine cannot step."""
 RECEIVER_ARGS_ENV = "CAPTIONS_RECEIVER_ARGS"
 RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Backoff before starting a receiving process again, by how many times in a row it died early."""
 STABLE_AFTER_S = 60.0
 """A receiving process that ran this long before it died starts the backoff afresh."""
+
+
+def receivers_option(text: str) -> int | str:
+    """argparse type for --receivers: a positive integer, or auto (`resolve_receivers`)."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {text}")
+    return value
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's cpuset counts, a CPU quota
+    does not), else every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_receivers(value: int | str, cores: int | None = None) -> tuple[int, str]:
+    """P for --receivers `value` ("auto": the usable cores less CORES_KEPT, between 1 and
+    MAX_AUTO_RECEIVERS) and how it was chosen, for the start-up log."""
+    if value != AUTO:
+        return int(value), "set by --receivers or CAPTIONS_RECEIVERS"
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(cores - CORES_KEPT, MAX_AUTO_RECEIVERS)), f"auto: {cores} usable cores, {CORES_KEPT} kept"
+
+
+def add_receivers_option(parser: argparse.ArgumentParser) -> None:
+    """--receivers, for `captions worker` and `captions up` (which passes it on)."""
+    add_option(parser, "--receivers", env="CAPTIONS_RECEIVERS", default=AUTO, type=receivers_option,
+               help="processes that take rooms (receive audio, detect voice, publish captions); 1: the worker "
+                    "process does everything; 2 or more: it runs only the engine and the slot queue, and starts "
+                    "that many receiving processes that feed it (captions/host/); auto: the usable cores less "
+                    f"{CORES_KEPT}, at least 1 and at most {MAX_AUTO_RECEIVERS}")
 
 
 def encode_args(args: argparse.Namespace) -> str:
@@ -81,6 +132,11 @@ class ReceiverPool:
         self._stopping = False
         self.started = 0
         """Receiving processes started so far (restarts included)."""
+
+    @property
+    def restarts(self) -> int:
+        """Receiving processes started again after one exited."""
+        return max(0, self.started - len(self._processes))
 
     def start(self) -> None:
         for entry in self._processes:

@@ -37,8 +37,8 @@ from captions.config import (
     language_list,
     non_negative_float,
     non_negative_int,
-    positive_int,
 )
+from captions.host.receivers import add_receivers_option, resolve_receivers
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
 from captions.stt.model import AUTO_BATCH_SIZE, add_model_options, batch_size
@@ -112,10 +112,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
                     "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
                     "than its share of the slots gives them back whatever this is")
-    add_option(parser, "--receivers", env="CAPTIONS_RECEIVERS", default=1, type=positive_int,
-               help="processes that take rooms (receive audio, detect voice, publish captions); 1: this process "
-                    "does everything; 2 or more: this process runs only the engine and the slot queue, and starts "
-                    "that many receiving processes that feed it (captions/host/)")
+    add_receivers_option(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
     add_caption_secret_option(parser)
@@ -390,6 +387,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"captions worker: {e}", file=sys.stderr)
         return 2
+    args.receivers, chosen = resolve_receivers(args.receivers)
+    logger.info("captions worker starting: --receivers %d (%s): %s", args.receivers, chosen,
+                "this process takes every room" if args.receivers == 1
+                else f"an engine process and {args.receivers} receiving processes")
     if args.receivers > 1:  # this process: the engine only; receiving processes take the rooms
         from captions.host.engine_process import run_engine_process
 
