@@ -2,7 +2,9 @@
 receiving processes registered with a real livekit-server, rooms placed across them by LiveKit's
 own dispatch, each with a talking bot and a hidden viewer bot. A receiving process killed with
 SIGKILL loses only its own rooms: the other process's rooms keep their captions, the killed one's
-are captioned again by the recovery, and the engine process starts a new receiving process.
+are captioned again by the recovery, and the engine process starts a new receiving process. The
+rooms' metrics of both receiving processes are on the engine process's /metrics, and its counters
+do not go backwards when one of them is killed (captions/host/metrics.py).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from captions.dev.bots import Publisher, Subscriber
 from captions.dev.livekit_server import start_dev_server
@@ -72,6 +76,29 @@ class Room:
                 await bot.disconnect()
 
 
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The engine process's /metrics as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+async def metrics_until(port: int, check, what: str, timeout: float = 15) -> dict:
+    """Scrapes (every 0.5 s, up to `timeout`) until `check(samples)`; the samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await asyncio.to_thread(scrape, port)
+        if check(samples):
+            return samples
+        assert time.monotonic() < deadline, f"/metrics: {what}; have {samples}"
+        await asyncio.sleep(0.5)
+
+
+ROOMS, LATENCIES = ("captions_rooms", ()), ("captions_caption_latency_seconds_count", ())
+RESTARTS = ("captions_receiver_restarts_total", ())
+
+
 def receiver_of(log: str, room: str, agent: str) -> int:
     return next(int(i) for i, r, a in CAPTIONING.findall(log) if r == room and a == agent)
 
@@ -89,6 +116,7 @@ async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, 
         while log().count(READY_MESSAGE) < 2:  # both receiving processes registered with LiveKit
             assert time.monotonic() < deadline, f"the second receiving process did not register:\n{worker.log_tail()}"
             await asyncio.sleep(0.2)
+        assert "captions worker starting: --receivers 2 (set by --receivers or CAPTIONS_RECEIVERS)" in log()
         pids = {int(i): int(p) for i, p in STARTED.findall(log())}
         assert sorted(pids) == [0, 1]
         wav = speech_dir / "receivers.wav"
@@ -105,6 +133,10 @@ async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, 
             await room.viewer.wait_until(lambda r=room: r.viewer.captions, 60, f"captions in {room.name}")
             (agent,) = room.agents()
             placed[room.name] = receiver_of(log(), room.name, agent)
+
+        # The rooms' metrics of both receiving processes, on the engine process's /metrics.
+        before = await metrics_until(worker.metrics_port, lambda m: m.get(ROOMS) == len(rooms) and m.get(LATENCIES, 0) > 0,
+                                     f"captions_rooms {len(rooms)} and caption latencies")
 
         # SIGKILL the first room's receiving process.
         doomed = placed[rooms[0].name]
@@ -135,6 +167,12 @@ async def test_a_killed_receiving_process_loses_only_its_rooms(tiny_checkpoint, 
         while log().count(READY_MESSAGE) < 3:
             assert time.monotonic() < deadline, f"no new receiving process registered:\n{worker.log_tail()}"
             await asyncio.sleep(0.2)
+        # The killed process's counters stay in the sums: nothing went backwards (rate() sees no reset).
+        after = await metrics_until(worker.metrics_port, lambda m: m.get(RESTARTS) == 1 and m.get(ROOMS) == len(rooms),
+                                    "the restart counted and every room captioned again")
+        backwards = {k: (v, after.get(k)) for k, v in before.items()
+                     if k[0].endswith(("_total", "_count", "_bucket")) and after.get(k, 0) < v}
+        assert not backwards, f"counters went backwards after the kill: {backwards}"
         restarted = [int(p) for i, p in STARTED.findall(log()) if int(i) == doomed]
         assert len(restarted) == 2 and restarted[1] != pids[doomed]
         assert f"receiving process {doomed} (pid {pids[doomed]}) disconnected" in log()

@@ -7,6 +7,9 @@ livekit-agents worker (its rooms, speakers, voice detection, segmenter, publishe
 registered with LiveKit on its own, so LiveKit's dispatch places rooms across them. A receiving
 process's slot queue and engine streams are proxies (engine_client.py) of the engine process's,
 served over one Unix stream socket per receiving process (engine_server.py; framing in wire.py).
+The rooms' metrics travel on the same socket and are summed into the engine process's /metrics
+(metrics.py). How many receiving processes: `--receivers`, by default from the usable cores
+(receivers.py's `resolve_receivers`).
 
 Why a socket and not shared memory (yet): one connection carries requests, grants, events, yield
 answers and audio in order, which keeps the slot queue's semantics exactly; audio is sent as raw

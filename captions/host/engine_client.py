@@ -174,6 +174,8 @@ class EngineClient:
         self.lost: str | None = None
         """Why the connection ended (None while it serves)."""
         self._closing = False
+        self.metrics_source: Callable[[], list] | None = None
+        """This process's metrics (captions/host/metrics.py's `snapshot`), reported once more on `close`."""
         self._writer = wire.FrameWriter(self._sock, "engine-client-writer",
                                         on_error=lambda e: self._lose(f"{ENGINE_GONE} ({e})"))
         self._send(wire.control({"op": "hello", "index": index, "pid": os.getpid()}))
@@ -189,8 +191,18 @@ class EngineClient:
         """Tells the engine process what keeps this receiver from being ready (its /readyz)."""
         self._send(wire.control({"op": "ready", "missing": missing}))
 
+    def report_metrics(self, families: list) -> None:
+        """Sends this process's metrics to the engine process, which serves them (captions/host/metrics.py)."""
+        self._send(wire.control({"op": "metrics", "families": families}))
+
     def close(self) -> None:
-        """Ends the connection (the engine process frees what is still held)."""
+        """Ends the connection (the engine process frees what is still held), after a last metrics
+        report: what the rooms counted while they closed is kept."""
+        if self.metrics_source is not None and self.lost is None and not self._closing:
+            try:
+                self.report_metrics(self.metrics_source())
+            except Exception:  # noqa: BLE001 - a last report is not worth a failed stop
+                logger.exception("engine channel: the last metrics report failed")
         self._closing = True
         self._writer.close()
         with contextlib.suppress(OSError):

@@ -4,9 +4,9 @@ queue's); it registers nothing with LiveKit. It serves the engine over a Unix so
 (engine_server.py) and starts P receiving processes (receivers.py, receiver.py), each a
 livekit-agents worker of its own: LiveKit's dispatch places rooms across them.
 
-It serves /metrics (the engine's and the queue's; the rooms' metrics stay in their receiving
-processes for now), /healthz and /readyz: ready once the model is loaded and every receiving process
-says it is ready (registered with LiveKit).
+It serves /metrics (the engine's and the queue's, and its receiving processes' rooms' metrics, summed:
+captions/host/metrics.py), /healthz and /readyz: ready once the model is loaded and every receiving
+process says it is ready (registered with LiveKit).
 
 Failures: a receiving process that dies frees its slots at once (its connection drops), and a new
 one is started; its rooms get a captioner again from the recovery every receiving process runs. An
@@ -23,6 +23,7 @@ import sys
 import threading
 
 from captions.host.engine_server import EngineServer, Receiver
+from captions.host.metrics import ReceiverMetrics
 from captions.host.receivers import ReceiverPool
 from captions.log import logger
 
@@ -108,7 +109,12 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
         args.record_dir.mkdir(parents=True, exist_ok=True)
     if args.retention_days > 0:
         start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
-    process.server = server = EngineServer(engine, slots)
+    pool = None
+    receiver_metrics = ReceiverMetrics(restarts=lambda: pool.restarts if pool is not None else 0)
+    process.server = server = EngineServer(
+        engine, slots, on_disconnect=lambda receiver: receiver_metrics.retire(receiver.number),
+        on_metrics=lambda receiver, families: receiver_metrics.update(receiver.number, families))
+    METRICS.merge = receiver_metrics.merge
     pool = ReceiverPool(args.receivers, server.path, args)
     process.model_loaded = True
     logger.info("engine process ready: %d slots; starting %d receiving processes", engine.batch_size, args.receivers)

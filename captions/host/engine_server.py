@@ -74,10 +74,13 @@ class EngineServer:
 
     def __init__(self, engine: Engine, slots: SlotQueue, yield_poll_s: float = YIELD_POLL_S,
                  status_every_s: float = STATUS_EVERY_S,
-                 on_disconnect: Callable[[Receiver], None] | None = None):
+                 on_disconnect: Callable[[Receiver], None] | None = None,
+                 on_metrics: Callable[[Receiver, object], None] | None = None):
         self._engine, self._slots = engine, slots
         self._yield_poll_s, self._status_every_s = yield_poll_s, status_every_s
         self._on_disconnect = on_disconnect
+        self._on_metrics = on_metrics
+        """A receiver's metrics report (captions/host/metrics.py), on its connection's reader thread."""
         self._dir = tempfile.mkdtemp(prefix="captions-engine-")  # 0700: only this user connects
         self.path = os.path.join(self._dir, "engine.sock")
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -220,6 +223,10 @@ class _Connection:
             return
         if op == "ready":
             self.receiver.missing = [str(m) for m in message.get("missing", [])]
+            return
+        if op == "metrics":
+            if self._server._on_metrics is not None:
+                self._server._on_metrics(self.receiver, message.get("families"))
             return
         remote = self._remotes.get(message.get("wid"))
         if remote is None or remote.waiter is None:

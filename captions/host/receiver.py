@@ -4,7 +4,8 @@ INDEX`, started by the engine process (receivers.py), never by hand.
 It is today's worker (captions/live/worker.py: registration with LiveKit, every room's job, voice
 detection, turns, publishing, recovery) with the engine process's slot queue and engine streams
 (engine_client.py) in place of its own engine. It tells the engine process every second what keeps
-it from being ready. If the engine process goes away, or says its engine failed, it stops as a
+it from being ready, and its metrics (captions/host/metrics.py: the engine process serves them, added
+to its own, on its /metrics). If the engine process goes away, or says its engine failed, it stops as a
 worker whose engine failed does: its rooms are closed and it exits with `EXIT_ENGINE_FAILED`.
 """
 
@@ -17,13 +18,17 @@ import threading
 import warnings
 
 from captions.host.engine_client import EngineClient
+from captions.host.metrics import snapshot
 from captions.host.receivers import RECEIVER_ARGS_ENV, decode_args
+from captions.log import logger
 
 READY_REPORT_S = 1.0
+"""How often the engine process is told what keeps this process from being ready, and its metrics."""
 
 
 def main(argv: list[str]) -> int:
     from captions.live import worker
+    from captions.live.metrics import METRICS
     from captions.live.sdk_fixes import start_livekit_runtime
     from captions.translate.model import TranslationModelError
 
@@ -47,10 +52,18 @@ def main(argv: list[str]) -> int:
         return 1
     service = _rooms_service(args, client, translation, translation_options)
     stop = threading.Event()
+    client.metrics_source = lambda: snapshot(METRICS.registry)
 
     def report_ready() -> None:
+        failed = False
         while not stop.wait(READY_REPORT_S):
             client.report_ready(worker.not_ready())
+            try:
+                client.report_metrics(snapshot(METRICS.registry))
+            except Exception:  # noqa: BLE001 - metrics must not stop the readiness reports
+                if not failed:
+                    logger.exception("receiving process %d: its metrics report failed", index)
+                failed = True
 
     threading.Thread(target=report_ready, name="receiver-ready", daemon=True).start()
     try:

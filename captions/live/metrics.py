@@ -34,6 +34,7 @@ import errno
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -131,6 +132,9 @@ class CaptionMetrics:
         self._translation_languages: frozenset[str] = frozenset()
         self.ready_check: Callable[[], list[str]] | None = None
         """What /readyz asks; also exported as captions_ready."""
+        self.merge: Callable[[list[Metric]], Iterable[Metric]] | None = None
+        """The engine process of `--receivers P`: adds its receiving processes' metrics to these at
+        render time (captions/host/metrics.py)."""
         self._errors: dict[str, int] = dict.fromkeys(ERROR_KINDS, 0)
         self._lock = threading.Lock()
         self._recent_steps: collections.deque[float] = collections.deque(maxlen=RTF_WINDOW_STEPS)
@@ -234,8 +238,11 @@ class CaptionMetrics:
         return errors
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (and of the receiving processes', see `merge`)."""
+        if self.merge is None:
+            return generate_latest(self.registry)
+        families = list(self.merge(list(self.registry.collect())))
+        return generate_latest(SimpleNamespace(collect=lambda: families))
 
 
 class _EngineCollector:
