@@ -19,9 +19,11 @@ CAPTIONS = str(Path(sys.executable).parent / "captions")
 
 
 def worker(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """`captions worker ARGS` with a clean CAPTIONS_*/LIVEKIT_* environment plus `env`."""
+    """`captions worker ARGS` with a clean CAPTIONS_*/LIVEKIT_* environment (one process) plus `env`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTIONS_", "LIVEKIT_"))}
     base["NO_TORCH_COMPILE"] = "1"
+    # One process whatever the cores (--receivers auto): these are the single worker's start-up checks.
+    base["CAPTIONS_RECEIVERS"] = "1"
     return subprocess.run([CAPTIONS, "worker", *args], env={**base, **(env or {})}, capture_output=True, check=False,
                           text=True, timeout=timeout)
 
