@@ -1,0 +1,360 @@
+"""The processes `captions bench host` starts (`python -m captions.bench.host.listener ROLE CONFIG`):
+
+* `bots`: publishes microphones (speech or low noise) in real time;
+* `listen`: one listener, the product's receiving side for its share of the microphones: per
+  microphone `k` of the product's `Speaker`s, with either the real engine in-process (the engine
+  thread's CPU measured apart and left out) or, as a receiving process of `captions worker
+  --receivers P` does, the engine process's slot queue and streams through the real `EngineClient`
+  over its Unix socket (the wire's cost is then the listener's own CPU);
+* `engine`: the engine process of the socket configurations: the real `SttEngine` on the tiny
+  checkpoint and the real `EngineServer`, as captions/host/engine_process.py serves them.
+
+Listeners and the engine process measure in the same windows: each listener says it reached a
+phase (`baseline`, `measure`) with a file in the run's sync folder, and the parent writes the wall
+time at which every process starts that phase once all of them are there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from captions.bench.common import BenchError, run_child_process, summarize_ms
+from captions.stt.api import FRAME_S, SAMPLE_RATE
+
+PATH_ENV = "CAPTIONS_HOST_PATH"
+"""Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
+CAPTURE_MS = 10
+SUBSCRIBE_TIMEOUT_S = 30.0
+BASELINE_S = 3.0
+WARMUP_S = 3.0
+SAMPLE_S = 0.5
+"""Each process's CPU time is sampled this often while measured (for the parallelism figures)."""
+
+
+# ---- bots --------------------------------------------------------------------------------------------
+
+async def _publish(config: dict) -> None:
+    """Publishes the signals of `tracks` [(identity, .npy path)] in real time until `until`."""
+    from livekit import rtc
+
+    from captions.dev.bots import Publisher, server_from_config
+
+    server = server_from_config(config)
+    publishers = [await Publisher(server, config["room"], identity, auto_subscribe=False,
+                                  queue_size_ms=0).connect() for identity, _ in config["tracks"]]
+    signals = [np.load(path) for _, path in config["tracks"]]
+    samples = SAMPLE_RATE * CAPTURE_MS // 1000
+    origin, tick = time.monotonic(), 0
+    try:
+        while time.time() < config["until"]:
+            delay = origin + (tick + 1) * CAPTURE_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            frames = []
+            for signal_ in signals:
+                offset = (tick * samples) % (signal_.size - samples)
+                frames.append(rtc.AudioFrame(signal_[offset:offset + samples].tobytes(), SAMPLE_RATE, 1, samples))
+            await asyncio.gather(*(p.source.capture_frame(f) for p, f in zip(publishers, frames)))
+            tick += 1
+    finally:
+        for publisher in publishers:
+            with contextlib.suppress(Exception):
+                await publisher.disconnect()
+
+
+# ---- what a process measures of itself ---------------------------------------------------------------
+
+def _thread_cpu(thread) -> float:
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident)) if thread is not None else 0.0
+
+
+def _threads() -> dict[int, tuple[str, float, float]]:
+    """{tid: (name, CPU seconds, seconds runnable but waiting for a core)} of this process (/proc: Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            wait = int((task / "schedstat").read_text().split()[1]) / 1e9
+            out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")],
+                                   (int(fields[11]) + int(fields[12])) / ticks, wait)
+    return out
+
+
+def _thread_figures(before: dict, after: dict, wall: float, leave_out: int | None) -> tuple[dict, float]:
+    """CPU cores by thread name (over 0.5 % of a core), and the cores' worth of time this process's
+    threads (but `leave_out`) waited for a CPU while runnable."""
+    cores: dict[str, float] = {}
+    waited = 0.0
+    for tid, (name, cpu, wait) in after.items():
+        _, cpu0, wait0 = before.get(tid, (name, 0.0, 0.0))
+        cores[name] = cores.get(name, 0.0) + (cpu - cpu0) / wall
+        if tid != leave_out:
+            waited += (wait - wait0) / wall
+    shown = {name: round(c, 3) for name, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c > 0.005}
+    return shown, round(waited, 4)
+
+
+class _Sampler(threading.Thread):
+    """`cpu()` every SAMPLE_S of wall time from `start` (every process samples at the same instants)."""
+
+    def __init__(self, cpu, start: float, seconds: float):
+        super().__init__(name="bench-sampler", daemon=True)
+        self._cpu, self._start, self._count = cpu, start, int(seconds / SAMPLE_S)
+        self.cores: list[float] = []
+
+    def run(self) -> None:
+        last = self._cpu()
+        for i in range(1, self._count + 1):
+            time.sleep(max(0.0, self._start + i * SAMPLE_S - time.time()))
+            now = self._cpu()
+            self.cores.append(round((now - last) / SAMPLE_S, 3))
+            last = now
+
+
+async def _phase(config: dict, name: str) -> None:
+    """Says this process reached phase `name` and returns at the wall time the parent sets for it."""
+    folder = Path(config["sync_dir"])
+    (folder / f"{name}-{config['index']}").touch()
+    go = folder / f"{name}.go"
+    while not go.exists():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(max(0.0, float(go.read_text()) - time.time()))
+
+
+# ---- the listener: the product's speakers in one measured process -------------------------------------
+
+def _bench_classes():
+    from captions.live.segmenter import SegmenterOptions
+    from captions.live.speaker import Speaker, SpeakerOptions
+
+    class Host:
+        """One room as the speakers see it (speaker.SpeakerHost); captions are counted, not published."""
+
+        def __init__(self, slots, text_delay_s: float):
+            self.room_name = "bench-host"
+            self.slots = slots
+            self.segmenter_options = SegmenterOptions()
+            self.speaker_options = SpeakerOptions()
+            self.record_dir = None
+            self.timing_attributes = False
+            self.text_delay_s = text_delay_s
+            self.measuring = False
+            self.latencies: list[float] = []
+            self.captions = 0
+
+        def status_changed(self) -> None:
+            pass
+
+        def caption(self, speaker, update, wall_time, timing=None) -> None:
+            if self.measuring:
+                self.captions += 1
+
+    class BenchSpeaker(Speaker):
+        """Counts the audio it pushed and each word's latency."""
+
+        pushed = 0
+
+        def _push(self, turn, parts) -> None:
+            self.pushed += sum(pcm.size for _, pcm in parts)
+            super()._push(turn, parts)
+
+        def _on_event(self, turn, event) -> None:
+            host = self.host
+            if host.measuring and turn.segmenter is not None:
+                now = time.time()
+                host.latencies += [now - turn.wall_time(w.end) - host.text_delay_s for w in event.words]
+            super()._on_event(turn, event)
+
+    return Host, BenchSpeaker
+
+
+def _engine(config: dict):
+    """(engine or its stand-in, slot queue, the engine's thread or None, text delay): in-process, or
+    the engine process's through `EngineClient` when the config names its socket."""
+    if config.get("socket"):
+        from captions.host.engine_client import EngineClient
+
+        client = EngineClient(config["socket"], config["index"])
+        return client.engine, client.slots, None, config["text_delay_s"]
+    from captions.live.slots import SlotQueue
+    from captions.stt.engine import SttEngine
+
+    engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    engine.start()
+    return engine, SlotQueue(engine), engine._thread, engine.text_delay_s
+
+
+async def _listen(config: dict) -> None:
+    """Measures one listener, writes its figures to config['out'] and ends the process."""
+    import torch
+    from livekit import rtc
+
+    from captions.dev.bots import make_token, server_from_config
+    from captions.live.sdk_fixes import start_livekit_runtime
+    from captions.live.track_audio import RtcTrackSource
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    start_livekit_runtime()
+    engine, slots, engine_thread, text_delay_s = _engine(config)
+    Host, BenchSpeaker = _bench_classes()
+    host = Host(slots, text_delay_s)
+
+    def host_cpu() -> float:
+        return time.process_time() - _thread_cpu(engine_thread)
+
+    room = rtc.Room()
+    tracks: dict[str, rtc.Track] = {}
+    room.on("track_subscribed", lambda track, publication, participant: tracks.__setitem__(participant.identity, track))
+    await room.connect(config["url"], make_token(server_from_config(config), config["room"],
+                                                 f"listener-{config['index']}-{os.getpid()}"),
+                       options=rtc.RoomOptions(auto_subscribe=False))
+    wanted = set(config["identities"])
+    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+    while not wanted <= {p.identity for p in room.remote_participants.values() if p.track_publications}:
+        if time.monotonic() > deadline:
+            raise BenchError(f"the bots' microphones did not show up in {SUBSCRIBE_TIMEOUT_S:.0f} s")
+        await asyncio.sleep(0.05)
+
+    await asyncio.sleep(1.0)
+    await _phase(config, "baseline")
+    cpu0, wall0 = host_cpu(), time.monotonic()
+    await asyncio.sleep(BASELINE_S)
+    baseline = (host_cpu() - cpu0) / (time.monotonic() - wall0)
+
+    for participant in room.remote_participants.values():
+        if participant.identity in wanted:
+            for publication in participant.track_publications.values():
+                publication.set_subscribed(True)
+    deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
+    while len(tracks) < len(wanted):
+        if time.monotonic() > deadline:
+            raise BenchError(f"subscribed to {len(tracks)} of {len(wanted)} microphones")
+        await asyncio.sleep(0.05)
+    speakers = [BenchSpeaker(host, f"{identity}#{j}", identity, track.sid, RtcTrackSource(track))
+                for identity, track in sorted(tracks.items()) for j in range(config["streams_per_track"])]
+    await asyncio.sleep(WARMUP_S)
+    await _phase(config, "measure")
+
+    def totals():
+        return (sum(s.track.end for s in speakers), sum(s.pushed for s in speakers),
+                engine.steps if engine_thread is not None else 0, time.process_time(), _thread_cpu(engine_thread),
+                time.monotonic())
+
+    profiler = None
+    if config.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    host.measuring = True
+    sampler = _Sampler(host_cpu, time.time(), config["seconds"])
+    sampler.start()
+    threads_before, before = _threads(), totals()
+    await asyncio.sleep(config["seconds"])
+    after, threads_after = totals(), _threads()
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(config["profile"])
+    host.measuring = False
+    sampler.join(timeout=2 * SAMPLE_S)
+    received, pushed, steps, cpu, engine_cpu, wall = (b - a for a, b in zip(before, after))
+    n = len(speakers)
+    host_cores = (cpu - engine_cpu) / wall
+    thread_cores, waited = _thread_figures(threads_before, threads_after, wall,
+                                           engine_thread.native_id if engine_thread is not None else None)
+    result = {"index": config["index"], "pid": os.getpid(), "participants": n, "tracks": len(tracks),
+              "baseline_cores": round(baseline, 4), "process_cores": round(cpu / wall, 4),
+              "engine_cores": round(engine_cpu / wall, 4), "host_cores": round(host_cores, 4),
+              "cores_per_participant": round((host_cores - baseline) / n, 5),
+              "delivered": round(received / (n * SAMPLE_RATE * wall), 3),
+              "pushed": round(pushed / (n * SAMPLE_RATE * wall), 3) if config["talking"] else None,
+              "steps_per_frame": round(steps / (wall / FRAME_S), 3) if engine_thread is not None else None,
+              "captions": host.captions, "live_turns": sum(s.turn is not None for s in speakers),
+              "seconds": round(wall, 2),
+              "latency_beyond_delay_ms": summarize_ms(host.latencies) if host.latencies else None,
+              "latencies_ms": [round(1000 * x, 1) for x in host.latencies],
+              "waited_for_cpu_cores": waited, "cpu_samples": sampler.cores, "thread_cores": thread_cores}
+    Path(config["out"]).write_text(json.dumps(result))
+    # Leave without closing every stream one by one (see captions bench ingest): the figures are written.
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(room.disconnect(), 5.0)
+    os._exit(0)
+
+
+# ---- the engine process of the socket configurations ---------------------------------------------------
+
+async def _serve_engine(config: dict) -> None:
+    """The real engine and `EngineServer` (as engine_process.py serves them), measured in the
+    listeners' windows; serves until SIGTERM."""
+    import torch
+
+    from captions.host.engine_server import EngineServer
+    from captions.live.slots import SlotQueue
+    from captions.stt.engine import SttEngine
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    engine.start()
+    slots = SlotQueue(engine)
+    server = EngineServer(engine, slots)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    ready = Path(config["ready"])
+    ready.with_suffix(".tmp").write_text(json.dumps({"socket": server.path, "text_delay_s": engine.text_delay_s}))
+    ready.with_suffix(".tmp").rename(ready)
+    try:
+        thread = engine._thread
+
+        def server_cpu() -> float:
+            return time.process_time() - _thread_cpu(thread)
+
+        await _phase(config, "baseline")
+        cpu0, wall0 = server_cpu(), time.monotonic()
+        await asyncio.sleep(BASELINE_S)
+        baseline = (server_cpu() - cpu0) / (time.monotonic() - wall0)
+        await _phase(config, "measure")
+        sampler = _Sampler(server_cpu, time.time(), config["seconds"])
+        sampler.start()
+        threads0, steps0, cpu0, engine0, wall0 = (_threads(), engine.steps, time.process_time(), _thread_cpu(thread),
+                                                  time.monotonic())
+        await asyncio.sleep(config["seconds"])
+        wall = time.monotonic() - wall0
+        cpu, engine_cpu, steps = time.process_time() - cpu0, _thread_cpu(thread) - engine0, engine.steps - steps0
+        thread_cores, waited = _thread_figures(threads0, _threads(), wall, thread.native_id)
+        sampler.join(timeout=2 * SAMPLE_S)
+        result = {"pid": os.getpid(), "baseline_cores": round(baseline, 4), "process_cores": round(cpu / wall, 4),
+                  "engine_cores": round(engine_cpu / wall, 4), "server_cores": round((cpu - engine_cpu) / wall, 4),
+                  "steps_per_frame": round(steps / (wall / FRAME_S), 3), "waited_for_cpu_cores": waited,
+                  "cpu_samples": sampler.cores, "thread_cores": thread_cores, "seconds": round(wall, 2)}
+        Path(config["out"]).write_text(json.dumps(result))
+        await stop.wait()
+    finally:
+        server.close()
+        slots.close()
+        engine.close()
+
+
+def _child_main(role: str, config_path: str) -> int:
+    if role == "bots":
+        return run_child_process(_publish, config_path, "bench host bots")
+    if role == "engine":
+        return run_child_process(_serve_engine, config_path, "bench host engine", bots=False)
+    return run_child_process(_listen, config_path, "bench host listener", bots=False)
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(sys.argv[1], sys.argv[2]))
