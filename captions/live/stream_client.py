@@ -71,7 +71,7 @@ class StreamClient:
         self._slots = slots
         self._on_event = on_event
         self._on_granted = on_granted
-        self.granted: asyncio.Future[EngineStream] = asyncio.get_running_loop().create_future()
+        self._granted: asyncio.Future[EngineStream] = asyncio.get_running_loop().create_future()
         self.stream: EngineStream | None = None
         self.released = False
         self.pushed = 0
@@ -93,7 +93,7 @@ class StreamClient:
 
     async def wait(self, timeout: float) -> EngineStream:
         """The stream once granted; `asyncio.TimeoutError` after `timeout` s, still in line."""
-        return await asyncio.wait_for(asyncio.shield(self.granted), timeout)
+        return await asyncio.wait_for(asyncio.shield(self._granted), timeout)
 
     @property
     def waiting(self) -> int:
@@ -109,12 +109,12 @@ class StreamClient:
         comes); a granted one's stream is flushed (`close`: the last words come out) or aborted."""
         if self.released:
             if not flush and self.stream is not None:
-                self.stream.abort()  # stops a flush under way
+                self.stream.abort()  # a no-op if it ended, or if a flush is under way (the engine finishes it)
             return
         self.released = True
         if self.stream is None:
             self._slots.cancel(self._waiter)
-            self.granted.cancel()
+            self._granted.cancel()
             return
         self._slots.closing(self._waiter)
         if flush:
@@ -153,11 +153,11 @@ class StreamClient:
     # ---- on the loop -----------------------------------------------------------------------------
 
     def _take(self, stream: EngineStream) -> None:
-        if self.released or self.stream is not None:  # given up while the grant was on its way
+        if self.released or self.stream is not None or self._granted.done():  # given up meanwhile
             stream.abort()
             return
         self.stream = stream
-        self.granted.set_result(stream)
+        self._granted.set_result(stream)
         if self._on_granted is not None:
             self._on_granted(stream)
 
