@@ -59,8 +59,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory) -> CaptionsWorker:
-    """One real caption worker (3 engine slots, automatic dispatch) for the whole session."""
-    worker = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory.mktemp("worker"))
+    """One real caption worker (3 engine slots, automatic dispatch) for the whole session, in the
+    shape a GPU host runs (issue 24): an engine process and two receiving processes, between which
+    LiveKit's dispatch places the rooms. The room, storage, viewer and browser tests run on it; the
+    tests that start their own worker run the one-process shape."""
+    worker = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path_factory.mktemp("worker"), receivers=2)
     yield worker
     worker.stop()
 

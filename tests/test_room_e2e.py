@@ -26,7 +26,7 @@ import pytest_asyncio
 
 from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.processes import free_port, free_port_triple
-from captions.dev.worker_process import engine_activity, engine_counters, metric_values
+from captions.dev.worker_process import engine_activity, engine_counters, metric_values, settled_metric
 from captions.live.transcripts import read_transcript, transcript_path
 from captions.protocol import (
     ATTR_AGENT_QUEUED,
@@ -89,8 +89,8 @@ async def wait_reading(worker, before: float, more: int) -> None:
         await asyncio.sleep(0.05)
 
 
-def microphones_read(worker) -> float:
-    return metric_values(worker.metrics_port)["captions_microphones"]
+async def microphones_read(worker) -> float:
+    return await asyncio.to_thread(settled_metric, worker.metrics_port, "captions_microphones")
 
 
 def segment_ids_on_disk(path: Path) -> set[str]:
@@ -154,7 +154,7 @@ async def conversation(livekit_server, captions_worker, speech_dir) -> Conversat
             on_disk_when_received[segment_id] = segment_id in segment_ids_on_disk(transcript)
 
     sub = await Subscriber(livekit_server, room, on_caption_opened=check_transcript).connect()
-    before = microphones_read(captions_worker)
+    before = await microphones_read(captions_worker)
     speakers = {name: await publisher(livekit_server, room, name) for name in ("alice", "bob", "carol")}
     await sub.wait_for_agent()
     await wait_reading(captions_worker, before, 3)
@@ -290,7 +290,7 @@ async def test_leave_mute_and_rejoin_mid_sentence_lose_no_word(
     produced from it reaches the captions (flush on stop)."""
     room = "e2e-leave-mute-rejoin"
     sub = await Subscriber(livekit_server, room).connect()
-    before = microphones_read(captions_worker)
+    before = await microphones_read(captions_worker)
     alice, bob = await publisher(livekit_server, room, "alice"), await publisher(livekit_server, room, "bob")
     await sub.wait_for_agent()
     await wait_reading(captions_worker, before, 2)
@@ -506,7 +506,8 @@ async def _start_captions_up(checkpoint: Path, tmp_path: Path):
     out_path = tmp_path / "up.out"
     command = [str(Path(sys.executable).parent / "captions"), "up", "--model", str(checkpoint),
                "--device", "cpu", "--batch-size", "2", "--data-dir", str(tmp_path / "data"),
-               "--livekit-port", str(livekit_port), "--web-port", str(web_port), "--room", "up-room"]
+               "--livekit-port", str(livekit_port), "--web-port", str(web_port), "--room", "up-room",
+               "--receivers", "1"]  # the same shape on any machine (auto: from its cores)
     up = _start_logged(command, out_path)
     link = None
     deadline = time.monotonic() + 120

@@ -81,14 +81,15 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
                           extra_args: tuple[str, ...] = (), ready_timeout: float = 180,
                           env: dict[str, str] | None = None, data_dir: Path | None = None,
                           diagnostics: bool = False, translate_to: str = "",
-                          translation_model: Path | None = None) -> CaptionsWorker:
+                          translation_model: Path | None = None, receivers: int = 1) -> CaptionsWorker:
     """Starts `captions worker dev` on the checkpoint (CPU) and waits until it has registered.
 
     It writes transcripts to `data_dir` (default workdir/data; workers on one host share theirs), the
     audio of every engine stream to workdir/recordings and its log to workdir/worker.log; with
     `diagnostics`, its reports to workdir/diagnostics.jsonl. `translate_to` (e.g. "de,es") with a
     local `translation_model` (e.g. the tiny one): it translates too (CPU); else it does not,
-    whatever this process's environment says."""
+    whatever this process's environment says. `receivers`: `--receivers` (1: one process, the
+    engine and the rooms; 2 or more: an engine process and that many receiving processes)."""
     from captions.live.worker import READY_MESSAGE
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +107,10 @@ def start_captions_worker(server: LiveKitServer, checkpoint: Path, workdir: Path
                        LIVEKIT_API_SECRET=server.api_secret, NO_TORCH_COMPILE="1", **(env or {}))
     command = [*captions_command(), "worker", "dev", "--model", str(checkpoint), "--device", "cpu",
                "--batch-size", str(batch_size), "--data-dir", str(data_dir), "--record-dir", str(record_dir),
-               "--health-port", "0", "--metrics-port", str(metrics_port), *translation, *extra_args]
+               "--health-port", "0", "--metrics-port", str(metrics_port), *translation,
+               # One process unless the caller asks for receiving processes (a later --receivers wins):
+               # `auto` would give each test a shape that depends on the machine's cores.
+               "--receivers", str(receivers), *extra_args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
     worker = CaptionsWorker(process, data_dir, record_dir, log_path, metrics_port, diagnostics_path=diagnostics_path)
@@ -134,6 +138,24 @@ def metric_values(port: int) -> dict[str, float]:
         if name and not line.startswith("#"):
             values[name] = float(value)
     return values
+
+
+RECEIVER_REPORT_S = 1.0
+"""How often a receiving process's metrics reach the engine process's /metrics (captions/host/metrics.py)."""
+
+
+def settled_metric(port: int, name: str, timeout_s: float = 10.0) -> float:
+    """A gauge of the worker's /metrics once it no longer changes over a receiving process's report
+    interval: with receiving processes, a room that just ended may still count for about a second,
+    and a count taken then as "before" would never be exceeded. Blocking (a second or more)."""
+    deadline = time.monotonic() + timeout_s
+    value = metric_values(port)[name]
+    while True:
+        time.sleep(RECEIVER_REPORT_S + 0.2)
+        again = metric_values(port)[name]
+        if again == value or time.monotonic() > deadline:
+            return again
+        value = again
 
 
 def engine_counters(port: int) -> tuple[float, float]:
