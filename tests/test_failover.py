@@ -211,10 +211,13 @@ async def test_kill_9_of_the_only_worker_then_a_new_one_resumes_the_room(tiny_ch
         scene.assert_clean()
 
 
-async def test_kill_9_of_one_of_two_workers_the_other_takes_the_room(tiny_checkpoint, tmp_path, speech_dir):
+@pytest.mark.parametrize("receivers", [1, 2], ids=["one-process", "engine-and-2-receivers"])
+async def test_kill_9_of_one_of_two_workers_the_other_takes_the_room(tiny_checkpoint, tmp_path, speech_dir, receivers):
+    """With receiving processes (issue 24), the kill takes the worker's engine process: its receiving
+    processes lose the engine and stop, and the other worker's recovery takes the room."""
     async with stage(tiny_checkpoint, tmp_path) as scene:
-        await scene.start_worker()
-        await scene.start_worker()
+        await scene.start_worker("--receivers", str(receivers))
+        await scene.start_worker("--receivers", str(receivers))
         await scene.talk(speech_dir)
         old, _ = await scene.caption_from_a_new_agent(set(), 60)
         killed_at = time.time()

@@ -70,15 +70,17 @@ def translations(captions: list[Caption], language: str) -> list[Caption]:
             and c.attributes.get(ATTR_LANGUAGE) == language]
 
 
+@pytest.mark.parametrize("receivers", [1, 2], ids=["one-process", "engine-and-2-receivers"])
 async def test_a_reader_of_german_gets_every_final_of_each_speaker_in_german_in_order(
-        tiny_checkpoint, tiny_translation_model, speech_dir, tmp_path):
+        tiny_checkpoint, tiny_translation_model, speech_dir, tmp_path, receivers):
     server = await asyncio.to_thread(start_livekit_server, tmp_path / "livekit-server.log")
     worker = None
     rooms: list[rtc.Room] = []
     reads: list[asyncio.Future] = []
     try:
         worker = await asyncio.to_thread(start_captions_worker, server, tiny_checkpoint, tmp_path / "worker", 3,
-                                         translate_to="de,es", translation_model=tiny_translation_model)
+                                         translate_to="de,es", translation_model=tiny_translation_model,
+                                         receivers=receivers)
         key = CaptionSigner.for_deployment(server.api_secret).public_key
         viewer = await Subscriber(server, ROOM).connect()
         rooms.append(viewer.room)
