@@ -50,9 +50,16 @@ from captions.stt.words import WordDecoder
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
 # 3 s for i = 0..3; Kyutai's own tools take head 2 > 0.5 as the end of a turn.
 PAUSE_HEAD = 2
-GATHER_WAIT_S = 0.004
-"""How long a step waits for slots whose frame completes on this tick (their push is due: the 10 ms
-frames of one tick reach the engine within about a millisecond of each other)."""
+GATHER_WAIT_S = 0.008
+"""How long a step waits for slots whose frame is due (their next push completes it). In one process
+the pushes of one tick reach the engine within about a millisecond of each other and the wait ends
+then; receiving processes (captions/host/) each have their own WebRTC tick phase, up to a tick
+apart, and their frames join the same step only if the step waits for the later phase."""
+DUE_AFTER_CHUNKS = 0.2
+"""A slot whose last push is at least this many chunks old (and at most 1.5) and whose next push
+completes a frame is due. Half a chunk missed a receiving process whose tick is about half a tick
+behind another's: measured with two processes 4.5 to 5.5 ms apart, 1.6 to 1.9 steps per 80 ms with
+(0.5, 4 ms), 1.01 with (0.2, 8 ms) (docs/benchmarks/host.md, receivers section)."""
 GRID_STALE_S = 0.2
 """A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
 _now = time.monotonic
@@ -329,16 +336,18 @@ class SttEngine:
 
     def _gather(self) -> None:
         """Waits (lock released, at most GATHER_WAIT_S) for the slots whose frame completes on this
-        tick: one chunk short of a frame, and their push for this tick not in yet."""
+        tick, or a fraction of a tick later (another receiving process's phase): one chunk short of
+        a frame, and their push for this tick not in yet."""
         deadline = time.monotonic() + GATHER_WAIT_S
         while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
             now = _now()
-            # Due: its next chunk completes a frame, and its last push was on the previous tick
-            # (between half a chunk and a chunk and a half ago): not yet on this one, and not stalled.
+            # Due: its next chunk completes a frame, and its last push was on the previous tick or
+            # this tick's other phase (DUE_AFTER_CHUNKS to a chunk and a half ago): not yet on this
+            # one, and not stalled.
             due = any(s.stream is not None and not s.queue and not s.closing
                       and 0 < s.last_chunk < self.frame_size
                       and s.buffer.pending + s.last_chunk >= self.frame_size
-                      and 0.5 < (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
+                      and DUE_AFTER_CHUNKS < (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
                       for s in self._slots)
             if not due:
                 return

@@ -1,0 +1,49 @@
+"""The frame clock across receiving processes (captions/host/): each process gets WebRTC's 10 ms tick
+at its own phase, so one process's speakers complete their frames up to a tick after another's. A
+step waits for the later phase instead of stepping each phase on its own (captions/stt/engine.py,
+`_gather`): with two groups half a tick apart, the steps that carried only one group (two steps per
+80 ms, twice the GPU time) were the common case before."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from captions.stt.engine import SttEngine
+from tests.engine_drive import TICK_SAMPLES, Collector, wait_idle
+
+TICKS = 12 * 8
+"""12 frames of 80 ms."""
+PHASE_S = 0.005
+"""The second process's tick, after the first's: where the old gather missed it most."""
+
+
+def test_two_processes_half_a_tick_apart_share_each_step(tiny_checkpoint, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4)
+    engine.start()
+    active: list[int] = []
+    counting = [False]
+    try:
+        noise = np.random.default_rng(3).normal(0, 0.05, TICKS * TICK_SAMPLES).astype(np.float32)
+        streams = [engine.open_stream(Collector()) for _ in range(4)]
+        wait_idle(engine)  # the prefix silence, out of the clock
+        engine.step_listeners.append(lambda timings: counting[0] and active.append(timings.active))
+        for tick in range(TICKS):
+            counting[0] = tick >= 16  # every stream's lead settled
+            tick_at = 1000.0 + 0.01 * tick
+            for group, phase in ((0, 0.0), (1, PHASE_S)):
+                if group:
+                    time.sleep(0.001)  # the other process's pushes come a little later in real time too
+                clock[0] = tick_at + phase
+                for stream in streams[2 * group:2 * group + 2]:
+                    stream.push(noise[tick * TICK_SAMPLES:(tick + 1) * TICK_SAMPLES], produced_at=tick_at + phase)
+            wait_idle(engine)
+        for stream in streams:
+            stream.abort()
+    finally:
+        engine.close()
+    assert len(active) >= 8
+    assert sum(active) / len(active) >= 3.5, f"steps carried {active}: one group stepped without the other"
