@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from captions.stt.engine import SttEngine
+from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
 from tests.engine_drive import TICK_SAMPLES, Collector, wait_idle
 
 TICKS = 12 * 8
@@ -23,6 +23,7 @@ def test_two_processes_half_a_tick_apart_share_each_step(tiny_checkpoint, monkey
     clock = [1000.0]
     monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
     engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4)
+    engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as the engine process sets it
     engine.start()
     active: list[int] = []
     counting = [False]

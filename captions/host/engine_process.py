@@ -76,7 +76,7 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
     from captions.live.metrics import METRICS, start_observability_server
     from captions.live.slots import SlotQueue
     from captions.live.transcripts import start_retention
-    from captions.stt.engine import SttEngine
+    from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
     from captions.stt.model import CheckpointError
 
     process = _EngineProcess(args.receivers)
@@ -101,6 +101,8 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
         print(f"captions worker: {e}", file=sys.stderr)
         return 1
     engine.broken_listeners.append(process.engine_failed)
+    # Receiving processes tick at their own phases: a step waits for the later one (engine.py).
+    engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)

@@ -50,16 +50,15 @@ from captions.stt.words import WordDecoder
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
 # 3 s for i = 0..3; Kyutai's own tools take head 2 > 0.5 as the end of a turn.
 PAUSE_HEAD = 2
-GATHER_WAIT_S = 0.008
-"""How long a step waits for slots whose frame is due (their next push completes it). In one process
-the pushes of one tick reach the engine within about a millisecond of each other and the wait ends
-then; receiving processes (captions/host/) each have their own WebRTC tick phase, up to a tick
-apart, and their frames join the same step only if the step waits for the later phase."""
-DUE_AFTER_CHUNKS = 0.2
-"""A slot whose last push is at least this many chunks old (and at most 1.5) and whose next push
-completes a frame is due. Half a chunk missed a receiving process whose tick is about half a tick
-behind another's: measured with two processes 4.5 to 5.5 ms apart, 1.6 to 1.9 steps per 80 ms with
-(0.5, 4 ms), 1.01 with (0.2, 8 ms) (docs/benchmarks/host.md, receivers section)."""
+GATHER_WAIT_S = 0.004
+"""How long a step waits for slots whose frame is due (`_gather`): the pushes of one tick reach the
+engine within about a millisecond of each other when they come from one process."""
+SEVERAL_PHASES_GATHER_WAIT_S = 0.008
+"""The same when the streams come from several receiving processes (captions/host/engine_process.py
+sets it): each process has its own WebRTC tick phase, up to a tick apart, and their frames join one
+step only if the step waits for the later phase. Measured with two processes 4.5 to 5.5 ms apart:
+1.6 to 1.9 steps per 80 ms with 4 ms, 1.01 with 8 ms (docs/benchmarks/host.md, receivers section).
+In one process the longer wait would only add latency when a push is late."""
 GRID_STALE_S = 0.2
 """A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
 _now = time.monotonic
@@ -135,6 +134,8 @@ class SttEngine:
         self.batch_size = batch_size
         self.profile = profile
         self.align_frames = align_frames
+        self.gather_wait_s = GATHER_WAIT_S
+        """How long a step waits for due slots (`_gather`); SEVERAL_PHASES_GATHER_WAIT_S with receiving processes."""
         """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
         self.sample_rate = model.sample_rate
         self.frame_size = model.frame_size
@@ -335,19 +336,22 @@ class SttEngine:
                 self._busy = False
 
     def _gather(self) -> None:
-        """Waits (lock released, at most GATHER_WAIT_S) for the slots whose frame completes on this
+        """Waits (lock released, at most `gather_wait_s`) for the slots whose frame completes on this
         tick, or a fraction of a tick later (another receiving process's phase): one chunk short of
-        a frame, and their push for this tick not in yet."""
-        deadline = time.monotonic() + GATHER_WAIT_S
+        a frame, and their next push expected within the wait. Judged by when that push is
+        expected, not by the age of the last one as the wait goes on, a step never waits for a
+        slot whose push only comes on the next tick (a stream a whole tick off the others)."""
+        deadline = time.monotonic() + self.gather_wait_s
+        start = _now()
         while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
             now = _now()
-            # Due: its next chunk completes a frame, and its last push was on the previous tick or
-            # this tick's other phase (DUE_AFTER_CHUNKS to a chunk and a half ago): not yet on this
-            # one, and not stalled.
+            # Due: its next chunk completes a frame, that chunk is expected within the wait, and its
+            # last push is not stalled (under a chunk and a half ago).
             due = any(s.stream is not None and not s.queue and not s.closing
                       and 0 < s.last_chunk < self.frame_size
                       and s.buffer.pending + s.last_chunk >= self.frame_size
-                      and DUE_AFTER_CHUNKS < (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
+                      and s.last_push_at + s.last_chunk / self.sample_rate <= start + self.gather_wait_s
+                      and (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
                       for s in self._slots)
             if not due:
                 return
