@@ -163,10 +163,26 @@ def test_receivers_gauges_of_the_engine_process_itself_are_not_summed():
     assert value(samples, "captions_ready") == 1 and value(samples, "captions_engine_broken") == 0
 
 
-@pytest.mark.parametrize("report", [[["x", "counter", "help", [["x_total", "not a dict", 1]]]], "nope", [[1, 2]]])
+@pytest.mark.parametrize("report", [[["x", "counter", "help", [["x_total", "not a dict", 1]]]], "nope", [[1, 2]],
+                                    [["x", "counter", "help", [["x_total", {}, 10 ** 400]]]],
+                                    [["x", "counter", "help", [["x_total", {}, "nan"]]]]],
+                         ids=["labels", "not-a-list", "short", "overflow", "nan"])
 def test_a_malformed_metrics_report_is_a_wire_error(report):
     with pytest.raises(wire.WireError):
         ReceiverMetrics().update(1, report)
+
+
+def test_a_report_read_after_its_connection_was_retired_does_not_bring_it_back():
+    """The writer thread can see a closing receiver's socket go (and retire it) while the reader
+    thread still parses its last report: counted again, its whole lifetime would double in the sums."""
+    metrics = ReceiverMetrics()
+    report = [["captions_frames_dropped", "counter", "help", [["captions_frames_dropped_total", {"reason": "x"}, 1001]]]]
+    metrics.update(7, report)
+    metrics.retire(7)
+    metrics.update(7, report)  # the last report, parsed after the retire
+    totals = metrics.totals()["captions_frames_dropped"].values
+    assert totals == {("captions_frames_dropped_total", (("reason", "x"),)): 1001.0}
+    assert metrics.reporting() == 0
 
 
 def test_receivers_auto_follows_the_usable_cores():

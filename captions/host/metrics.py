@@ -31,6 +31,7 @@ read `--receivers`. The snapshot here is the registry's own `collect()`, whateve
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable
 
@@ -78,8 +79,11 @@ def _parse(families: object) -> dict[str, _Family]:
             family = parsed.setdefault(str(name), _Family(str(type_), str(documentation)))
             for sample, labels, value in samples:
                 key = (str(sample), tuple(sorted((str(k), str(v)) for k, v in labels.items())))
-                family.values[key] = family.values.get(key, 0.0) + float(value)
-    except (TypeError, ValueError, AttributeError) as e:
+                number = float(value)
+                if math.isnan(number):  # would poison the kept sums of a process gone for good
+                    raise ValueError(f"{sample} is NaN")
+                family.values[key] = family.values.get(key, 0.0) + number
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
         raise wire.WireError(f"malformed metrics report: {e}") from None
     return parsed
 
@@ -95,17 +99,22 @@ class ReceiverMetrics:
         """By connection number: its latest snapshot."""
         self._retired: dict[str, _Family] = {}
         """Counters and histograms of the connections gone, at their last reported values."""
+        self._gone: set[int] = set()
+        """Connections retired: a report of theirs still being read when they went (the writer
+        thread can see the socket close first) must not bring them back into the sums."""
         self._restarts = restarts
 
     def update(self, connection: int, families: object) -> None:
         """Connection `connection` reported `families` (a `snapshot`)."""
         parsed = _parse(families)
         with self._lock:
-            self._live[connection] = parsed
+            if connection not in self._gone:
+                self._live[connection] = parsed
 
     def retire(self, connection: int) -> None:
         """Connection `connection` is gone: its counters stay in the sums, its gauges leave them."""
         with self._lock:
+            self._gone.add(connection)
             gone = self._live.pop(connection, None)
             for name, family in (gone or {}).items():
                 if family.type != "gauge":
