@@ -176,6 +176,9 @@ class EngineClient:
         self._closing = False
         self.metrics_source: Callable[[], list] | None = None
         """This process's metrics (captions/host/metrics.py's `snapshot`), reported once more on `close`."""
+        self._metrics_lock = threading.Lock()
+        self._metrics_final = False
+        """The last report is sent: a periodic one still on its way (an older snapshot) must not follow it."""
         self._writer = wire.FrameWriter(self._sock, "engine-client-writer",
                                         on_error=lambda e: self._lose(f"{ENGINE_GONE} ({e})"))
         self._send(wire.control({"op": "hello", "index": index, "pid": os.getpid()}))
@@ -193,16 +196,20 @@ class EngineClient:
 
     def report_metrics(self, families: list) -> None:
         """Sends this process's metrics to the engine process, which serves them (captions/host/metrics.py)."""
-        self._send(wire.control({"op": "metrics", "families": families}))
+        with self._metrics_lock:
+            if not self._metrics_final:
+                self._send(wire.control({"op": "metrics", "families": families}))
 
     def close(self) -> None:
         """Ends the connection (the engine process frees what is still held), after a last metrics
         report: what the rooms counted while they closed is kept."""
         if self.metrics_source is not None and self.lost is None and not self._closing:
-            try:
-                self.report_metrics(self.metrics_source())
-            except Exception:  # noqa: BLE001 - a last report is not worth a failed stop
-                logger.exception("engine channel: the last metrics report failed")
+            with self._metrics_lock:
+                try:
+                    self._send(wire.control({"op": "metrics", "families": self.metrics_source()}))
+                except Exception:  # noqa: BLE001 - a last report is not worth a failed stop
+                    logger.exception("engine channel: the last metrics report failed")
+                self._metrics_final = True
         self._closing = True
         self._writer.close()
         with contextlib.suppress(OSError):
