@@ -18,7 +18,13 @@ from captions.host import wire
 from captions.host.engine_client import EngineClient
 from captions.host.engine_server import EngineServer
 from captions.host.metrics import ReceiverMetrics, snapshot
-from captions.host.receivers import AUTO, MAX_AUTO_RECEIVERS, receivers_option, resolve_receivers
+from captions.host.receivers import (
+    AUTO,
+    MAX_AUTO_RECEIVERS,
+    receivers_option,
+    resolve_receivers,
+    usable_cores,
+)
 from captions.live.metrics import CaptionMetrics, TaskMetrics, start_observability_server
 from captions.live.slots import SlotQueue
 from tests.fake_engine import FakeEngine
@@ -193,6 +199,20 @@ def test_receivers_auto_follows_the_usable_cores():
     assert [resolve_receivers(AUTO, cores)[0] for cores in (1, 2, 3, 4, 6, 10, 64)] == \
         [1, 1, 1, 2, 4, MAX_AUTO_RECEIVERS, MAX_AUTO_RECEIVERS]
     assert resolve_receivers(5, cores=2)[0] == 5, "a number given overrides auto"
+
+
+@pytest.mark.parametrize(("files", "quota"), [({"cpu.max": "250000 100000\n"}, 3), ({"cpu.max": "max 100000\n"}, None),
+                                              ({"cpu/cpu.cfs_quota_us": "150000", "cpu/cpu.cfs_period_us": "100000"}, 2),
+                                              ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+                                              ({"cpu.max": "garbage"}, None), ({}, None)],
+                         ids=["v2-2.5-cpus", "v2-no-quota", "v1-1.5-cpus", "v1-no-quota", "unreadable", "none"])
+def test_receivers_auto_counts_a_containers_cpu_quota(tmp_path, monkeypatch, files, quota):
+    """A container limited to 2.5 CPUs on a 64-core node gets the receiving processes of 3 cores."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cores(tmp_path) == (64 if quota is None else quota)
 
 
 def test_captions_up_passes_receivers_on_to_its_worker(monkeypatch):

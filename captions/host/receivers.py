@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -59,13 +60,32 @@ def receivers_option(text: str) -> int | str:
     return value
 
 
-def usable_cores() -> int:
-    """The CPUs this process may run on (its affinity mask: a container's cpuset counts, a CPU quota
-    does not), else every CPU of the machine."""
+def usable_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity mask (a container's cpuset), else every CPU of
+    the machine, and no more than its CPU quota (a container's `--cpus`, Kubernetes' `limits.cpu`),
+    rounded up: a quota of 2 CPUs on a 64-core node must not start 8 receiving processes."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cpu_quota(cgroup_root)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cpu_quota(cgroup_root: Path) -> float | None:
+    """CPUs' worth of this process's cgroup quota (v2 `cpu.max`, or v1 `cpu.cfs_quota_us` over
+    `cpu.cfs_period_us`); None without one or where it cannot be read."""
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_receivers(value: int | str, cores: int | None = None) -> tuple[int, str]:
@@ -82,8 +102,8 @@ def add_receivers_option(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--receivers", env="CAPTIONS_RECEIVERS", default=AUTO, type=receivers_option,
                help="processes that take rooms (receive audio, detect voice, publish captions); 1: the worker "
                     "process does everything; 2 or more: it runs only the engine and the slot queue, and starts "
-                    "that many receiving processes that feed it (captions/host/); auto: the usable cores less "
-                    f"{CORES_KEPT}, at least 1 and at most {MAX_AUTO_RECEIVERS}")
+                    "that many receiving processes that feed it (captions/host/); auto: the usable cores (affinity and "
+                    f"CPU quota) less {CORES_KEPT}, at least 1 and at most {MAX_AUTO_RECEIVERS}")
 
 
 def encode_args(args: argparse.Namespace) -> str:
