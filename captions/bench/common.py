@@ -4,6 +4,7 @@ on, summary statistics, JSON and plot output, the test checkpoint and the speech
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import hashlib
@@ -13,6 +14,8 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +301,46 @@ def listener_result(listener: subprocess.Popen, timeout_s: float, out: Path, wor
     if any(bot.poll() is not None for bot in bots):
         raise BenchError(f"a bot process stopped early: see {workdir}/bots-*.log")
     return json.loads(out.read_text())
+
+
+CAPTURE_MS = 10
+"""A bot publishes 10 ms per tick, as a browser's WebRTC stack does."""
+
+
+async def publish_in_real_time(config: dict, identities: list[str], chunk: Callable[[int, int, int], np.ndarray]) -> None:
+    """Bots `identities` in config's room each publish `chunk(bot, tick, samples)` (24 kHz mono int16,
+    `samples` long) every CAPTURE_MS, on a clock that does not drift, until `config["until"]`
+    (time.time()); then they leave."""
+    from livekit import rtc
+
+    from captions.dev.bots import Publisher, server_from_config
+    from captions.stt.api import SAMPLE_RATE
+
+    server = server_from_config(config)
+    publishers = [await Publisher(server, config["room"], identity, auto_subscribe=False,
+                                  queue_size_ms=0).connect() for identity in identities]
+    samples = SAMPLE_RATE * CAPTURE_MS // 1000
+    origin, tick = time.monotonic(), 0
+    try:
+        while time.time() < config["until"]:
+            delay = origin + (tick + 1) * CAPTURE_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await asyncio.gather(*(
+                p.source.capture_frame(rtc.AudioFrame(chunk(i, tick, samples).tobytes(), SAMPLE_RATE, 1, samples))
+                for i, p in enumerate(publishers)))
+            tick += 1
+    finally:
+        for publisher in publishers:
+            with contextlib.suppress(Exception):
+                await publisher.disconnect()
+
+
+def stop_processes(bots: list[subprocess.Popen], server) -> None:
+    """The bot processes (asked to stop, then waited for, 10 s each at most) and the livekit-server."""
+    for bot in bots:
+        bot.terminate()
+    for bot in bots:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            bot.wait(timeout=10)
+    server.stop()

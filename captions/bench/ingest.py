@@ -40,16 +40,16 @@ from captions.bench.common import (
     listener_result,
     machine_description,
     positive_ints,
+    publish_in_real_time,
     run_child_process,
     save_figure,
     spawn_role,
+    stop_processes,
 )
 from captions.config import add_option, positive_int
 from captions.stt.api import SAMPLE_RATE
 
 FANOUTS = ("sdk", "narrowed", "idle")
-CAPTURE_MS = 10
-"""The bots hand WebRTC 10 ms frames (its direct capture takes nothing else)."""
 WARMUP_S = 2.0
 SUBSCRIBE_TIMEOUT_S = 30.0
 
@@ -65,31 +65,14 @@ def fanouts(text: str) -> list[str]:
 
 async def _publish(config: dict) -> None:
     """Publishes tracks `indices` (tone 200 + 150 i Hz) in real time until `until` (time.time())."""
-    from livekit import rtc
-
-    from captions.dev.bots import Publisher, server_from_config
-
-    server = server_from_config(config)
-    publishers = [await Publisher(server, config["room"], f"mic-{i:02d}", auto_subscribe=False,
-                                  queue_size_ms=0).connect() for i in config["indices"]]
-    samples = SAMPLE_RATE * CAPTURE_MS // 1000
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE  # one second, looped: every tone has whole periods
     tones = [(np.sin(2 * np.pi * (200 + 150 * i) * t) * 6000).astype(np.int16) for i in config["indices"]]
-    origin, tick = time.monotonic(), 0
-    try:
-        while time.time() < config["until"]:
-            delay = origin + (tick + 1) * CAPTURE_MS / 1000 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            offset = (tick * samples) % SAMPLE_RATE
-            await asyncio.gather(*(
-                p.source.capture_frame(rtc.AudioFrame(tone[offset:offset + samples].tobytes(), SAMPLE_RATE, 1, samples))
-                for p, tone in zip(publishers, tones)))
-            tick += 1
-    finally:
-        for publisher in publishers:
-            with contextlib.suppress(Exception):
-                await publisher.disconnect()
+
+    def chunk(bot: int, tick: int, samples: int) -> np.ndarray:
+        offset = (tick * samples) % SAMPLE_RATE
+        return tones[bot][offset:offset + samples]
+
+    await publish_in_real_time(config, [f"mic-{i:02d}" for i in config["indices"]], chunk)
 
 
 async def _listen(config: dict) -> None:
@@ -217,12 +200,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> list[dict]:
             runs.append(run)
         return runs
     finally:
-        for bot in bots:
-            bot.terminate()
-        for bot in bots:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                bot.wait(timeout=10)
-        server.stop()
+        stop_processes(bots, server)
 
 
 def markdown_table(report: dict) -> str:

@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from captions.bench.common import BenchError, run_child_process, summarize_ms
+from captions.bench.common import BenchError, publish_in_real_time, run_child_process, summarize_ms
 from captions.stt.api import FRAME_S, SAMPLE_RATE
 
 PATH_ENV = "CAPTIONS_HOST_PATH"
 """Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
-CAPTURE_MS = 10
 SUBSCRIBE_TIMEOUT_S = 30.0
 BASELINE_S = 3.0
 WARMUP_S = 3.0
@@ -45,31 +44,13 @@ SAMPLE_S = 0.5
 
 async def _publish(config: dict) -> None:
     """Publishes the signals of `tracks` [(identity, .npy path)] in real time until `until`."""
-    from livekit import rtc
-
-    from captions.dev.bots import Publisher, server_from_config
-
-    server = server_from_config(config)
-    publishers = [await Publisher(server, config["room"], identity, auto_subscribe=False,
-                                  queue_size_ms=0).connect() for identity, _ in config["tracks"]]
     signals = [np.load(path) for _, path in config["tracks"]]
-    samples = SAMPLE_RATE * CAPTURE_MS // 1000
-    origin, tick = time.monotonic(), 0
-    try:
-        while time.time() < config["until"]:
-            delay = origin + (tick + 1) * CAPTURE_MS / 1000 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            frames = []
-            for signal_ in signals:
-                offset = (tick * samples) % (signal_.size - samples)
-                frames.append(rtc.AudioFrame(signal_[offset:offset + samples].tobytes(), SAMPLE_RATE, 1, samples))
-            await asyncio.gather(*(p.source.capture_frame(f) for p, f in zip(publishers, frames)))
-            tick += 1
-    finally:
-        for publisher in publishers:
-            with contextlib.suppress(Exception):
-                await publisher.disconnect()
+
+    def chunk(bot: int, tick: int, samples: int) -> np.ndarray:
+        offset = (tick * samples) % (signals[bot].size - samples)
+        return signals[bot][offset:offset + samples]
+
+    await publish_in_real_time(config, [identity for identity, _ in config["tracks"]], chunk)
 
 
 # ---- what a process measures of itself ---------------------------------------------------------------

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
-from captions.bench.common import BenchError, listener_result, spawn_role, speech_streams, summarize_ms
+from captions.bench.common import (
+    BenchError,
+    listener_result,
+    spawn_role,
+    speech_streams,
+    stop_processes,
+    summarize_ms,
+)
 from captions.bench.host.listener import BASELINE_S, PATH_ENV, SAMPLE_S, SUBSCRIBE_TIMEOUT_S, WARMUP_S
 from captions.bench.host.report import kept_up, shape
 from captions.stt.api import SAMPLE_RATE
@@ -230,9 +237,4 @@ def measure(args: argparse.Namespace, workdir: Path, checkpoint: Path) -> list[d
                   f"{100 * run['delivered']:.0f} % delivered, load {run['load_before'][0]}", flush=True)
         return runs
     finally:
-        for bot in bots:
-            bot.terminate()
-        for bot in bots:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                bot.wait(timeout=10)
-        server.stop()
+        stop_processes(bots, server)
