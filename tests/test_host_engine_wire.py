@@ -214,3 +214,27 @@ def test_a_connection_that_sends_garbage_is_dropped_and_its_slots_freed(host, ga
     bad._sock.sendall(garbage)
     until(lambda: len(server.receivers()) == 1, what="the garbage sender dropped")
     assert good.slots.request(bob.waiter) is not None, "its slot was not freed for the others"
+
+
+def test_a_frame_that_cannot_be_made_fails_the_channel_visibly_instead_of_stopping_its_writer():
+    """An event frame is made on the writer's thread: if making one fails, the writer must not die
+    quietly with every later frame queued unsent (a receiving process's captions would just stop)."""
+    a, b = socket.socketpair()
+    errors: list[BaseException] = []
+    writer = wire.FrameWriter(a, "test-writer", on_error=errors.append)
+    try:
+        writer.send(b"before")
+
+        def broken() -> bytes:
+            raise ValueError("cannot encode")
+
+        writer.send(broken)
+        deadline = time.monotonic() + 5
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert errors and isinstance(errors[0], ValueError), "the owner hears the channel failed"
+        assert writer.send(b"after") is False, "the channel is closed, not silently stuck"
+    finally:
+        writer.close()
+        a.close()
+        b.close()

@@ -119,8 +119,9 @@ def event_from_wire(fields: list) -> StreamEvent:
 
 class FrameWriter:
     """The one writer of a socket (module notes). `send` never blocks; `on_error(exc)` runs once,
-    on the writer's thread, if a write fails (the peer is gone). A frame may be given as a function
-    that makes it: it is then made on the writer's thread (the engine's thread only enqueues)."""
+    on the writer's thread, if a write fails (the peer is gone) or a frame cannot be made. A frame
+    may be given as a function that makes it: it is then made on the writer's thread (the engine's
+    thread only enqueues)."""
 
     def __init__(self, sock: socket.socket, name: str, on_error: Callable[[BaseException], None] | None = None):
         self._sock = sock
@@ -161,7 +162,9 @@ class FrameWriter:
                 try:
                     self._sock.sendall(b"".join(f if isinstance(f, bytes) else f() for f in frames))
                     self.writes += 1
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - a frame that cannot be made fails the channel, visibly
+                    # The peer gone (OSError), or a frame made on this thread failed: either way the
+                    # channel stops here and its owner hears of it, rather than frames piling up unsent.
                     with self._cond:
                         self._closed, self._frames = True, []
                     if self._on_error is not None:
