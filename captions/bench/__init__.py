@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
              "the worker's memory, threads, descriptors and FFI handles over hundreds of rooms, and in one long room"),
     "host": ("captions.bench.host",
              "the whole host path through a real livekit-server: cores per live talker and per silent participant"),
+    "wire": ("captions.bench.wire",
+             "the engine channel's CPU per live stream on each side of its socket, with nothing else running"),
     "translate": ("captions.bench.translate",
                   "batched translation throughput, and the latency it adds from a final to its translation"),
 }

@@ -168,6 +168,41 @@ def machine_description(device: str) -> dict:
     return description
 
 
+# ---- what a process measures of itself ---------------------------------------------------------------
+
+def thread_cpu(thread) -> float:
+    """CPU seconds of `thread` (a threading.Thread; None: 0)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident)) if thread is not None else 0.0
+
+
+def process_threads() -> dict[int, tuple[str, float, float]]:
+    """{tid: (name, CPU seconds, seconds runnable but waiting for a core)} of this process (/proc: Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (task / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            wait = int((task / "schedstat").read_text().split()[1]) / 1e9
+            out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")],
+                                   (int(fields[11]) + int(fields[12])) / ticks, wait)
+    return out
+
+
+def thread_figures(before: dict, after: dict, wall: float, leave_out: int | None) -> tuple[dict, float]:
+    """CPU cores by thread name (over 0.5 % of a core), and the cores' worth of time this process's
+    threads (but `leave_out`) waited for a CPU while runnable."""
+    cores: dict[str, float] = {}
+    waited = 0.0
+    for tid, (name, cpu, wait) in after.items():
+        _, cpu0, wait0 = before.get(tid, (name, 0.0, 0.0))
+        cores[name] = cores.get(name, 0.0) + (cpu - cpu0) / wall
+        if tid != leave_out:
+            waited += (wait - wait0) / wall
+    shown = {name: round(c, 3) for name, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c > 0.005}
+    return shown, round(waited, 4)
+
+
 def summarize_ms(seconds: list[float]) -> dict:
     """Mean, p50, p95 and p99 of durations given in seconds, in milliseconds."""
     if not seconds:

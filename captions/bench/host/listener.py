@@ -28,7 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from captions.bench.common import BenchError, publish_in_real_time, run_child_process, summarize_ms
+from captions.bench.common import (
+    BenchError,
+    process_threads,
+    publish_in_real_time,
+    run_child_process,
+    summarize_ms,
+    thread_cpu,
+    thread_figures,
+)
 from captions.stt.api import FRAME_S, SAMPLE_RATE
 
 PATH_ENV = "CAPTIONS_HOST_PATH"
@@ -54,38 +62,6 @@ async def _publish(config: dict) -> None:
 
 
 # ---- what a process measures of itself ---------------------------------------------------------------
-
-def _thread_cpu(thread) -> float:
-    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident)) if thread is not None else 0.0
-
-
-def _threads() -> dict[int, tuple[str, float, float]]:
-    """{tid: (name, CPU seconds, seconds runnable but waiting for a core)} of this process (/proc: Linux)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            stat = (task / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            wait = int((task / "schedstat").read_text().split()[1]) / 1e9
-            out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")],
-                                   (int(fields[11]) + int(fields[12])) / ticks, wait)
-    return out
-
-
-def _thread_figures(before: dict, after: dict, wall: float, leave_out: int | None) -> tuple[dict, float]:
-    """CPU cores by thread name (over 0.5 % of a core), and the cores' worth of time this process's
-    threads (but `leave_out`) waited for a CPU while runnable."""
-    cores: dict[str, float] = {}
-    waited = 0.0
-    for tid, (name, cpu, wait) in after.items():
-        _, cpu0, wait0 = before.get(tid, (name, 0.0, 0.0))
-        cores[name] = cores.get(name, 0.0) + (cpu - cpu0) / wall
-        if tid != leave_out:
-            waited += (wait - wait0) / wall
-    shown = {name: round(c, 3) for name, c in sorted(cores.items(), key=lambda kv: -kv[1]) if c > 0.005}
-    return shown, round(waited, 4)
-
 
 class _Sampler(threading.Thread):
     """`cpu()` every SAMPLE_S of wall time from `start` (every process samples at the same instants)."""
@@ -194,7 +170,7 @@ async def _listen(config: dict) -> None:
     host = Host(slots, text_delay_s)
 
     def host_cpu() -> float:
-        return time.process_time() - _thread_cpu(engine_thread)
+        return time.process_time() - thread_cpu(engine_thread)
 
     room = rtc.Room()
     tracks: dict[str, rtc.Track] = {}
@@ -231,7 +207,7 @@ async def _listen(config: dict) -> None:
 
     def totals():
         return (sum(s.track.end for s in speakers), sum(s.pushed for s in speakers),
-                engine.steps if engine_thread is not None else 0, time.process_time(), _thread_cpu(engine_thread),
+                engine.steps if engine_thread is not None else 0, time.process_time(), thread_cpu(engine_thread),
                 time.monotonic())
 
     profiler = None
@@ -243,9 +219,9 @@ async def _listen(config: dict) -> None:
     host.measuring = True
     sampler = _Sampler(host_cpu, time.time(), config["seconds"])
     sampler.start()
-    threads_before, before = _threads(), totals()
+    threads_before, before = process_threads(), totals()
     await asyncio.sleep(config["seconds"])
-    after, threads_after = totals(), _threads()
+    after, threads_after = totals(), process_threads()
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(config["profile"])
@@ -254,7 +230,7 @@ async def _listen(config: dict) -> None:
     received, pushed, steps, cpu, engine_cpu, wall = (b - a for a, b in zip(before, after))
     n = len(speakers)
     host_cores = (cpu - engine_cpu) / wall
-    thread_cores, waited = _thread_figures(threads_before, threads_after, wall,
+    thread_cores, waited = thread_figures(threads_before, threads_after, wall,
                                            engine_thread.native_id if engine_thread is not None else None)
     result = {"index": config["index"], "pid": os.getpid(), "participants": n, "tracks": len(tracks),
               "baseline_cores": round(baseline, 4), "process_cores": round(cpu / wall, 4),
@@ -302,7 +278,7 @@ async def _serve_engine(config: dict) -> None:
         thread = engine._thread
 
         def server_cpu() -> float:
-            return time.process_time() - _thread_cpu(thread)
+            return time.process_time() - thread_cpu(thread)
 
         await _phase(config, "baseline")
         cpu0, wall0 = server_cpu(), time.monotonic()
@@ -311,12 +287,12 @@ async def _serve_engine(config: dict) -> None:
         await _phase(config, "measure")
         sampler = _Sampler(server_cpu, time.time(), config["seconds"])
         sampler.start()
-        threads0, steps0, cpu0, engine0, wall0 = (_threads(), engine.steps, time.process_time(), _thread_cpu(thread),
+        threads0, steps0, cpu0, engine0, wall0 = (process_threads(), engine.steps, time.process_time(), thread_cpu(thread),
                                                   time.monotonic())
         await asyncio.sleep(config["seconds"])
         wall = time.monotonic() - wall0
-        cpu, engine_cpu, steps = time.process_time() - cpu0, _thread_cpu(thread) - engine0, engine.steps - steps0
-        thread_cores, waited = _thread_figures(threads0, _threads(), wall, thread.native_id)
+        cpu, engine_cpu, steps = time.process_time() - cpu0, thread_cpu(thread) - engine0, engine.steps - steps0
+        thread_cores, waited = thread_figures(threads0, process_threads(), wall, thread.native_id)
         sampler.join(timeout=2 * SAMPLE_S)
         result = {"pid": os.getpid(), "baseline_cores": round(baseline, 4), "process_cores": round(cpu / wall, 4),
                   "engine_cores": round(engine_cpu / wall, 4), "server_cores": round((cpu - engine_cpu) / wall, 4),
