@@ -247,8 +247,8 @@ def _row(run: dict) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| streams | receiving process, cores per stream | engine process (not stepping), cores per stream "
-             "| audio received | pusher ticks late | steps per 80 ms | load before |",
+    lines = [("| streams | receiving process, cores per stream | engine process (not stepping), cores per stream "
+              "| audio received | pusher ticks late | steps per 80 ms | load before |"),
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [_row(run) for run in report["runs"]]
     machine = report["machine"]
