@@ -11,9 +11,11 @@ WebRTC's own 10 ms tick (captions/stt/engine.py).
 The two streams resample the same decoded audio, so from its second chunk on, the live stream's
 samples equal the kept ones exactly (its first chunk differs: the resampler starts cold). Both start
 on a 10 ms boundary, so the live stream sits at a whole number of chunks into the kept one; `_splice`
-finds that offset by comparing samples (near the time-based guess, which decides only when the
-audio is digital silence) and the engine gets kept audio up to the junction, then live audio from
-it: one continuous signal.
+finds that offset by comparing samples and the engine gets kept audio up to the junction, then live
+audio from it: one continuous signal. Digital silence matches any silence kept (the live stream's
+place may not be kept yet: an earlier pause would match, and the speech after it be lost), so the
+live audio compared runs on to its first sound; the time-based guess decides only after
+`SPLICE_PATIENCE` of silence.
 
 All sample indices here count the kept (80 ms) stream's 24 kHz samples from its first one.
 
@@ -56,7 +58,8 @@ SPLICE_CHUNKS = 3
 """Live chunks compared with the kept audio to find the junction (after the cold first one)."""
 SPLICE_PATIENCE = SAMPLE_RATE // 2
 """Kept audio awaited after the probe without a match before joining by time: the kept stream can
-lag the live one (its 80 ms chunks, and the event loop's order of wake-ups at a track's start)."""
+lag the live one (its 80 ms chunks, and the event loop's order of wake-ups at a track's start).
+As much is awaited for live audio that is not digital silence before matching silence by time."""
 _now = time.monotonic
 """The clock of arrivals (a test drives it by hand)."""
 ORIGIN_CREEP_S = 0.0001
@@ -244,6 +247,8 @@ class _LiveFeed:
         """Where the kept stream was when the latest live chunk arrived (its time-based place)."""
         self._offset: int | None = None
         """Index of the live stream's sample 0 in the kept stream, once found."""
+        self._tried_at: int | None = None
+        """The kept stream's end at the first try to splice."""
         self._probe_end: int | None = None
         """The kept stream's end when the live chunks compared had all arrived."""
         self._task = supervised(self._read(), "live_feed", f"live-{track.label}",
@@ -263,16 +268,24 @@ class _LiveFeed:
         if self._received < 1 + SPLICE_CHUNKS:
             return
         track = self._track
+        if self._tried_at is None:
+            self._tried_at = track.end
+        probe = self._probe()
+        if probe is None:  # digital silence so far: it would match any silence kept
+            if track.end < self._tried_at + SPLICE_PATIENCE:
+                return
+            probe = np.concatenate(self._pending[1:1 + SPLICE_CHUNKS])  # a long silence: by the guess
         if self._probe_end is None:
             self._probe_end = track.end
-        probe = np.concatenate(self._pending[1:1 + SPLICE_CHUNKS])
         # Where the live stream would start if both streams were delivered without delay.
         guess = self._guess - self._received * LIVE_CHUNK
         guess -= guess % LIVE_CHUNK
         first = track.kept_from + (-track.kept_from) % LIVE_CHUNK
         kept = track.audio(first, track.end)
+        sound = np.flatnonzero(probe)
+        at = int(sound[0]) if sound.size else 0  # a sample to sift the places by: sound, if any
         starts = np.arange(LIVE_CHUNK, kept.size - probe.size + 1, LIVE_CHUNK)  # where the probe may lie
-        starts = starts[kept[starts] == probe[0]]
+        starts = starts[kept[starts + at] == probe[at]]
         matches = sorted((first + int(start) - LIVE_CHUNK for start in starts
                           if np.array_equal(kept[start:start + probe.size], probe)), key=lambda c: abs(c - guess))
         if matches:
@@ -286,6 +299,15 @@ class _LiveFeed:
         self._pending.pop(0)  # the cold first chunk: the kept audio stands in for it
         self._on_junction(offset + LIVE_CHUNK)
         self._deliver()
+
+    def _probe(self) -> np.ndarray | None:
+        """The live audio to look for in the kept audio: `SPLICE_CHUNKS` chunks after the cold
+        first one, or more, up to the first that is not digital silence (None: none is yet)."""
+        chunks = self._pending[1:]
+        for n, pcm in enumerate(chunks):
+            if pcm.any():
+                return np.concatenate(chunks[:max(n + 1, SPLICE_CHUNKS)])
+        return None
 
     def _deliver(self) -> None:
         """Hands over the chunks received, as one: those that waited for the junction arrived on
