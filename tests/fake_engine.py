@@ -143,6 +143,11 @@ class FakeEngine:
             self.opened.append(stream)
             return stream
 
+    def push_many(self, pushes) -> None:
+        for stream, pcm, produced_at in pushes:
+            if not stream.ended:
+                stream.push(pcm, produced_at)
+
     def _release(self, stream: FakeStream) -> None:
         with self._lock:
             self._streams.pop(stream.id, None)

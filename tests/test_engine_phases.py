@@ -10,8 +10,10 @@ import time
 
 import numpy as np
 
+from captions.stt.audio import read_audio_file
 from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
-from tests.engine_drive import TICK_SAMPLES, Collector, wait_idle
+from tests.conftest import espeak_wav
+from tests.engine_drive import FRAME, TICK_SAMPLES, Collector, run_solo, wait_idle
 
 TICKS = 12 * 8
 """12 frames of 80 ms."""
@@ -48,3 +50,39 @@ def test_two_processes_half_a_tick_apart_share_each_step(tiny_checkpoint, monkey
         engine.close()
     assert len(active) >= 8
     assert sum(active) / len(active) >= 3.5, f"steps carried {active}: one group stepped without the other"
+
+
+def test_pushes_taken_together_give_each_stream_the_words_of_its_own_audio(tiny_checkpoint, speech_dir, monkeypatch):
+    """The engine channel's batches (`push_many`: a receiving process's pushes of a tick in one call):
+    streams that joined at different ticks each hear exactly their own audio, after the lead the
+    clock gave them; a push to a stream closed meanwhile is dropped, not raised into the batch."""
+    clock = [1000.0]
+    monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
+    texts = ["the channel carries every room", "one batch per tick", "words of its own audio"]
+    clips = [read_audio_file(espeak_wav(text, speech_dir / f"phases{i}.wav"))[:FRAME * 16] for i, text in enumerate(texts)]
+    starts = [0, 3, 13]
+    engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=3)
+    engine.start()
+    try:
+        collectors = [Collector() for _ in clips]
+        streams = [engine.open_stream(collector) for collector in collectors]
+        wait_idle(engine)  # the prefix silence, out of the clock
+        for tick in range(starts[-1] + FRAME * 16 // TICK_SAMPLES):
+            clock[0] = 1000.0 + 0.01 * tick
+            engine.push_many([(stream, clip[(tick - start) * TICK_SAMPLES:(tick - start + 1) * TICK_SAMPLES], clock[0])
+                              for stream, clip, start in zip(streams, clips, starts) if start <= tick])
+            wait_idle(engine)
+        streams[0].close()
+        engine.push_many([(streams[0], clips[0][:TICK_SAMPLES], None), (streams[1], np.zeros(0, np.float32), None)])
+        for stream in streams[1:]:
+            stream.close()
+        for collector in collectors:
+            assert collector.done.wait(30), "stream never ended"
+        solos = [run_solo(engine, np.concatenate([np.zeros(stream.lead_samples, np.float32), clip]))
+                 for stream, clip in zip(streams, clips)]
+    finally:
+        engine.close()
+    assert len({stream.lead_samples for stream in streams}) == 3, "the clips joined the clock at different phases"
+    for collector, solo in zip(collectors, solos):
+        assert collector.tokens == solo.tokens
+        assert collector.words, "each clip gave words"

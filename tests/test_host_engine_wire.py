@@ -72,19 +72,47 @@ def host():
 
 def test_audio_and_events_cross_the_wire_unchanged():
     pcm = np.linspace(-1, 1, 240, dtype=np.float32)
-    frame = wire.audio(7, pcm, 12.5, sync=True)
+    pushes = [wire.AudioPush(7, pcm, 12.5, sync=True), wire.AudioPush(8, pcm[:0]), wire.AudioPush(9, pcm[::-1].copy())]
+    frame = wire.audio(pushes)
     assert wire.LENGTH.unpack(frame[:4])[0] == len(frame) - 4 and frame[4] == wire.AUDIO
-    wid, back, produced_at, sync = wire.parse_audio(frame[5:])
-    assert (wid, produced_at, sync) == (7, 12.5, True) and np.array_equal(back, pcm)
-    assert wire.parse_audio(wire.audio(1, pcm, None)[5:])[2] is None
+    back = wire.parse_audio(frame[5:])
+    assert [(p.wid, p.produced_at, p.sync) for p in back] == [(7, 12.5, True), (8, None, False), (9, None, False)]
+    assert all(np.array_equal(a.pcm, b.pcm) for a, b in zip(pushes, back, strict=True))
     event = StreamEvent(3, 12, [Word("w4", 0.08, 0.4)], "w2", 0.25, token=5, ended=True, error="boom",
                         step_started=1.5, step_ended=1.6, lead_samples=720)
     assert wire.event_from_wire(wire.parse_control(wire.control({"op": "e", "e": wire.event_to_wire(event)})[5:])["e"]) \
         == event
     with pytest.raises(wire.WireError):
-        wire.parse_audio(b"\x00" * 3)
-    with pytest.raises(wire.WireError):
         wire.parse_control(b"[1, 2]")
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x00" * 3,  # no count
+    wire.COUNT.pack(0),  # no pushes
+    wire.COUNT.pack(2) + bytes(wire.AUDIO_ENTRY.itemsize),  # fewer entries than counted
+    wire.audio([wire.AudioPush(1, np.ones(4, np.float32))])[5:-4],  # fewer samples than its entries say
+    wire.audio([wire.AudioPush(1, np.ones(4, np.float32))])[5:] + b"\x00" * 4,  # more
+    wire.COUNT.pack(0xFFFFFFFF) + b"\x00" * 64,  # a count far beyond the frame
+], ids=["short", "empty", "entries", "fewer-samples", "more-samples", "huge-count"])
+def test_a_malformed_audio_frame_is_refused(payload):
+    with pytest.raises(wire.WireError):
+        wire.parse_audio(payload)
+
+
+def test_pushes_queued_together_cross_as_one_frame_in_order_with_the_frames_around_them():
+    a, b = socket.socketpair()
+    writer = wire.FrameWriter(a, "test-writer")
+    with writer._cond:  # hold the writer so that everything below is queued at one wake-up
+        writer._frames += [wire.AudioPush(1, np.ones(2, np.float32)), wire.AudioPush(2, np.zeros(3, np.float32)),
+                           wire.control({"op": "close", "wid": 1}), wire.AudioPush(2, np.ones(1, np.float32))]
+        writer._cond.notify()
+    writer.close()
+    a.close()
+    frames = list(wire.read_frames(b))
+    assert [kind for kind, _ in frames] == [wire.AUDIO, wire.CONTROL, wire.AUDIO]
+    assert [(p.wid, p.pcm.tolist()) for p in wire.parse_audio(frames[0][1])] == [(1, [1.0, 1.0]), (2, [0.0] * 3)]
+    assert frames[1][1]["op"] == "close" and wire.parse_audio(frames[2][1])[0].wid == 2
+    assert writer.writes == 1
 
 
 def test_request_grant_push_events_close(host):
@@ -224,15 +252,12 @@ def test_a_frame_that_cannot_be_made_fails_the_channel_visibly_instead_of_stoppi
     writer = wire.FrameWriter(a, "test-writer", on_error=errors.append)
     try:
         writer.send(b"before")
-
-        def broken() -> bytes:
-            raise ValueError("cannot encode")
-
-        writer.send(broken)
+        broken = StreamEvent(3, 1, [], "text", float("nan"), token=object())  # not JSON
+        writer.send(wire.WireEvent(1, broken))
         deadline = time.monotonic() + 5
         while not errors and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert errors and isinstance(errors[0], ValueError), "the owner hears the channel failed"
+        assert errors and isinstance(errors[0], TypeError), "the owner hears the channel failed"
         assert writer.send(b"after") is False, "the channel is closed, not silently stuck"
     finally:
         writer.close()

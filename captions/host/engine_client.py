@@ -91,14 +91,15 @@ class RemoteStream:
     def push(self, pcm: np.ndarray, produced_at: float | None = None) -> None:
         if self._closed or self._ended:
             raise RuntimeError(f"stream {self.id} is closed")
-        pcm = np.asarray(pcm, dtype=np.float32)
+        # A copy: the writer frames it later, and a caller may reuse its buffer (a local push copies too).
+        pcm = np.array(pcm, dtype=np.float32).reshape(-1)
         if self._pushed or pcm.size == 0:
-            self._client._send(wire.audio(self._wid, pcm, produced_at))
+            self._client._send(wire.AudioPush(self._wid, pcm, produced_at))
             return
         # The first push: the engine decides the leading silence now, and callers read it next.
         self._pushed = True
         self._lead_answer = threading.Event()
-        self._client._send(wire.audio(self._wid, pcm, produced_at, sync=True))
+        self._client._send(wire.AudioPush(self._wid, pcm, produced_at, sync=True))
         if not self._lead_answer.wait(ROUND_TRIP_TIMEOUT_S) and not self._client.lost:
             logger.warning("engine channel: no lead_samples for stream %d in %.0f s (taken as 0)", self.id,
                            ROUND_TRIP_TIMEOUT_S)
@@ -219,7 +220,7 @@ class EngineClient:
 
     # ---- for RemoteSlotQueue and RemoteStream ---------------------------------------------------
 
-    def _send(self, frame: bytes) -> None:
+    def _send(self, frame: bytes | wire.AudioPush) -> None:
         self._writer.send(frame)  # dropped once the connection is lost: nothing is served any more
 
     def _send_for(self, waiter: Waiter, op: str) -> None:
@@ -286,8 +287,9 @@ class EngineClient:
 
     def _handle(self, message: dict) -> None:
         op = message["op"]
-        if op == "event":
-            self._event(message["wid"], wire.event_from_wire(message["e"]))
+        if op == "events":
+            for wid, fields in message["e"]:
+                self._event(wid, wire.event_from_wire(fields))
         elif op == "yield":
             request = self._by_wid.get(message["wid"])
             if request is not None:

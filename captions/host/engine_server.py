@@ -265,14 +265,18 @@ class _Connection:
         self._server.queue_changed()
 
     def _push(self, payload: bytes) -> None:
-        wid, pcm, produced_at, sync = wire.parse_audio(payload)
-        remote = self._remotes.get(wid)
-        stream = remote.stream if remote is not None else None
-        if stream is not None:
-            # It may have ended meanwhile (the engine ended it, or it was aborted): dropped, as a local push.
-            with contextlib.suppress(RuntimeError):
-                stream.push(pcm, produced_at)
-        if sync:
+        taken, answers = [], []
+        for push in wire.parse_audio(payload):
+            remote = self._remotes.get(push.wid)
+            stream = remote.stream if remote is not None else None
+            if stream is not None:
+                taken.append((stream, push.pcm, push.produced_at))
+            if push.sync:
+                answers.append((push.wid, stream))
+        # One call for the batch (the engine takes its lock once); a stream that ended meanwhile (the
+        # engine ended it, or it was aborted) drops its push, as a local push would.
+        self._server._engine.push_many(taken)
+        for wid, stream in answers:
             lead = stream.lead_samples if stream is not None else 0
             self.writer.send(wire.control({"op": "pushed", "wid": wid, "lead": lead}))
 
@@ -286,8 +290,8 @@ class _Connection:
             self.writer.send(wire.control({"op": "granted", "wid": remote.wid, "stream": _describe(stream)}))
 
     def _on_event(self, remote: _Remote, event: StreamEvent) -> None:
-        # The engine's thread: enqueue and return (the frame is made on the writer's thread).
-        self.writer.send(functools.partial(_event_frame, remote.wid, event))
+        # The engine's thread: enqueue and return (the writer makes one frame of a step's events).
+        self.writer.send(wire.WireEvent(remote.wid, event))
         if event.ended:
             self._forget_remote(remote)
             self._server.queue_changed()
@@ -341,10 +345,6 @@ class _Connection:
                    "engine server: receiving process %s disconnected (%s): %d streams aborted, %d waiters left "
                    "the queue", self._name(), why, aborted, cancelled)
         self._server._forget(self)
-
-
-def _event_frame(wid: int, event: StreamEvent) -> bytes:
-    return wire.control({"op": "event", "wid": wid, "e": wire.event_to_wire(event)})
 
 
 def _describe(stream: EngineStream | None) -> list[int] | None:

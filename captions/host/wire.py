@@ -4,15 +4,18 @@ over one Unix stream socket (captions/host/__init__.py).
 A frame is a 4-byte big-endian length (of what follows), a 1-byte kind, then the payload:
 
 * `CONTROL`: one message as compact JSON, an object with an "op" (requests, grants, events, ...).
-* `AUDIO`: a push of audio to a stream: a header (`AUDIO_HEADER`: the waiter's id, the time the
-  last sample was produced or NaN, flags) then the raw float32 samples. No JSON, no copy beyond
-  the socket's.
+* `AUDIO`: a batch of pushes, to one stream or many: a count (uint32), an entry per push
+  (`AUDIO_ENTRY`: the waiter's id, the time its last sample was produced or NaN, its sample count,
+  flags), then every push's raw float32 samples, in the entries' order. No JSON; the engine
+  process takes a whole batch under one lock (`Engine.push_many`), because per-push work was most
+  of its side of the channel (docs/benchmarks/wire.md).
 
 Nothing is pickled: a frame from a broken or hostile peer can at worst raise `WireError`.
 
 `FrameWriter` is the one writer of a socket: callers enqueue frames (never blocking: the engine's
-thread enqueues events) and its thread sends everything queued in one `sendall` per wake-up, so
-many 10 ms pushes cost one system call.
+thread enqueues events) and pushes (`AudioPush`), and its thread sends everything queued in one
+`sendall` per wake-up, the pushes queued one after another as one `AUDIO` frame: every room's 10 ms
+pushes of a tick cost one system call and one frame.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import math
 import socket
 import struct
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -32,8 +35,11 @@ from captions.stt.api import StreamEvent, Word
 CONTROL = 1
 AUDIO = 2
 LENGTH = struct.Struct(">I")
-AUDIO_HEADER = struct.Struct("<IdB")
-"""wid (uint32), produced_at (float64; NaN: not given), flags (`AUDIO_SYNC`)."""
+COUNT = struct.Struct("<I")
+AUDIO_ENTRY = np.dtype([("wid", "<u4"), ("produced_at", "<f8"), ("samples", "<u4"), ("flags", "u1")])
+"""One push of an `AUDIO` frame: wid, produced_at (NaN: not given), its sample count, flags (`AUDIO_SYNC`)."""
+_ENTRY = struct.Struct("<IdIB")
+"""`AUDIO_ENTRY`, to pack one entry."""
 AUDIO_SYNC = 1
 """The sender waits for a "pushed" reply carrying the stream's `lead_samples` (a stream's first push)."""
 MAX_FRAME = 64 * 1024 * 1024
@@ -50,20 +56,47 @@ def control(message: dict[str, Any]) -> bytes:
     return LENGTH.pack(len(payload) + 1) + bytes((CONTROL,)) + payload
 
 
-def audio(wid: int, pcm: np.ndarray, produced_at: float | None, sync: bool = False) -> bytes:
-    """An AUDIO frame: `pcm` as float32 samples for the stream of waiter `wid`."""
-    samples = np.ascontiguousarray(pcm, dtype=np.float32).tobytes()
-    header = AUDIO_HEADER.pack(wid, math.nan if produced_at is None else produced_at, AUDIO_SYNC if sync else 0)
-    return LENGTH.pack(len(header) + len(samples) + 1) + bytes((AUDIO,)) + header + samples
+class AudioPush(NamedTuple):
+    """One push of audio to the stream of waiter `wid`, as `FrameWriter` batches it."""
+
+    wid: int
+    pcm: np.ndarray
+    """float32 samples, owned by the push (the writer frames them later, on its own thread)."""
+    produced_at: float | None = None
+    sync: bool = False
 
 
-def parse_audio(payload: bytes) -> tuple[int, np.ndarray, float | None, bool]:
-    """(wid, samples, produced_at or None, sync) of an AUDIO payload."""
-    if len(payload) < AUDIO_HEADER.size or (len(payload) - AUDIO_HEADER.size) % 4:
+def audio(pushes: Sequence[AudioPush]) -> bytes:
+    """One AUDIO frame carrying `pushes`, in order."""
+    return b"".join(_audio_parts(pushes))
+
+
+def _audio_parts(pushes: Sequence[AudioPush]) -> list:
+    """An AUDIO frame as the pieces to join: the samples are not copied before the one join."""
+    entries = b"".join([_ENTRY.pack(p.wid, math.nan if p.produced_at is None else p.produced_at, p.pcm.size,
+                                    AUDIO_SYNC if p.sync else 0) for p in pushes])
+    size = 1 + COUNT.size + len(entries) + 4 * sum(p.pcm.size for p in pushes)
+    return [LENGTH.pack(size), bytes((AUDIO,)), COUNT.pack(len(pushes)), entries, *(p.pcm for p in pushes)]
+
+
+def parse_audio(payload: bytes) -> list[AudioPush]:
+    """The pushes of an AUDIO payload (their samples are views of `payload`)."""
+    if len(payload) < COUNT.size:
         raise WireError(f"malformed audio frame ({len(payload)} bytes)")
-    wid, produced_at, flags = AUDIO_HEADER.unpack_from(payload)
-    pcm = np.frombuffer(payload, dtype=np.float32, offset=AUDIO_HEADER.size)
-    return wid, pcm, None if math.isnan(produced_at) else produced_at, bool(flags & AUDIO_SYNC)
+    (count,) = COUNT.unpack_from(payload)
+    start = COUNT.size + count * AUDIO_ENTRY.itemsize
+    if count == 0 or start > len(payload):
+        raise WireError(f"malformed audio frame: {count} pushes in {len(payload)} bytes")
+    entries = np.frombuffer(payload, dtype=AUDIO_ENTRY, count=count, offset=COUNT.size)
+    if (len(payload) - start) != 4 * int(entries["samples"].sum(dtype=np.int64)):
+        raise WireError("malformed audio frame: its samples do not add up to its entries'")
+    samples = np.frombuffer(payload, dtype=np.float32, offset=start)
+    pushes, offset = [], 0
+    for wid, produced_at, size, flags in entries.tolist():
+        pushes.append(AudioPush(wid, samples[offset:offset + size], None if math.isnan(produced_at) else produced_at,
+                                bool(flags & AUDIO_SYNC)))
+        offset += size
+    return pushes
 
 
 def read_frames(sock: socket.socket):
@@ -103,6 +136,14 @@ def parse_control(payload: bytes) -> dict[str, Any]:
     return message
 
 
+class WireEvent(NamedTuple):
+    """A stream event for waiter `wid`, as `FrameWriter` batches it: the events queued one after
+    another (a step's, for every slot of this connection) cross as one "events" control message."""
+
+    wid: int
+    event: StreamEvent
+
+
 def event_to_wire(event: StreamEvent) -> list:
     return [event.stream_id, event.frames, [[w.text, w.start, w.end] for w in event.words], event.partial,
             event.pause_prob, event.token, event.ended, event.error, event.step_started, event.step_ended,
@@ -120,13 +161,13 @@ def event_from_wire(fields: list) -> StreamEvent:
 class FrameWriter:
     """The one writer of a socket (module notes). `send` never blocks; `on_error(exc)` runs once,
     on the writer's thread, if a write fails (the peer is gone) or a frame cannot be made. A frame
-    may be given as a function that makes it: it is then made on the writer's thread (the engine's
-    thread only enqueues)."""
+    may be given as an `AudioPush` or a `WireEvent`: it is then made on the writer's thread (the
+    engine's thread only enqueues), the pushes (events) queued one after another into one frame."""
 
     def __init__(self, sock: socket.socket, name: str, on_error: Callable[[BaseException], None] | None = None):
         self._sock = sock
         self._cond = threading.Condition()
-        self._frames: list[bytes | Callable[[], bytes]] = []
+        self._frames: list[bytes | AudioPush | WireEvent] = []
         self._closed = False
         self._on_error = on_error
         self.writes = 0
@@ -134,7 +175,7 @@ class FrameWriter:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def send(self, frame: bytes | Callable[[], bytes]) -> bool:
+    def send(self, frame: bytes | AudioPush | WireEvent) -> bool:
         """Queues `frame`; False once the writer is closed (the frame is dropped)."""
         with self._cond:
             if self._closed:
@@ -160,7 +201,7 @@ class FrameWriter:
                 closed = self._closed
             if frames:
                 try:
-                    self._sock.sendall(b"".join(f if isinstance(f, bytes) else f() for f in frames))
+                    self._sock.sendall(b"".join(_made(frames)))
                     self.writes += 1
                 except Exception as e:  # noqa: BLE001 - a frame that cannot be made fails the channel, visibly
                     # The peer gone (OSError), or a frame made on this thread failed: either way the
@@ -172,3 +213,25 @@ class FrameWriter:
                     return
             if closed:
                 return
+
+
+def _made(frames: list):
+    """The bytes of `frames`, in order, as pieces to join: each run of pushes as one AUDIO frame, each
+    run of events as one "events" control frame."""
+    run: list = []
+    for frame in frames:
+        if run and type(frame) is not type(run[0]):
+            yield from _run_parts(run)
+            run = []
+        if isinstance(frame, (AudioPush, WireEvent)):
+            run.append(frame)
+        else:
+            yield frame
+    if run:
+        yield from _run_parts(run)
+
+
+def _run_parts(run: list) -> list:
+    if isinstance(run[0], AudioPush):
+        return _audio_parts(run)
+    return [control({"op": "events", "e": [[item.wid, event_to_wire(item.event)] for item in run]})]

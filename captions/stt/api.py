@@ -7,9 +7,9 @@ Threads: `Engine.open_stream`'s callback and the slot-freed listeners run on the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 SAMPLE_RATE = 24000
 """Kyutai STT (Mimi) takes 24 kHz mono float32 audio in [-1, 1]."""
@@ -110,3 +110,7 @@ class Engine(Protocol):
 
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the engine's thread each time a slot becomes free."""
+
+    def push_many(self, pushes: Sequence[tuple[EngineStream, Any, float | None]]) -> None:
+        """`stream.push(pcm, produced_at)` for each of `pushes`, in order, at once (the engine
+        channel's batches: captions/host/wire.py); a push to a stream that has ended is dropped."""

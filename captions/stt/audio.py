@@ -34,32 +34,40 @@ def read_audio_file(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndar
 
 
 class FrameBuffer:
-    """Collects samples of any chunk size and hands out whole frames of `frame_size`."""
+    """Collects samples of any chunk size and hands out whole frames of `frame_size`. A 10 ms push is
+    one copy into the frame being filled (the engine process takes one per live stream per tick)."""
 
     def __init__(self, frame_size: int):
         self.frame_size = frame_size
-        self._tail = np.zeros(0, dtype=np.float32)
+        self._frame = np.empty(frame_size, dtype=np.float32)
+        self._filled = 0
 
     @property
     def pending(self) -> int:
         """Samples waiting for the rest of their frame."""
-        return self._tail.size
+        return self._filled
 
     def push(self, pcm: np.ndarray) -> list[np.ndarray]:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-        data = np.concatenate([self._tail, pcm]) if self._tail.size else pcm
-        n_frames = data.size // self.frame_size
-        frames = [data[i * self.frame_size:(i + 1) * self.frame_size].copy() for i in range(n_frames)]
-        self._tail = data[n_frames * self.frame_size:].copy()
+        frames = []
+        taken = 0
+        while taken < pcm.size:
+            n = min(self.frame_size - self._filled, pcm.size - taken)
+            self._frame[self._filled:self._filled + n] = pcm[taken:taken + n]
+            self._filled += n
+            taken += n
+            if self._filled == self.frame_size:
+                frames.append(self._frame)
+                self._frame, self._filled = np.empty(self.frame_size, dtype=np.float32), 0
         return frames
 
     def flush(self) -> list[np.ndarray]:
         """The last partial frame, right-padded with silence (as the reference pads the audio)."""
-        if self._tail.size == 0:
+        if self._filled == 0:
             return []
-        frame = np.zeros(self.frame_size, dtype=np.float32)
-        frame[: self._tail.size] = self._tail
-        self._tail = np.zeros(0, dtype=np.float32)
+        frame = self._frame
+        frame[self._filled:] = 0.0
+        self._frame, self._filled = np.empty(self.frame_size, dtype=np.float32), 0
         return [frame]
 
 

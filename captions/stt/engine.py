@@ -245,28 +245,44 @@ class SttEngine:
 
     # ---- called by SlotStream ---------------------------------------------------------------
 
+    def push_many(self, pushes) -> None:
+        """`Engine.push_many`: every push under one lock; a push to a closed stream is dropped."""
+        with self._cond:
+            now, frames = _now(), False
+            for stream, pcm, produced_at in pushes:
+                slot = stream._slot
+                if slot.stream is stream and not slot.closing:
+                    frames |= self._take(slot, pcm, produced_at, now)
+            if frames:
+                self._cond.notify()
+
     def _push(self, stream: SlotStream, pcm: np.ndarray, produced_at: float | None) -> None:
         with self._cond:
             slot = stream._slot
             if slot.stream is not stream or slot.closing:
                 raise RuntimeError(f"stream {stream.id} is closed")
-            now = _now()
-            produced = now if produced_at is None else produced_at
-            size = int(np.size(pcm))
-            chunk = slot.live_chunk or size
-            if slot.pushed == 0 and size:
-                stream.lead_samples = self._lead_for(size, chunk, produced)
-                if stream.lead_samples:
-                    slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
-                    slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
-            frames = slot.buffer.push(pcm)
-            slot.pushed += size
-            slot.last_chunk, slot.last_push_at = chunk, now
-            if chunk < self.frame_size and (self._clock is None or produced >= self._clock[0]):
-                self._clock = (produced, slot.buffer.pending)  # the newest audio (not kept audio pushed late)
-            if frames:
-                slot.queue.extend(frames)
+            if self._take(slot, pcm, produced_at, _now()):
                 self._cond.notify()
+
+    def _take(self, slot: _Slot, pcm: np.ndarray, produced_at: float | None, now: float) -> bool:
+        """Under the lock: `pcm` into the slot's frames; True if it completed one."""
+        stream = slot.stream
+        produced = now if produced_at is None else produced_at
+        size = int(np.size(pcm))
+        chunk = slot.live_chunk or size
+        if slot.pushed == 0 and size:
+            stream.lead_samples = self._lead_for(size, chunk, produced)
+            if stream.lead_samples:
+                slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
+                slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
+        frames = slot.buffer.push(pcm)
+        slot.pushed += size
+        slot.last_chunk, slot.last_push_at = chunk, now
+        if chunk < self.frame_size and (self._clock is None or produced >= self._clock[0]):
+            self._clock = (produced, slot.buffer.pending)  # the newest audio (not kept audio pushed late)
+        if frames:
+            slot.queue.extend(frames)
+        return bool(frames)
 
     def _lead_for(self, size: int, chunk: int, produced: float) -> int:
         """Silence to put before a live stream's first push (`size` samples, the last produced at
