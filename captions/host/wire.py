@@ -90,6 +90,8 @@ def parse_audio(payload: bytes) -> list[AudioPush]:
     entries = np.frombuffer(payload, dtype=AUDIO_ENTRY, count=count, offset=COUNT.size)
     if (len(payload) - start) != 4 * int(entries["samples"].sum(dtype=np.int64)):
         raise WireError("malformed audio frame: its samples do not add up to its entries'")
+    if np.isinf(entries["produced_at"]).any():  # it would become the engine's frame clock, and fail every first push
+        raise WireError("malformed audio frame: an infinite produced_at")
     samples = np.frombuffer(payload, dtype=np.float32, offset=start)
     pushes, offset = [], 0
     for wid, produced_at, size, flags in entries.tolist():
@@ -217,13 +219,22 @@ class FrameWriter:
 
 def _made(frames: list):
     """The bytes of `frames`, in order, as pieces to join: each run of pushes as one AUDIO frame, each
-    run of events as one "events" control frame."""
+    run of events as one "events" control frame; a run that would exceed `MAX_FRAME` (all that was
+    queued while a write was blocked) as several, since the peer drops the connection on a longer one."""
     run: list = []
+    size = 0
     for frame in frames:
         if run and type(frame) is not type(run[0]):
             yield from _run_parts(run)
             run = []
-        if isinstance(frame, (AudioPush, WireEvent)):
+        if isinstance(frame, AudioPush):
+            entry = AUDIO_ENTRY.itemsize + 4 * frame.pcm.size
+            if run and 1 + COUNT.size + size + entry > MAX_FRAME:
+                yield from _run_parts(run)
+                run = []
+            size = (size if run else 0) + entry
+            run.append(frame)
+        elif isinstance(frame, WireEvent):
             run.append(frame)
         else:
             yield frame
@@ -234,4 +245,7 @@ def _made(frames: list):
 def _run_parts(run: list) -> list:
     if isinstance(run[0], AudioPush):
         return _audio_parts(run)
-    return [control({"op": "events", "e": [[item.wid, event_to_wire(item.event)] for item in run]})]
+    frame = control({"op": "events", "e": [[item.wid, event_to_wire(item.event)] for item in run]})
+    if len(frame) - LENGTH.size > MAX_FRAME and len(run) > 1:  # too many events queued: in halves
+        return _run_parts(run[:len(run) // 2]) + _run_parts(run[len(run) // 2:])
+    return [frame]
