@@ -286,6 +286,11 @@ class _LiveFeed:
         at = int(sound[0]) if sound.size else 0  # a sample to sift the places by: sound, if any
         starts = np.arange(LIVE_CHUNK, kept.size - probe.size + 1, LIVE_CHUNK)  # where the probe may lie
         starts = starts[kept[starts + at] == probe[at]]
+        if not sound.size:  # all the live audio is silence so far, so is the kept audio after its place (as
+            # far as kept): a short pause followed by sound is not it, though it matches the probe
+            loud = np.concatenate([[0], np.cumsum(kept != 0)])
+            ends = np.minimum(starts + (len(self._pending) - 1) * LIVE_CHUNK, kept.size)
+            starts = starts[loud[ends] == loud[starts]]
         matches = sorted((first + int(start) - LIVE_CHUNK for start in starts
                           if np.array_equal(kept[start:start + probe.size], probe)), key=lambda c: abs(c - guess))
         if matches:
