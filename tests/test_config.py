@@ -129,10 +129,14 @@ def test_check_livekit_accepts_the_real_server_and_rejects_a_wrong_secret(liveki
 
 
 @pytest.mark.livekit
-def test_a_translation_model_that_cannot_be_found_is_one_line_before_the_speech_model_loads(livekit_server, tmp_path):
+@pytest.mark.parametrize("receivers", ["1", "2"], ids=["one-process", "engine-process"])
+def test_a_translation_model_that_cannot_be_found_is_one_line_before_the_speech_model_loads(livekit_server, tmp_path,
+                                                                                           receivers):
+    """With --receivers 2 the engine process loads the host's one translation model, as the one
+    process does: before the speech model, and no receiving process is started."""
     missing = tmp_path / "no-such-translation-model"
     result = worker("--model", str(tmp_path / "no-such-checkpoint"), "--metrics-port", "0", "--translate-to", "de",
-                    "--translation-model", str(missing),
+                    "--translation-model", str(missing), "--receivers", receivers,
                     env={"LIVEKIT_URL": livekit_server.url, "LIVEKIT_API_KEY": livekit_server.api_key,
                          "LIVEKIT_API_SECRET": livekit_server.api_secret})
     assert result.returncode == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 
 import pytest
@@ -99,6 +100,9 @@ async def test_a_reader_of_german_gets_every_final_of_each_speaker_in_german_in_
         rooms += [p.room for p in speakers.values()]
         await viewer.wait_for_agent()
         await wait_for_log(worker, f"room {ROOM}: translating captions into de\n")
+        # One translation model per host: with receiving processes, the engine process's only.
+        loads = re.findall(rb"(\[receiver \d+\])?: translation: \S+ into de, es on ", worker.log_path.read_bytes())
+        assert loads == [b""], loads
         await asyncio.gather(*(p.wait_heard() for p in speakers.values()))
         wavs = {name: espeak_wav(text, speech_dir / f"translation-{name}.wav", 24000, 1)
                 for name, text in SENTENCES.items()}

@@ -14,8 +14,11 @@ speaker reads it right after the push). Everything else is sent without waiting:
 `time.monotonic()` (the `since` of a waiter, a push's `produced_at`) is one clock for every process
 of the machine (Linux CLOCK_MONOTONIC), so they cross as they are.
 
-When the connection to the engine process is lost, every open stream ends with an error event, no
-request is ever granted, and `on_lost(cause)` is called once: the receiver stops (worker.py's
+`EngineClient.translation` is the engine process's one translation engine, when it has one
+(translation_client.py: translations cross the same connection).
+
+When the connection to the engine process is lost, every open stream ends with an error event (and
+every pending translation fails), no request is ever granted, and `on_lost(cause)` is called once: the receiver stops (worker.py's
 engine failure).
 """
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from captions.host import wire
+from captions.host.translation_client import RemoteTranslationEngine
 from captions.live.slots import Waiter
 from captions.log import logger
 from captions.stt.api import StreamEvent
@@ -182,6 +186,13 @@ class EngineClient:
         """The last report is sent: a periodic one still on its way (an older snapshot) must not follow it."""
         self._writer = wire.FrameWriter(self._sock, "engine-client-writer",
                                         on_error=lambda e: self._lose(f"{ENGINE_GONE} ({e})"))
+        translation = hello.get("translation")
+        self.translation: RemoteTranslationEngine | None = None
+        """The engine process's translation engine (translation_client.py); None: it has none."""
+        if translation is not None:
+            available = translation.get("available")
+            self.translation = RemoteTranslationEngine(self._writer.send,
+                                                       None if available is None else tuple(available))
         self._send(wire.control({"op": "hello", "index": index, "pid": os.getpid()}))
         self._reader = threading.Thread(target=self._read_forever, name="engine-client-reader", daemon=True)
         self._reader.start()
@@ -212,6 +223,8 @@ class EngineClient:
                     logger.exception("engine channel: the last metrics report failed")
                 self._metrics_final = True
         self._closing = True
+        if self.translation is not None:
+            self.translation.close()
         self._writer.close()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
@@ -302,6 +315,8 @@ class EngineClient:
             request = self._by_wid.get(message["wid"])
             if request is not None and request.stream is not None:
                 request.stream._set_lead(int(message["lead"]))
+        elif op == "translated" and self.translation is not None:
+            self.translation.on_result(message)
         elif op == "engine_failed":
             self._lose(str(message.get("cause", "?")), failed=True)
         else:
@@ -352,6 +367,8 @@ class EngineClient:
             self._by_wid.clear()
             self._by_waiter.clear()
         self._writer.close(timeout=0)
+        if self.translation is not None:
+            self.translation.lose(cause)
         for request in requests:
             request.answered.set()
             stream = request.stream

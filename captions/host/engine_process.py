@@ -4,9 +4,15 @@ queue's); it registers nothing with LiveKit. It serves the engine over a Unix so
 (engine_server.py) and starts P receiving processes (receivers.py, receiver.py), each a
 livekit-agents worker of its own: LiveKit's dispatch places rooms across them.
 
-It serves /metrics (the engine's and the queue's, and its receiving processes' rooms' metrics, summed:
-captions/host/metrics.py), /healthz and /readyz: ready once the model is loaded and every receiving
-process says it is ready (registered with LiveKit).
+With --translate-to it also loads the one translation model of the host (before the speech model,
+so that a wrong one is said in seconds) and runs the one `TranslationEngine`, which every receiving
+process's rooms use over their connections (translation_server.py, translation_client.py): one copy
+of the model, and batches of every room's captions.
+
+It serves /metrics (the engine's and the queue's, the translation engine's, and its receiving
+processes' rooms' metrics, summed: captions/host/metrics.py), /healthz and /readyz: ready once the
+model is loaded, every receiving process says it is ready (registered with LiveKit), and the
+translation engine (if any) still runs.
 
 Failures: a receiving process that dies frees its slots at once (its connection drops), and a new
 one is started; its rooms get a captioner again from the recovery every receiving process runs. An
@@ -21,6 +27,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from captions.host.engine_server import EngineServer, Receiver
 from captions.host.metrics import ReceiverMetrics
@@ -41,6 +48,8 @@ class _EngineProcess:
         self.failure: str | None = None
         self.model_loaded = False
         self.server: EngineServer | None = None
+        self.translation = None
+        """The translation engine (captions/translate/engine.py), with --translate-to."""
 
     def engine_failed(self, cause: str) -> None:
         """An `engine.broken_listeners` callback (engine thread)."""
@@ -61,6 +70,8 @@ class _EngineProcess:
         if not self.model_loaded:
             return ["model loading"]
         missing = [f"engine failed: {self.failure}"] if self.failure is not None else []
+        if self.translation is not None and not self.translation.running:
+            missing.append("the translation engine stopped")
         connected: dict[int, Receiver] = {r.index: r for r in self.server.receivers() if r.index is not None}
         for index in range(self.count):
             receiver = connected.get(index)
@@ -70,14 +81,17 @@ class _EngineProcess:
         return missing
 
 
-def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int:
-    """`captions worker` as the engine process (module notes); the exit status."""
+def run_engine_process(args: argparse.Namespace, exit_engine_failed: int, load_translation: Callable) -> int:
+    """`captions worker` as the engine process (module notes); the exit status. `load_translation(args,
+    detect_here)`: worker.py's `_load_translation` (the one-process worker's own, given here so that
+    this module does not import the worker that imports it)."""
     from captions.live.diagnostics import start_diagnostics
     from captions.live.metrics import METRICS, start_observability_server
     from captions.live.slots import SlotQueue
     from captions.live.transcripts import start_retention
     from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
     from captions.stt.model import CheckpointError
+    from captions.translate.model import TranslationModelError
 
     process = _EngineProcess(args.receivers)
     observability = None
@@ -95,10 +109,18 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: process.stop.set())
     try:
+        # The translation model first: a wrong spec is said in seconds, not after the speech model's load.
+        translation, translation_options = load_translation(args, detect_here=False)
+    except TranslationModelError as e:
+        print(f"captions worker: {e}", file=sys.stderr)
+        return 1
+    try:
         engine = SttEngine.load(args.model, device=args.device, batch_size=args.batch_size,
                                 align_frames=not args.unaligned_frames)
     except CheckpointError as e:
         print(f"captions worker: {e}", file=sys.stderr)
+        if translation is not None:
+            translation.close()
         return 1
     engine.broken_listeners.append(process.engine_failed)
     # Receiving processes tick at their own phases: a step waits for the later one (engine.py).
@@ -106,6 +128,9 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)
+    if translation is not None:  # its metrics are this process's only: receiving processes have none
+        METRICS.attach_translation(translation, translation_options.targets)
+        process.translation = translation
     args.data_dir.mkdir(parents=True, exist_ok=True)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +140,8 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
     receiver_metrics = ReceiverMetrics(restarts=lambda: pool.restarts if pool is not None else 0)
     process.server = server = EngineServer(
         engine, slots, on_disconnect=lambda receiver: receiver_metrics.retire(receiver.number),
-        on_metrics=lambda receiver, families: receiver_metrics.update(receiver.number, families))
+        on_metrics=lambda receiver, families: receiver_metrics.update(receiver.number, families),
+        translation=translation, translation_available=translation_options.available)
     METRICS.merge = receiver_metrics.merge
     pool = ReceiverPool(args.receivers, server.path, args)
     process.model_loaded = True
@@ -135,6 +161,8 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int) -> int
             pool.stop(signal.SIGINT, STOP_TIMEOUT_S)
     finally:
         server.close()
+        if translation is not None:
+            translation.close()
         slots.close()
         engine.close()
         if observability is not None:

@@ -11,7 +11,12 @@ sends a turn's `long_held` when it changes, and the ticker evaluates the queue's
 remote grant (every `yield_poll_s`, or sooner when the queue changes) and sends the changes.
 
 A connection that drops (its receiving process died) frees everything it held at once: its streams
-are aborted and its waiters leave the queue.
+are aborted and its waiters leave the queue, and its queued translations leave the translation
+engine's queue.
+
+The engine process's one translation engine, if any, is served on the same connections
+(translation_server.py): "translate" messages are handled on the reader thread, results sent by
+the writer.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from captions.host import wire
+from captions.host.translation_server import TranslationService
 from captions.live.slots import SlotQueue, Waiter
 from captions.log import logger
 from captions.stt.api import Engine, EngineStream, StreamEvent
+from captions.translate.engine import TranslationEngine
 
 YIELD_POLL_S = 0.09
 """How often the ticker re-evaluates `should_yield` for every remote grant (a speaker asks every 80 ms)."""
@@ -75,8 +82,14 @@ class EngineServer:
     def __init__(self, engine: Engine, slots: SlotQueue, yield_poll_s: float = YIELD_POLL_S,
                  status_every_s: float = STATUS_EVERY_S,
                  on_disconnect: Callable[[Receiver], None] | None = None,
-                 on_metrics: Callable[[Receiver, object], None] | None = None):
+                 on_metrics: Callable[[Receiver, object], None] | None = None,
+                 translation: TranslationEngine | None = None, translation_available: Sequence[str] | None = None):
+        """`translation`: the translation engine to serve (its model translating into
+        `translation_available`, None: any); None: receivers translate nothing."""
         self._engine, self._slots = engine, slots
+        self.translation = translation
+        self._translation_hello = None if translation is None else {
+            "available": None if translation_available is None else list(translation_available)}
         self._yield_poll_s, self._status_every_s = yield_poll_s, status_every_s
         self._on_disconnect = on_disconnect
         self._on_metrics = on_metrics
@@ -183,12 +196,15 @@ class _Connection:
         self._remotes_lock = threading.Lock()
         """Guards `_remotes` only; never held while calling the queue or the engine."""
         self._dropped = False
+        self.translations = TranslationService(server.translation, receiver.number,
+                                               lambda message: self.writer.send(wire.control(message)))
         self._reader = threading.Thread(target=self._read_forever, name=f"engine-server-reader-{receiver.number}",
                                         daemon=True)
 
     def start(self) -> None:
         self.writer.send(wire.control({"op": "hello", "batch_size": self._server._engine.batch_size,
-                                       "has_vad": self._server._engine.has_vad}))
+                                       "has_vad": self._server._engine.has_vad,
+                                       "translation": self._server._translation_hello}))
         self._reader.start()
 
     def _read_forever(self) -> None:
@@ -216,6 +232,9 @@ class _Connection:
         op = message["op"]
         if op == "request":
             self._request(message)
+            return
+        if op in ("translate", "untranslate"):
+            self.translations.handle(message)
             return
         if op == "hello":
             self.receiver.index, self.receiver.pid = message.get("index"), message.get("pid")
@@ -338,12 +357,14 @@ class _Connection:
             elif remote.waiter is not None and self._slots.cancel(remote.waiter):
                 cancelled += 1
             # else: its grant is on its way; `_on_granted` refuses it and the queue frees the slot
+        untranslated = self.translations.drop()
         self.writer.close(timeout=0.5)
         self._sock.close()
         # Expected when it stops with nothing held; worth a warning when it held slots (it died).
-        logger.log(logging.WARNING if aborted or cancelled else logging.INFO,
+        logger.log(logging.WARNING if aborted or cancelled or untranslated else logging.INFO,
                    "engine server: receiving process %s disconnected (%s): %d streams aborted, %d waiters left "
-                   "the queue", self._name(), why, aborted, cancelled)
+                   "the queue, %d translations left the translation queue", self._name(), why, aborted, cancelled,
+                   untranslated)
         self._server._forget(self)
 
 

@@ -12,9 +12,11 @@ How they add up: **summed over the receiving processes, under the names and labe
 exports**, so that dashboards, alerts and `rate()` written for one worker read the whole host the
 same way (a `receiver` label would split every series by a process number that means nothing to an
 operator, and one process's restart would start new series). Counters and histograms are summed;
-gauges that count things (rooms, microphones, rooms whose transcript is unavailable, translations
-queued) are summed over the processes running now. `captions_ready` and `captions_engine_broken` are
-the engine process's own (it decides readiness and owns the engine).
+gauges that count things (rooms, microphones, rooms whose transcript is unavailable) are summed
+over the processes running now. `captions_ready`, `captions_engine_broken` and the translation
+engine's families (`captions_translation_queued`, `captions_translation_engine_*`) are the engine
+process's own (it decides readiness and owns both engines); the rooms' translation metrics
+(translations published, finals untranslated, delays) are the receiving processes', summed.
 
 A receiving process that dies: its counters and histograms stay in the sum at their last reported
 values (`retire`), and the process started in its place counts from 0 on top of them, so the sums
@@ -40,7 +42,14 @@ from prometheus_client.metrics_core import Metric
 
 from captions.host import wire
 
-ENGINE_PROCESS_ONLY = frozenset({"captions_ready", "captions_engine_broken"})
+ENGINE_PROCESS_ONLY = frozenset({
+    "captions_ready", "captions_engine_broken",
+    # The translation engine runs in the engine process (translation_server.py); a receiving
+    # process's stand-in has no such metrics, and none reported must be counted twice.
+    "captions_translation_queued", "captions_translation_engine_submitted",
+    "captions_translation_engine_translated", "captions_translation_engine_dropped",
+    "captions_translation_engine_failed", "captions_translation_engine_batches",
+    "captions_translation_engine_busy_seconds"})
 """Families whose receiving processes' values are not added (module notes)."""
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]

@@ -3,9 +3,10 @@ INDEX`, started by the engine process (receivers.py), never by hand.
 
 It is today's worker (captions/live/worker.py: registration with LiveKit, every room's job, voice
 detection, turns, publishing, recovery) with the engine process's slot queue and engine streams
-(engine_client.py) in place of its own engine. It tells the engine process every second what keeps
-it from being ready, and its metrics (captions/host/metrics.py: the engine process serves them, added
-to its own, on its /metrics). If the engine process goes away, or says its engine failed, it stops as a
+(engine_client.py) in place of its own engine, and the engine process's translation engine
+(translation_client.py) in place of its own: it loads no model at all. It tells the engine process
+every second what keeps it from being ready, and its metrics (captions/host/metrics.py: the engine
+process serves them, added to its own, on its /metrics). If the engine process goes away, or says its engine failed, it stops as a
 worker whose engine failed does: its rooms are closed and it exits with `EXIT_ENGINE_FAILED`.
 """
 
@@ -30,7 +31,6 @@ def main(argv: list[str]) -> int:
     from captions.live import worker
     from captions.live.metrics import METRICS
     from captions.live.sdk_fixes import start_livekit_runtime
-    from captions.translate.model import TranslationModelError
 
     socket_path, index = argv[0], int(argv[1])
     args = decode_args(os.environ[RECEIVER_ARGS_ENV])
@@ -44,13 +44,7 @@ def main(argv: list[str]) -> int:
         print(f"captions worker: receiving process {index}: cannot reach the engine process: {e}", file=sys.stderr)
         return worker.EXIT_ENGINE_FAILED
     start_livekit_runtime()
-    try:
-        translation, translation_options = worker._load_translation(args)
-    except TranslationModelError as e:
-        print(f"captions worker: {e}", file=sys.stderr)
-        client.close()
-        return 1
-    service = _rooms_service(args, client, translation, translation_options)
+    service = _rooms_service(args, client, _translation_options(args, client))
     stop = threading.Event()
     client.metrics_source = lambda: snapshot(METRICS.registry)
 
@@ -72,7 +66,20 @@ def main(argv: list[str]) -> int:
         stop.set()
 
 
-def _rooms_service(args, client: EngineClient, translation, translation_options):
+def _translation_options(args, client: EngineClient):
+    """The rooms' translation options: the engine process's translation engine translates (it
+    loaded the model, and refused a wrong one before the speech model loaded); this process only
+    detects the languages of its rooms' captions."""
+    from captions.live.translation import STT_LANGUAGES, TranslationOptions
+    from captions.translate.language import warm_up_language_detection
+
+    if client.translation is None:
+        return TranslationOptions()
+    warm_up_language_detection(STT_LANGUAGES)  # seconds once here, rather than on a room's loop
+    return TranslationOptions(targets=args.translate_to, available=client.translation.available)
+
+
+def _rooms_service(args, client: EngineClient, translation_options):
     """The worker's `CaptionService` (worker.py's `_load_service`, which the single process keeps as
     it is) with the engine process's engine and slot queue in place of its own."""
     from captions.live.presence import LiveKitCredentials
@@ -87,7 +94,7 @@ def _rooms_service(args, client: EngineClient, translation, translation_options)
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret),
                           translation=translation_options)
     signer = CaptionSigner.for_deployment(args.caption_secret or args.api_secret, args.agent_name)
-    return CaptionService(client.engine, client.slots, options, signer, translation)
+    return CaptionService(client.engine, client.slots, options, signer, client.translation)
 
 
 if __name__ == "__main__":

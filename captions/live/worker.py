@@ -284,9 +284,11 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
                                                                                  args.agent_name), translation)
 
 
-def _load_translation(args: argparse.Namespace) -> tuple[TranslationEngine | None, TranslationOptions]:
+def _load_translation(args: argparse.Namespace, detect_here: bool = True,
+                      ) -> tuple[TranslationEngine | None, TranslationOptions]:
     """The translation engine (one model for every room of this worker) and the rooms' options;
-    no engine without --translate-to. Raises TranslationModelError (one line) if the model cannot load."""
+    no engine without --translate-to. Raises TranslationModelError (one line) if the model cannot load.
+    `detect_here`: this process's rooms detect languages (not so in --receivers' engine process)."""
     from captions.live.translation import STT_LANGUAGES, TranslationOptions
 
     if not args.translate_to:
@@ -295,7 +297,8 @@ def _load_translation(args: argparse.Namespace) -> tuple[TranslationEngine | Non
     from captions.translate.language import warm_up_language_detection
     from captions.translate.model import load_translation_model
 
-    warm_up_language_detection(STT_LANGUAGES)  # seconds once here, rather than on a room's loop
+    if detect_here:
+        warm_up_language_detection(STT_LANGUAGES)  # seconds once here, rather than on a room's loop
     device = args.device if args.translation_device == "auto" else args.translation_device
     pairs = [(source, target) for source in STT_LANGUAGES for target in args.translate_to if source != target]
     model = load_translation_model(args.translation_model, device=device, pairs=pairs,
@@ -394,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
     if args.receivers > 1:  # this process: the engine only; receiving processes take the rooms
         from captions.host.engine_process import run_engine_process
 
-        return run_engine_process(args, EXIT_ENGINE_FAILED)
+        return run_engine_process(args, EXIT_ENGINE_FAILED, _load_translation)
     try:
         observability = _start_observability(args)
     except OSError as e:

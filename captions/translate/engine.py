@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -157,6 +157,27 @@ class TranslationEngine:
             logger.warning("translation backlog full (%d finals waiting): the oldest final fails", self.max_finals)
             self._fail(overflow, TranslationBacklogFull(f"more than {self.max_finals} finals were waiting"))
         return job.future
+
+    def discard(self, futures: Iterable[Future]) -> int:
+        """Removes the queued translations of `futures` from the queue, cancelled (whoever asked is
+        gone: a receiving process that died, captions/host/); one already in the model's batch runs.
+        The number removed."""
+        gone_futures = set(futures)
+        with self._cond:
+            gone = [job for job in (*self._finals, *self._interims) if job.future in gone_futures]
+            if gone:
+                self._finals = deque(job for job in self._finals if job.future not in gone_futures)
+                self._interims = deque(job for job in self._interims if job.future not in gone_futures)
+                for job in gone:
+                    if job.key is not None and self._interim_by_key.get(job.key) is job:
+                        del self._interim_by_key[job.key]
+        self._drop(gone)
+        return len(gone)
+
+    @property
+    def running(self) -> bool:
+        """False once closed, or once its thread failed (every translation then fails at once)."""
+        return not self._closed and self._thread.is_alive()
 
     @property
     def queued(self) -> int:
