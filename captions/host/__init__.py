@@ -8,7 +8,8 @@ registered with LiveKit on its own, so LiveKit's dispatch places rooms across th
 process's slot queue and engine streams are proxies (engine_client.py) of the engine process's,
 served over one Unix stream socket per receiving process (engine_server.py; framing in wire.py).
 The rooms' metrics travel on the same socket and are summed into the engine process's /metrics
-(metrics.py). How many receiving processes: `--receivers`, by default from the usable cores
+(metrics.py), and so do their translations, to the host's one translation engine, which the engine
+process loads (translation_server.py, translation_client.py). How many receiving processes: `--receivers`, by default from the usable cores
 (receivers.py's `resolve_receivers`).
 
 Why a socket and not shared memory (yet): one connection carries requests, grants, events, yield
