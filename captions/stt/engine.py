@@ -117,9 +117,9 @@ class _Slot:
     pushed: int = 0
     """Samples of its own audio pushed so far."""
     last_chunk: int = 0
+    """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
     live_chunk: int | None = None
     """A live stream's chunk size, declared when its first push is larger (open_stream)."""
-    """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
     last_push_at: float = 0.0
 
 
@@ -134,9 +134,9 @@ class SttEngine:
         self.batch_size = batch_size
         self.profile = profile
         self.align_frames = align_frames
+        """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
         self.gather_wait_s = GATHER_WAIT_S
         """How long a step waits for due slots (`_gather`); SEVERAL_PHASES_GATHER_WAIT_S with receiving processes."""
-        """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
         self.sample_rate = model.sample_rate
         self.frame_size = model.frame_size
         self.frame_rate = model.frame_rate

@@ -39,6 +39,8 @@ from captions.bench.common import (
 )
 from captions.stt.api import FRAME_S, SAMPLE_RATE
 
+TRACE_ENV = "CAPTIONS_BENCH_TRACE"
+"""A folder: the engine's pushes and steps are written there, to see which streams step apart."""
 PATH_ENV = "CAPTIONS_HOST_PATH"
 """Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
 SUBSCRIBE_TIMEOUT_S = 30.0
@@ -149,6 +151,7 @@ def _engine(config: dict):
     from captions.stt.engine import SttEngine
 
     engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    config["dump_trace"] = _trace_engine(engine, "in-process")
     engine.start()
     return engine, SlotQueue(engine), engine._thread, engine.text_delay_s
 
@@ -245,6 +248,7 @@ async def _listen(config: dict) -> None:
               "latencies_ms": [round(1000 * x, 1) for x in host.latencies],
               "waited_for_cpu_cores": waited, "cpu_samples": sampler.cores, "thread_cores": thread_cores}
     Path(config["out"]).write_text(json.dumps(result))
+    config.get("dump_trace", lambda: None)()
     # Leave without closing every stream one by one (see captions bench ingest): the figures are written.
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(room.disconnect(), 5.0)
@@ -252,6 +256,31 @@ async def _listen(config: dict) -> None:
 
 
 # ---- the engine process of the socket configurations ---------------------------------------------------
+
+def _trace_engine(engine, name: str):
+    """With TRACE_ENV set: records every push the engine takes (arrival, slot, samples, produced_at,
+    samples of an unfinished frame before it) and every step (start, slots), and returns what writes
+    them to `<TRACE_ENV>/<name>-<pid>.json` (called at the end of the measured window)."""
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return lambda: None
+    pushes, steps = [], []
+    take, step = engine._take, engine._step
+
+    def traced_take(slot, pcm, produced_at, now):
+        pushes.append((time.monotonic(), slot.index, int(np.size(pcm)), produced_at, slot.buffer.pending))
+        return take(slot, pcm, produced_at, now)
+
+    def traced_step(batch, reset):
+        steps.append((time.monotonic(), [s.index for s, _ in batch]))
+        return step(batch, reset)
+
+    engine._take, engine._step = traced_take, traced_step
+
+    def dump():
+        Path(folder, f"{name}-{os.getpid()}.json").write_text(json.dumps({"pushes": pushes, "steps": steps}))
+    return dump
+
 
 async def _serve_engine(config: dict) -> None:
     """The real engine and `EngineServer` (as engine_process.py serves them), measured in the
@@ -266,6 +295,7 @@ async def _serve_engine(config: dict) -> None:
     torch.set_flush_denormal(True)
     engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
     engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
+    dump = _trace_engine(engine, "engine")
     engine.start()
     slots = SlotQueue(engine)
     server = EngineServer(engine, slots)
@@ -294,6 +324,7 @@ async def _serve_engine(config: dict) -> None:
         cpu, engine_cpu, steps = time.process_time() - cpu0, thread_cpu(thread) - engine0, engine.steps - steps0
         thread_cores, waited = thread_figures(threads0, process_threads(), wall, thread.native_id)
         sampler.join(timeout=2 * SAMPLE_S)
+        dump()
         result = {"pid": os.getpid(), "baseline_cores": round(baseline, 4), "process_cores": round(cpu / wall, 4),
                   "engine_cores": round(engine_cpu / wall, 4), "server_cores": round((cpu - engine_cpu) / wall, 4),
                   "steps_per_frame": round(steps / (wall / FRAME_S), 3), "waited_for_cpu_cores": waited,
