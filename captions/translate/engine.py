@@ -80,7 +80,8 @@ class EngineCounters:
     translated: int = 0
     """Futures resolved with a translation."""
     dropped: int = 0
-    """Interims cancelled before they ran (queue full, superseded, or cancelled by the caller)."""
+    """Translations cancelled before they ran: interims (queue full, superseded), and any its caller
+    cancelled (a final too, once evicted, closed or reached: counted once either way)."""
     failed: int = 0
     """Futures failed by a model exception, an unsupported pair or close()."""
     batches: int = 0
@@ -287,6 +288,8 @@ class TranslationEngine:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
                 self._count("failed")
+            else:  # its caller gave up on it while it was queued: dropped, as in `_run`
+                self._count("dropped")
 
     def _drop(self, jobs: list[_Job]) -> None:
         for job in jobs:
