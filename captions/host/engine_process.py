@@ -128,7 +128,12 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int, load_t
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)
-    if translation is not None:  # its metrics are this process's only: receiving processes have none
+    if translation is not None:
+        # One queue for every receiving process's rooms: the bounds of one process's queue, times P,
+        # so that a host of P processes keeps as many interims and finals waiting as P workers would.
+        translation.max_interims *= args.receivers
+        translation.max_finals *= args.receivers
+        # Its metrics are this process's only: receiving processes have none.
         METRICS.attach_translation(translation, translation_options.targets)
         process.translation = translation
     args.data_dir.mkdir(parents=True, exist_ok=True)
