@@ -230,3 +230,43 @@ def test_captions_up_passes_receivers_on_to_its_worker(monkeypatch):
     up.configure_parser(parser)
     assert "--receivers" in (worker := up.worker_args(parser.parse_args([]), [], []))
     assert worker[worker.index("--receivers") + 1] == "2"
+
+
+def test_a_readiness_check_that_raises_makes_the_receiving_process_unready_and_the_reports_go_on(monkeypatch, caplog):
+    """Before, the reporting thread died with the check: the engine process kept the last answer
+    (ready) for good, and the process's metrics stopped."""
+    import threading
+
+    from captions.host import receiver
+
+    monkeypatch.setattr(receiver, "READY_REPORT_S", 0.01)
+    sent: list[tuple[str, object]] = []
+
+    class Client:
+        def report_ready(self, missing):
+            sent.append(("ready", missing))
+
+        def report_metrics(self, families):
+            sent.append(("metrics", families))
+
+    answers = iter([[], RuntimeError("room table locked"), RuntimeError("again"), []])
+
+    def not_ready():
+        answer = next(answers, [])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    stop = threading.Event()
+    thread = threading.Thread(target=receiver.report_forever, args=(Client(), not_ready, lambda: ["m"], stop, 3))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while sum(kind == "ready" for kind, _ in sent) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(2)
+    ready = [value for kind, value in sent if kind == "ready"]
+    assert ready[0] == [] and ready[3] == [] and len(ready) >= 5, "the reports went on"
+    assert ready[1] == ["its readiness check failed: RuntimeError: room table locked"], "unready, saying why"
+    assert sum(kind == "metrics" for kind, _ in sent) >= 5
+    assert len([r for r in caplog.records if "readiness check failed" in r.getMessage()]) == 1, "logged once"

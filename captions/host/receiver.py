@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 
 from captions.host.engine_client import EngineClient
 from captions.host.metrics import snapshot
@@ -48,22 +49,35 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     client.metrics_source = lambda: snapshot(METRICS.registry)
 
-    def report_ready() -> None:
-        failed = False
-        while not stop.wait(READY_REPORT_S):
-            client.report_ready(worker.not_ready())
-            try:
-                client.report_metrics(snapshot(METRICS.registry))
-            except Exception:  # noqa: BLE001 - metrics must not stop the readiness reports
-                if not failed:
-                    logger.exception("receiving process %d: its metrics report failed", index)
-                failed = True
-
-    threading.Thread(target=report_ready, name="receiver-ready", daemon=True).start()
+    threading.Thread(target=report_forever, name="receiver-ready", daemon=True,
+                     args=(client, worker.not_ready, lambda: snapshot(METRICS.registry), stop, index)).start()
     try:
         return worker.serve_rooms(args, service)
     finally:
         stop.set()
+
+
+def report_forever(client: EngineClient, not_ready: Callable[[], list[str]], metrics: Callable[[], list],
+                   stop: threading.Event, index: int) -> None:
+    """Every READY_REPORT_S until `stop`: what keeps this process from being ready, and its metrics.
+    A check that raises makes the process unready, saying so (the engine process would otherwise keep
+    its last answer, ready, for good); a failed metrics snapshot is logged once."""
+    failed: set[str] = set()
+    while not stop.wait(READY_REPORT_S):
+        try:
+            missing = not_ready()
+        except Exception as e:  # noqa: BLE001 - the reports go on, and say the check failed
+            missing = [f"its readiness check failed: {type(e).__name__}: {e}"]
+            if "ready" not in failed:
+                logger.exception("receiving process %d: its readiness check failed", index)
+            failed.add("ready")
+        client.report_ready(missing)
+        try:
+            client.report_metrics(metrics())
+        except Exception:  # noqa: BLE001 - metrics must not stop the readiness reports
+            if "metrics" not in failed:
+                logger.exception("receiving process %d: its metrics report failed", index)
+            failed.add("metrics")
 
 
 def _translation_options(args, client: EngineClient):
