@@ -52,10 +52,13 @@ def run_solo(engine: SttEngine, audio: np.ndarray) -> Collector:
     return collector
 
 
-def wait_idle(engine: SttEngine, timeout: float = 30.0) -> None:
+def wait_settled(engine: SttEngine, timeout: float = 30.0) -> None:
+    """After the test moved the engine's clock (`_now`) or pushed: every frame that can step by then has
+    (the engine's frame clock may hold ready frames for others due later)."""
+    engine.wake()
     deadline = time.monotonic() + timeout
-    while not engine.idle:
-        assert time.monotonic() < deadline, "engine did not drain"
+    while not engine.settled:
+        assert time.monotonic() < deadline, "engine did not settle"
         time.sleep(0.002)
 
 
@@ -89,7 +92,7 @@ def drive_spurts(engine: SttEngine, spurts: list[np.ndarray], start_ticks: list[
                     continue
                 streams[i].push(spurt[offsets[i]:offsets[i] + size])
                 offsets[i] = min(offsets[i] + size, spurt.size)
-            wait_idle(engine)
+            wait_settled(engine)
     for collector in collectors:
         assert collector.done.wait(30), "stream never ended"
     return collectors

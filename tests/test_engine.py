@@ -26,7 +26,7 @@ from captions.stt.engine import EngineFull, SttEngine
 from captions.stt.model import load_stt_model
 from captions.stt.transcribe import transcribe_audio
 from tests.conftest import espeak_wav
-from tests.engine_drive import FRAME, TICK_SAMPLES, Collector, drive_spurts, run_solo, wait_idle
+from tests.engine_drive import FRAME, TICK_SAMPLES, Collector, drive_spurts, run_solo, wait_settled
 
 SENTENCES = [
     "Good morning everyone, let us start the meeting.",
@@ -217,7 +217,7 @@ def test_close_flushes_the_last_words(engine_b1, clips):
     aborted = Collector()
     stream = engine_b1.open_stream(aborted)
     stream.push(audio)
-    wait_idle(engine_b1)
+    wait_settled(engine_b1)
     stream.abort()
     assert aborted.done.wait(10)
     # Without the delay's worth of silence the model has not written its last words yet.
@@ -241,7 +241,7 @@ def test_full_engine_says_so_and_frees_slots(engine_b3, clips):
     replacement = engine_b3.open_stream(Collector())
     for stream in (streams[0], streams[2], replacement):
         stream.abort()
-    wait_idle(engine_b3)
+    wait_settled(engine_b3)
     assert engine_b3.slots_in_use == 0
 
 
@@ -343,12 +343,12 @@ def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, sol
 
     def push(i: int, count: int) -> None:
         if streams[i] is None:
-            wait_idle(engine)  # closed streams free their slots once flushed
+            wait_settled(engine)  # closed streams free their slots once flushed
             if engine.slots_in_use == engine.batch_size:  # finish the oldest to make room
                 oldest = next(j for j in range(n) if streams[j] is not None and frames[j])
                 push(oldest, len(frames[oldest]))
                 assert collectors[oldest].done.wait(30)
-                wait_idle(engine)
+                wait_settled(engine)
             streams[i] = engine.open_stream(collectors[i])
         if not frames[i]:
             return
@@ -360,7 +360,7 @@ def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, sol
     for stream_index, count, catch_up in ops:
         push(stream_index % n, count)
         if catch_up:
-            wait_idle(engine)
+            wait_settled(engine)
     for i in range(n):
         push(i, PROPERTY_FRAMES)
     for i in range(n):
@@ -369,7 +369,7 @@ def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, sol
         assert collectors[i].tokens == tokens, f"stream {i} differs from its solo run"
         assert collectors[i].pauses == pytest.approx(pauses, abs=PAUSE_ROUNDING), \
             f"stream {i}'s pause probabilities differ from its solo run"
-    wait_idle(engine)
+    wait_settled(engine)
 
 
 def test_kyutai_2_6b_style_config_prefix_and_no_vad(tmp_path, clips):
@@ -430,7 +430,7 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
                     continue
                 if streams[i] is None:
                     streams[i] = engine.open_stream(collectors[i])
-                    wait_idle(engine)  # the prefix silence: stepped at once, out of the clock
+                    wait_settled(engine)  # the prefix silence: stepped at once, out of the clock
                 if offsets[i] == audio.size:
                     streams[i].close()
                     offsets[i] += 1
@@ -441,7 +441,7 @@ def drive_live(engine: SttEngine, audios: list[np.ndarray], start_ticks: list[in
                 else:
                     streams[i].push(audio[offsets[i]:offsets[i] + TICK_SAMPLES])
                 offsets[i] += TICK_SAMPLES
-            wait_idle(engine)
+            wait_settled(engine)
             # From when the last stream has pushed a frame and a half until the first one stops.
             window[0] = (tick >= max(start_ticks) + 12 and all(o < a.size for o, a in zip(offsets, audios)))
             if all(o > a.size for o, a in zip(offsets, audios)):
@@ -544,4 +544,4 @@ def test_spurts_cut_anywhere_each_give_the_words_of_their_own_audio(engine_b4, c
     collectors = drive_spurts(engine_b4, spurts, start_ticks[:len(spurts)], backlogs[:len(spurts)])
     for spurt, collector in zip(spurts, collectors):
         check_spurt_against_solo(engine_b4, spurt, collector)
-    wait_idle(engine_b4)
+    wait_settled(engine_b4)

@@ -53,7 +53,7 @@ def test_events_queued_while_the_writer_is_blocked_never_make_a_frame_over_max_f
 
 def test_an_infinite_produced_at_is_refused_as_a_malformed_frame():
     """NaN stands for "not given"; an infinite time is malformed. Taken, it became the engine's frame
-    clock (`SttEngine._clock`), and the next first push of ANY receiving process raised OverflowError
+    clock (`FrameClock.latest`), and the next first push of ANY receiving process raised OverflowError
     in `_lead_for` on that process's connection: the healthy receiver was dropped, not the broken one."""
     for bad in (float("inf"), float("-inf")):
         payload = wire.audio([wire.AudioPush(1, np.ones(4, np.float32), 1.0),

@@ -141,11 +141,12 @@ async def _serve(config: dict) -> None:
     """The engine process: the real engine (model step left out) and `EngineServer`, until SIGTERM."""
     from captions.host.engine_server import EngineServer
     from captions.live.slots import SlotQueue
-    from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
+    from captions.stt.engine import SttEngine
+    from captions.stt.frame_clock import SEVERAL_PHASES_GATHER_WAIT_S
 
     engine = SttEngine.load(config["model"], device="cpu", batch_size=config["streams"])
     engine._run_model = _no_model_step(engine)
-    engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
+    engine.clock.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
     engine.start()
     slots = SlotQueue(engine)
     server = EngineServer(engine, slots)

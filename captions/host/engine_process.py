@@ -89,7 +89,8 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int, load_t
     from captions.live.metrics import METRICS, start_observability_server
     from captions.live.slots import SlotQueue
     from captions.live.transcripts import start_retention
-    from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
+    from captions.stt.engine import SttEngine
+    from captions.stt.frame_clock import SEVERAL_PHASES_GATHER_WAIT_S
     from captions.stt.model import CheckpointError
     from captions.translate.model import TranslationModelError
 
@@ -124,7 +125,7 @@ def run_engine_process(args: argparse.Namespace, exit_engine_failed: int, load_t
         return 1
     engine.broken_listeners.append(process.engine_failed)
     # Receiving processes tick at their own phases: a step waits for the later one (engine.py).
-    engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S
+    engine.clock.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S
     engine.start()
     slots = SlotQueue(engine)
     METRICS.attach_engine(engine, slots)

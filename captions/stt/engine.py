@@ -7,16 +7,9 @@ stepping loop: each step advances every slot that has a frame waiting, with mosh
 just taken starts from a fresh state). A slot that fell behind has several frames waiting and
 catches up at the loop's full speed; so does the silence that flushes a closing stream.
 
-Live streams share one frame clock. WebRTC hands every remote track of a process 10 ms of audio on
-the same 10 ms tick, but each stream's 80 ms frames would complete at its own phase (when it
-started), and every step costs the full batch: 8 speakers at 8 phases cost up to 8 steps per 80 ms.
-So a live stream's first push is preceded by up to 80 ms of silence, chosen so that its frames
-complete on the same tick as the other streams' (`lead_samples`), and a step waits a few ms for the
-slots whose frame completes on this tick. Then all speakers cost one step per 80 ms. Ticks are told
-apart by when the audio was produced, which the caller knows (`push(..., produced_at=)`): the moment
-of the push is late by however long the caller's thread waited (another room's thread holding the
-GIL, a busy event loop), and a first push a few ms late would put a speaker on the next tick for
-their whole turn.
+Live streams share one frame clock (captions/stt/frame_clock.py): a live stream's first push is
+preceded by the silence that puts its frames on the other streams' tick, and a step waits a little for
+the frames due with it, so that every speaker costs one step per 80 ms.
 
 GPU notes: the batch size never changes (moshi captures CUDA graphs for fixed shapes), and a step
 ends with a single device-to-host copy holding every slot's token and pause probability.
@@ -44,23 +37,13 @@ import numpy as np
 from captions.log import logger
 from captions.stt.api import EngineFull, EventCallback, StepTimings, StreamEvent
 from captions.stt.audio import FrameBuffer
+from captions.stt.frame_clock import FrameClock
 from captions.stt.model import SttModel, load_stt_model, resolve_batch_size
 from captions.stt.words import WordDecoder
 
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
 # 3 s for i = 0..3; Kyutai's own tools take head 2 > 0.5 as the end of a turn.
 PAUSE_HEAD = 2
-GATHER_WAIT_S = 0.004
-"""How long a step waits for slots whose frame is due (`_gather`): the pushes of one tick reach the
-engine within about a millisecond of each other when they come from one process."""
-SEVERAL_PHASES_GATHER_WAIT_S = 0.008
-"""The same when the streams come from several receiving processes (captions/host/engine_process.py
-sets it): each process has its own WebRTC tick phase, up to a tick apart, and their frames join one
-step only if the step waits for the later phase. Measured with two processes 4.5 to 5.5 ms apart:
-1.6 to 1.9 steps per 80 ms with 4 ms, 1.01 with 8 ms (docs/benchmarks/host.md, receivers section).
-In one process the longer wait would only add latency when a push is late."""
-GRID_STALE_S = 0.2
-"""A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
 _now = time.monotonic
 """The clock of the frame alignment (a test drives it by hand)."""
 _SILENCE = None  # a queued frame of silence (prefix or flush), not counted as the stream's audio
@@ -133,13 +116,11 @@ class SttEngine:
         self.model = model
         self.batch_size = batch_size
         self.profile = profile
-        self.align_frames = align_frames
-        """Align live streams' frames on one clock (module notes); False: each stream keeps its phase."""
-        self.gather_wait_s = GATHER_WAIT_S
-        """How long a step waits for due slots (`_gather`); SEVERAL_PHASES_GATHER_WAIT_S with receiving processes."""
         self.sample_rate = model.sample_rate
         self.frame_size = model.frame_size
         self.frame_rate = model.frame_rate
+        self.clock = FrameClock(self.sample_rate, self.frame_size, align=align_frames)
+        """The frame clock (its module): set `gather_wait_s`, `hold_s` there."""
         self.text_delay_s = model.delay_s
         self.has_vad = model.has_vad
         # Greedy decoding, as Kyutai's reference. support_out_of_sync: slots start at different
@@ -155,6 +136,7 @@ class SttEngine:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._busy = False
+        self._waiting_on_clock = False
         self._slot_freed_listeners: list[Callable[[], None]] = []
         self.step_listeners: list[Callable[[StepTimings], None]] = []
         self.steps = 0
@@ -164,9 +146,6 @@ class SttEngine:
         """Why the engine failed for good (module notes); None while it serves."""
         self.broken_listeners: list[Callable[[str], None]] = []
         """`callback(cause)` runs once, on the engine thread, when the engine breaks."""
-        self._clock: tuple[float, int] | None = None
-        """The shared frame clock: (when the latest live push's audio was produced, samples of an unfinished
-        frame that push left in its slot)."""
 
     @classmethod
     def load(cls, model: str, device: str = "auto", batch_size: int | str = 8, profile: bool = False,
@@ -195,6 +174,19 @@ class SttEngine:
         with self._cond:
             return not self._has_work() and not self._busy
 
+    @property
+    def settled(self) -> bool:
+        """Every frame that can step by now has: idle, or the stepping thread waits on the frame clock
+        for the frames due with its ready ones and nothing has woken it since (a test driving `_now`
+        by hand calls `wake()` after moving it, then waits for this)."""
+        with self._cond:
+            return not self._busy and (not self._has_work() or self._waiting_on_clock)
+
+    def wake(self) -> None:
+        """Makes the stepping thread look at the clock again (after a test moved `_now`)."""
+        with self._cond:
+            self._wake()
+
     def add_slot_freed_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs on the engine thread each time a slot becomes free."""
         self._slot_freed_listeners.append(callback)
@@ -219,7 +211,7 @@ class SttEngine:
             slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
             slot.pushed, slot.last_chunk, slot.last_push_at = 0, 0, 0.0
             slot.live_chunk = live_chunk
-            self._cond.notify()
+            self._wake()
         return stream
 
     def start(self) -> None:
@@ -230,7 +222,7 @@ class SttEngine:
     def close(self) -> None:
         with self._cond:
             self._stopped = True
-            self._cond.notify()
+            self._wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -254,7 +246,7 @@ class SttEngine:
                 if slot.stream is stream and not slot.closing:
                     frames |= self._take(slot, pcm, produced_at, now)
             if frames:
-                self._cond.notify()
+                self._wake()
 
     def _push(self, stream: SlotStream, pcm: np.ndarray, produced_at: float | None) -> None:
         with self._cond:
@@ -262,7 +254,7 @@ class SttEngine:
             if slot.stream is not stream or slot.closing:
                 raise RuntimeError(f"stream {stream.id} is closed")
             if self._take(slot, pcm, produced_at, _now()):
-                self._cond.notify()
+                self._wake()
 
     def _take(self, slot: _Slot, pcm: np.ndarray, produced_at: float | None, now: float) -> bool:
         """Under the lock: `pcm` into the slot's frames; True if it completed one."""
@@ -271,31 +263,17 @@ class SttEngine:
         size = int(np.size(pcm))
         chunk = slot.live_chunk or size
         if slot.pushed == 0 and size:
-            stream.lead_samples = self._lead_for(size, chunk, produced)
+            stream.lead_samples = self.clock.lead_for(size, chunk, produced)
             if stream.lead_samples:
                 slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
                 slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
         frames = slot.buffer.push(pcm)
         slot.pushed += size
         slot.last_chunk, slot.last_push_at = chunk, now
-        if chunk < self.frame_size and (self._clock is None or produced >= self._clock[0]):
-            self._clock = (produced, slot.buffer.pending)  # the newest audio (not kept audio pushed late)
+        self.clock.pushed(chunk, produced, slot.buffer.pending)
         if frames:
             slot.queue.extend(frames)
         return bool(frames)
-
-    def _lead_for(self, size: int, chunk: int, produced: float) -> int:
-        """Silence to put before a live stream's first push (`size` samples, the last produced at
-        `produced`; then `chunk` per tick) so that its frames complete on the same tick as the others':
-        after this push it should hold as many samples of an unfinished frame as the last live push
-        left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
-        if not self.align_frames or chunk >= self.frame_size or self._clock is None:
-            return 0  # offline input (whole frames at once), or no live clock to join
-        at, pending = self._clock
-        if produced - at > GRID_STALE_S:
-            return 0
-        ticks = round((produced - at) * self.sample_rate / chunk)
-        return (pending + ticks * chunk - size) % self.frame_size
 
     def _close(self, stream: SlotStream, flush: bool) -> None:
         with self._cond:
@@ -308,9 +286,14 @@ class SttEngine:
                 slot.queue.extend([_SILENCE] * self.model.flush_frames)
             else:
                 slot.queue.clear()
-            self._cond.notify()
+            self._wake()
 
     # ---- the stepping loop ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Under the lock: something changed that the stepping thread must see."""
+        self._waiting_on_clock = False
+        self._cond.notify()
 
     def _has_work(self) -> bool:
         return any(slot.stream is not None and (slot.queue or slot.closing) for slot in self._slots)
@@ -323,19 +306,18 @@ class SttEngine:
             self._break(f"the engine thread crashed: {type(e).__name__}: {e}")
 
     def _serve(self) -> None:
-        # Steps as soon as a slot has a frame (after `_gather`'s few ms for the slots due on the same
-        # tick). Live frames share one clock, so that is one step per 80 ms for every speaker;
-        # audio pushed in bulk (a slot catching up, files) steps at full speed. A blind gather
-        # window (wait for more slots' frames) gave fewer steps but later captions; the shared clock
-        # gives both (README, `captions bench clock`).
+        # Steps as soon as a slot has a frame, after the frame clock's wait for the live frames due
+        # with it (`_gather`): one step per 80 ms for every speaker; audio pushed in bulk (a slot
+        # catching up, files) steps at full speed. A blind gather window (wait for more slots'
+        # frames) gave fewer steps but later captions; the shared clock gives both (README,
+        # `captions bench clock`).
         while True:
             if self.broken is not None:
                 self._end_every_stream()
             with self._cond:
                 while not self._stopped and not self._has_work():
                     self._cond.wait()
-                if self.align_frames:
-                    self._gather()
+                self._gather()
                 if self._stopped:
                     return
                 finished = [s for s in self._slots if s.stream is not None and s.closing and not s.queue]
@@ -352,26 +334,12 @@ class SttEngine:
                 self._busy = False
 
     def _gather(self) -> None:
-        """Waits (lock released, at most `gather_wait_s`) for the slots whose frame completes on this
-        tick, or a fraction of a tick later (another receiving process's phase): one chunk short of
-        a frame, and their next push expected within the wait. Judged by when that push is
-        expected, not by the age of the last one as the wait goes on, a step never waits for a
-        slot whose push only comes on the next tick (a stream a whole tick off the others)."""
-        deadline = time.monotonic() + self.gather_wait_s
-        start = _now()
-        while not self._stopped and (remaining := deadline - time.monotonic()) > 0:
-            now = _now()
-            # Due: its next chunk completes a frame, that chunk is expected within the wait, and its
-            # last push is not stalled (under a chunk and a half ago).
-            due = any(s.stream is not None and not s.queue and not s.closing
-                      and 0 < s.last_chunk < self.frame_size
-                      and s.buffer.pending + s.last_chunk >= self.frame_size
-                      and s.last_push_at + s.last_chunk / self.sample_rate <= start + self.gather_wait_s
-                      and (now - s.last_push_at) * self.sample_rate / s.last_chunk < 1.5
-                      for s in self._slots)
-            if not due:
-                return
-            self._cond.wait(remaining)
+        """Waits (lock released) as long as the frame clock says, for the frames due with this step."""
+        started = _now()
+        while not self._stopped and (wait := self.clock.wait_s(self._slots, _now(), started)) is not None:
+            self._waiting_on_clock = True
+            self._cond.wait(wait)
+            self._waiting_on_clock = False
 
     def _run_model(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray):
         """One model step for the slots in `batch`; returns (tokens, pause probs, timings)."""
@@ -459,7 +427,7 @@ class SttEngine:
             if self.broken is not None:
                 return
             self.broken = cause
-            self._cond.notify()
+            self._wake()
         logger.error("engine failed: %s; exiting so the orchestrator replaces this worker", cause)
         for listener in self.broken_listeners:
             try:

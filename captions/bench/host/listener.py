@@ -289,12 +289,13 @@ async def _serve_engine(config: dict) -> None:
 
     from captions.host.engine_server import EngineServer
     from captions.live.slots import SlotQueue
-    from captions.stt.engine import SEVERAL_PHASES_GATHER_WAIT_S, SttEngine
+    from captions.stt.engine import SttEngine
+    from captions.stt.frame_clock import SEVERAL_PHASES_GATHER_WAIT_S
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
-    engine.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
+    engine.clock.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
     dump = _trace_engine(engine, "engine")
     engine.start()
     slots = SlotQueue(engine)
