@@ -4,7 +4,8 @@ Runs the real model path (moshi loaders, Mimi, LMGen) on the project's tiny real
 
 Two claims, kept apart. At batch size 1 the engine equals Kyutai's reference loop (batch size 1)
 token for token. In a batch, a stream equals the same audio run alone on an engine of the same
-batch size: other slots, their phases, resets and slot reuse change nothing, bit for bit. Across
+batch size: other slots, their phases, resets and slot reuse change none of its tokens (its pause
+probabilities agree within PAUSE_TOLERANCE: even a solo run is not bit for bit reproducible). Across
 batch sizes the float rounding of the matrix products differs (about 1e-6 in the logits on CPU),
 which flips a code or a greedy token at a near tie: rare, measured in the README (Known limitations).
 """
@@ -275,10 +276,18 @@ the default tiny model is nearly memoryless, so state leaking between slots, or 
 when a new stream takes it, would hardly change its tokens."""
 
 
-PAUSE_ROUNDING = 1e-5
-"""A slot's position in the batch changes the rounding of the CPU's batched kernels: the same audio
-in slot 1 instead of slot 0 gives pause probabilities about 1e-7 apart (tokens have agreed so far).
-A missed reset changes them by up to 0.9."""
+PAUSE_TOLERANCE = 0.05
+"""How far a stream's pause probabilities may be from its solo run's. Not bit for bit: the same
+audio run solo in slot 0 of a fresh engine does not give the same pause probabilities from one
+process to the next (measured here, 1 thread, MKL_CBWR=COMPATIBLE, fixed PYTHONHASHSEED: clip 2's
+probability at frame 25 is 0.3087 in some processes and 0.2896 in others, tokens unchanged), nor
+always within one process (a CI run: its solo fixture and a batched run 0.0191 apart at that frame,
+the same two values). Somewhere in the CPU kernels a difference of about 1e-7 (the size of the
+spread between slots of one batch, measured at under 5e-7) meets a near tie in the tiny model, and
+that frame's probability jumps by up to 0.02 while the frames after it move by under 4e-4. A leak
+between slots or a missed reset changes them by more than 0.05, which
+test_the_property_checkpoint_remembers checks on this checkpoint, and by up to 0.9. The tokens,
+what a user reads, must still be equal exactly."""
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +340,8 @@ def test_the_property_checkpoint_remembers(remembering_engine_b3, short_clips, s
 )
 def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, solo_runs, clip_of, ops):
     """Streams starting, pausing and stopping at random in different slots of one batch produce
-    exactly the tokens each produces alone, and its pause probabilities (to the rounding of the
-    slot's position in the batch), on a checkpoint that remembers (a leak between slots or a missed
+    exactly the tokens each produces alone, and its pause probabilities (within PAUSE_TOLERANCE,
+    see there), on a checkpoint that remembers (a leak between slots or a missed
     reset would show). `ops` is (stream, frames to push, let the
     engine catch up before the next push): while one stream pushes, the others pause."""
     engine = remembering_engine_b3
@@ -367,7 +376,7 @@ def test_batched_streams_equal_solo_runs(remembering_engine_b3, short_clips, sol
         assert collectors[i].done.wait(30)
         tokens, pauses = solo_runs[clip_of[i]]
         assert collectors[i].tokens == tokens, f"stream {i} differs from its solo run"
-        assert collectors[i].pauses == pytest.approx(pauses, abs=PAUSE_ROUNDING), \
+        assert collectors[i].pauses == pytest.approx(pauses, abs=PAUSE_TOLERANCE), \
             f"stream {i}'s pause probabilities differ from its solo run"
     wait_settled(engine)
 
