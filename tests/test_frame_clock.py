@@ -94,3 +94,10 @@ def test_a_stalled_feed_is_not_waited_for(clock):
 def test_unaligned_frames_never_wait():
     clock = FrameClock(RATE, FRAME, align=False)
     assert clock.wait_s([slot(ready=1), *(slot(due_in_ticks=4) for _ in range(3))], NOW, NOW) is None
+
+
+def test_an_ended_stream_is_not_kept_waiting_by_a_hold(clock):
+    """An aborted (or flushed-out) stream's last event and its slot, which a waiting speaker may need,
+    go out at once, with the ready frames."""
+    ended = slot(closing=True)
+    assert clock.wait_s([slot(ready=1), ended, *(slot(due_in_ticks=4) for _ in range(3))], NOW, NOW) is None

@@ -1,12 +1,11 @@
-"""Review of the frame clock's hold (captions/stt/frame_clock.py, commit 72d4609).
+"""Review of the frame clock's hold (captions/stt/frame_clock.py; found in commit 72d4609, fixed after).
 
-The hold waits for the group due next, but the moment that group's frames start to arrive, the
-gather window (anchored at the hold's start, long past) no longer applies, and the hold's count
-(`coming due >= ready`) flips once about half the group has arrived: the step goes with the held
-frames and part of the group, and the rest of the group steps on its own right after. Pushes
-arrive one by one in the caption worker (one push per speaker) and one receiving process at a time
-in the engine process (push_many per process, each process at its own phase), so the group is
-split every time: no step saved, and the held stream still pays its wait."""
+The hold waits for the group due next; when that group's frames start to arrive, the gather must
+still apply (it was anchored at the hold's start, long past), or the hold's count (`coming due >=
+ready`) flips once about half the group has arrived and the rest of the group steps on its own
+right after: no step saved, and the held stream still pays its wait. Pushes arrive one by one in
+the caption worker (one push per speaker) and one receiving process at a time in the engine
+process. And a stream one tick after its group must be held whatever the sub-ms jitter."""
 
 from __future__ import annotations
 
@@ -66,8 +65,8 @@ def test_a_hold_released_by_one_receiving_process_waits_for_the_other_processs_p
 def test_a_stream_ticks_off_steps_with_all_of_its_group_when_pushes_come_one_by_one(tiny_checkpoint, monkeypatch):
     """tests/test_engine_phases.py's held stream, with each stream's push taken on its own (the
     caption worker pushes per speaker; the engine thread runs between pushes). After the leads
-    settle, every step should carry all four streams (what the hold is for); it carries 3 and 2:
-    two steps per 80 ms, as without the hold, and the off stream still waits."""
+    settle, every step should carry all four streams (what the hold is for); before the fix they
+    carried 3 and 2: two steps per 80 ms, as without the hold, and the off stream still waited."""
     clock = [1000.0]
     monkeypatch.setattr("captions.stt.engine._now", lambda: clock[0])
     engine = SttEngine.load(str(tiny_checkpoint), device="cpu", batch_size=4)
@@ -97,10 +96,9 @@ def test_a_stream_ticks_off_steps_with_all_of_its_group_when_pushes_come_one_by_
 
 def test_a_stream_one_tick_behind_its_group_is_held_despite_sub_ms_jitter():
     """The likeliest mis-estimated lead is one tick late: its frame completes 10 ms after the
-    group's, whose next frame is due 70 ms later: exactly HOLD_S, so the hold is decided by sub-ms
-    jitter. Here the group's pushes on that tick came 0.5 ms after the off stream's (one process's
-    pushes spread over about a millisecond): the hold is refused and the off stream costs a step of
-    its own; with the pushes the other way round it waits. A coin flip per frame."""
+    group's, whose next frame is due 70 ms later. With a 70 ms hold, sub-ms jitter decided: the
+    group's pushes 0.5 ms after the off stream's (one process's pushes spread over about a
+    millisecond) and the hold was refused, the other way round and it waited. It must be held."""
     clock = FrameClock(RATE, FRAME)
     group_pushed = NOW + 0.0005
     group = [SimpleNamespace(stream=object(), queue=[], closing=False, last_chunk=CHUNK, last_push_at=group_pushed,

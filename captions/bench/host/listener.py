@@ -259,7 +259,7 @@ async def _listen(config: dict) -> None:
 
 def _trace_engine(engine, name: str):
     """With TRACE_ENV set: records every push the engine takes (arrival, slot, samples, produced_at,
-    samples of an unfinished frame before it) and every step (start, slots), and returns what writes
+    samples of an unfinished frame before it) and every step (start, its slots), and returns what writes
     them to `<TRACE_ENV>/<name>-<pid>.json` (called at the end of the measured window)."""
     folder = os.environ.get(TRACE_ENV)
     if not folder:
@@ -272,7 +272,9 @@ def _trace_engine(engine, name: str):
         return take(slot, pcm, produced_at, now)
 
     def traced_step(batch, reset):
-        steps.append((time.monotonic(), [s.index for s, _ in batch]))
+        # Per slot: its index, frames still queued after this one (catching up), the size of its
+        # latest push (a live chunk or more), closing (a flush).
+        steps.append((time.monotonic(), [(s.index, len(s.queue), s.last_chunk, s.closing) for s, _ in batch]))
         return step(batch, reset)
 
     engine._take, engine._step = traced_take, traced_step
