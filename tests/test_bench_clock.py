@@ -16,15 +16,22 @@ pytestmark = pytest.mark.slow
 def clock_report(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-clock")
     result = captions("bench", "clock", "--model", str(tiny_checkpoint), "--speakers", "3", "--seconds", "2",
-                      "--json", str(out / "clock.json"), "--plot", str(out / "clock.png"))
+                      "--misplaced-ms", "30", "--json", str(out / "clock.json"), "--plot", str(out / "clock.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "clock.json").read_text()), out / "clock.png", result.stdout
 
 
-def test_both_frame_modes_are_measured_in_one_run(clock_report):
+def test_every_frame_mode_is_measured_in_one_run(clock_report):
     report, _, _ = clock_report
-    assert report["machine"]["cpu_cores"] >= 1 and report["settings"]["frames"] == ["shared", "unaligned"]
-    assert [(r["speakers"], r["frames"]) for r in report["results"]] == [(3, "shared"), (3, "unaligned")]
+    assert report["machine"]["cpu_cores"] >= 1
+    assert report["settings"]["frames"] == ["shared", "no-hold", "unaligned"]
+    assert report["settings"]["misplaced_ms"] == 30
+    assert [(r["speakers"], r["frames"]) for r in report["results"]] == [(3, "shared"), (3, "no-hold"), (3, "unaligned")]
+
+
+def test_a_misplacement_out_of_range_is_refused():
+    result = captions("bench", "clock", "--misplaced-ms", "500", timeout=60)
+    assert result.returncode == 2 and "--misplaced-ms must be between 0 and 100" in result.stderr
 
 
 def test_every_frame_of_every_stream_gets_an_event(clock_report):
@@ -41,7 +48,7 @@ def test_every_frame_of_every_stream_gets_an_event(clock_report):
 
 def test_only_the_shared_clock_puts_silence_before_streams(clock_report):
     report, _, _ = clock_report
-    shared, unaligned = report["results"]
+    shared, _, unaligned = report["results"]
     assert unaligned["leads"] == [0, 0, 0]
     assert all(0 <= lead < 1920 and lead % 240 == 0 for lead in shared["leads"])
 
@@ -55,4 +62,4 @@ def test_table_and_plot_are_written(clock_report):
 
 def test_bad_frame_mode_is_refused_with_a_clear_error():
     result = captions("bench", "clock", "--frames", "shared,sideways", timeout=60)
-    assert result.returncode == 2 and "expected shared and/or unaligned" in result.stderr
+    assert result.returncode == 2 and "expected some of shared, no-hold, unaligned" in result.stderr

@@ -5,7 +5,12 @@ and each gets 10 ms of speech per tick from one driver thread, as WebRTC hands t
 remote track's audio on one shared tick. Two ways of feeding the engine, measured in one run:
 
     shared      10 ms chunks; the engine aligns every stream's frames on one clock (the default)
+    no-hold     the same, without the clock's hold (captions/stt/frame_clock.py; the clock before
+                2026-12-07): a stream whose lead came out off steps on its own
     unaligned   80 ms frames, each completing at its stream's own phase (the worker before)
+
+`--misplaced-ms X`: each stream's first push is said to have been produced up to X ms before or
+after it was (seeded), as a starved host's estimates can be: its lead then comes out ticks off.
 
 Reported per mode: engine steps per second (12.5 when every step carries every stream), streams per
 step, and push-to-event latency: from the push that completed a frame to the engine's event for
@@ -25,11 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from captions.bench.common import (
-    FRAME_MODES,
     add_output_options,
     add_test_checkpoint_options,
     finish_report,
-    frame_modes,
     machine_description,
     positive_ints,
     resolve_test_checkpoint,
@@ -42,10 +45,20 @@ from captions.stt.api import FRAME_SIZE
 
 TICK_S = 0.01
 TICK_SAMPLES = 240
+CLOCK_MODES = ("shared", "no-hold", "unaligned")
 
 
-def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int) -> dict:
-    """Drives one engine with live streams pushing `chunk` samples whenever that much is due."""
+def clock_modes(text: str) -> list[str]:
+    """argparse type for a comma-separated subset of CLOCK_MODES."""
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or set(modes) - set(CLOCK_MODES):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(CLOCK_MODES)}, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
+def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int, skews: list[float]) -> dict:
+    """Drives one engine with live streams pushing `chunk` samples whenever that much is due; stream
+    i's first push says its audio was produced `skews[i]` seconds before it was."""
     lock = threading.Lock()
     completed: dict[tuple[int, int], float] = {}
     latencies: list[float] = []
@@ -80,7 +93,9 @@ def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int)
                 # An 80 ms reader hands over its frame on the tick that completes it.
                 if (tick - start_ticks[i] + 1) % per_push or offsets[i] + chunk > clip.size:
                     continue
-                streams[i].push(clip[offsets[i]:offsets[i] + chunk])
+                first = offsets[i] == 0
+                streams[i].push(clip[offsets[i]:offsets[i] + chunk],
+                                produced_at=time.monotonic() - skews[i] if first else None)
                 now = time.monotonic()
                 lead = streams[i].lead_samples
                 with lock:
@@ -113,15 +128,19 @@ def run_all(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
         clips = speech_streams(n, args.seconds)
         rng = random.Random(n)
         start_ticks = sorted(rng.randrange(0, 24) for _ in range(n))  # a quarter second of arrivals
+        skews = [rng.uniform(-args.misplaced_ms, args.misplaced_ms) / 1000 for _ in range(n)]
         for mode in args.frames:
             engine = SttEngine.load(str(checkpoint), device=args.device, batch_size=n,
-                                    align_frames=mode == "shared")
+                                    align_frames=mode != "unaligned")
+            if mode == "no-hold":
+                engine.clock.hold_s = 0.0
             engine.start()
             try:
-                result = measure(engine, clips, start_ticks, TICK_SAMPLES if mode == "shared" else FRAME_SIZE)
+                result = measure(engine, clips, start_ticks, FRAME_SIZE if mode == "unaligned" else TICK_SAMPLES,
+                                 skews)
             finally:
                 engine.close()
-            result.update(speakers=n, frames=mode)
+            result.update(speakers=n, frames=mode, misplaced_ms=args.misplaced_ms)
             latency = result["push_to_event_ms"]
             print(f"{n} speakers, {mode} frames: {result['steps_per_s']} steps/s, "
                   f"{result['streams_per_step']} streams per step, push-to-event p50 {latency['p50']} / "
@@ -143,8 +162,12 @@ def markdown_table(report: dict) -> str:
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--speakers", env="CAPTIONS_BENCH_SPEAKERS", type=positive_ints("speaker counts"),
                default=[8, 32, 64], help="live streams at once (engine batch size = streams)")
-    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=frame_modes, default=list(FRAME_MODES),
-               help="shared (one clock, the default of the worker) and/or unaligned (each stream its phase)")
+    add_option(parser, "--frames", env="CAPTIONS_BENCH_FRAMES", type=clock_modes, default=list(CLOCK_MODES),
+               help="shared (one clock, the default of the worker), no-hold (the clock without its hold) "
+                    "and/or unaligned (each stream its phase)")
+    add_option(parser, "--misplaced-ms", env="CAPTIONS_BENCH_MISPLACED_MS", type=float, default=0.0,
+               help="each stream's first push is said to be produced up to this many ms off (seeded): "
+                    "a starved host's estimate, which puts its lead ticks off")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=8.0,
                help="seconds of speech per stream")
     add_test_checkpoint_options(parser, "checkpoint directory or Hugging Face repo")
@@ -159,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
     if args.seconds < 1:
         print("captions bench clock: --seconds must be at least 1", file=sys.stderr)
         return 2
+    if not 0 <= args.misplaced_ms <= 100:
+        print("captions bench clock: --misplaced-ms must be between 0 and 100", file=sys.stderr)
+        return 2
     try:
         checkpoint = resolve_test_checkpoint(args)
         report = {"benchmark": "clock", "machine": machine_description(args.device)}
@@ -169,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     report.update({
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_stream": args.seconds,
                      "checkpoint": str(checkpoint), "tick_ms": TICK_S * 1000,
-                     "starts": "each stream at a random 10 ms tick of the first 240 ms (seeded)"},
+                     "starts": "each stream at a random 10 ms tick of the first 240 ms (seeded)",
+                     "misplaced_ms": args.misplaced_ms},
         "definitions": {
             "steps_per_s": "engine steps per second while every stream is speaking (12.5 = one per 80 ms)",
             "streams_per_step": "mean streams advanced by one step, same window",
@@ -192,10 +219,10 @@ def plot(report: dict, path: Path) -> None:
 
     results = report["results"]
     speakers = sorted({r["speakers"] for r in results})
-    modes = [m for m in FRAME_MODES if any(r["frames"] == m for r in results)]
+    modes = [m for m in CLOCK_MODES if any(r["frames"] == m for r in results)]
     fig, (steps, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(modes)
-    colours = {"shared": "tab:blue", "unaligned": "tab:orange"}
+    colours = {"shared": "tab:blue", "no-hold": "tab:green", "unaligned": "tab:orange"}
     steps.axhline(12.5, color="grey", linestyle=":", label="one step per 80 ms")
     for k, mode in enumerate(modes):
         rows = {r["speakers"]: r for r in results if r["frames"] == mode}
