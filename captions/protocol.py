@@ -33,7 +33,8 @@ attributes. So nothing a participant says about itself is trusted:
   copied to another participant names the wrong identity.
 * **the room's captioner is elected from server facts**: among the participants with a valid claim
   that are not superseded (``captions.superseded``, set through the server API by the recovery on a
-  captioner whose heartbeat stopped; a participant can set it only on itself, withdrawing itself),
+  captioner whose heartbeat stopped; a participant can set it only on itself, withdrawing itself, as
+  a captioner whose engine failed does),
   the one the server says joined first (whole seconds, the smaller identity on a tie:
   `elected_captioner`). Workers and viewers apply the same rule to the same facts.
 * **no replay**: each caption stream carries ``captions.agent`` (the identity of the agent that made

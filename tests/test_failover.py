@@ -30,6 +30,7 @@ from captions.dev.bots import Caption, Publisher, Subscriber
 from captions.dev.livekit_server import LiveKitServer, start_dev_server
 from captions.dev.worker_process import CaptionsWorker, start_captions_worker
 from captions.live.transcripts import read_transcript, transcript_path
+from captions.live.worker import ENGINE_FAILED_STOP_S
 from captions.protocol import ATTR_AGENT, FinalSegment
 from tests.conftest import espeak_wav
 
@@ -178,9 +179,21 @@ async def stage(tiny_checkpoint: Path, tmp_path: Path):
     scene = Stage(tiny_checkpoint, tmp_path, server, f"failover-{uuid.uuid4().hex[:6]}")
     try:
         yield scene
+    except BaseException:
+        print_worker_logs(scene)
+        raise
     finally:
         await scene.aclose()
         await asyncio.to_thread(scene.server.stop)
+
+
+def print_worker_logs(scene: Stage) -> None:
+    """Shown with a failure (captured output): what each worker did, without the SDK's per-caption
+    noise."""
+    for worker in scene.workers:
+        print(f"===== {worker.log_path}")
+        print("\n".join(line for line in worker.log_path.read_text(errors="replace").splitlines()
+                        if "ignoring text stream" not in line))
 
 
 def kill_9(worker: CaptionsWorker) -> None:
@@ -220,12 +233,20 @@ async def test_kill_9_of_one_of_two_workers_the_other_takes_the_room(tiny_checkp
         await scene.start_worker("--receivers", str(receivers))
         await scene.talk(speech_dir)
         old, _ = await scene.caption_from_a_new_agent(set(), 60)
+        killed = scene.worker_of(old)
+        receiving = process_tree(killed.process.pid)[1:]
+        assert len(receiving) >= receivers - 1, receiving
         killed_at = time.time()
-        kill_9(scene.worker_of(old))
+        kill_9(killed)
         _, at = await scene.caption_from_a_new_agent({old}, 60)
         record_gap("kill -9 of one of two workers: crash -> captions", at - killed_at)
         assert at - killed_at <= CRASH_BOUND_S
         scene.assert_clean()
+        # Its receiving processes stepped down and exit by themselves: none stays in a room.
+        deadline = time.monotonic() + ENGINE_FAILED_STOP_S + 15
+        while [pid for pid in receiving if running(pid)] and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        assert not [pid for pid in receiving if running(pid)], "a receiving process outlived its engine process"
 
 
 async def test_a_rolling_restart_hands_the_room_over_in_seconds_and_loses_no_final(
@@ -280,6 +301,14 @@ async def test_a_room_created_before_any_worker_is_captioned_once_one_registers(
         record_gap("room created before any worker: registered -> captions", gap)
         assert gap <= RESUME_BOUND_S
         scene.assert_clean()
+
+
+def running(pid: int) -> bool:
+    """Not exited (an orphan's exit leaves a zombie that nobody here reaps)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def process_tree(pid: int) -> list[int]:

@@ -54,68 +54,56 @@ async def wait_superseded(scene, identity: str, timeout: float) -> None:
     raise TimeoutError(f"the recovery did not mark {identity} superseded within {timeout} s")
 
 
-def print_worker_logs(scene) -> None:
-    """Shown with a failure (captured output): what each worker did, without the SDK's per-caption noise."""
-    for worker in scene.workers:
-        print(f"===== {worker.log_path}")
-        print("\n".join(line for line in worker.log_path.read_text(errors="replace").splitlines()
-                        if "ignoring text stream" not in line))
-
-
 async def test_a_frozen_captioner_is_superseded_flushes_its_open_caption_and_leaves(tiny_checkpoint, tmp_path,
                                                                                    speech_dir):
     async with stage(tiny_checkpoint, tmp_path) as scene:
+        await scene.start_worker()
+        await scene.start_worker()
+        await scene.talk(speech_dir)
+        old, _ = await scene.caption_from_a_new_agent(set(), 60)
+        frozen = scene.worker_of(old)
+        # Freeze it while it has a caption open: right after one of its interim updates.
+        await scene.viewer.wait_until(lambda: (c := scene.viewer.captions) and not c[-1].final, 30, "an interim")
+        held = process_tree(frozen.process.pid)
+        for pid in held:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
         try:
-            await scene.start_worker()
-            await scene.start_worker()
-            await scene.talk(speech_dir)
-            old, _ = await scene.caption_from_a_new_agent(set(), 60)
-            frozen = scene.worker_of(old)
-            # Freeze it while it has a caption open: right after one of its interim updates.
-            await scene.viewer.wait_until(lambda: (c := scene.viewer.captions) and not c[-1].final, 30, "an interim")
-            held = process_tree(frozen.process.pid)
+            # Frozen until the recovery has marked it, then until the takeover (and FROZEN_S - 4 s
+            # more), but never past FREEZE_LIMIT_S: see there.
+            await wait_superseded(scene, old, SUPERSEDE_S)
+            with contextlib.suppress(TimeoutError):
+                await scene.caption_from_a_new_agent({old}, FREEZE_LIMIT_S - (time.monotonic() - stopped))
+            await asyncio.sleep(max(0.0, min(FROZEN_S - 4.0, FREEZE_LIMIT_S - (time.monotonic() - stopped))))
+        finally:
+            resumed_at = time.time()
             for pid in held:
-                os.kill(pid, signal.SIGSTOP)
-            stopped = time.monotonic()
-            try:
-                # Frozen until the recovery has marked it, then until the takeover (and FROZEN_S - 4 s
-                # more), but never past FREEZE_LIMIT_S: see there.
-                await wait_superseded(scene, old, SUPERSEDE_S)
-                with contextlib.suppress(TimeoutError):
-                    await scene.caption_from_a_new_agent({old}, FREEZE_LIMIT_S - (time.monotonic() - stopped))
-                await asyncio.sleep(max(0.0, min(FROZEN_S - 4.0, FREEZE_LIMIT_S - (time.monotonic() - stopped))))
-            finally:
-                resumed_at = time.time()
-                for pid in held:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGCONT)
-            print(f"frozen for {time.monotonic() - stopped:.1f} s")
-            new, _ = await scene.caption_from_a_new_agent({old}, TAKEOVER_S)
-            log = frozen.log_path
-            await scene.viewer.wait_until(lambda: "superseded by the recovery" in log.read_text(errors="replace"), 30,
-                                          "the frozen captioner to see that it was superseded")
-            # It flushed: a final of its own, sent after it ran again.
-            await scene.viewer.wait_until(
-                lambda: [c for c in scene.viewer.captions
-                         if c.attributes.get(ATTR_AGENT) == old and c.final and c.received_at >= resumed_at],
-                30, "the frozen captioner's flushed final")
-            theirs = [c for c in scene.viewer.captions if c.attributes.get(ATTR_AGENT) == old]
-            open_segments = {c.segment_id for c in theirs} - {c.segment_id for c in theirs if c.final}
-            assert not open_segments, f"its open caption was lost: {open_segments}"
-            workers_log = "\n".join(w.log_path.read_text(errors="replace") for w in scene.workers)
-            assert f"removing stale captioner {old}" not in workers_log, "it was removed, not superseded"
-            # And it left by itself; the new captioner stays.
-            from livekit import api
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+        print(f"frozen for {time.monotonic() - stopped:.1f} s")
+        new, _ = await scene.caption_from_a_new_agent({old}, TAKEOVER_S)
+        log = frozen.log_path
+        await scene.viewer.wait_until(lambda: "superseded by the recovery" in log.read_text(errors="replace"), 30,
+                                      "the frozen captioner to see that it was superseded")
+        # It flushed: a final of its own, sent after it ran again.
+        await scene.viewer.wait_until(
+            lambda: [c for c in scene.viewer.captions
+                     if c.attributes.get(ATTR_AGENT) == old and c.final and c.received_at >= resumed_at],
+            30, "the frozen captioner's flushed final")
+        theirs = [c for c in scene.viewer.captions if c.attributes.get(ATTR_AGENT) == old]
+        open_segments = {c.segment_id for c in theirs} - {c.segment_id for c in theirs if c.final}
+        assert not open_segments, f"its open caption was lost: {open_segments}"
+        workers_log = "\n".join(w.log_path.read_text(errors="replace") for w in scene.workers)
+        assert f"removing stale captioner {old}" not in workers_log, "it was removed, not superseded"
+        # And it left by itself; the new captioner stays.
+        from livekit import api
 
-            async with api.LiveKitAPI(scene.server.http_url, scene.server.api_key, scene.server.api_secret) as lk:
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    present = {p.identity for p in (await lk.room.list_participants(
-                        api.ListParticipantsRequest(room=scene.room))).participants}
-                    if old not in present:
-                        break
-                    await asyncio.sleep(0.5)
-            assert old not in present and new in present, present
-        except BaseException:
-            print_worker_logs(scene)
-            raise
+        async with api.LiveKitAPI(scene.server.http_url, scene.server.api_key, scene.server.api_secret) as lk:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                present = {p.identity for p in (await lk.room.list_participants(
+                    api.ListParticipantsRequest(room=scene.room))).participants}
+                if old not in present:
+                    break
+                await asyncio.sleep(0.5)
+        assert old not in present and new in present, present

@@ -6,15 +6,25 @@ out-of-memory) does not (tests/test_engine.py: the engine keeps serving)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from livekit import api
 
+from captions.live import room as room_module
 from captions.live import worker
 from captions.live.metrics import TASK_METRICS, CaptionMetrics, start_observability_server
+from captions.live.presence import HeartbeatWatch
+from captions.live.recovery import MICROPHONE, RoomPlan, plan_room
+from captions.live.room import RoomCaptioner, RoomOptions
+from captions.protocol import ATTR_AGENT_ALIVE, ATTR_AGENT_SUPERSEDED, CaptionSigner
 from captions.stt import engine as engine_module
 from captions.stt.engine import EngineFull, SttEngine
 from tests.engine_drive import FRAME, Collector, run_solo
@@ -80,6 +90,13 @@ def test_failed_steps_in_a_row_break_the_engine_and_a_success_between_starts_the
     assert engine.broken is None, "the success started the count again"
     talk(engine)
     assert engine.broken is not None and "3 steps in a row failed" in engine.broken
+
+
+async def until(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -185,3 +202,90 @@ def test_a_worker_whose_gpu_breaks_exits_non_zero_with_the_cause(livekit_server,
     log = process.log_path.read_text(errors="replace")
     assert status == worker.EXIT_ENGINE_FAILED, log[-3000:]
     assert f"engine failed: RuntimeError: {STICKY}; exiting so the orchestrator replaces this worker" in log
+
+
+class AgentRoom:
+    """Enough of a connected rtc.Room for a captioner's heartbeat: its own attributes, as sent."""
+
+    name = "engine-lost"
+
+    def __init__(self):
+        self.local_participant = SimpleNamespace(identity="agent-1", attributes={}, set_attributes=self._set)
+
+    async def _set(self, changed: dict[str, str]) -> None:
+        self.local_participant.attributes.update(changed)
+
+
+async def test_a_broken_engine_makes_its_rooms_captioners_step_down_at_once(tmp_path, monkeypatch):
+    """The engine (or, with receiving processes, the engine process) is gone: each captioner marks
+    itself superseded and its heartbeat stops, so the recovery dispatches another captioner on its
+    next round, whatever becomes of this worker's shutdown (seen in CI: a receiving process whose
+    engine process was killed went on heartbeating, and no other captioner came for 60 s)."""
+    signer = CaptionSigner.for_deployment("secret", "")
+    room = AgentRoom()
+    captioner = RoomCaptioner(room, slots=None, options=RoomOptions(data_dir=tmp_path), signer=signer)
+    monkeypatch.setattr(room_module, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(worker, "_engine_failure", None)
+    monkeypatch.setattr(worker, "_stop_serving", None)
+    monkeypatch.setattr(worker, "_captioners", {"job-1": captioner})
+    captioner._spawn(captioner._update_status_forever(), "status")
+    sent = room.local_participant.attributes
+
+    def plan() -> RoomPlan:
+        """The recovery's reading of the room now (a speaker, and this captioner as it presents itself)."""
+        me = api.ParticipantInfo(identity="agent-1", kind=api.ParticipantInfo.Kind.AGENT, attributes=dict(sent),
+                                 joined_at_ms=int(time.time() * 1000) - 60_000)
+        alice = api.ParticipantInfo(identity="alice", tracks=[api.TrackInfo(sid="TR_1", source=MICROPHONE)])
+        return plan_room(room.name, [alice, me], HeartbeatWatch(), int(time.time() * 1000), signer.public_key)
+
+    try:
+        await until(lambda: int(sent.get(ATTR_AGENT_ALIVE, 0)) >= 2)
+        assert not plan().needs_captioner, "a captioner with a moving heartbeat has the room"
+        thread = threading.Thread(target=worker.engine_failed, args=("the engine process is gone",))
+        thread.start()
+        thread.join()
+        await until(lambda: sent.get(ATTR_AGENT_SUPERSEDED))
+        assert plan().needs_captioner, "the recovery dispatches another captioner without waiting for STALE_S"
+        beat = sent[ATTR_AGENT_ALIVE]
+        await asyncio.sleep(0.2)  # ten beats
+        assert sent[ATTR_AGENT_ALIVE] == beat, "its heartbeat stopped"
+    finally:
+        for task in list(captioner._tasks):
+            task.cancel()
+        await asyncio.gather(*captioner._tasks, return_exceptions=True)
+        await asyncio.to_thread(captioner.transcript.close)
+        TASK_METRICS.engine_broken.set(0)
+
+
+class StuckServer(FakeServer):
+    """A server whose rooms never close (a job thread that does not end)."""
+
+    async def aclose(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_worker_whose_engine_failed_stops_serving_even_if_its_rooms_never_close(monkeypatch):
+    monkeypatch.setattr(worker, "_engine_failure", None)
+    monkeypatch.setattr(worker, "_stop_serving", None)
+    monkeypatch.setattr(worker, "_rooms_stuck", False)
+    monkeypatch.setattr(worker, "ENGINE_FAILED_STOP_S", 0.3)
+    serving = asyncio.create_task(worker._serve(StuckServer(), dev=True, reconciler=None))
+    await asyncio.sleep(0.05)
+    try:
+        worker.engine_failed("the engine process is gone")
+        await asyncio.wait_for(serving, 10)
+        assert worker._rooms_stuck, "serve_rooms then exits at once (exit_now) rather than join the room's thread"
+    finally:
+        TASK_METRICS.engine_broken.set(0)
+
+
+def test_exit_now_exits_with_a_room_thread_still_running(tmp_path):
+    """What `exit_now` is for: a plain return would wait for this thread at the interpreter's exit."""
+    script = ("import threading, time\n"
+              "from captions.live import worker\n"
+              "threading.Thread(target=time.sleep, args=(120,), name='job_thread_runner').start()\n"
+              "print('exiting', flush=True)\n"
+              "worker.exit_now(worker.EXIT_ENGINE_FAILED)\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == worker.EXIT_ENGINE_FAILED and "exiting" in done.stdout, done.stderr

@@ -119,7 +119,7 @@ class RoomCaptioner:
         self._unclaimed: list[tuple] | None = None
         """Captions made while `claim` is asking, in order (`start(claiming=True)`); None otherwise."""
         self._withdrawing = False
-        """Superseded by the recovery: leaving (no more heartbeats), its open captions flushed first."""
+        """Superseded by the recovery, or stepping down (`engine_lost`): leaving, no more heartbeats."""
         self._claimed_as: tuple[str, str] | None = None
         """(identity, its captions.claim), computed once connected."""
         self._status_sent: dict[str, str] = {}
@@ -252,6 +252,30 @@ class RoomCaptioner:
                        "its open captions and leaving", self.room_name)
         if self.on_superseded is not None:
             self.on_superseded()
+
+    def engine_lost(self) -> None:
+        """Thread-safe: the engine this captioner feeds is gone (its worker stops), so it captions
+        nothing more. It steps down at once: no more heartbeats, and it marks itself superseded, which
+        the recovery reads as "not this room's captioner" on its next round and dispatches another,
+        rather than after `STALE_S`, and whatever becomes of this worker's shutdown (a job thread that
+        does not end keeps this participant in the room, heartbeating, for as long as it runs)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the room's loop is closed: it left already
+                self._loop.call_soon_threadsafe(self._step_down, "its engine failed")
+
+    def _step_down(self, why: str) -> None:
+        if self._withdrawing or self._closed:
+            return
+        self._withdrawing = True
+        logger.warning("room %s: %s: stepping down so that another captioner takes the room", self.room_name, why)
+        self._spawn(self._mark_superseded(why), "step-down")
+
+    async def _mark_superseded(self, why: str) -> None:
+        try:
+            await self.room.local_participant.set_attributes({ATTR_AGENT_SUPERSEDED: why})
+        except Exception as e:  # noqa: BLE001 - its heartbeat stopped: the recovery sees it within STALE_S
+            logger.warning("room %s: could not mark this captioner superseded (%s); its heartbeat stopped, "
+                           "so the recovery replaces it once that is stale", self.room_name, e)
 
     def _on_disconnected(self, reason: int) -> None:
         if reason == rtc.DisconnectReason.PARTICIPANT_REMOVED:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import logging
 import os
 import signal
 import sys
@@ -197,9 +198,14 @@ def engine_failed(cause: str) -> None:
 
     _engine_failure = cause
     TASK_METRICS.engine_broken.set(1)
+    for captioner in list(_captioners.values()):
+        captioner.engine_lost()  # each steps down now: the recovery need not wait for a stale heartbeat
     if _stop_serving is not None:
         _stop_serving()
 
+
+_rooms_stuck = False
+"""The engine failed and the rooms did not close within ENGINE_FAILED_STOP_S."""
 
 _captioners: dict[str, RoomCaptioner] = {}
 """The captioner of each running job (by job id), for `_end_room`."""
@@ -339,7 +345,7 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
 
 
 async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
-    global _stop_serving
+    global _stop_serving, _rooms_stuck
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -363,6 +369,7 @@ async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
         try:
             await asyncio.wait_for(server.aclose(), ENGINE_FAILED_STOP_S)
         except asyncio.TimeoutError:
+            _rooms_stuck = True
             logger.warning("the rooms did not close in %.0f s; exiting anyway", ENGINE_FAILED_STOP_S)
     if run.done() and not run.cancelled() and run.exception() is not None:
         raise run.exception()
@@ -447,5 +454,16 @@ def serve_rooms(args: argparse.Namespace, service: CaptionService, observability
             observability.close()
     if _engine_failure is not None:
         print(f"captions worker: engine failed: {_engine_failure}", file=sys.stderr)
+        if _rooms_stuck:
+            exit_now(EXIT_ENGINE_FAILED)
         return EXIT_ENGINE_FAILED
     return 0
+
+
+def exit_now(status: int) -> None:
+    """Exits at once: a room's job thread that did not end would otherwise hold the process at the
+    interpreter's exit (it joins every thread), and keep its participant in the room, forever."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
