@@ -235,7 +235,7 @@ async def test_kill_9_of_one_of_two_workers_the_other_takes_the_room(tiny_checkp
         old, _ = await scene.caption_from_a_new_agent(set(), 60)
         killed = scene.worker_of(old)
         receiving = process_tree(killed.process.pid)[1:]
-        assert len(receiving) >= receivers - 1, receiving
+        assert len(receiving) == (receivers if receivers > 1 else 0), receiving  # the engine process's children
         killed_at = time.time()
         kill_9(killed)
         _, at = await scene.caption_from_a_new_agent({old}, 60)

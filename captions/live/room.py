@@ -49,6 +49,11 @@ from captions.protocol import (
 )
 from captions.stt.api import Word
 
+STEP_DOWN_SETTLE_S = 0.3
+"""A captioner stepping down lets the failure's last events reach its loop before it waits for the
+finals they make to be published..."""
+STEP_DOWN_FLUSH_S = 2.0
+"""...and marks itself superseded by then (before `STALE_S`, when the recovery would)."""
 FLUSH_TIMEOUT_S = 10.0
 WRITE_WAIT_S = 1.0
 """A final waits at most this long (from when it was made) for its transcript write before it is
@@ -271,6 +276,14 @@ class RoomCaptioner:
         self._spawn(self._mark_superseded(why), "step-down")
 
     async def _mark_superseded(self, why: str) -> None:
+        # Live viewers show only the elected captioner: the open captions' last words go out first
+        # (the failed streams turn them into finals just after the failure is reported).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP_DOWN_FLUSH_S
+        await asyncio.sleep(STEP_DOWN_SETTLE_S)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._held_idle.wait(), max(0.1, deadline - loop.time()))
+        await self._publisher.drain(max(0.1, deadline - loop.time()))
         try:
             await self.room.local_participant.set_attributes({ATTR_AGENT_SUPERSEDED: why})
         except Exception as e:  # noqa: BLE001 - its heartbeat stopped: the recovery sees it within STALE_S

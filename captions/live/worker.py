@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
-import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ EXIT_ENGINE_FAILED = 3
 """The worker's exit status when its engine failed for good (module notes)."""
 ENGINE_FAILED_STOP_S = 30.0
 """How long a worker whose engine failed waits for its rooms to close before it exits anyway."""
+ENGINE_FAILED_EXIT_S = ENGINE_FAILED_STOP_S + 10.0
+"""And when it exits at the latest, whatever is stuck (`engine_failed`'s watchdog)."""
 
 
 def add_captioning_options(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +194,9 @@ def not_ready() -> list[str]:
     return missing
 
 
+_engine_failed_event = threading.Event()
+
+
 def engine_failed(cause: str) -> None:
     """An `engine.broken_listeners` callback (engine thread): unready now, then stop and exit."""
     global _engine_failure
@@ -198,14 +204,33 @@ def engine_failed(cause: str) -> None:
 
     _engine_failure = cause
     TASK_METRICS.engine_broken.set(1)
-    for captioner in list(_captioners.values()):
-        captioner.engine_lost()  # each steps down now: the recovery need not wait for a stale heartbeat
-    if _stop_serving is not None:
-        _stop_serving()
+    _engine_failed_event.set()
+    try:
+        for captioner in list(_captioners.values()):
+            _step_down(captioner)
+    finally:
+        if _stop_serving is not None:
+            _stop_serving()
 
 
-_rooms_stuck = False
-"""The engine failed and the rooms did not close within ENGINE_FAILED_STOP_S."""
+def _exit_once_engine_failed(delay_s: float) -> None:
+    """`serve_rooms`' watchdog (a daemon thread): once the engine failed, the process ends within
+    `delay_s` whatever is stuck (a room's job thread that does not end would hold it at the
+    interpreter's exit, and keep its participant in the room)."""
+    _engine_failed_event.wait()
+    time.sleep(delay_s)
+    logger.error("the worker did not exit %.0f s after its engine failed: exiting now", delay_s)
+    exit_now(EXIT_ENGINE_FAILED)
+
+
+def _step_down(captioner: RoomCaptioner) -> None:
+    """Each captioner steps down at once (`RoomCaptioner.engine_lost`): the recovery need not wait
+    for its heartbeat to go stale."""
+    try:
+        captioner.engine_lost()
+    except Exception:  # noqa: BLE001 - the others step down, and the worker stops, regardless
+        logger.exception("room %s: could not step down", captioner.room_name)
+
 
 _captioners: dict[str, RoomCaptioner] = {}
 """The captioner of each running job (by job id), for `_end_room`."""
@@ -226,12 +251,17 @@ async def _caption_room(ctx) -> None:
     from captions.live.room import RoomCaptioner
 
     assert _service is not None, "the engine is loaded before the worker registers"
+    if _engine_failure is not None:  # a job taken as the worker stops: leave it to another worker
+        ctx.shutdown(reason=f"engine failed: {_engine_failure}")
+        return
     job_started = time.monotonic()
     await ctx.connect(auto_subscribe=AutoSubscribe.AUDIO_ONLY)
     captioner = RoomCaptioner(ctx.room, _service.slots, _service.room_options, _service.signer,
                               on_superseded=lambda: ctx.shutdown(reason="superseded: its heartbeat was late"),
                               translation_engine=_service.translation)
     _captioners[ctx.job.id] = captioner
+    if _engine_failure is not None:  # it failed as this job started (engine_failed set it first)
+        _step_down(captioner)
     ctx.add_shutdown_callback(captioner.aclose)  # after the room is gone: a safety net
     # Listen first, then ask whether this room is ours: nothing slow (server API calls, attribute
     # updates) stands between joining and receiving audio; what is said meanwhile waits in the room.
@@ -345,7 +375,7 @@ def _build_server(args: argparse.Namespace, service: CaptionService):
 
 
 async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
-    global _stop_serving, _rooms_stuck
+    global _stop_serving
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -369,7 +399,6 @@ async def _serve(server, dev: bool, reconciler: Reconciler | None) -> None:
         try:
             await asyncio.wait_for(server.aclose(), ENGINE_FAILED_STOP_S)
         except asyncio.TimeoutError:
-            _rooms_stuck = True
             logger.warning("the rooms did not close in %.0f s; exiting anyway", ENGINE_FAILED_STOP_S)
     if run.done() and not run.cancelled() and run.exception() is not None:
         raise run.exception()
@@ -434,6 +463,8 @@ def serve_rooms(args: argparse.Namespace, service: CaptionService, observability
     READINESS.model_loaded = True
     mode = "explicit dispatch as " + repr(args.agent_name) if args.agent_name else "automatic dispatch"
     logger.info("worker ready: %d slots, %s, LiveKit at %s", _service.engine.batch_size, mode, args.url)
+    threading.Thread(target=_exit_once_engine_failed, args=(ENGINE_FAILED_EXIT_S,), name="engine-failed-exit",
+                     daemon=True).start()
     reconciler = None
     if args.reconcile_interval > 0:
         from captions.live.recovery import Reconciler
@@ -454,16 +485,15 @@ def serve_rooms(args: argparse.Namespace, service: CaptionService, observability
             observability.close()
     if _engine_failure is not None:
         print(f"captions worker: engine failed: {_engine_failure}", file=sys.stderr)
-        if _rooms_stuck:
-            exit_now(EXIT_ENGINE_FAILED)
         return EXIT_ENGINE_FAILED
     return 0
 
 
 def exit_now(status: int) -> None:
     """Exits at once: a room's job thread that did not end would otherwise hold the process at the
-    interpreter's exit (it joins every thread), and keep its participant in the room, forever."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    interpreter's exit (it joins every thread), and keep its participant in the room, forever. No
+    logging.shutdown(): a stuck thread may hold a handler's lock (log records are flushed as written)."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(status)
