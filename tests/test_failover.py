@@ -311,6 +311,17 @@ def running(pid: int) -> bool:
         return False
 
 
+def send_signal(pids: list[int], sig: int) -> list[int]:
+    """Signals each process still there (a short-lived child may have exited since it was listed):
+    those it reached."""
+    reached = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+            reached.append(pid)
+    return reached
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every process below it (the worker's job processes), from /proc."""
     children: dict[int, list[int]] = {}
@@ -351,9 +362,7 @@ async def test_captions_resume_after_livekit_server_restarts_under_a_live_room(
         while readyz(worker) == 200 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert readyz(worker) == 503, "/readyz still says ready without LiveKit"
-        held = process_tree(worker.process.pid)
-        for pid in held:
-            os.kill(pid, signal.SIGSTOP)
+        held = send_signal(process_tree(worker.process.pid), signal.SIGSTOP)
         try:
             restarted_at = time.time()
             scene.server = await asyncio.to_thread(start_dev_server, scene.tmp / "livekit-server.log", port=port)
@@ -363,9 +372,7 @@ async def test_captions_resume_after_livekit_server_restarts_under_a_live_room(
                     assert time.monotonic() < deadline, "the speaker never published again"
                     await asyncio.sleep(0.1)
         finally:
-            for pid in held:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+            send_signal(held, signal.SIGCONT)
         deadline = time.monotonic() + 60
         while readyz(worker) != 200 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 
 import pytest
 
 from captions.protocol import ATTR_AGENT, ATTR_AGENT_SUPERSEDED
-from tests.test_failover import process_tree, stage
+from tests.test_failover import process_tree, send_signal, stage
 
 pytestmark = [pytest.mark.livekit, pytest.mark.slow, pytest.mark.failover, pytest.mark.timeout(240),
               pytest.mark.asyncio(loop_scope="session")]
@@ -64,9 +63,7 @@ async def test_a_frozen_captioner_is_superseded_flushes_its_open_caption_and_lea
         frozen = scene.worker_of(old)
         # Freeze it while it has a caption open: right after one of its interim updates.
         await scene.viewer.wait_until(lambda: (c := scene.viewer.captions) and not c[-1].final, 30, "an interim")
-        held = process_tree(frozen.process.pid)
-        for pid in held:
-            os.kill(pid, signal.SIGSTOP)
+        held = send_signal(process_tree(frozen.process.pid), signal.SIGSTOP)
         stopped = time.monotonic()
         try:
             # Frozen until the recovery has marked it, then until the takeover (and FROZEN_S - 4 s
@@ -77,9 +74,7 @@ async def test_a_frozen_captioner_is_superseded_flushes_its_open_caption_and_lea
             await asyncio.sleep(max(0.0, min(FROZEN_S - 4.0, FREEZE_LIMIT_S - (time.monotonic() - stopped))))
         finally:
             resumed_at = time.time()
-            for pid in held:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+            send_signal(held, signal.SIGCONT)
         print(f"frozen for {time.monotonic() - stopped:.1f} s")
         new, _ = await scene.caption_from_a_new_agent({old}, TAKEOVER_S)
         log = frozen.log_path
