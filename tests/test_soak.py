@@ -28,6 +28,13 @@ idle (150 to 500 rooms; 0.17 MB after 20), and RSS after `malloc_trim` 2 to 10 M
 holds free arena pages). A leak of 0.24 MB per room (half a native room: what the previous bound of
 0.25 let pass) adds 4.8 MB in use over 20 rooms and fails the C heap's bound; the RSS bound is the
 backstop for memory outside glibc's heap (pymalloc arenas, mmapped blocks)."""
+RSS_MB_PER_ROOM = 0.25
+"""RSS after `malloc_trim` is noisier than the heap (a likely source, not confirmed: 20 rooms run up to
+about 430 threads, and glibc keeps freed thread stacks in a cache of up to 40 MB outside the heap,
+which `malloc_trim` does not touch, so what stays resident depends on which were kept). Measured on CI's machine
+with the same code: 1.6 MB below idle in one run, 2.1 MB above in the next (heap in use +0.15 MB
+both times). The RSS bound stays a backstop for a leak outside glibc's heap of a quarter of a
+native room or more per room; the heap's bound (MB_PER_ROOM) is the tight one."""
 PYTHON_OBJECTS_PER_ROOM = 20
 """One room's objects number in the thousands; noise (caches, interned strings) in the tens in all."""
 EXTRA_THREADS_OR_FDS = ROOMS // 2
@@ -88,11 +95,11 @@ def test_descriptors_threads_and_native_memory_come_back(soak):
 
 def test_resident_memory_comes_back(soak):
     """RSS once the rooms are over and the allocator gave back its free pages (`after_trim`),
-    against the idle worker: at most MB_PER_ROOM per room more."""
+    against the idle worker: at most RSS_MB_PER_ROOM per room more."""
     rooms, *_ = soak
     idle, trimmed = rooms["idle"], rooms["after_trim"]
     growth = trimmed["rss_mb"] - idle["rss_mb"]
-    assert growth < ROOMS * MB_PER_ROOM, (
+    assert growth < ROOMS * RSS_MB_PER_ROOM, (
         f"RSS {idle['rss_mb']:.1f} MB idle, {trimmed['rss_mb']:.1f} MB after {ROOMS} rooms and malloc_trim "
         f"({growth / ROOMS:.3f} MB per room)")
 
