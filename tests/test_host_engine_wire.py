@@ -263,3 +263,20 @@ def test_a_frame_that_cannot_be_made_fails_the_channel_visibly_instead_of_stoppi
         writer.close()
         a.close()
         b.close()
+
+
+class TickingAtOnce(set):
+    """The server's connections, as if the ticker wrote its status the instant one is added."""
+
+    def add(self, connection) -> None:
+        super().add(connection)
+        connection.writer.send(wire.control({"op": "status", "slots_in_use": 0, "waiting": 0}))
+
+
+def test_the_hello_comes_first_even_if_the_ticker_writes_at_once(host):
+    """A receiving process reads the engine's hello before anything else (seen in CI: a status came
+    first, and the receiving process would have stopped, its engine "unreachable")."""
+    _, _, server, connect = host
+    server._connections = TickingAtOnce()
+    client = connect()
+    assert client.engine.batch_size == 1

@@ -150,6 +150,7 @@ class EngineServer:
             except OSError:
                 return
             connection = _Connection(self, sock, Receiver(next(self._numbers)))
+            connection.greet()  # first: once in `_connections`, the ticker and broadcasts write to it too
             with self._lock:
                 self._connections.add(connection)
             connection.start()
@@ -201,10 +202,13 @@ class _Connection:
         self._reader = threading.Thread(target=self._read_forever, name=f"engine-server-reader-{receiver.number}",
                                         daemon=True)
 
-    def start(self) -> None:
+    def greet(self) -> None:
+        """The hello, which the receiving process reads before anything else (engine_client.py)."""
         self.writer.send(wire.control({"op": "hello", "batch_size": self._server._engine.batch_size,
                                        "has_vad": self._server._engine.has_vad,
                                        "translation": self._server._translation_hello}))
+
+    def start(self) -> None:
         self._reader.start()
 
     def _read_forever(self) -> None:
