@@ -34,8 +34,11 @@ configuration in the same window:
 * delivered: audio the speakers' tracks received / audio expected in real time; for talkers also
   the audio pushed to the engine;
 * engine steps per 80 ms (the frame clock: 1.0 when every live talker steps together);
-* caption latency beyond the model's delay: a word's arrival at the room less the capture time of
-  its end, less the model's text delay (p50/p95);
+* caption latency beyond the model's delay: for each engine event that carries text, its arrival on
+  the room's loop less the time this process received the last audio sample the step had consumed
+  (p50/p95). The real model writes a word its text delay after that audio, so this is what the host
+  path adds to it (transport from the speaker is `captions bench latency`'s business). Not a word's
+  end: the tiny model's random segments end words many steps before they are written;
 * parallelism: each process's CPU every 0.5 s, the time its threads waited for a core while
   runnable (/proc schedstat), the machine's busy cores (/proc/stat) and how many were left to the
   worker's processes by the bots, livekit-server and anything else.
@@ -61,7 +64,7 @@ from captions.bench.common import (
     positive_ints,
     resolve_test_checkpoint,
 )
-from captions.bench.host.listener import BASELINE_S, WARMUP_S
+from captions.bench.host.listener import BASELINE_S, ENGINE_STEPS, WARMUP_S
 from captions.bench.host.measure import NOISE_STD, measure
 from captions.bench.host.report import PATHS, kept_up, markdown_table, plot, summary
 from captions.config import add_option, positive_int
@@ -93,6 +96,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--profile", env="CAPTIONS_BENCH_PROFILE", type=Path,
                help="a folder for each listener's cProfile of its event loop while measured (slows it: "
                     "for finding where the time goes, not for the figures)")
+    add_option(parser, "--engine-step", env="CAPTIONS_BENCH_ENGINE_STEP", choices=ENGINE_STEPS, default="model",
+               help="model: the checkpoint's Mimi and LM run each step (on this CPU); free: the real engine "
+                    "(slots, frame clock, word decoder, events) with the model's compute replaced by a fixed "
+                    "token pattern, so that a CPU-only machine measures the host path at batch sizes whose "
+                    "model step it could not afford (on a GPU host that compute is the GPU's: bench engine)")
     add_test_checkpoint_options(parser, "the checkpoint the engine steps (its thread's CPU is left out)")
     add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
                help="print the table (and --plot) of an earlier run's JSON instead of measuring")
@@ -153,7 +161,9 @@ def run(args: argparse.Namespace) -> int:
     report["settings"] = {"talkers": args.talkers, "talker_k": args.talker_k, "silent": args.silent,
                           "silent_k": args.silent_k, "paths": args.paths, "receivers": args.receivers,
                           "repeats": args.repeats, "seconds": args.seconds, "baseline_s": BASELINE_S,
-                          "warmup_s": WARMUP_S, "model": str(checkpoint),
+                          "warmup_s": WARMUP_S, "model": str(checkpoint), "engine_step": args.engine_step,
+                          "latency": "engine event on the room's loop less this process's reception of the last "
+                                     "sample the step consumed (every event of a live turn)",
                           "engine": "captions.stt.engine.SttEngine, 1 torch thread, its thread's CPU left out; "
                                     "over the socket: captions.host.engine_server.EngineServer in its own process, "
                                     "captions.host.engine_client.EngineClient in each listener",

@@ -37,12 +37,16 @@ from captions.bench.common import (
     thread_cpu,
     thread_figures,
 )
-from captions.stt.api import FRAME_S, SAMPLE_RATE
+from captions.stt.api import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 
 TRACE_ENV = "CAPTIONS_BENCH_TRACE"
 """A folder: the engine's pushes and steps are written there, to see which streams step apart."""
 PATH_ENV = "CAPTIONS_HOST_PATH"
 """Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
+ENGINE_STEPS = ("model", "free")
+"""`--engine-step`: the checkpoint's model runs each step, or a fixed token pattern stands in for it."""
+FREE_WORD_STEPS = 5
+"""With `--engine-step free`, each stream starts a word every this many frames of its audio."""
 SUBSCRIBE_TIMEOUT_S = 30.0
 BASELINE_S = 3.0
 WARMUP_S = 3.0
@@ -121,7 +125,7 @@ def _bench_classes():
                 self.captions += 1
 
     class BenchSpeaker(Speaker):
-        """Counts the audio it pushed and each word's latency."""
+        """Counts the audio it pushed and the latency of each event that carries text."""
 
         pushed = 0
 
@@ -131,9 +135,12 @@ def _bench_classes():
 
         def _on_event(self, turn, event) -> None:
             host = self.host
-            if host.measuring and turn.segmenter is not None:
-                now = time.time()
-                host.latencies += [now - turn.wall_time(w.end) - host.text_delay_s for w in event.words]
+            if host.measuring and turn.segmenter is not None and (event.words or event.partial):
+                # The last sample the step consumed, less the engine's leading silence; a flush's
+                # silence after the turn's last audio has no capture time.
+                consumed = event.frames * FRAME_SIZE - event.lead_samples
+                if 0 < consumed <= turn.pushed:
+                    host.latencies.append(time.time() - turn.wall_time(consumed / SAMPLE_RATE))
             super()._on_event(turn, event)
 
     return Host, BenchSpeaker
@@ -148,12 +155,35 @@ def _engine(config: dict):
         client = EngineClient(config["socket"], config["index"])
         return client.engine, client.slots, None, config["text_delay_s"]
     from captions.live.slots import SlotQueue
-    from captions.stt.engine import SttEngine
 
-    engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    engine = _load_engine(config)
     config["dump_trace"] = _trace_engine(engine, "in-process")
     engine.start()
     return engine, SlotQueue(engine), engine._thread, engine.text_delay_s
+
+
+def _load_engine(config: dict):
+    """The real `SttEngine` on the checkpoint; with `engine_step` "free", its model step replaced by a
+    pattern (an end of padding, a word piece, then padding, every FREE_WORD_STEPS frames of each
+    stream's audio) that costs next to nothing, everything around the step unchanged."""
+    from captions.stt.api import StepTimings
+    from captions.stt.engine import SttEngine
+
+    engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    if config.get("engine_step", "model") == "free":
+        padding, tokenizer = engine.model.padding_id, engine.model.tokenizer
+        word = next(i for i in range(tokenizer.get_piece_size())  # the first piece that starts a word
+                    if tokenizer.id_to_piece(i).startswith("\u2581") and len(tokenizer.id_to_piece(i)) > 1)
+
+        def free_step(batch, reset):
+            tokens = np.full(engine.batch_size, padding, dtype=np.int64)
+            for slot, _ in batch:
+                phase = slot.audio_frames % FREE_WORD_STEPS
+                tokens[slot.index] = 0 if phase == 0 else word if phase == 1 else padding
+            return tokens, np.zeros(engine.batch_size, dtype=np.float32), StepTimings(len(batch), 0.0, 0.0, 0.0, 0.0)
+
+        engine._run_model = free_step
+    return engine
 
 
 async def _listen(config: dict) -> None:
@@ -291,12 +321,11 @@ async def _serve_engine(config: dict) -> None:
 
     from captions.host.engine_server import EngineServer
     from captions.live.slots import SlotQueue
-    from captions.stt.engine import SttEngine
     from captions.stt.frame_clock import SEVERAL_PHASES_GATHER_WAIT_S
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
+    engine = _load_engine(config)
     engine.clock.gather_wait_s = SEVERAL_PHASES_GATHER_WAIT_S  # as engine_process.py sets it
     dump = _trace_engine(engine, "engine")
     engine.start()

@@ -110,7 +110,8 @@ def run_configuration(args: argparse.Namespace, configuration: dict, n: int, ide
     per_run_s = args.seconds + BASELINE_S + WARMUP_S + 15.0 + 5.0 * p
     deadline = time.monotonic() + per_run_s + 2 * SUBSCRIBE_TIMEOUT_S
     common = {**base, **configuration, "seconds": args.seconds, "sync_dir": str(sync), "model": str(checkpoint),
-              "talking": kind == "talkers", "batch_size": participants if kind == "talkers" else 1}
+              "talking": kind == "talkers", "batch_size": participants if kind == "talkers" else 1,
+              "engine_step": args.engine_step}
     env = {PATH_ENV: configuration["path"]}
     started: list[tuple[subprocess.Popen, Path, str]] = []
     engine_out = None
