@@ -35,8 +35,8 @@ configuration in the same window:
   the audio pushed to the engine;
 * engine steps per 80 ms (the frame clock: 1.0 when every live talker steps together);
 * caption latency beyond the model's delay: for each engine event that carries text, its arrival on
-  the room's loop less the time this process received the last audio sample the step had consumed
-  (p50/p95). The real model writes a word its text delay after that audio, so this is what the host
+  the room's loop less the time at which WebRTC produced, in this process, the last audio sample
+  the step had consumed (the track's production times, as the frame clock reads them) (p50/p95). The real model writes a word its text delay after that audio, so this is what the host
   path adds to it (transport from the speaker is `captions bench latency`'s business). Not a word's
   end: the tiny model's random segments end words many steps before they are written;
 * parallelism: each process's CPU every 0.5 s, the time its threads waited for a core while
@@ -162,8 +162,8 @@ def run(args: argparse.Namespace) -> int:
                           "silent_k": args.silent_k, "paths": args.paths, "receivers": args.receivers,
                           "repeats": args.repeats, "seconds": args.seconds, "baseline_s": BASELINE_S,
                           "warmup_s": WARMUP_S, "model": str(checkpoint), "engine_step": args.engine_step,
-                          "latency": "engine event on the room's loop less this process's reception of the last "
-                                     "sample the step consumed (every event of a live turn)",
+                          "latency": "engine event carrying text on the room's loop less the production time (this "
+                                     "process's WebRTC tick) of the last sample its step consumed",
                           "engine": "captions.stt.engine.SttEngine, 1 torch thread, its thread's CPU left out; "
                                     "over the socket: captions.host.engine_server.EngineServer in its own process, "
                                     "captions.host.engine_client.EngineClient in each listener",

@@ -136,14 +136,27 @@ def _bench_classes():
         def _on_event(self, turn, event) -> None:
             host = self.host
             if host.measuring and turn.segmenter is not None and (event.words or event.partial):
-                # The last sample the step consumed, less the engine's leading silence; a flush's
-                # silence after the turn's last audio has no capture time.
-                consumed = event.frames * FRAME_SIZE - event.lead_samples
-                if 0 < consumed <= turn.pushed:
-                    host.latencies.append(time.time() - turn.wall_time(consumed / SAMPLE_RATE))
+                # The last sample the step consumed (less the engine's leading silence; a flush's
+                # silence after the turn's last audio has none), as a track index, and when WebRTC
+                # produced it in this process (track_audio.py: the lower envelope of arrivals, not
+                # the first chunk's arrival, which a loaded start makes late).
+                index = _track_index(turn, event.frames * FRAME_SIZE - event.lead_samples)
+                produced = None if index is None else self.track.produced_at(index)
+                if produced is not None:
+                    host.latencies.append(time.monotonic() - produced)
             super()._on_event(turn, event)
 
     return Host, BenchSpeaker
+
+
+def _track_index(turn, sample: int) -> int | None:
+    """The track index of a turn's audio sample `sample` (None: not audio the turn pushed)."""
+    if not 0 < sample <= turn.pushed:
+        return None
+    for turn_sample, index, length in reversed(turn.spans):
+        if sample > turn_sample:
+            return index + min(sample - turn_sample, length)
+    return None
 
 
 def _engine(config: dict):
