@@ -64,7 +64,7 @@ from captions.bench.common import (
     positive_ints,
     resolve_test_checkpoint,
 )
-from captions.bench.host.listener import BASELINE_S, ENGINE_STEPS, WARMUP_S
+from captions.bench.host.listener import BASELINE_S, ENGINE_STEPS, FREE_STEP_MS, WARMUP_S
 from captions.bench.host.measure import NOISE_STD, measure
 from captions.bench.host.report import PATHS, kept_up, markdown_table, plot, summary
 from captions.config import add_option, positive_int
@@ -99,8 +99,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--engine-step", env="CAPTIONS_BENCH_ENGINE_STEP", choices=ENGINE_STEPS, default="model",
                help="model: the checkpoint's Mimi and LM run each step (on this CPU); free: the real engine "
                     "(slots, frame clock, word decoder, events) with the model's compute replaced by a fixed "
-                    "token pattern, so that a CPU-only machine measures the host path at batch sizes whose "
-                    "model step it could not afford (on a GPU host that compute is the GPU's: bench engine)")
+                    "token pattern and a wait of --free-step-ms without CPU (a GPU's step, as the engine thread "
+                    "sees it), so that a CPU-only machine measures the host path at batch sizes whose model "
+                    "step it could not afford (the GPU's own cost: bench engine)")
+    add_option(parser, "--free-step-ms", env="CAPTIONS_BENCH_FREE_STEP_MS", type=float, default=FREE_STEP_MS,
+               help="with --engine-step free, how long each step waits (default: one H200's B=64 step, "
+                    "bench/gpu-h200-2026-12-04.json)")
     add_test_checkpoint_options(parser, "the checkpoint the engine steps (its thread's CPU is left out)")
     add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
                help="print the table (and --plot) of an earlier run's JSON instead of measuring")
@@ -162,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
                           "silent_k": args.silent_k, "paths": args.paths, "receivers": args.receivers,
                           "repeats": args.repeats, "seconds": args.seconds, "baseline_s": BASELINE_S,
                           "warmup_s": WARMUP_S, "model": str(checkpoint), "engine_step": args.engine_step,
+                          "free_step_ms": args.free_step_ms if args.engine_step == "free" else None,
                           "latency": "engine event carrying text on the room's loop less the production time (this "
                                      "process's WebRTC tick) of the last sample its step consumed",
                           "engine": "captions.stt.engine.SttEngine, 1 torch thread, its thread's CPU left out; "

@@ -45,6 +45,10 @@ PATH_ENV = "CAPTIONS_HOST_PATH"
 """Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
 ENGINE_STEPS = ("model", "free")
 """`--engine-step`: the checkpoint's model runs each step, or a fixed token pattern stands in for it."""
+FREE_STEP_MS = 12.5
+"""With `--engine-step free`, each step's wait by default: one H200's step at B=64 with the production
+shape (bench/gpu-h200-2026-12-04.json). While the GPU steps, frames of the next tick complete and
+join the next step; a step that took no time at all would step every group apart."""
 FREE_WORD_STEPS = 5
 """With `--engine-step free`, each stream starts a word every this many frames of its audio."""
 SUBSCRIBE_TIMEOUT_S = 30.0
@@ -178,7 +182,8 @@ def _engine(config: dict):
 def _load_engine(config: dict):
     """The real `SttEngine` on the checkpoint; with `engine_step` "free", its model step replaced by a
     pattern (an end of padding, a word piece, then padding, every FREE_WORD_STEPS frames of each
-    stream's audio) that costs next to nothing, everything around the step unchanged."""
+    stream's audio) after a wait of `free_step_ms` that costs no CPU (the GIL let go, as while a GPU
+    steps), everything around the step unchanged."""
     from captions.stt.api import StepTimings
     from captions.stt.engine import SttEngine
 
@@ -188,7 +193,10 @@ def _load_engine(config: dict):
         word = next(i for i in range(tokenizer.get_piece_size())  # the first piece that starts a word
                     if tokenizer.id_to_piece(i).startswith("\u2581") and len(tokenizer.id_to_piece(i)) > 1)
 
+        wait_s = config.get("free_step_ms", FREE_STEP_MS) / 1000
+
         def free_step(batch, reset):
+            time.sleep(wait_s)
             tokens = np.full(engine.batch_size, padding, dtype=np.int64)
             for slot, _ in batch:
                 phase = slot.audio_frames % FREE_WORD_STEPS

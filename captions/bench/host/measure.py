@@ -111,7 +111,7 @@ def run_configuration(args: argparse.Namespace, configuration: dict, n: int, ide
     deadline = time.monotonic() + per_run_s + 2 * SUBSCRIBE_TIMEOUT_S
     common = {**base, **configuration, "seconds": args.seconds, "sync_dir": str(sync), "model": str(checkpoint),
               "talking": kind == "talkers", "batch_size": participants if kind == "talkers" else 1,
-              "engine_step": args.engine_step}
+              "engine_step": args.engine_step, "free_step_ms": args.free_step_ms}
     env = {PATH_ENV: configuration["path"]}
     started: list[tuple[subprocess.Popen, Path, str]] = []
     engine_out = None
