@@ -130,13 +130,14 @@ def plot(report: dict, path: Path) -> None:
     kinds = [k for k in ("talkers", "silent") if any(r["kind"] == k for r in runs)]
     width = 0.8 / max(1, len(shapes))
     for offset, (s, p, color) in enumerate(shapes):
-        label = p if s == "in-process" else f"{p}, {s} (each process)"
+        label = p if s == "in-process" else f"{p}, {s} (each process)"  # on the first bar drawn
         for i, kind in enumerate(kinds):
             rows = [r for r in runs if r["kind"] == kind and r["path"] == p and shape(r) == s]
             x = i + (offset - (len(shapes) - 1) / 2) * width
             values = [1000 * q["cores_per_participant"] for r in rows if kept_up(r) for q in r.get("processes") or [r]]
             if values:
-                ax.bar(x, float(np.median(values)), width, color=color, label=label if i == 0 else None)
+                ax.bar(x, float(np.median(values)), width, color=color, label=label)
+                label = None
                 ax.plot([x] * len(values), values, "k.", markersize=4)
             behind = [1000 * q["cores_per_participant"] for r in rows if not kept_up(r) for q in r.get("processes") or [r]]
             if behind:
