@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def clock_report(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-clock")
     result = captions("bench", "clock", "--model", str(tiny_checkpoint), "--speakers", "3", "--seconds", "2",
-                      "--misplaced-ms", "30", "--json", str(out / "clock.json"), "--plot", str(out / "clock.png"))
+                      "--misplaced-ms", "30", "--late-hand-overs", "0.2", "--engine-step", "free", "--json", str(out / "clock.json"), "--plot", str(out / "clock.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((out / "clock.json").read_text()), out / "clock.png", result.stdout
 
@@ -26,6 +26,7 @@ def test_every_frame_mode_is_measured_in_one_run(clock_report):
     assert report["machine"]["cpu_cores"] >= 1
     assert report["settings"]["frames"] == ["shared", "no-hold", "unaligned"]
     assert report["settings"]["misplaced_ms"] == 30
+    assert report["settings"]["late_hand_overs"] == 0.2 and report["settings"]["engine_step"] == "free"
     assert [(r["speakers"], r["frames"]) for r in report["results"]] == [(3, "shared"), (3, "no-hold"), (3, "unaligned")]
 
 
@@ -35,6 +36,8 @@ def test_a_misplacement_out_of_range_is_refused():
 
 
 def test_every_frame_of_every_stream_gets_an_event(clock_report):
+    """Hand-overs that come late (a fifth of them) still hand every tick over, and the free step
+    still gives an event per frame."""
     report, _, _ = clock_report
     for result in report["results"]:
         # 2 s of speech = 25 frames per stream; the shared clock adds a partial frame of silence
@@ -58,6 +61,11 @@ def test_table_and_plot_are_written(clock_report):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for result in report["results"]:
         assert f"| 3 | {result['frames']} | {result['steps_per_s']:.1f} |" in stdout
+
+
+def test_a_late_share_out_of_range_is_refused():
+    result = captions("bench", "clock", "--late-hand-overs", "0.9", timeout=60)
+    assert result.returncode == 2 and "--late-hand-overs must be between 0 and 0.5" in result.stderr
 
 
 def test_bad_frame_mode_is_refused_with_a_clear_error():

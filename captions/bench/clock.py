@@ -11,6 +11,11 @@ remote track's audio on one shared tick. Two ways of feeding the engine, measure
 
 `--misplaced-ms X`: each stream's first push is said to have been produced up to X ms before or
 after it was (seeded), as a starved host's estimates can be: its lead then comes out ticks off.
+`--late-hand-overs F`: after a share F of the ticks (seeded), the driver hands over 20 to 70 ms late,
+then every tick each stream is owed at once, stream after stream, as an event loop short of CPU does
+(docs/benchmarks/host.md, "The hold's stall test"). `--engine-step free`: the model's compute is
+replaced by a wait without CPU (captions/bench/free_step.py), so that the tiny model's CPU step does
+not decide the grouping.
 
 Reported per mode: engine steps per second (12.5 when every step carries every stream), streams per
 step, and push-to-event latency: from the push that completed a frame to the engine's event for
@@ -40,6 +45,7 @@ from captions.bench.common import (
     speech_streams,
     summarize_ms,
 )
+from captions.bench.free_step import add_engine_step_options, make_step_free
 from captions.config import add_option, device_name
 from captions.stt.api import FRAME_SIZE
 
@@ -56,9 +62,11 @@ def clock_modes(text: str) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int, skews: list[float]) -> dict:
+def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int, skews: list[float],
+            late_hand_overs: float = 0.0, seed: int = 0) -> dict:
     """Drives one engine with live streams pushing `chunk` samples whenever that much is due; stream
-    i's first push says its audio was produced `skews[i]` seconds before it was."""
+    i's first push says its audio was produced `skews[i]` seconds before it was; after a share
+    `late_hand_overs` of the ticks, the next hand-over comes 2 to 7 ticks late."""
     lock = threading.Lock()
     completed: dict[tuple[int, int], float] = {}
     latencies: list[float] = []
@@ -75,8 +83,11 @@ def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int,
 
     streams: list = [None] * len(clips)
     offsets = [0] * len(clips)
+    handed = list(start_ticks)
+    """Per stream, the first tick not handed over yet."""
     per_push = chunk // TICK_SAMPLES
     ticks = max(start + clip.size // TICK_SAMPLES for start, clip in zip(start_ticks, clips))
+    late, late_until = random.Random(seed), 0
     steps, active = [], []
     engine.step_listeners.append(lambda timings: (steps.append(time.monotonic()), active.append(timings.active)))
     origin = time.monotonic()
@@ -85,23 +96,27 @@ def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int,
             delay = origin + tick * TICK_S - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            if tick < late_until:
+                continue  # this hand-over is late: its ticks go with the next one
             for i, clip in enumerate(clips):
-                if tick < start_ticks[i]:
-                    continue
-                if streams[i] is None:
-                    streams[i] = engine.open_stream(on_event(i))
-                # An 80 ms reader hands over its frame on the tick that completes it.
-                if (tick - start_ticks[i] + 1) % per_push or offsets[i] + chunk > clip.size:
-                    continue
-                first = offsets[i] == 0
-                streams[i].push(clip[offsets[i]:offsets[i] + chunk],
-                                produced_at=time.monotonic() - skews[i] if first else None)
-                now = time.monotonic()
-                lead = streams[i].lead_samples
-                with lock:
-                    for frame in range((offsets[i] + lead) // FRAME_SIZE, (offsets[i] + chunk + lead) // FRAME_SIZE):
-                        completed[(i, frame)] = now
-                offsets[i] += chunk
+                for owed in range(handed[i], tick + 1):  # stream after stream, every tick it is owed
+                    if streams[i] is None:
+                        streams[i] = engine.open_stream(on_event(i))
+                    # An 80 ms reader hands over its frame on the tick that completes it.
+                    if (owed - start_ticks[i] + 1) % per_push or offsets[i] + chunk > clip.size:
+                        continue
+                    produced = origin + owed * TICK_S - (skews[i] if offsets[i] == 0 else 0.0)
+                    streams[i].push(clip[offsets[i]:offsets[i] + chunk], produced_at=produced)
+                    now = time.monotonic()
+                    lead = streams[i].lead_samples
+                    with lock:
+                        for frame in range((offsets[i] + lead) // FRAME_SIZE,
+                                           (offsets[i] + chunk + lead) // FRAME_SIZE):
+                            completed[(i, frame)] = now
+                    offsets[i] += chunk
+                handed[i] = max(handed[i], tick + 1)
+            if late.random() < late_hand_overs and tick + 8 < ticks:  # the last ticks are handed over
+                late_until = tick + 1 + late.randint(2, 7)
         # Steady state: from when the last stream started until the first one ran out of speech.
         steady_from = origin + (max(start_ticks) + 8) * TICK_S
         steady_to = origin + (min(s + c.size // TICK_SAMPLES for s, c in zip(start_ticks, clips)) - 8) * TICK_S
@@ -132,15 +147,17 @@ def run_all(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
         for mode in args.frames:
             engine = SttEngine.load(str(checkpoint), device=args.device, batch_size=n,
                                     align_frames=mode != "unaligned")
+            if args.engine_step == "free":
+                make_step_free(engine, args.free_step_ms)
             if mode == "no-hold":
                 engine.clock.hold_s = 0.0
             engine.start()
             try:
                 result = measure(engine, clips, start_ticks, FRAME_SIZE if mode == "unaligned" else TICK_SAMPLES,
-                                 skews)
+                                 skews, args.late_hand_overs, seed=n)
             finally:
                 engine.close()
-            result.update(speakers=n, frames=mode, misplaced_ms=args.misplaced_ms)
+            result.update(speakers=n, frames=mode, misplaced_ms=args.misplaced_ms, late_hand_overs=args.late_hand_overs)
             latency = result["push_to_event_ms"]
             print(f"{n} speakers, {mode} frames: {result['steps_per_s']} steps/s, "
                   f"{result['streams_per_step']} streams per step, push-to-event p50 {latency['p50']} / "
@@ -168,8 +185,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--misplaced-ms", env="CAPTIONS_BENCH_MISPLACED_MS", type=float, default=0.0,
                help="each stream's first push is said to be produced up to this many ms off (seeded): "
                     "a starved host's estimate, which puts its lead ticks off")
+    add_option(parser, "--late-hand-overs", env="CAPTIONS_BENCH_LATE_HAND_OVERS", type=float, default=0.0,
+               help="share of the ticks after which the driver hands over 20-70 ms late, every owed tick at "
+                    "once, stream after stream (seeded): an event loop short of CPU")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=8.0,
                help="seconds of speech per stream")
+    add_engine_step_options(parser)
     add_test_checkpoint_options(parser, "checkpoint directory or Hugging Face repo")
     add_option(parser, "--device", env="CAPTIONS_DEVICE", default="cpu", type=device_name,
                help="cpu, cuda or auto")
@@ -181,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seconds < 1:
         print("captions bench clock: --seconds must be at least 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.late_hand_overs <= 0.5:
+        print("captions bench clock: --late-hand-overs must be between 0 and 0.5", file=sys.stderr)
         return 2
     if not 0 <= args.misplaced_ms <= 100:
         print("captions bench clock: --misplaced-ms must be between 0 and 100", file=sys.stderr)
@@ -196,7 +220,9 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_stream": args.seconds,
                      "checkpoint": str(checkpoint), "tick_ms": TICK_S * 1000,
                      "starts": "each stream at a random 10 ms tick of the first 240 ms (seeded)",
-                     "misplaced_ms": args.misplaced_ms},
+                     "misplaced_ms": args.misplaced_ms, "late_hand_overs": args.late_hand_overs,
+                     "engine_step": args.engine_step,
+                     "free_step_ms": args.free_step_ms if args.engine_step == "free" else None},
         "definitions": {
             "steps_per_s": "engine steps per second while every stream is speaking (12.5 = one per 80 ms)",
             "streams_per_step": "mean streams advanced by one step, same window",

@@ -64,7 +64,8 @@ from captions.bench.common import (
     positive_ints,
     resolve_test_checkpoint,
 )
-from captions.bench.host.listener import BASELINE_S, ENGINE_STEPS, FREE_STEP_MS, WARMUP_S
+from captions.bench.free_step import add_engine_step_options
+from captions.bench.host.listener import BASELINE_S, WARMUP_S
 from captions.bench.host.measure import NOISE_STD, measure
 from captions.bench.host.report import PATHS, kept_up, markdown_table, plot, summary
 from captions.config import add_option, positive_int
@@ -96,15 +97,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--profile", env="CAPTIONS_BENCH_PROFILE", type=Path,
                help="a folder for each listener's cProfile of its event loop while measured (slows it: "
                     "for finding where the time goes, not for the figures)")
-    add_option(parser, "--engine-step", env="CAPTIONS_BENCH_ENGINE_STEP", choices=ENGINE_STEPS, default="model",
-               help="model: the checkpoint's Mimi and LM run each step (on this CPU); free: the real engine "
-                    "(slots, frame clock, word decoder, events) with the model's compute replaced by a fixed "
-                    "token pattern and a wait of --free-step-ms without CPU (a GPU's step, as the engine thread "
-                    "sees it), so that a CPU-only machine measures the host path at batch sizes whose model "
-                    "step it could not afford (the GPU's own cost: bench engine)")
-    add_option(parser, "--free-step-ms", env="CAPTIONS_BENCH_FREE_STEP_MS", type=float, default=FREE_STEP_MS,
-               help="with --engine-step free, how long each step waits (default: one H200's B=64 step, "
-                    "bench/gpu-h200-2026-12-04.json)")
+    add_engine_step_options(parser)
     add_test_checkpoint_options(parser, "the checkpoint the engine steps (its thread's CPU is left out)")
     add_option(parser, "--from-json", env="CAPTIONS_BENCH_FROM_JSON", type=Path,
                help="print the table (and --plot) of an earlier run's JSON instead of measuring")

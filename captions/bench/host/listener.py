@@ -37,20 +37,13 @@ from captions.bench.common import (
     thread_cpu,
     thread_figures,
 )
+from captions.bench.free_step import FREE_STEP_MS, make_step_free
 from captions.stt.api import FRAME_S, FRAME_SIZE, SAMPLE_RATE
 
 TRACE_ENV = "CAPTIONS_BENCH_TRACE"
 """A folder: the engine's pushes and steps are written there, to see which streams step apart."""
 PATH_ENV = "CAPTIONS_HOST_PATH"
 """Read by captions/live/sdk_fixes.py and vad.py: `today` turns issue 24's optimisations off."""
-ENGINE_STEPS = ("model", "free")
-"""`--engine-step`: the checkpoint's model runs each step, or a fixed token pattern stands in for it."""
-FREE_STEP_MS = 12.5
-"""With `--engine-step free`, each step's wait by default: one H200's step at B=64 with the production
-shape (bench/gpu-h200-2026-12-04.json). While the GPU steps, frames of the next tick complete and
-join the next step; a step that took no time at all would step every group apart."""
-FREE_WORD_STEPS = 5
-"""With `--engine-step free`, each stream starts a word every this many frames of its audio."""
 SUBSCRIBE_TIMEOUT_S = 30.0
 BASELINE_S = 3.0
 WARMUP_S = 3.0
@@ -180,30 +173,13 @@ def _engine(config: dict):
 
 
 def _load_engine(config: dict):
-    """The real `SttEngine` on the checkpoint; with `engine_step` "free", its model step replaced by a
-    pattern (an end of padding, a word piece, then padding, every FREE_WORD_STEPS frames of each
-    stream's audio) after a wait of `free_step_ms` that costs no CPU (the GIL let go, as while a GPU
-    steps), everything around the step unchanged."""
-    from captions.stt.api import StepTimings
+    """The real `SttEngine` on the checkpoint; with `engine_step` "free", its model step stands in
+    (captions/bench/free_step.py)."""
     from captions.stt.engine import SttEngine
 
     engine = SttEngine.load(config["model"], device="cpu", batch_size=config["batch_size"])
     if config.get("engine_step", "model") == "free":
-        padding, tokenizer = engine.model.padding_id, engine.model.tokenizer
-        word = next(i for i in range(tokenizer.get_piece_size())  # the first piece that starts a word
-                    if tokenizer.id_to_piece(i).startswith("\u2581") and len(tokenizer.id_to_piece(i)) > 1)
-
-        wait_s = config.get("free_step_ms", FREE_STEP_MS) / 1000
-
-        def free_step(batch, reset):
-            time.sleep(wait_s)
-            tokens = np.full(engine.batch_size, padding, dtype=np.int64)
-            for slot, _ in batch:
-                phase = slot.audio_frames % FREE_WORD_STEPS
-                tokens[slot.index] = 0 if phase == 0 else word if phase == 1 else padding
-            return tokens, np.zeros(engine.batch_size, dtype=np.float32), StepTimings(len(batch), 0.0, 0.0, 0.0, 0.0)
-
-        engine._run_model = free_step
+        make_step_free(engine, config.get("free_step_ms", FREE_STEP_MS))
     return engine
 
 
