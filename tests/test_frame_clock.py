@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from captions.stt.frame_clock import GATHER_WAIT_S, HOLD_S, FrameClock
+from captions.stt.frame_clock import GATHER_WAIT_S, HOLD_S, STALLED_CHUNKS, FrameClock
 
 RATE, FRAME, CHUNK = 24000, 1920, 240
 TICK = CHUNK / RATE
@@ -55,8 +55,29 @@ def test_the_larger_group_never_waits_for_a_stream_that_is_off(clock):
     assert clock.wait_s([*group, slot(due_in_ticks=4)], NOW, NOW) is None
 
 
-def test_equal_groups_step_together(clock):
-    assert clock.wait_s([slot(ready=1), slot(ready=1), slot(due_in_ticks=3), slot(due_in_ticks=5)], NOW, NOW) is not None
+def test_equal_groups_step_at_the_later_ones_phase_when_it_is_under_half_a_frame_away(clock):
+    """Two ready, two due in 30 ms: stepping every frame at the later phase costs the earlier two
+    30 ms each; at the earlier phase, the later two 50 ms each. Due in 50 ms, the other way round."""
+    assert clock.wait_s([slot(ready=1), slot(ready=1), *(slot(due_in_ticks=3) for _ in range(2))], NOW, NOW) is not None
+    assert clock.wait_s([slot(ready=1), slot(ready=1), *(slot(due_in_ticks=5) for _ in range(2))], NOW, NOW) is None
+
+
+def test_groups_at_every_phase_step_once_a_frame_at_one_phase(clock):
+    """Eight streams at each of the eight phases of a frame (as leads misplaced on a starved host can
+    leave them). Whichever group is ready, the clock picks the same phase: one group steps when its
+    frame is ready, the seven others wait for it, and one step a frame carries all 64 (the rule
+    before stepped them in groups chasing each other, 1.7 steps a frame)."""
+    steps_at_once = []
+    for ready_phase in range(8):
+        now = NOW + ready_phase * TICK  # NOW is on a whole frame of the clock: phase 0 is the lowest
+        ready = [SimpleNamespace(**{**vars(slot(ready=1)), "last_push_at": now}) for _ in range(8)]
+        others = []
+        for phase in set(range(8)) - {ready_phase}:
+            ticks = (phase - ready_phase) % 8
+            others += [SimpleNamespace(**{**vars(slot(due_in_ticks=ticks)), "last_push_at": now}) for _ in range(8)]
+        if clock.wait_s([*ready, *others], now, now) is None:
+            steps_at_once.append(ready_phase)
+    assert steps_at_once == [0]
 
 
 def test_a_step_waits_a_few_ms_for_a_smaller_group_due_on_this_tick(clock):
@@ -87,8 +108,33 @@ def test_a_group_due_after_the_hold_is_not_waited_for(clock):
 
 
 def test_a_stalled_feed_is_not_waited_for(clock):
-    stalled = [slot(due_in_ticks=2, last_push_ago=2 * TICK) for _ in range(3)]
+    """Its last push a frame older than the others' newest: its feed stopped, theirs did not."""
+    stalled = [slot(due_in_ticks=2, last_push_ago=(STALLED_CHUNKS + 1) * TICK) for _ in range(3)]
     assert clock.wait_s([slot(ready=1), *stalled], NOW, NOW) is None
+
+
+def test_a_step_in_the_middle_of_a_late_hand_over_gathers_the_streams_not_yet_handed_over(clock):
+    """A loop 30 ms late hands three ticks over, stream after stream. The step looks after the first
+    three: the other two, three chunks short of a frame, are due those three chunks now, and come
+    within the gather, not on a step of their own."""
+    behind = [slot(due_in_ticks=3, last_push_ago=3 * TICK) for _ in range(2)]
+    assert clock.wait_s([*(slot(ready=1) for _ in range(3)), *behind], NOW, NOW) == pytest.approx(GATHER_WAIT_S)
+
+
+def test_a_hold_waits_for_a_larger_group_a_few_ticks_behind_in_a_late_hand_over(clock):
+    """The group's last pushes are 50 ms older than the ready stream's (the hand-over has not reached
+    them yet): not a stalled feed, so the one still waits for the three."""
+    group = [slot(due_in_ticks=8, last_push_ago=5 * TICK) for _ in range(3)]
+    wait = clock.wait_s([slot(ready=1), *group], NOW, NOW)
+    assert wait is not None and 0 < wait <= HOLD_S
+
+
+def test_a_hand_over_late_for_every_stream_does_not_end_the_hold(clock):
+    """One receiving process's loop was late: no stream has pushed for 25 ms, the ready one included.
+    The group is not stalled (nobody's feed moved on without it), so the few still wait for the many."""
+    late = 0.025
+    group = [slot(due_in_ticks=2, last_push_ago=late) for _ in range(3)]
+    assert clock.wait_s([slot(ready=1, last_push_ago=late), *group], NOW, NOW - late) is not None
 
 
 def test_unaligned_frames_never_wait():

@@ -17,13 +17,15 @@ rules keep it to one, or close to it:
 * **The hold** (`wait_s`): a lead can still come out a tick or more off, on a host whose processes
   wait for a core: production times are estimated per track, a few ms apart, and a starved loop
   hands over several ticks of chunks at once (docs/benchmarks/host.md, "Tracing the extra steps").
-  Such a stream would step on its own tick for its whole turn, a full batch step each time. So live
-  frames that are ready wait (the hold lasts at most `hold_s`) for the next group of live streams
-  due at least as large as theirs, and step with it and the rest of it: the few wait for the many,
-  one step carries both, and that costs the few up to `hold_s` of latency instead of the GPU a step.
-  Streams spread over many phases converge to fewer steps, not always to one (a review measured
-  8 streams at 8 phases at 1.65 steps per 80 ms, against 8 without the hold). Frames that are not live
-  (a stream catching up, a file, a closing stream's flush) never wait.
+  Such a stream would step on its own tick for its whole turn, a full batch step each time. So
+  ready live frames may wait (at most `hold_s`) for a later moment, and the clock picks the moment
+  that costs the least waiting in total if every frame steps at its phase: each stream waits (step
+  phase - its own phase) mod 80 ms, so the few wait for the many, and since the choice is the same
+  at every frame, groups at several phases converge on one step per frame. (The rule before, "wait
+  for the next group at least as large", let groups chase each other: 64 streams at 8 phases
+  stepped 1.7 times per 80 ms; docs/benchmarks/clock.md.) A stream whose lead is off pays up to a
+  hold of latency instead of the GPU paying a step. Frames that are not live (a stream catching
+  up, a file, a closing stream's flush) never wait.
 
 The clock reads the engine's slots (captions/stt/engine.py `_Slot`) under the engine's lock, and
 keeps the time of the newest live push; times are the engine's `_now()` (arrival at the engine).
@@ -32,6 +34,8 @@ keeps the time of the newest live push; times are the engine's `_now()` (arrival
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 GATHER_WAIT_S = 0.004
 """How long a step waits for slots whose frame is due: the pushes of one tick reach the engine within
@@ -50,8 +54,11 @@ HOLD_RECHECK_S = 0.01
 """How often a hold looks again at the streams it waits for (one of them may have stalled)."""
 GRID_STALE_S = 0.2
 """A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
-STALLED_CHUNKS = 1.5
-"""A live stream whose last push is this many chunks old is not waited for (its feed stalled)."""
+STALLED_CHUNKS = 8
+"""A live stream whose last push is this many chunks (a frame) older than the newest live push is not
+waited for: its feed stalled while the others' did not. Not fewer: a loop short of CPU hands several
+ticks over at once, stream after stream, and a step that looks in the middle sees the streams not yet
+handed over a few ticks behind (docs/benchmarks/host.md, "The hold's stall test")."""
 
 
 class FrameClock:
@@ -90,7 +97,7 @@ class FrameClock:
         slots' ready frames (it is woken early when a frame completes); None: step now."""
         if not self.align:
             return None
-        ready, coming = [], []
+        ready, waiting, newest_push = [], [], 0.0
         for s in slots:  # one pass: it runs under the engine's lock, over every slot
             if s.stream is None:
                 continue
@@ -100,25 +107,55 @@ class FrameClock:
                 ready.append(s)
             elif s.closing:
                 return None  # an ended stream: its last event and its slot go out now
-            elif self._live(s) and (now - s.last_push_at) * self.sample_rate / s.last_chunk < STALLED_CHUNKS:
-                coming.append(s)
+            elif self._live(s):
+                waiting.append(s)
+            else:
+                continue
+            newest_push = max(newest_push, s.last_push_at)
         if not ready:
             return None
-        # The gather: a slot whose next chunk completes a frame, expected within the wait. Judged by
-        # when that push is expected, not by the age of the last one as the wait goes on, a step
-        # never waits here for a slot whose push only comes on the next tick.
+        # A feed has stalled when other live streams have pushed since, not when the clock says so:
+        # a receiving process whose loop is late hands every stream over late at once, and a hold
+        # that judged them against the clock let go of the many then, stepping the few on their own.
+        coming = [s for s in waiting
+                  if (newest_push - s.last_push_at) * self.sample_rate / s.last_chunk < STALLED_CHUNKS]
+        # The gather: a slot whose frame completes with the chunks it is due by the end of the wait
+        # (its next one, on time; several, when its loop hands ticks over late). Judged by when those
+        # pushes are expected, not by the age of the last one as the wait goes on, a step never waits
+        # here for a slot whose push only comes on the next tick.
         # Anchored at the newest ready frame too: a hold released by its group's first pushes (one
         # speaker, or one receiving process, at a time) still gathers the rest of that group.
         gather_until = max(started, *(s.last_push_at for s in ready)) + self.gather_wait_s
-        if now < gather_until and any(s.buffer.pending + s.last_chunk >= self.frame_size
-                                      and s.last_push_at + s.last_chunk / self.sample_rate <= gather_until
-                                      for s in coming):
+        frames_at = [self._next_frame_at(s) for s in coming]
+        if now < gather_until and any(at <= gather_until for at in frames_at):
             return gather_until - now
-        # The hold: as many live streams or more complete a frame before `hold_until`.
+        # The hold: step at the phase that costs the streams least waiting in total, every frame.
         hold_until = started + self.hold_s
-        if now < hold_until and sum(self._next_frame_at(s) <= hold_until for s in coming) >= len(ready):
-            return min(hold_until - now, HOLD_RECHECK_S)  # a completed frame wakes it; a stall does not
-        return None
+        if now >= hold_until or not frames_at:
+            return None
+        step_at = self._cheapest_step(ready, frames_at, now, hold_until)
+        return None if step_at is None else min(step_at - now, HOLD_RECHECK_S)  # a completed frame wakes it
+
+    def _cheapest_step(self, ready, frames_at: list[float], now: float, hold_until: float) -> float | None:
+        """When to step the ready frames: now (None), or when one of the coming streams' next frames
+        completes (`frames_at`; by `hold_until`). Each live stream's frames complete once a frame, at
+        its own phase; if the steps keep the phase of the moment chosen, a stream waits (step phase -
+        its phase) mod a frame, every frame. The moment that costs the least in total wins: the few wait for the many,
+        and the choice is the same at every frame, so groups converge instead of chasing each other.
+        A stream overdue (its loop hands over late) counts as coming within the gather wait. In whole
+        ms: groups on the tick grid then tie exactly, not by jitter."""
+        frame_ms = round(1000 * self.frame_size / self.sample_rate)
+        now_ms = round(now * 1000)
+        completed = [round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) for s in ready]
+        due = np.round(np.maximum(frames_at, now + self.gather_wait_s) * 1000)
+        streams_at = np.bincount(np.mod(np.concatenate([completed, due]), frame_ms).astype(np.int64),
+                                 minlength=frame_ms)  # streams per ms phase of the frame
+        moments = np.unique(np.concatenate([[now_ms], due[due <= hold_until * 1000]]))
+        waits = (np.mod(moments[:, None] - np.arange(frame_ms)[None, :], frame_ms) * streams_at).sum(axis=1)
+        # Of equal costs, the same phase every frame (the lowest on the clock), not "now" for each group.
+        cheapest = np.flatnonzero(waits == waits.min())
+        step_at = moments[cheapest[np.argmin(np.mod(moments[cheapest], frame_ms))]]
+        return None if step_at <= now_ms else step_at / 1000
 
     def _live(self, slot) -> bool:
         return not slot.closing and 0 < slot.last_chunk < self.frame_size
