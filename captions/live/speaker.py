@@ -157,15 +157,18 @@ class Turn:
         self.spans.append((self.pushed, index, size))
         self.pushed += size
 
+    def track_index(self, sample: float) -> float:
+        """The track's index of position `sample` of the turn's audio (the gaps cut out of a waiting
+        turn accounted for)."""
+        for turn_sample, index, length in reversed(self.spans):
+            if sample >= turn_sample or turn_sample == 0:
+                return index + min(sample - turn_sample, length)
+        return sample
+
     def wall_time(self, seconds: float) -> float:
         """Unix capture time of `seconds` into the turn's audio (the gaps cut out of a waiting turn
         and the frame clock's leading silence are accounted for)."""
-        sample = seconds * SAMPLE_RATE
-        track = self.speaker.track
-        for turn_sample, index, length in reversed(self.spans):
-            if sample >= turn_sample or turn_sample == 0:
-                return track.capture_time(index + min(sample - turn_sample, length))
-        return track.capture_time(sample)
+        return self.speaker.track.capture_time(self.track_index(seconds * SAMPLE_RATE))
 
 
 class Speaker:

@@ -137,23 +137,14 @@ def _bench_classes():
                 # silence after the turn's last audio has none), as a track index, and when WebRTC
                 # produced it in this process (track_audio.py: the lower envelope of arrivals, not
                 # the first chunk's arrival, which a loaded start makes late).
-                index = _track_index(turn, event.frames * FRAME_SIZE - event.lead_samples)
-                produced = None if index is None else self.track.produced_at(index)
+                consumed = event.frames * FRAME_SIZE - event.lead_samples
+                produced = (self.track.produced_at(round(turn.track_index(consumed - 1)) + 1)
+                            if 0 < consumed <= turn.pushed else None)
                 if produced is not None:
                     host.latencies.append(time.monotonic() - produced)
             super()._on_event(turn, event)
 
     return Host, BenchSpeaker
-
-
-def _track_index(turn, sample: int) -> int | None:
-    """The track index of a turn's audio sample `sample` (None: not audio the turn pushed)."""
-    if not 0 < sample <= turn.pushed:
-        return None
-    for turn_sample, index, length in reversed(turn.spans):
-        if sample > turn_sample:
-            return index + min(sample - turn_sample, length)
-    return None
 
 
 def _engine(config: dict):
