@@ -34,8 +34,7 @@ keeps the time of the newest live push; times are the engine's `_now()` (arrival
 from __future__ import annotations
 
 import math
-
-import numpy as np
+from collections import Counter
 
 GATHER_WAIT_S = 0.004
 """How long a step waits for slots whose frame is due: the pushes of one tick reach the engine within
@@ -70,7 +69,9 @@ class FrameClock:
         self.gather_wait_s = GATHER_WAIT_S
         """How long a step waits for due slots; SEVERAL_PHASES_GATHER_WAIT_S with receiving processes."""
         self.hold_s = HOLD_S
-        """How long ready live frames may wait for a larger group's step; 0: they never do."""
+        """How long ready live frames may wait for a later step; 0: they never do."""
+        self._plan: tuple[tuple[float, int], float] | None = None
+        """The hold's latest decision: ((when its wait started, live streams), the moment chosen)."""
         self.latest: tuple[float, int] | None = None
         """(When the newest live push's audio was produced, samples of an unfinished frame it left in its slot)."""
 
@@ -111,14 +112,15 @@ class FrameClock:
                 waiting.append(s)
             else:
                 continue
-            newest_push = max(newest_push, s.last_push_at)
+            if s.last_push_at > newest_push:
+                newest_push = s.last_push_at
         if not ready:
             return None
         # A feed has stalled when other live streams have pushed since, not when the clock says so:
         # a receiving process whose loop is late hands every stream over late at once, and a hold
         # that judged them against the clock let go of the many then, stepping the few on their own.
         coming = [s for s in waiting
-                  if (newest_push - s.last_push_at) * self.sample_rate / s.last_chunk < STALLED_CHUNKS]
+                  if newest_push - s.last_push_at < STALLED_CHUNKS * s.last_chunk / self.sample_rate]
         # The gather: a slot whose frame completes with the chunks it is due by the end of the wait
         # (its next one, on time; several, when its loop hands ticks over late). Judged by when those
         # pushes are expected, not by the age of the last one as the wait goes on, a step never waits
@@ -133,7 +135,13 @@ class FrameClock:
         hold_until = started + self.hold_s
         if now >= hold_until or not frames_at:
             return None
+        plan_of = (started, len(ready) + len(waiting))  # this wait, the same live streams
+        if self._plan is not None and self._plan[0] == plan_of and now < self._plan[1] - 0.0005:
+            # Decided earlier in this wait, on the same phases: a frame completing on the way to the
+            # planned moment does not change it (in-process, every push that completes a frame wakes it).
+            return min(self._plan[1] - now, HOLD_RECHECK_S)
         step_at = self._cheapest_step(ready, frames_at, now, hold_until)
+        self._plan = None if step_at is None else (plan_of, step_at)
         return None if step_at is None else min(step_at - now, HOLD_RECHECK_S)  # a completed frame wakes it
 
     def _cheapest_step(self, ready, frames_at: list[float], now: float, hold_until: float) -> float | None:
@@ -145,16 +153,21 @@ class FrameClock:
         A stream overdue (its loop hands over late) counts as coming within the gather wait. In whole
         ms: groups on the tick grid then tie exactly, not by jitter."""
         frame_ms = round(1000 * self.frame_size / self.sample_rate)
-        now_ms = round(now * 1000)
-        completed = [round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) for s in ready]
-        due = np.round(np.maximum(frames_at, now + self.gather_wait_s) * 1000)
-        streams_at = np.bincount(np.mod(np.concatenate([completed, due]), frame_ms).astype(np.int64),
-                                 minlength=frame_ms)  # streams per ms phase of the frame
-        moments = np.unique(np.concatenate([[now_ms], due[due <= hold_until * 1000]]))
-        waits = (np.mod(moments[:, None] - np.arange(frame_ms)[None, :], frame_ms) * streams_at).sum(axis=1)
+        now_ms, hold_ms, soonest = round(now * 1000), hold_until * 1000, now + self.gather_wait_s
+        streams_at = Counter(round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) % frame_ms
+                             for s in ready)  # streams per ms phase of the frame
+        moments = {now_ms}
+        for at in frames_at:
+            at_ms = round(max(soonest, at) * 1000)
+            streams_at[at_ms % frame_ms] += 1
+            if at_ms <= hold_ms:
+                moments.add(at_ms)
+
+        def total_wait(moment: int) -> int:
+            return sum(n * ((moment - phase) % frame_ms) for phase, n in streams_at.items())
+
         # Of equal costs, the same phase every frame (the lowest on the clock), not "now" for each group.
-        cheapest = np.flatnonzero(waits == waits.min())
-        step_at = moments[cheapest[np.argmin(np.mod(moments[cheapest], frame_ms))]]
+        step_at = min(moments, key=lambda moment: (total_wait(moment), moment % frame_ms))
         return None if step_at <= now_ms else step_at / 1000
 
     def _live(self, slot) -> bool:
