@@ -81,6 +81,26 @@ def test_groups_at_every_phase_step_once_a_frame_at_one_phase(clock):
     assert steps_at_once == [0]
 
 
+def test_two_equal_groups_keep_the_phase_they_stepped_at_whatever_a_ms_of_jitter(clock):
+    """One stream at each of two phases half a frame apart: either phase costs the same waiting, and
+    a ms of jitter tips the sum one way or the other. The clock keeps the phase it last stepped at,
+    instead of stepping each stream on its own phase as the jitter goes (two steps a frame)."""
+    def at(now, ready_from_ms=None, due_in_ms=None):
+        base = SimpleNamespace(stream=object(), closing=False, last_chunk=CHUNK, last_push_at=now)
+        if ready_from_ms is not None:
+            return SimpleNamespace(**vars(base), queue=[object()], buffer=SimpleNamespace(pending=0))
+        ticks, extra_ms = divmod(due_in_ms, 10)
+        return SimpleNamespace(**{**vars(base), "last_push_at": now + extra_ms / 1000},
+                               queue=[], buffer=SimpleNamespace(pending=FRAME - ticks * CHUNK))
+
+    first = NOW + 0.040  # two ready at phase 40, one due at phase 0: phase 40 is cheaper, it steps
+    assert clock.wait_s([at(first, ready_from_ms=0), at(first, ready_from_ms=0), at(first, due_in_ms=40)],
+                        first, first) is None
+    then = NOW + 0.080  # one ready at phase 0, one due 41 ms on: stepping now would cost 2 ms less
+    wait = clock.wait_s([at(then, ready_from_ms=0), at(then, due_in_ms=41)], then, then)
+    assert wait is not None  # it waits for phase 40(.x), where the last step was
+
+
 def test_a_step_waits_a_few_ms_for_a_smaller_group_due_on_this_tick(clock):
     """The gather: the later phase of another receiving process, here 3 ms behind."""
     group = [slot(ready=1) for _ in range(3)]
@@ -101,6 +121,15 @@ def test_frames_that_are_not_live_never_wait(clock, ready):
 def test_a_hold_ends_after_hold_s_even_if_the_group_is_late(clock):
     group = [slot(due_in_ticks=4, last_push_ago=0.0) for _ in range(3)]
     assert clock.wait_s([slot(ready=1), *group], NOW + HOLD_S, NOW) is None
+
+
+def test_a_gather_never_outlasts_the_hold(clock):
+    """A ready frame that came 1 ms before the hold ends, another due 2 ms on (streams from several
+    processes keep arriving): the frames held since the wait began step now, not a gather later."""
+    now = NOW + HOLD_S
+    ready = slot(ready=1, last_push_ago=-(HOLD_S - 0.001))
+    due = slot(due_in_ticks=1, last_push_ago=-(HOLD_S - 0.008))
+    assert clock.wait_s([slot(ready=1), ready, due], now, NOW) is None
 
 
 def test_a_group_due_after_the_hold_is_not_waited_for(clock):

@@ -23,7 +23,8 @@ rules keep it to one, or close to it:
   phase - its own phase) mod 80 ms, so the few wait for the many, and since the choice is the same
   at every frame, groups at several phases converge on one step per frame. (The rule before, "wait
   for the next group at least as large", let groups chase each other: 64 streams at 8 phases
-  stepped 1.7 times per 80 ms; docs/benchmarks/clock.md.) A stream whose lead is off pays up to a
+  stepped 1.7 times per 80 ms; docs/benchmarks/clock.md.) Near-ties keep the phase of the last step,
+  so that a ms of jitter does not make two equal groups take turns. A stream whose lead is off pays up to a
   hold of latency instead of the GPU paying a step. Frames that are not live (a stream catching
   up, a file, a closing stream's flush) never wait.
 
@@ -34,7 +35,6 @@ keeps the time of the newest live push; times are the engine's `_now()` (arrival
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 GATHER_WAIT_S = 0.004
 """How long a step waits for slots whose frame is due: the pushes of one tick reach the engine within
@@ -53,11 +53,13 @@ HOLD_RECHECK_S = 0.01
 """How often a hold looks again at the streams it waits for (one of them may have stalled)."""
 GRID_STALE_S = 0.2
 """A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
+NEAR_TIE_MS = 2
+"""Total waits within this many ms per live stream of the least are a tie (`_cheapest_step`)."""
 STALLED_CHUNKS = 8
 """A live stream whose last push is this many chunks (a frame) older than the newest live push is not
 waited for: its feed stalled while the others' did not. Not fewer: a loop short of CPU hands several
 ticks over at once, stream after stream, and a step that looks in the middle sees the streams not yet
-handed over a few ticks behind (docs/benchmarks/host.md, "The hold's stall test")."""
+handed over a few ticks behind (docs/benchmarks/host.md, "The hold's phase choice and stall test")."""
 
 
 class FrameClock:
@@ -71,7 +73,10 @@ class FrameClock:
         self.hold_s = HOLD_S
         """How long ready live frames may wait for a later step; 0: they never do."""
         self._plan: tuple[tuple[float, int], float] | None = None
-        """The hold's latest decision: ((when its wait started, live streams), the moment chosen)."""
+        """The hold's decision in this wait: ((when the wait started, live streams), the moment chosen)."""
+        self._step_phase: int | None = None
+        """The ms phase of the frame at which live frames last stepped (near-ties go to it)."""
+        self._frame_ms = round(1000 * frame_size / sample_rate)
         self.latest: tuple[float, int] | None = None
         """(When the newest live push's audio was produced, samples of an unfinished frame it left in its slot)."""
 
@@ -127,47 +132,66 @@ class FrameClock:
         # here for a slot whose push only comes on the next tick.
         # Anchored at the newest ready frame too: a hold released by its group's first pushes (one
         # speaker, or one receiving process, at a time) still gathers the rest of that group.
-        gather_until = max(started, *(s.last_push_at for s in ready)) + self.gather_wait_s
+        hold_until = started + self.hold_s
+        gather_until = min(max(started, *(s.last_push_at for s in ready)) + self.gather_wait_s, hold_until)
         frames_at = [self._next_frame_at(s) for s in coming]
         if now < gather_until and any(at <= gather_until for at in frames_at):
             return gather_until - now
         # The hold: step at the phase that costs the streams least waiting in total, every frame.
-        hold_until = started + self.hold_s
         if now >= hold_until or not frames_at:
-            return None
+            return self._step_now(now)
         plan_of = (started, len(ready) + len(waiting))  # this wait, the same live streams
         if self._plan is not None and self._plan[0] == plan_of and now < self._plan[1] - 0.0005:
             # Decided earlier in this wait, on the same phases: a frame completing on the way to the
             # planned moment does not change it (in-process, every push that completes a frame wakes it).
             return min(self._plan[1] - now, HOLD_RECHECK_S)
         step_at = self._cheapest_step(ready, frames_at, now, hold_until)
-        self._plan = None if step_at is None else (plan_of, step_at)
-        return None if step_at is None else min(step_at - now, HOLD_RECHECK_S)  # a completed frame wakes it
+        if step_at is None:
+            return self._step_now(now)
+        self._plan = (plan_of, step_at)
+        return min(step_at - now, HOLD_RECHECK_S)  # a completed frame wakes it
+
+    def _step_now(self, now: float) -> None:
+        """Live frames step now: the phase the hold keeps to (`_cheapest_step`), and no plan."""
+        self._plan = None
+        self._step_phase = round(now * 1000) % self._frame_ms
+        return None
 
     def _cheapest_step(self, ready, frames_at: list[float], now: float, hold_until: float) -> float | None:
         """When to step the ready frames: now (None), or when one of the coming streams' next frames
         completes (`frames_at`; by `hold_until`). Each live stream's frames complete once a frame, at
         its own phase; if the steps keep the phase of the moment chosen, a stream waits (step phase -
-        its phase) mod a frame, every frame. The moment that costs the least in total wins: the few wait for the many,
-        and the choice is the same at every frame, so groups converge instead of chasing each other.
-        A stream overdue (its loop hands over late) counts as coming within the gather wait. In whole
-        ms: groups on the tick grid then tie exactly, not by jitter."""
-        frame_ms = round(1000 * self.frame_size / self.sample_rate)
+        its phase) mod a frame, every frame. The moment that costs the least in total wins: the few
+        wait for the many, and the choice is the same at every frame, so groups converge instead of
+        chasing each other. Costs within `NEAR_TIE_MS` per stream of the least are near-ties (a ms of
+        jitter moves a group's phase across a rounding): of those, the one nearest the phase of the
+        last live step, so that two equal groups do not take turns. A stream overdue (its loop hands
+        over late) counts as coming within the gather wait."""
+        frame_ms = self._frame_ms
         now_ms, hold_ms, soonest = round(now * 1000), hold_until * 1000, now + self.gather_wait_s
-        streams_at = Counter(round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) % frame_ms
-                             for s in ready)  # streams per ms phase of the frame
+        streams_at = [0] * frame_ms  # live streams per ms phase of the frame
+        for s in ready:
+            streams_at[round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) % frame_ms] += 1
         moments = {now_ms}
         for at in frames_at:
             at_ms = round(max(soonest, at) * 1000)
             streams_at[at_ms % frame_ms] += 1
             if at_ms <= hold_ms:
                 moments.add(at_ms)
+        # Total wait with the steps at each phase, in one pass: a phase 1 ms later adds 1 ms to every
+        # stream, less a whole frame for the streams at that phase (they no longer wait at all).
+        streams = len(ready) + len(frames_at)
+        total_wait = [sum(n * (-phase % frame_ms) for phase, n in enumerate(streams_at))]
+        for phase in range(1, frame_ms):
+            total_wait.append(total_wait[-1] + streams - frame_ms * streams_at[phase])
+        least = min(total_wait[m % frame_ms] for m in moments)
+        near = [m for m in moments if total_wait[m % frame_ms] <= least + NEAR_TIE_MS * streams]
+        last = self._step_phase if self._step_phase is not None else 0
 
-        def total_wait(moment: int) -> int:
-            return sum(n * ((moment - phase) % frame_ms) for phase, n in streams_at.items())
+        def from_last(moment: int) -> int:
+            return min((moment - last) % frame_ms, (last - moment) % frame_ms)
 
-        # Of equal costs, the same phase every frame (the lowest on the clock), not "now" for each group.
-        step_at = min(moments, key=lambda moment: (total_wait(moment), moment % frame_ms))
+        step_at = min(near, key=lambda moment: (from_last(moment), total_wait[moment % frame_ms], moment))
         return None if step_at <= now_ms else step_at / 1000
 
     def _live(self, slot) -> bool:
