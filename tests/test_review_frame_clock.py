@@ -5,13 +5,14 @@ still apply (it was anchored at the hold's start, long past), or the hold's coun
 ready`) flips once about half the group has arrived and the rest of the group steps on its own
 right after: no step saved, and the held stream still pays its wait. Pushes arrive one by one in
 the caption worker (one push per speaker) and one receiving process at a time in the engine
-process. And a stream one tick after its group must be held whatever the sub-ms jitter."""
+process. And a stream one tick after its group must step with it whatever the sub-ms jitter."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from captions.stt.engine import SttEngine
 from captions.stt.frame_clock import SEVERAL_PHASES_GATHER_WAIT_S, FrameClock
@@ -94,13 +95,21 @@ def test_a_stream_ticks_off_steps_with_all_of_its_group_when_pushes_come_one_by_
     assert actives and all(active == 4 for active in actives), f"steps carried {actives}"
 
 
-def test_a_stream_one_tick_behind_its_group_is_held_despite_sub_ms_jitter():
+@pytest.mark.parametrize("group_after_ms", [0.5, -0.5])
+def test_a_stream_one_tick_behind_its_group_steps_with_it_every_frame_whatever_the_sub_ms_jitter(group_after_ms):
     """The likeliest mis-estimated lead is one tick late: its frame completes 10 ms after the
-    group's, whose next frame is due 70 ms later. With a 70 ms hold, sub-ms jitter decided: the
-    group's pushes 0.5 ms after the off stream's (one process's pushes spread over about a
-    millisecond) and the hold was refused, the other way round and it waited. It must be held."""
+    group's. With the first hold, sub-ms jitter decided whether it was held (the group's pushes 0.5
+    ms after the off stream's, or before). Now the clock picks the phase that costs the least total
+    waiting, whatever the jitter: the three wait 10 ms for the one rather than the one 70 ms for the
+    three. So the one steps when it is ready, and at the group's next frame the group waits for it:
+    one step a frame."""
     clock = FrameClock(RATE, FRAME)
-    group_pushed = NOW + 0.0005
+    group_pushed = NOW + group_after_ms / 1000
     group = [SimpleNamespace(stream=object(), queue=[], closing=False, last_chunk=CHUNK, last_push_at=group_pushed,
                              buffer=SimpleNamespace(pending=FRAME - 7 * CHUNK)) for _ in range(3)]
-    assert clock.wait_s([arrived(NOW), *group], NOW, NOW) is not None, "one tick late: steps alone"
+    assert clock.wait_s([arrived(NOW), *group], NOW, NOW) is None, "the one waits 70 ms for the three"
+    later = NOW + 7 * TICK  # the group's frames complete; the one's is due a tick on
+    late_one = SimpleNamespace(stream=object(), queue=[], closing=False, last_chunk=CHUNK, last_push_at=later,
+                               buffer=SimpleNamespace(pending=FRAME - CHUNK))
+    wait = clock.wait_s([*(arrived(later + group_after_ms / 1000) for _ in range(3)), late_one], later, later)
+    assert wait is not None, "the group steps without the one: two steps a frame"
