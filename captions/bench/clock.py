@@ -13,9 +13,9 @@ remote track's audio on one shared tick. Two ways of feeding the engine, measure
 after it was (seeded), as a starved host's estimates can be: its lead then comes out ticks off.
 `--late-hand-overs F`: after a share F of the ticks (seeded), the driver hands over 20 to 70 ms late,
 then every tick each stream is owed at once, stream after stream, as an event loop short of CPU does
-(docs/benchmarks/host.md, "The hold's stall test"). `--engine-step free`: the model's compute is
-replaced by a wait without CPU (captions/bench/free_step.py), so that the tiny model's CPU step does
-not decide the grouping.
+(docs/benchmarks/host.md, "The hold's phase choice and stall test"). `--engine-step free`: the
+model's compute is replaced by a wait without CPU (captions/bench/free_step.py), so that the tiny
+model's CPU step does not decide the grouping.
 
 Reported per mode: engine steps per second (12.5 when every step carries every stream), streams per
 step, and push-to-event latency: from the push that completed a frame to the engine's event for

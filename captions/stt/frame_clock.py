@@ -23,10 +23,10 @@ rules keep it to one, or close to it:
   phase - its own phase) mod 80 ms, so the few wait for the many, and since the choice is the same
   at every frame, groups at several phases converge on one step per frame. (The rule before, "wait
   for the next group at least as large", let groups chase each other: 64 streams at 8 phases
-  stepped 1.7 times per 80 ms; docs/benchmarks/clock.md.) Near-ties keep the phase of the last step,
-  so that a ms of jitter does not make two equal groups take turns. A stream whose lead is off pays up to a
-  hold of latency instead of the GPU paying a step. Frames that are not live (a stream catching
-  up, a file, a closing stream's flush) never wait.
+  stepped 1.7 times per 80 ms; docs/benchmarks/clock.md.) Near-ties keep the phase of the last
+  step, so that a ms of jitter does not make two equal groups take turns. A stream whose lead is off
+  pays up to a hold of latency instead of the GPU paying a step. Frames that are not live (a stream
+  catching up, a file, a closing stream's flush) never wait.
 
 The clock reads the engine's slots (captions/stt/engine.py `_Slot`) under the engine's lock, and
 keeps the time of the newest live push; times are the engine's `_now()` (arrival at the engine).
@@ -74,7 +74,7 @@ class FrameClock:
         """How long ready live frames may wait for a later step; 0: they never do."""
         self._plan: tuple[tuple[float, int], float] | None = None
         """The hold's decision in this wait: ((when the wait started, live streams), the moment chosen)."""
-        self._step_phase: int | None = None
+        self._step_phase = 0
         """The ms phase of the frame at which live frames last stepped (near-ties go to it)."""
         self._frame_ms = round(1000 * frame_size / sample_rate)
         self.latest: tuple[float, int] | None = None
@@ -186,7 +186,7 @@ class FrameClock:
             total_wait.append(total_wait[-1] + streams - frame_ms * streams_at[phase])
         least = min(total_wait[m % frame_ms] for m in moments)
         near = [m for m in moments if total_wait[m % frame_ms] <= least + NEAR_TIE_MS * streams]
-        last = self._step_phase if self._step_phase is not None else 0
+        last = self._step_phase
 
         def from_last(moment: int) -> int:
             return min((moment - last) % frame_ms, (last - moment) % frame_ms)
