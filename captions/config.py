@@ -15,6 +15,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from captions.stt.api import LIVE_CHUNK_MS_CHOICES
+
 
 def add_option(
     parser: argparse.ArgumentParser,
@@ -38,6 +40,22 @@ def add_option(
     parser.add_argument(
         flag, default=value, type=type, help=f"{help} [env {env}, default {shown}]", **kwargs
     )
+
+
+def live_chunk_ms(text: str) -> int:
+    """A live chunk length the frame clock can align (captions/stt/api.py)."""
+    value = int(text)
+    if value not in LIVE_CHUNK_MS_CHOICES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, LIVE_CHUNK_MS_CHOICES))}, got {text}")
+    return value
+
+
+def live_chunk_list(text: str) -> list[int]:
+    """Comma-separated live chunk lengths (benchmarks compare them side by side)."""
+    values = [live_chunk_ms(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(map(str, LIVE_CHUNK_MS_CHOICES))}, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def positive_int(text: str) -> int:

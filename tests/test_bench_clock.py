@@ -60,7 +60,7 @@ def test_table_and_plot_are_written(clock_report):
     report, plot, stdout = clock_report
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for result in report["results"]:
-        assert f"| 3 | {result['frames']} | {result['steps_per_s']:.1f} |" in stdout
+        assert f"| 3 | {result['frames']} | {result['chunk_ms']} ms | {result['steps_per_s']:.1f} |" in stdout
 
 
 def test_a_late_share_out_of_range_is_refused():
@@ -71,3 +71,24 @@ def test_a_late_share_out_of_range_is_refused():
 def test_bad_frame_mode_is_refused_with_a_clear_error():
     result = captions("bench", "clock", "--frames", "shared,sideways", timeout=60)
     assert result.returncode == 2 and "expected some of shared, no-hold, unaligned" in result.stderr
+
+
+def test_longer_live_chunks_are_measured_side_by_side_and_every_frame_gets_its_event(tiny_checkpoint, tmp_path):
+    """`--live-chunk-ms 10,40`: the shared clock in both, every frame captioned, leads on 10 ms ticks
+    (not on 40 ms chunks), and the wait from a frame's production to its event reported."""
+    result = captions("bench", "clock", "--model", str(tiny_checkpoint), "--speakers", "3", "--seconds", "2",
+                      "--frames", "shared", "--live-chunk-ms", "10,40", "--engine-step", "free",
+                      "--json", str(tmp_path / "clock.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "clock.json").read_text())
+    assert report["settings"]["live_chunk_ms"] == [10, 40]
+    assert [(r["frames"], r["chunk_ms"]) for r in report["results"]] == [("shared", 10), ("shared", 40)]
+    for r in report["results"]:
+        assert 3 * 24 <= r["frames_captioned"] <= 3 * 25
+        assert r["produced_to_event_ms"]["count"] == r["frames_captioned"]
+        assert all(0 <= lead < 1920 and lead % 240 == 0 for lead in r["leads"])
+
+
+def test_a_live_chunk_the_clock_cannot_align_is_refused():
+    result = captions("bench", "clock", "--live-chunk-ms", "10,25", timeout=60)
+    assert result.returncode == 2 and "must be one of 10, 20, 40, got 25" in result.stderr

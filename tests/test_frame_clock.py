@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from captions.stt.frame_clock import GATHER_WAIT_S, HOLD_S, STALLED_CHUNKS, FrameClock
+from captions.stt.frame_clock import GATHER_WAIT_S, HOLD_S, STALLED_TICKS, FrameClock
 
 RATE, FRAME, CHUNK = 24000, 1920, 240
 TICK = CHUNK / RATE
@@ -139,7 +139,7 @@ def test_a_group_due_after_the_hold_is_not_waited_for(clock):
 
 def test_a_stalled_feed_is_not_waited_for(clock):
     """Its last push a frame older than the others' newest: its feed stopped, theirs did not."""
-    stalled = [slot(due_in_ticks=2, last_push_ago=(STALLED_CHUNKS + 1) * TICK) for _ in range(3)]
+    stalled = [slot(due_in_ticks=2, last_push_ago=(STALLED_TICKS + 1) * TICK) for _ in range(3)]
     assert clock.wait_s([slot(ready=1), *stalled], NOW, NOW) is None
 
 
@@ -177,3 +177,45 @@ def test_an_ended_stream_is_not_kept_waiting_by_a_hold(clock):
     go out at once, with the ready frames."""
     ended = slot(closing=True)
     assert clock.wait_s([slot(ready=1), ended, *(slot(due_in_ticks=4) for _ in range(3))], NOW, NOW) is None
+
+
+def test_a_stream_of_40_ms_chunks_starting_on_any_tick_ends_its_frames_where_the_others_do():
+    """Live chunks of 40 ms (`--live-chunk-ms 40`) arrive on WebRTC's 10 ms tick like any other: a
+    stream whose first push came 30 ms after the newest one gets the lead that puts its frame ends
+    where the others' are in time (ticks counted in 10 ms, not in 40 ms chunks)."""
+    clock = FrameClock(RATE, FRAME)
+    chunk = 4 * CHUNK
+    clock.pushed(chunk, NOW, 0)  # the others' frames end at NOW
+    for ticks_after in range(8):
+        size = 3 * FRAME + chunk  # kept audio, then the first live chunk
+        lead = clock.lead_for(size, chunk, NOW + ticks_after * TICK + 0.0004)
+        assert (lead + size) % FRAME == ticks_after * CHUNK, ticks_after
+
+
+def test_40_ms_streams_at_every_tick_phase_step_once_a_frame_when_the_last_chunk_is_in():
+    """Four streams of 40 ms chunks at the four tick phases of a chunk, frame ends aligned: each frame
+    completes with the chunk that holds its end, 0 to 30 ms after it. The first ready waits for the
+    three others (a hold, not a step each)."""
+    clock = FrameClock(RATE, FRAME)
+    chunk = 4 * CHUNK
+    ready = slot(ready=1, chunk=chunk)
+    coming = [slot(due_in_ticks=k, chunk=chunk, last_push_ago=(4 - k) * TICK) for k in (1, 2, 3)]
+    for s, k in zip(coming, (1, 2, 3)):
+        s.buffer.pending = FRAME - chunk + (4 - k) * CHUNK  # its next chunk holds the frame end, k ticks on
+    wait = clock.wait_s([ready, *coming], NOW, NOW)
+    assert wait is not None and 0 < wait <= HOLD_S
+    for k, s in zip((1, 2, 3), coming):
+        s.queue, s.last_push_at, s.buffer.pending = [object()], NOW + k * TICK, (4 - k) * CHUNK
+        done = clock.wait_s([ready, *coming], NOW + k * TICK, NOW)
+        assert (done is None) == (k == 3), k
+
+
+def test_a_40_ms_stream_a_chunk_behind_the_newest_push_is_not_stalled(clock):
+    """Streams of 40 ms chunks push 40 ms apart: one whose last push is 100 ms older than the newest
+    is still coming (a frame and some of its chunk spacing: not a stall, with 10 ms chunks it would
+    be); 120 ms older, a frame and more than a chunk's spacing, it has stalled."""
+    chunk = 4 * CHUNK
+    coming = slot(due_in_ticks=1, chunk=chunk, last_push_ago=(STALLED_TICKS + 2) * TICK)
+    assert clock.wait_s([slot(ready=1, chunk=chunk), coming], NOW, NOW) is not None
+    stalled = slot(due_in_ticks=1, chunk=chunk, last_push_ago=(STALLED_TICKS + 4) * TICK)
+    assert FrameClock(RATE, FRAME).wait_s([slot(ready=1, chunk=chunk), stalled], NOW, NOW) is None

@@ -1,10 +1,12 @@
 """`captions bench clock`: what putting every live speaker's frames on one clock saves, in process.
 
 The engine alone (no WebRTC, no worker): N live streams start at different 10 ms ticks (seeded)
-and each gets 10 ms of speech per tick from one driver thread, as WebRTC hands the worker every
-remote track's audio on one shared tick. Two ways of feeding the engine, measured in one run:
+and each gets its chunk of speech on the tick that completes it, from one driver thread, as WebRTC
+hands the worker every remote track's audio on one shared tick. Ways of feeding the engine,
+measured in one run:
 
-    shared      10 ms chunks; the engine aligns every stream's frames on one clock (the default)
+    shared      live chunks (`--live-chunk-ms`, 10 to 40 ms); the engine aligns every stream's frames on one
+                clock (the default)
     no-hold     the same, without the clock's hold (captions/stt/frame_clock.py; the clock before
                 2026-12-07): a stream whose lead came out off steps on its own
     unaligned   80 ms frames, each completing at its stream's own phase (the worker before)
@@ -46,8 +48,8 @@ from captions.bench.common import (
     summarize_ms,
 )
 from captions.bench.free_step import add_engine_step_options, make_step_free
-from captions.config import add_option, device_name
-from captions.stt.api import FRAME_SIZE
+from captions.config import add_option, device_name, live_chunk_list
+from captions.stt.api import FRAME_SIZE, LIVE_CHUNK_MS
 
 TICK_S = 0.01
 TICK_SAMPLES = 240
@@ -70,15 +72,20 @@ def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int,
     lock = threading.Lock()
     completed: dict[tuple[int, int], float] = {}
     latencies: list[float] = []
+    since_produced: list[float] = []
 
     def on_event(index: int):
         def handle(event) -> None:
             if event.ended or event.frames <= 0:
                 return
+            now = time.monotonic()
             with lock:
                 pushed_at = completed.pop((index, event.frames - 1), None)
             if pushed_at is not None:
-                latencies.append(time.monotonic() - pushed_at)
+                latencies.append(now - pushed_at)
+                # The frame's last sample was produced on its 10 ms tick (lead and skew aside).
+                last = event.frames * FRAME_SIZE - event.lead_samples - 1
+                since_produced.append(now - (origin + (start_ticks[index] + last // TICK_SAMPLES) * TICK_S))
         return handle
 
     streams: list = [None] * len(clips)
@@ -131,12 +138,12 @@ def measure(engine, clips: list[np.ndarray], start_ticks: list[int], chunk: int,
     return {"steps_per_s": round(len(inside) / seconds, 2) if seconds > 0 else None,
             "streams_per_step": round(float(np.mean(inside)), 2) if inside else None,
             "push_to_event_ms": summarize_ms(latencies),
+            "produced_to_event_ms": summarize_ms(since_produced),
             "frames_captioned": len(latencies),
             "leads": [stream.lead_samples for stream in streams]}
 
 
 def run_all(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
-    from captions.stt.engine import SttEngine
 
     results = []
     for n in args.speakers:
@@ -145,34 +152,45 @@ def run_all(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
         start_ticks = sorted(rng.randrange(0, 24) for _ in range(n))  # a quarter second of arrivals
         skews = [rng.uniform(-args.misplaced_ms, args.misplaced_ms) / 1000 for _ in range(n)]
         for mode in args.frames:
-            engine = SttEngine.load(str(checkpoint), device=args.device, batch_size=n,
-                                    align_frames=mode != "unaligned")
-            if args.engine_step == "free":
-                make_step_free(engine, args.free_step_ms)
-            if mode == "no-hold":
-                engine.clock.hold_s = 0.0
-            engine.start()
-            try:
-                result = measure(engine, clips, start_ticks, FRAME_SIZE if mode == "unaligned" else TICK_SAMPLES,
-                                 skews, args.late_hand_overs, seed=n)
-            finally:
-                engine.close()
-            result.update(speakers=n, frames=mode, misplaced_ms=args.misplaced_ms, late_hand_overs=args.late_hand_overs)
-            latency = result["push_to_event_ms"]
-            print(f"{n} speakers, {mode} frames: {result['steps_per_s']} steps/s, "
-                  f"{result['streams_per_step']} streams per step, push-to-event p50 {latency['p50']} / "
-                  f"p95 {latency['p95']} ms", file=sys.stderr)
-            results.append(result)
+            for chunk_ms in [80] if mode == "unaligned" else args.live_chunk_ms:
+                result = _measure_once(args, checkpoint, mode, clips, start_ticks, skews, chunk_ms, n)
+                result.update(speakers=n, frames=mode, chunk_ms=chunk_ms, misplaced_ms=args.misplaced_ms,
+                              late_hand_overs=args.late_hand_overs)
+                latency, produced = result["push_to_event_ms"], result["produced_to_event_ms"]
+                print(f"{n} speakers, {mode} frames, {chunk_ms} ms chunks: {result['steps_per_s']} steps/s, "
+                      f"{result['streams_per_step']} streams per step, push-to-event p50 {latency['p50']} / "
+                      f"p95 {latency['p95']} ms, produced-to-event p50 {produced['p50']} / p95 {produced['p95']} ms",
+                      file=sys.stderr)
+                results.append(result)
     return results
 
 
+def _measure_once(args: argparse.Namespace, checkpoint: Path, mode: str, clips: list[np.ndarray],
+                  start_ticks: list[int], skews: list[float], chunk_ms: int, n: int) -> dict:
+    from captions.stt.engine import SttEngine
+
+    engine = SttEngine.load(str(checkpoint), device=args.device, batch_size=n, align_frames=mode != "unaligned")
+    if args.engine_step == "free":
+        make_step_free(engine, args.free_step_ms)
+    if mode == "no-hold":
+        engine.clock.hold_s = 0.0
+    engine.start()
+    try:
+        return measure(engine, clips, start_ticks, TICK_SAMPLES * chunk_ms // 10, skews, args.late_hand_overs, seed=n)
+    finally:
+        engine.close()
+
+
 def markdown_table(report: dict) -> str:
-    lines = ["| speakers | frames | steps/s | streams per step | push-to-event p50 / p95 / p99 (ms) |",
-             "|---:|---|---:|---:|---|"]
+    lines = [("| speakers | frames | chunk | steps/s | streams per step | push-to-event p50 / p95 / p99 (ms) "
+              "| produced-to-event p50 / p95 (ms) |"),
+             "|---:|---|---:|---:|---:|---|---|"]
     for r in report["results"]:
-        lat = r["push_to_event_ms"]
-        lines.append(f"| {r['speakers']} | {r['frames']} | {r['steps_per_s']:.1f} | {r['streams_per_step']:.1f} | "
-                     f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} |")
+        lat, produced = r["push_to_event_ms"], r.get("produced_to_event_ms")
+        chunk = r.get("chunk_ms", 80 if r["frames"] == "unaligned" else 10)
+        since = f"{produced['p50']:.1f} / {produced['p95']:.1f}" if produced and produced.get("p50") is not None else "-"
+        lines.append(f"| {r['speakers']} | {r['frames']} | {chunk} ms | {r['steps_per_s']:.1f} | "
+                     f"{r['streams_per_step']:.1f} | {lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} | {since} |")
     return "\n".join(lines)
 
 
@@ -188,6 +206,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--late-hand-overs", env="CAPTIONS_BENCH_LATE_HAND_OVERS", type=float, default=0.0,
                help="share of the ticks after which the driver hands over 20-70 ms late, every owed tick at "
                     "once, stream after stream (seeded): an event loop short of CPU")
+    add_option(parser, "--live-chunk-ms", env="CAPTIONS_BENCH_LIVE_CHUNK_MS", type=live_chunk_list, default=[LIVE_CHUNK_MS],
+               help="live chunk lengths of the shared and no-hold modes, side by side (`captions worker "
+                    "--live-chunk-ms`), e.g. 10,40")
     add_option(parser, "--seconds", env="CAPTIONS_BENCH_SECONDS", type=float, default=8.0,
                help="seconds of speech per stream")
     add_engine_step_options(parser)
@@ -218,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     report.update({
         "settings": {"speakers": args.speakers, "frames": args.frames, "seconds_per_stream": args.seconds,
+                     "live_chunk_ms": args.live_chunk_ms,
                      "checkpoint": str(checkpoint), "tick_ms": TICK_S * 1000,
                      "starts": "each stream at a random 10 ms tick of the first 240 ms (seeded)",
                      "misplaced_ms": args.misplaced_ms, "late_hand_overs": args.late_hand_overs,
@@ -226,7 +248,9 @@ def run(args: argparse.Namespace) -> int:
         "definitions": {
             "steps_per_s": "engine steps per second while every stream is speaking (12.5 = one per 80 ms)",
             "streams_per_step": "mean streams advanced by one step, same window",
-            "push_to_event_ms": "push that completed a frame -> the engine's event for it"},
+            "push_to_event_ms": "push that completed a frame -> the engine's event for it",
+            "produced_to_event_ms": "the tick that produced a frame's last sample -> the engine's event for it "
+                                    "(with chunks over 10 ms, the wait for the chunk that completes it included)"},
         "results": results,
     })
     return finish_report(args, report, plot, markdown_table)

@@ -98,13 +98,10 @@ def _rooms_service(args, client: EngineClient, translation_options):
     it is) with the engine process's engine and slot queue in place of its own."""
     from captions.live.presence import LiveKitCredentials
     from captions.live.room import RoomOptions
-    from captions.live.speaker import SpeakerOptions
-    from captions.live.worker import CaptionService
+    from captions.live.worker import CaptionService, speaker_options
     from captions.protocol import CaptionSigner
 
-    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
-                              max_turn_hold_s=args.max_turn_hold)
-    options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
+    options = RoomOptions(args.data_dir, args.record_dir, speaker=speaker_options(args), timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret),
                           translation=translation_options)
     signer = CaptionSigner.for_deployment(args.caption_secret or args.api_secret, args.agent_name)

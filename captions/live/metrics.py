@@ -328,7 +328,7 @@ class TaskMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.failures = Counter(
             "captions_task_failures", "Long-lived tasks that raised (each logged with its traceback, then "
-            "restarted or what it served ended): track_reader (a microphone's audio), live_feed (its 10 ms "
+            "restarted or what it served ended): track_reader (a microphone's audio), live_feed (its live "
             "stream to the engine), speaker_watch", ["task"], registry=registry)
         for task in TASK_KINDS:
             self.failures.labels(task)

@@ -49,10 +49,17 @@ from captions.live.slots import SlotQueue
 from captions.live.stream_client import KeptAudioBound, StreamClient
 from captions.live.supervise import supervised
 from captions.live.timing import StreamTiming
-from captions.live.track_audio import LIVE_CHUNK, AudioSource, TrackAudio
+from captions.live.track_audio import AudioSource, TrackAudio
 from captions.live.vad import GateOptions, SpeechGate
 from captions.log import logger
-from captions.stt.api import FRAME_SIZE, SAMPLE_RATE, EngineStream, StreamEvent
+from captions.stt.api import (
+    FRAME_SIZE,
+    LIVE_CHUNK_MS,
+    LIVE_CHUNK_MS_CHOICES,
+    SAMPLE_RATE,
+    EngineStream,
+    StreamEvent,
+)
 
 
 @dataclass
@@ -67,7 +74,14 @@ class SpeakerOptions:
     """A turn that has held its slot this long yields it at a sentence end while others wait (slots.py)."""
     yield_within_s: float = 5.0
     """A turn asked to yield that reaches no sentence end within this (seconds of audio) yields anyway."""
+    live_chunk_ms: int = LIVE_CHUNK_MS
+    """The live stream's chunk (track_audio.py): longer costs the host less, and a frame up to a chunk
+    less 10 ms of waiting for the chunk that completes it."""
     gate: GateOptions = field(default_factory=GateOptions)
+
+    def __post_init__(self) -> None:
+        if self.live_chunk_ms not in LIVE_CHUNK_MS_CHOICES:
+            raise ValueError(f"live chunks of {self.live_chunk_ms} ms: expected one of {LIVE_CHUNK_MS_CHOICES}")
 
 
 MAX_LIVE_FAILURES = 3
@@ -268,7 +282,8 @@ class Speaker:
         turn.client = StreamClient(self.host.slots, f"{self.host.room_name}/{self.identity}",
                                    on_granted=lambda stream: self._granted(turn, stream),
                                    on_event=lambda event: self._on_event(turn, event), since=since,
-                                   live_chunk=LIVE_CHUNK, room=self.host.room_name)
+                                   live_chunk=SAMPLE_RATE * self.options.live_chunk_ms // 1000,
+                                   room=self.host.room_name)
         if not turn.client.request():
             logger.info("room %s: %s talks and waits for a slot", self.host.room_name, self.identity)
             self.host.status_changed()
@@ -291,7 +306,8 @@ class Speaker:
         turn.state = TurnState.JOINING
         self.track.start_live(on_junction=lambda index: self._joined(turn, index),
                               on_chunk=lambda pcm, index: self._live_chunk(turn, pcm, index),
-                              on_failure=lambda error: self._live_failed(turn))
+                              on_failure=lambda error: self._live_failed(turn),
+                              chunk_ms=self.options.live_chunk_ms)
 
     def _live_failed(self, turn: Turn) -> None:
         """The live feed failed (logged and counted): the turn ends with what it has, freeing its

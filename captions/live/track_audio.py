@@ -1,18 +1,20 @@
-"""One microphone's audio: always kept and judged cheaply, and live in 10 ms chunks only while it
+"""One microphone's audio: always kept and judged cheaply, and live in shorter chunks only while it
 holds an engine slot.
 
 Receiving audio costs the worker per chunk (Python, one event each), and a meeting's microphones
 are silent most of the time. So each track is always read in 80 ms chunks (`IDLE_CHUNK_MS`): the
 audio is kept (the pre-roll before someone speaks, and everything a waiting speaker says) and
 judged by the voice-activity gate (vad.py). When the speaker gets an engine slot, a second stream
-of the same track in 10 ms chunks (`LIVE_CHUNK_MS`) feeds the engine, whose frame clock needs
-WebRTC's own 10 ms tick (captions/stt/engine.py).
+of the same track in shorter chunks (40 ms by default, 10 to 40: `SpeakerOptions.live_chunk_ms`)
+feeds the engine, whose frame clock aligns frames on WebRTC's own 10 ms tick (captions/stt/engine.py).
+Each chunk is an event and a push, so a longer chunk costs a talker less (`captions bench ingest`),
+and a frame may wait for the chunk that completes it (up to a chunk less a tick).
 
 The two streams resample the same decoded audio, so from its second chunk on, the live stream's
 samples equal the kept ones exactly (its first chunk differs: the resampler starts cold). Both start
-on a 10 ms boundary, so the live stream sits at a whole number of chunks into the kept one; `_splice`
-finds that offset by comparing samples and the engine gets kept audio up to the junction, then live
-audio from it: one continuous signal. Digital silence matches any silence kept (the live stream's
+on a tick (`TICK`, 10 ms), so the live stream sits at a whole number of ticks into the kept one;
+`_splice` finds that offset by comparing samples and the engine gets kept audio up to the junction,
+then live audio from it: one continuous signal. Digital silence matches any silence kept (the live stream's
 place may not be kept yet: an earlier pause would match, and the speech after it be lost), so the
 live audio compared runs on to its first sound; the time-based guess decides only after
 `SPLICE_PATIENCE` of silence.
@@ -49,13 +51,12 @@ import numpy as np
 from captions.live.supervise import supervised
 from captions.live.vad import SpeechGate
 from captions.log import logger
-from captions.stt.api import SAMPLE_RATE
+from captions.stt.api import LIVE_CHUNK_MS, LIVE_CHUNK_MS_CHOICES, SAMPLE_RATE, TICK
 
 IDLE_CHUNK_MS = 80
-LIVE_CHUNK_MS = 10
-LIVE_CHUNK = SAMPLE_RATE * LIVE_CHUNK_MS // 1000
-SPLICE_CHUNKS = 3
-"""Live chunks compared with the kept audio to find the junction (after the cold first one)."""
+SPLICE_TICKS = 3
+"""Live audio (after the cold first chunk) compared with the kept audio to find the junction: at
+least this many ticks, in whole chunks."""
 SPLICE_PATIENCE = SAMPLE_RATE // 2
 """Kept audio awaited after the probe without a match before joining by time: the kept stream can
 lag the live one (its 80 ms chunks, and the event loop's order of wake-ups at a track's start).
@@ -178,7 +179,7 @@ class TrackAudio:
         if self._origin is None:
             return
         gap = min(int((_now() - self._origin) * SAMPLE_RATE) - self.end - size, MAX_GAP_SAMPLES)
-        gap -= gap % LIVE_CHUNK  # the live stream joins on a chunk boundary
+        gap -= gap % TICK  # the live stream joins on a tick
         if gap > 0:
             self._take(np.zeros(gap, dtype=np.int16))
 
@@ -204,13 +205,16 @@ class TrackAudio:
     # ---- the live feed ------------------------------------------------------------------------
 
     def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None],
-                   on_failure: Callable[[BaseException], None] = lambda error: None) -> None:
-        """Opens the 10 ms stream. Once the junction is found, `on_junction(index)` is called (the
+                   on_failure: Callable[[BaseException], None] = lambda error: None,
+                   chunk_ms: int = LIVE_CHUNK_MS) -> None:
+        """Opens the live stream, in chunks of `chunk_ms` (`LIVE_CHUNK_MS_CHOICES`). Once the junction is found, `on_junction(index)` is called (the
         caller takes the kept audio before it), then `on_chunk(pcm, index)` with the live audio from
         the junction on, in order: what was received meanwhile as one array, then each chunk. If the
         stream fails (logged and counted already), it is closed and `on_failure(error)` is called."""
+        if chunk_ms not in LIVE_CHUNK_MS_CHOICES:
+            raise ValueError(f"live chunks of {chunk_ms} ms: expected one of {LIVE_CHUNK_MS_CHOICES}")
         self.stop_live()
-        self._live = _LiveFeed(self, on_junction, on_chunk, on_failure)
+        self._live = _LiveFeed(self, on_junction, on_chunk, on_failure, chunk_ms)
 
     def _live_failed(self, feed: _LiveFeed, error: BaseException) -> None:
         if self._live is feed:
@@ -237,14 +241,19 @@ class TrackAudio:
 
 class _LiveFeed:
     def __init__(self, track: TrackAudio, on_junction: Callable[[int], None],
-                 on_chunk: Callable[[np.ndarray, int], None], on_failure: Callable[[BaseException], None]):
-        self._track = track
+                 on_chunk: Callable[[np.ndarray, int], None], on_failure: Callable[[BaseException], None],
+                 chunk_ms: int):
+        self._track, self._chunk_ms = track, chunk_ms
+        self._chunk = SAMPLE_RATE * chunk_ms // 1000
+        self._probe_chunks = -(-SPLICE_TICKS * TICK // self._chunk)
         self._on_junction, self._on_chunk, self.on_failure = on_junction, on_chunk, on_failure
         self._pending: list[np.ndarray] = []
         """Live chunks received and not yet delivered."""
         self._received = 0
         self._guess = 0
-        """Where the kept stream was when the latest live chunk arrived (its time-based place)."""
+        """Where the live stream starts by time: the earliest of the places its chunks' arrivals say
+        (each chunk is handled when or after its last sample was produced, at the track's origin +
+        index / rate), or by the kept stream's end when it arrived while the track has no origin."""
         self._offset: int | None = None
         """Index of the live stream's sample 0 in the kept stream, once found."""
         self._tried_at: int | None = None
@@ -255,17 +264,29 @@ class _LiveFeed:
                                 lambda error: track._live_failed(self, error))
 
     async def _read(self) -> None:
-        async for pcm in self._track.source.chunks(LIVE_CHUNK_MS):
+        async for pcm in self._track.source.chunks(self._chunk_ms):
             self._pending.append(pcm)
             self._received += 1
-            self._guess = self._track.end
+            self._place_by_time()
             if self._offset is None:  # tried on live chunks only: the first push must be on one's tick
                 self._splice()
             else:
                 self._deliver()
 
+    def _place_by_time(self) -> None:
+        """The live stream's start as this arrival says (`_guess`). Not where the kept stream is: its
+        80 ms chunks end up to 70 ms before the live stream's (a tick's guess with 10 ms chunks, many
+        with longer ones)."""
+        origin = self._track.produced_at(0)
+        if origin is None:
+            self._guess = self._track.end - self._received * self._chunk
+            return
+        place = round((_now() - origin) * SAMPLE_RATE) - self._received * self._chunk
+        self._guess = place if self._received == 1 else min(self._guess, place)
+
     def _splice(self) -> None:
-        if self._received < 1 + SPLICE_CHUNKS:
+        chunk = self._chunk
+        if self._received < 1 + self._probe_chunks:
             return
         track = self._track
         if self._tried_at is None:
@@ -274,24 +295,24 @@ class _LiveFeed:
         if probe is None:  # digital silence so far: it would match any silence kept
             if track.end < self._tried_at + SPLICE_PATIENCE:
                 return
-            probe = np.concatenate(self._pending[1:1 + SPLICE_CHUNKS])  # a long silence: by the guess
+            probe = np.concatenate(self._pending[1:1 + self._probe_chunks])  # a long silence: by the guess
         if self._probe_end is None:
             self._probe_end = track.end
-        # Where the live stream would start if both streams were delivered without delay.
-        guess = self._guess - self._received * LIVE_CHUNK
-        guess -= guess % LIVE_CHUNK
-        first = track.kept_from + (-track.kept_from) % LIVE_CHUNK
+        # Where the live stream starts by time, to the nearest tick.
+        guess = (self._guess + TICK // 2) // TICK * TICK
+        first = track.kept_from + (-track.kept_from) % TICK
         kept = track.audio(first, track.end)
         sound = np.flatnonzero(probe)
         at = int(sound[0]) if sound.size else 0  # a sample to sift the places by: sound, if any
-        starts = np.arange(LIVE_CHUNK, kept.size - probe.size + 1, LIVE_CHUNK)  # where the probe may lie
+        # Where the probe may lie: after the cold first chunk, on a tick.
+        starts = np.arange(chunk, kept.size - probe.size + 1, TICK)
         starts = starts[kept[starts + at] == probe[at]]
         if not sound.size:  # all the live audio is silence so far, so is the kept audio after its place (as
             # far as kept): a short pause followed by sound is not it, though it matches the probe
             loud = np.concatenate([[0], np.cumsum(kept != 0)])
-            ends = np.minimum(starts + (len(self._pending) - 1) * LIVE_CHUNK, kept.size)
+            ends = np.minimum(starts + (len(self._pending) - 1) * chunk, kept.size)
             starts = starts[loud[ends] == loud[starts]]
-        matches = sorted((first + int(start) - LIVE_CHUNK for start in starts
+        matches = sorted((first + int(start) - chunk for start in starts
                           if np.array_equal(kept[start:start + probe.size], probe)), key=lambda c: abs(c - guess))
         if matches:
             offset = matches[0]  # the nearest the guess (several only in digital silence)
@@ -302,16 +323,16 @@ class _LiveFeed:
             logger.warning("%s: the live audio did not match the kept audio; joined by time", track.label)
         self._offset = offset
         self._pending.pop(0)  # the cold first chunk: the kept audio stands in for it
-        self._on_junction(offset + LIVE_CHUNK)
+        self._on_junction(offset + chunk)
         self._deliver()
 
     def _probe(self) -> np.ndarray | None:
-        """The live audio to look for in the kept audio: `SPLICE_CHUNKS` chunks after the cold
-        first one, or more, up to the first that is not digital silence (None: none is yet)."""
+        """The live audio to look for in the kept audio: `SPLICE_TICKS` (in whole chunks) after the
+        cold first chunk, or more, up to the first chunk that is not digital silence (None: none is yet)."""
         chunks = self._pending[1:]
         for n, pcm in enumerate(chunks):
             if pcm.any():
-                return np.concatenate(chunks[:max(n + 1, SPLICE_CHUNKS)])
+                return np.concatenate(chunks[:max(n + 1, self._probe_chunks)])
         return None
 
     def _deliver(self) -> None:
@@ -322,7 +343,7 @@ class _LiveFeed:
             first = self._received - len(self._pending)
             pcm = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
             self._pending.clear()
-            self._on_chunk(pcm, self._offset + first * LIVE_CHUNK)
+            self._on_chunk(pcm, self._offset + first * self._chunk)
 
     def close(self) -> None:
         self._task.cancel()

@@ -37,12 +37,14 @@ from captions.config import (
     add_option,
     device_name,
     language_list,
+    live_chunk_ms,
     non_negative_float,
     non_negative_int,
 )
 from captions.host.receivers import add_receivers_option, resolve_receivers
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
+from captions.stt.api import LIVE_CHUNK_MS
 from captions.stt.model import AUTO_BATCH_SIZE, add_model_options, batch_size
 from captions.translate.model import DEFAULT_TRANSLATION_MODEL
 
@@ -102,6 +104,14 @@ def add_translation_options(parser: argparse.ArgumentParser) -> None:
                     "at most 4); on a CPU shared with the speech model, fewer leave it more")
 
 
+def speaker_options(args: argparse.Namespace):
+    """The speakers' options from the worker's (a receiving process's are the same)."""
+    from captions.live.speaker import SpeakerOptions
+
+    return SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
+                          max_turn_hold_s=args.max_turn_hold, live_chunk_ms=args.live_chunk_ms)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
@@ -116,6 +126,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
                     "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
                     "than its share of the slots gives them back whatever this is")
+    add_option(parser, "--live-chunk-ms", env="CAPTIONS_LIVE_CHUNK_MS", default=LIVE_CHUNK_MS, type=live_chunk_ms,
+               help="ms of a talking speaker's audio per chunk handed to the engine: longer chunks cost the host "
+                    "less per talker, and a caption up to the chunk less 10 ms more latency (docs/benchmarks/host.md)")
     add_receivers_option(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
@@ -291,7 +304,6 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
     from captions.live.room import RoomOptions
     from captions.live.sdk_fixes import start_livekit_runtime
     from captions.live.slots import SlotQueue
-    from captions.live.speaker import SpeakerOptions
     from captions.live.transcripts import start_retention
     from captions.protocol import CaptionSigner
     from captions.stt.engine import SttEngine
@@ -310,9 +322,7 @@ def _load_service(args: argparse.Namespace) -> CaptionService:
         args.record_dir.mkdir(parents=True, exist_ok=True)
     if args.retention_days > 0:
         start_retention([d for d in (args.data_dir, args.record_dir) if d is not None], args.retention_days * 86400)
-    speakers = SpeakerOptions(pre_roll_s=args.pre_roll, release_after_s=args.release_after, max_wait_s=args.max_wait,
-                              max_turn_hold_s=args.max_turn_hold)
-    options = RoomOptions(args.data_dir, args.record_dir, speaker=speakers, timing_attributes=args.timing_attributes,
+    options = RoomOptions(args.data_dir, args.record_dir, speaker=speaker_options(args), timing_attributes=args.timing_attributes,
                           livekit=LiveKitCredentials(args.url, args.api_key, args.api_secret),
                           translation=translation_options)
     # The pool's one caption key, the one the viewer server vouches for (captions/protocol.py).

@@ -16,6 +16,15 @@ SAMPLE_RATE = 24000
 FRAME_SIZE = 1920
 """Samples per model step: one 80 ms frame (the model runs at 12.5 Hz)."""
 FRAME_S = FRAME_SIZE / SAMPLE_RATE
+TICK = SAMPLE_RATE // 100
+"""WebRTC's 10 ms tick: live audio is produced, and a track's streams start, on it (frame_clock.py)."""
+LIVE_CHUNK_MS_CHOICES = (10, 20, 40)
+"""Live chunk lengths the frame clock aligns: whole ticks that divide a frame (a chunk of a whole frame
+would leave it nothing to align)."""
+LIVE_CHUNK_MS = 40
+"""The caption worker's live chunk by default (`captions worker --live-chunk-ms`, track_audio.py): a
+third less host CPU per talker than 10 ms chunks, for up to 30 ms of waiting per frame
+(docs/benchmarks/host.md, "Live chunks of 40 ms")."""
 
 
 class EngineFull(Exception):

@@ -100,7 +100,7 @@ class _Slot:
     pushed: int = 0
     """Samples of its own audio pushed so far."""
     last_chunk: int = 0
-    """Size of its latest push: a live stream pushes the same 10 ms chunk every tick."""
+    """Size of its latest push: a live stream pushes the same chunk (10 to 40 ms) every chunk's worth of ticks."""
     live_chunk: int | None = None
     """A live stream's chunk size, declared when its first push is larger (open_stream)."""
     last_push_at: float = 0.0

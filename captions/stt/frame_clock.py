@@ -55,11 +55,12 @@ GRID_STALE_S = 0.2
 """A live stream joins the clock of a live push this recent; after a longer gap, it sets its own."""
 NEAR_TIE_MS = 2
 """Total waits within this many ms per live stream of the least are a tie (`_cheapest_step`)."""
-STALLED_CHUNKS = 8
-"""A live stream whose last push is this many chunks (a frame) older than the newest live push is not
-waited for: its feed stalled while the others' did not. Not fewer: a loop short of CPU hands several
-ticks over at once, stream after stream, and a step that looks in the middle sees the streams not yet
-handed over a few ticks behind (docs/benchmarks/host.md, "The hold's phase choice and stall test")."""
+STALLED_TICKS = 8
+"""A live stream whose last push is this many 10 ms ticks (a frame), plus its chunk less a tick,
+older than the newest live push is not waited for: its feed stalled while the others' did not. Not
+fewer: a loop short of CPU hands several ticks over at once, stream after stream, and a step that
+looks in the middle sees the streams not yet handed over a few ticks behind (docs/benchmarks/host.md,
+"The hold's phase choice and stall test"); and streams of longer chunks push a chunk apart."""
 
 
 class FrameClock:
@@ -77,6 +78,7 @@ class FrameClock:
         self._step_phase = 0
         """The ms phase of the frame at which live frames last stepped (near-ties go to it)."""
         self._frame_ms = round(1000 * frame_size / sample_rate)
+        self._tick = sample_rate // 100
         self.latest: tuple[float, int] | None = None
         """(When the newest live push's audio was produced, samples of an unfinished frame it left in its slot)."""
 
@@ -84,14 +86,16 @@ class FrameClock:
         """Silence to put before a live stream's first push (`size` samples, the last produced at
         `produced`; then `chunk` per tick) so that its frames complete on the same tick as the others':
         after this push it should hold as many samples of an unfinished frame as the newest live push
-        left, plus a chunk per tick since (rounded: ticks jitter by a few ms)."""
+        left, plus the ticks since (rounded: ticks jitter by a few ms). With chunks longer than a tick,
+        frames then end where the others' do in time, and complete with the chunk that holds their end."""
         if not self.align or chunk >= self.frame_size or self.latest is None:
             return 0  # offline input (whole frames at once), or no live clock to join
         at, pending = self.latest
         if produced - at > GRID_STALE_S:
             return 0
-        ticks = round((produced - at) * self.sample_rate / chunk)
-        return (pending + ticks * chunk - size) % self.frame_size
+        tick = min(chunk, self._tick)  # production times sit on WebRTC's tick, whatever the chunks
+        ticks = round((produced - at) * self.sample_rate / tick)
+        return (pending + ticks * tick - size) % self.frame_size
 
     def pushed(self, chunk: int, produced: float, pending: int) -> None:
         """A push of `chunk`-sample ticks, produced at `produced`, left `pending` samples in its slot."""
@@ -124,8 +128,9 @@ class FrameClock:
         # A feed has stalled when other live streams have pushed since, not when the clock says so:
         # a receiving process whose loop is late hands every stream over late at once, and a hold
         # that judged them against the clock let go of the many then, stepping the few on their own.
+        tick = self._tick
         coming = [s for s in waiting
-                  if newest_push - s.last_push_at < STALLED_CHUNKS * s.last_chunk / self.sample_rate]
+                  if newest_push - s.last_push_at < (STALLED_TICKS * tick + max(s.last_chunk - tick, 0)) / self.sample_rate]
         # The gather: a slot whose frame completes with the chunks it is due by the end of the wait
         # (its next one, on time; several, when its loop hands ticks over late). Judged by when those
         # pushes are expected, not by the age of the last one as the wait goes on, a step never waits
@@ -170,8 +175,8 @@ class FrameClock:
         frame_ms = self._frame_ms
         now_ms, hold_ms, soonest = round(now * 1000), hold_until * 1000, now + self.gather_wait_s
         streams_at = [0] * frame_ms  # live streams per ms phase of the frame
-        for s in ready:
-            streams_at[round((s.last_push_at - s.buffer.pending / self.sample_rate) * 1000) % frame_ms] += 1
+        for s in ready:  # its last push completed its frame; less what a lead a few ms off overshot
+            streams_at[round((s.last_push_at - s.buffer.pending % self._tick / self.sample_rate) * 1000) % frame_ms] += 1
         moments = {now_ms}
         for at in frames_at:
             at_ms = round(max(soonest, at) * 1000)

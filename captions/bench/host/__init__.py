@@ -6,7 +6,7 @@ speak (espeak-ng sentences with short pauses, looped) and `--silent` microphones
 low noise (about -60 dBFS, a quiet room). For each configuration fresh listener processes run the
 product's receiving side as the worker does (listener.py): each subscribes to its share of the
 chosen microphones, and for each of them starts `k` of the product's `Speaker`s (captions/live/
-speaker.py: the kept 80 ms stream, the speech gate, turns, the 10 ms live stream, the slot queue,
+speaker.py: the kept 80 ms stream, the speech gate, turns, the live stream (`--live-chunk-ms`), the slot queue,
 the segmenter; k > 1 stands for more talkers than this machine can run bots for, as `captions bench
 ingest` does), with the real engine code (captions/stt/engine.py: slots, the frame clock) driving
 the tiny random checkpoint on the CPU with one torch thread. The tiny model's step is not free, but
@@ -68,7 +68,8 @@ from captions.bench.free_step import add_engine_step_options
 from captions.bench.host.listener import BASELINE_S, WARMUP_S
 from captions.bench.host.measure import NOISE_STD, measure
 from captions.bench.host.report import PATHS, kept_up, markdown_table, plot, summary
-from captions.config import add_option, positive_int
+from captions.config import add_option, live_chunk_list, positive_int
+from captions.stt.api import LIVE_CHUNK_MS
 
 __all__ = ["configure_parser", "kept_up", "markdown_table", "plot", "run", "summary"]
 
@@ -88,6 +89,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                nargs="+", help="receiving processes, e.g. `1 2` or 1,2: 1 is the in-process worker (both paths); "
                                "P >= 2 is an engine process and P listeners over its socket (new path); with both, "
                                "one listener over the socket is measured too; the microphones of each kind are shared out among them")
+    add_option(parser, "--live-chunk-ms", env="CAPTIONS_BENCH_LIVE_CHUNK_MS", type=live_chunk_list, default=[LIVE_CHUNK_MS],
+               help="live chunk lengths the new path is measured with, side by side (`captions worker "
+                    "--live-chunk-ms`; today's path keeps 10 ms), e.g. 10,40")
     add_option(parser, "--repeats", env="CAPTIONS_BENCH_REPEATS", type=positive_int, default=1,
                help="times each configuration is measured (alternating paths)")
     add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,
@@ -157,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     report["settings"] = {"talkers": args.talkers, "talker_k": args.talker_k, "silent": args.silent,
                           "silent_k": args.silent_k, "paths": args.paths, "receivers": args.receivers,
+                          "live_chunk_ms": args.live_chunk_ms,
                           "repeats": args.repeats, "seconds": args.seconds, "baseline_s": BASELINE_S,
                           "warmup_s": WARMUP_S, "model": str(checkpoint), "engine_step": args.engine_step,
                           "free_step_ms": args.free_step_ms if args.engine_step == "free" else None,

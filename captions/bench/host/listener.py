@@ -102,11 +102,11 @@ def _bench_classes():
     class Host:
         """One room as the speakers see it (speaker.SpeakerHost); captions are counted, not published."""
 
-        def __init__(self, slots, text_delay_s: float):
+        def __init__(self, slots, text_delay_s: float, live_chunk_ms: int = 10):
             self.room_name = "bench-host"
             self.slots = slots
             self.segmenter_options = SegmenterOptions()
-            self.speaker_options = SpeakerOptions()
+            self.speaker_options = SpeakerOptions(live_chunk_ms=live_chunk_ms)
             self.record_dir = None
             self.timing_attributes = False
             self.text_delay_s = text_delay_s
@@ -188,7 +188,7 @@ async def _listen(config: dict) -> None:
     start_livekit_runtime()
     engine, slots, engine_thread, text_delay_s = _engine(config)
     Host, BenchSpeaker = _bench_classes()
-    host = Host(slots, text_delay_s)
+    host = Host(slots, text_delay_s, config.get("live_chunk_ms", 10))
 
     def host_cpu() -> float:
         return time.process_time() - thread_cpu(engine_thread)

@@ -59,14 +59,19 @@ def configurations(args: argparse.Namespace) -> list[dict]:
     over_socket = [p for p in args.receivers if p > 1]
     if over_socket and 1 in args.receivers:
         over_socket.insert(0, 1)
+    chunks = getattr(args, "live_chunk_ms", [10])
     runs = []
     for _ in range(args.repeats):
         for kind, tracks, k in (("talkers", args.talkers, args.talker_k), ("silent", args.silent, args.silent_k)):
             if tracks:
                 base = {"kind": kind, "tracks": tracks, "streams_per_track": k}
+                # Today's path is the baseline, in 10 ms chunks; the new one in each chunk asked for.
+                variants = [(path, chunk) for path in args.paths for chunk in (chunks if path == "new" else [10])]
                 if 1 in args.receivers:
-                    runs += [{**base, "path": path, "receivers": 1, "engine": "in-process"} for path in args.paths]
-                runs += [{**base, "path": "new", "receivers": p, "engine": "socket"} for p in over_socket]
+                    runs += [{**base, "path": path, "live_chunk_ms": chunk, "receivers": 1, "engine": "in-process"}
+                             for path, chunk in variants]
+                runs += [{**base, "path": "new", "live_chunk_ms": chunk, "receivers": p, "engine": "socket"}
+                         for p in over_socket for chunk in chunks]
     return runs
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from captions.bench.common import save_figure
+from captions.stt.api import LIVE_CHUNK_MS
 
 PATHS = ("today", "new")
 KEPT_UP = (0.95, 1.05)
@@ -28,6 +29,15 @@ def kept_up(run: dict) -> bool:
     return all(_kept(p) for p in run.get("processes") or [run])
 
 
+def variant(run: dict) -> str:
+    """The host path of a run, with its live chunk (`--live-chunk-ms`) when the new path ran with
+    another than the worker's default (today's path: always 10 ms; runs from before the option: theirs)."""
+    chunk = run.get("live_chunk_ms")
+    if chunk is None or run["path"] != "new" or chunk == LIVE_CHUNK_MS:
+        return run["path"]
+    return f"{run['path']}, {chunk} ms chunks"
+
+
 def shape(run: dict) -> str:
     """How the run's host was built: `in-process` (one listener with the engine inside) or
     `P over socket` (P listeners, the engine in a process of its own)."""
@@ -42,36 +52,42 @@ def _median(values: list[float]) -> float | None:
 
 def summary(runs: list[dict]) -> dict:
     """Per kind: the median over the repeats that kept up of the cost per participant of each path
-    in-process, and today / new; and per socket configuration each process's median cost, over the
-    in-process new path's and over one receiving process over the socket's."""
+    (and live chunk) in-process, today / new and each other chunk / new; and per socket configuration
+    each process's median cost, over the same path's in-process and over one receiving process over
+    the socket's."""
     out: dict = {}
     for kind in ("talkers", "silent"):
         mine = [r for r in runs if r["kind"] == kind and kept_up(r)]
         per_path = {}
-        for path in PATHS:
-            value = _median([r["cores_per_participant"] for r in mine if r["path"] == path and shape(r) == "in-process"])
+        for path in dict.fromkeys(variant(r) for r in runs if r["kind"] == kind):
+            value = _median([r["cores_per_participant"] for r in mine if variant(r) == path and shape(r) == "in-process"])
             if value is not None:
                 per_path[path] = round(value, 5)
         entry: dict = {f"cores_per_participant_{p}": v for p, v in per_path.items()}
-        if len(per_path) == 2 and per_path["new"] > 0:
+        if per_path.get("today") and per_path.get("new"):
             entry["today_over_new"] = round(per_path["today"] / per_path["new"], 2)
+        for path, value in per_path.items():
+            if path not in PATHS and per_path.get("new"):
+                entry[f"{path}_over_new"] = round(value / per_path["new"], 2)
         receivers: dict = {}
-        socket_one = None
-        for p in sorted({r["receivers"] for r in mine if shape(r) != "in-process"}):
-            rows = [r for r in mine if shape(r) != "in-process" and r["receivers"] == p]
+        socket_one: dict[str, float] = {}
+        sockets = [r for r in mine if shape(r) != "in-process"]
+        for p, path in sorted({(r["receivers"], variant(r)) for r in sockets}):
+            rows = [r for r in sockets if r["receivers"] == p and variant(r) == path]
             per_process = [round(_median([r["processes"][i]["cores_per_participant"] for r in rows]), 5)
                            for i in range(p)]
             figures: dict = {"cores_per_participant_per_process": per_process,
                              "listeners_cores": _median([r["parallel"]["listeners_cores"] for r in rows]),
                              "engine_process_server_cores": _median([r["engine_process"]["server_cores"] for r in rows])}
             if p == 1:
-                socket_one = per_process[0]
-            for name, reference in (("over_in_process_new", per_path.get("new")), ("over_socket_1", socket_one)):
+                socket_one[path] = per_process[0]
+            # Against the same path (and chunk) in-process, and over one socket.
+            for name, reference in (("over_in_process_new", per_path.get(path)), ("over_socket_1", socket_one.get(path))):
                 if reference and reference > 0:
                     figures[name] = [round(v / reference, 3) for v in per_process]
             if p > 1 and "over_in_process_new" in figures:
                 figures["within_15_percent_of_in_process"] = all(x <= 1 + WITHIN for x in figures["over_in_process_new"])
-            receivers[str(p)] = figures
+            receivers[str(p) if path == "new" else f"{p}, {path}"] = figures
         if receivers:
             entry["over_socket"] = receivers
         if entry:
@@ -87,7 +103,7 @@ def markdown_table(report: dict) -> str:
         latency = r.get("latency_beyond_delay_ms")
         lat = f"{latency['p50']:.0f} / {latency['p95']:.0f} ms" if latency else "-"
         pushed = f"{100 * r['pushed']:.0f} %" if r.get("pushed") is not None else "-"
-        lines.append(f"| {r['kind']} | {r['path']} | {shape(r)} | {r['participants']} ({r['tracks']} x "
+        lines.append(f"| {r['kind']} | {variant(r)} | {shape(r)} | {r['participants']} ({r['tracks']} x "
                      f"{r['streams_per_track']}) | {r['host_cores']:.3f} | {r['baseline_cores']:.3f} "
                      f"| {r['cores_per_participant']:.4f} | {100 * r['delivered']:.0f} % | {pushed} "
                      f"| {r['steps_per_frame']:.2f} | {lat} | {r['load_before'][0]:.2f} | {'yes' if kept_up(r) else 'no'} |")
@@ -122,17 +138,19 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = report["runs"]
-    shapes = [("in-process", "today", "tab:gray"), ("in-process", "new", "tab:blue")]
-    shapes += [(s, "new", color) for s, color in zip(sorted({shape(r) for r in runs} - {"in-process"}),
-                                                      ("tab:orange", "tab:green", "tab:purple", "tab:brown"))]
-    shapes = [s for s in shapes if any(shape(r) == s[0] and r["path"] == s[1] for r in runs)]
+    variants = list(dict.fromkeys(variant(r) for r in runs))
+    shapes = [("in-process", v) for v in variants]
+    shapes += [(s, v) for s in sorted({shape(r) for r in runs} - {"in-process"}) for v in variants]
+    shapes = [(s, v, color) for (s, v), color in zip(
+        [x for x in shapes if any(shape(r) == x[0] and variant(r) == x[1] for r in runs)],
+        ("tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:olive"))]
     fig, ax = plt.subplots(figsize=(7 + len(shapes) - 2, 4))
     kinds = [k for k in ("talkers", "silent") if any(r["kind"] == k for r in runs)]
     width = 0.8 / max(1, len(shapes))
     for offset, (s, p, color) in enumerate(shapes):
         label = p if s == "in-process" else f"{p}, {s} (each process)"  # on the first bar drawn
         for i, kind in enumerate(kinds):
-            rows = [r for r in runs if r["kind"] == kind and r["path"] == p and shape(r) == s]
+            rows = [r for r in runs if r["kind"] == kind and variant(r) == p and shape(r) == s]
             x = i + (offset - (len(shapes) - 1) / 2) * width
             values = [1000 * q["cores_per_participant"] for r in rows if kept_up(r) for q in r.get("processes") or [r]]
             if values:
