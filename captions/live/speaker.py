@@ -75,8 +75,9 @@ class SpeakerOptions:
     yield_within_s: float = 5.0
     """A turn asked to yield that reaches no sentence end within this (seconds of audio) yields anyway."""
     live_chunk_ms: int = LIVE_CHUNK_MS
-    """The live stream's chunk (track_audio.py): longer costs the host less, and a frame up to a chunk
-    less 10 ms of waiting for the chunk that completes it."""
+    """The live stream's chunk (track_audio.py): longer costs the host less, and a frame waits up to a
+    chunk less 10 ms for the chunks that complete it (the whole of it, once speakers' chunks end on
+    different ticks)."""
     gate: GateOptions = field(default_factory=GateOptions)
 
     def __post_init__(self) -> None:

@@ -254,6 +254,7 @@ class _LiveFeed:
         """Where the live stream starts by time: the earliest of the places its chunks' arrivals say
         (each chunk is handled when or after its last sample was produced, at the track's origin +
         index / rate), or by the kept stream's end when it arrived while the track has no origin."""
+        self._guessed_by_time = False
         self._offset: int | None = None
         """Index of the live stream's sample 0 in the kept stream, once found."""
         self._tried_at: int | None = None
@@ -278,11 +279,12 @@ class _LiveFeed:
         80 ms chunks end up to 70 ms before the live stream's (a tick's guess with 10 ms chunks, many
         with longer ones)."""
         origin = self._track.produced_at(0)
-        if origin is None:
-            self._guess = self._track.end - self._received * self._chunk
+        if origin is None:  # no kept audio yet: where the kept stream is (a later origin replaces it)
+            self._guess, self._guessed_by_time = self._track.end - self._received * self._chunk, False
             return
         place = round((_now() - origin) * SAMPLE_RATE) - self._received * self._chunk
-        self._guess = place if self._received == 1 else min(self._guess, place)
+        self._guess = min(self._guess, place) if self._guessed_by_time else place
+        self._guessed_by_time = True
 
     def _splice(self) -> None:
         chunk = self._chunk

@@ -128,7 +128,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     "than its share of the slots gives them back whatever this is")
     add_option(parser, "--live-chunk-ms", env="CAPTIONS_LIVE_CHUNK_MS", default=LIVE_CHUNK_MS, type=live_chunk_ms,
                help="ms of a talking speaker's audio per chunk handed to the engine: longer chunks cost the host "
-                    "less per talker, and a caption up to the chunk less 10 ms more latency (docs/benchmarks/host.md)")
+                    "less per talker, and a frame waits for the streams' chunks that complete it: with 40, about 30 ms "
+                    "more caption latency than with 10 (docs/benchmarks/host.md)")
     add_receivers_option(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
