@@ -179,17 +179,50 @@ def test_an_ended_stream_is_not_kept_waiting_by_a_hold(clock):
     assert clock.wait_s([slot(ready=1), ended, *(slot(due_in_ticks=4) for _ in range(3))], NOW, NOW) is None
 
 
-def test_a_stream_of_40_ms_chunks_starting_on_any_tick_ends_its_frames_where_the_others_do():
-    """Live chunks of 40 ms (`--live-chunk-ms 40`) arrive on WebRTC's 10 ms tick like any other: a
-    stream whose first push came 30 ms after the newest one gets the lead that puts its frame ends
-    where the others' are in time (ticks counted in 10 ms, not in 40 ms chunks)."""
+def test_a_stream_of_40_ms_chunks_starting_on_any_tick_ends_its_frames_with_its_chunks_just_after_the_others():
+    """Live chunks of 40 ms (`--live-chunk-ms 40`) arrive on WebRTC's 10 ms tick like any other. A
+    stream whose first push came 0 to 70 ms after the newest one gets the lead that ends its frames
+    with its own chunks (so a frame steps as soon as its chunk is in, holding the newest audio), at
+    the first of them not before the others' frame ends: `shift` ticks after them (counted in 10 ms
+    ticks, not in 40 ms chunks), which is what it tells the clock."""
     clock = FrameClock(RATE, FRAME)
     chunk = 4 * CHUNK
     clock.pushed(chunk, NOW, 0)  # the others' frames end at NOW
     for ticks_after in range(8):
         size = 3 * FRAME + chunk  # kept audio, then the first live chunk
-        lead = clock.lead_for(size, chunk, NOW + ticks_after * TICK + 0.0004)
-        assert (lead + size) % FRAME == ticks_after * CHUNK, ticks_after
+        lead, shift = clock.lead_for(size, chunk, NOW + ticks_after * TICK + 0.0004)
+        assert (lead + size) % chunk == 0, "its frames end with its chunks"
+        assert shift == ticks_after % 4 * CHUNK, "as soon after the others' as its chunks allow"
+        assert (lead + size + shift) % FRAME == ticks_after * CHUNK, "on the others' frame ends, shifted"
+
+
+def test_a_stream_joining_a_shifted_one_aligns_with_the_clock_not_with_the_shift():
+    """A stream whose frames end 20 ms after the clock's tells the clock so (`pushed`'s shift): the
+    next stream aligns with the clock's frame ends, not 20 ms later (which would drift the group's
+    frame ends later with every join)."""
+    clock = FrameClock(RATE, FRAME)
+    chunk = 4 * CHUNK
+    clock.pushed(chunk, NOW, 0)
+    lead, shift = clock.lead_for(2 * chunk, chunk, NOW + 2 * TICK)
+    assert shift == 2 * CHUNK
+    clock.pushed(chunk, NOW + 2 * TICK, (lead + 2 * chunk) % FRAME, shift)  # its first push
+    # Another stream, on the clock's own tick phase: no shift, its frames end on the clock's.
+    lead, shift = clock.lead_for(chunk, chunk, NOW + 4 * TICK)
+    assert shift == 0 and (lead + chunk) % FRAME == 4 * CHUNK
+
+
+def test_the_first_stream_of_40_ms_chunks_ends_its_frames_with_its_chunks():
+    clock = FrameClock(RATE, FRAME)
+    lead, shift = clock.lead_for(FRAME + 3 * CHUNK, 4 * CHUNK, NOW)  # kept audio of 110 ms: 1.5 chunks over
+    assert shift == 0 and (lead + FRAME + 3 * CHUNK) % (4 * CHUNK) == 0 and lead == CHUNK
+
+
+def test_10_ms_chunks_get_no_shift():
+    clock = FrameClock(RATE, FRAME)
+    assert clock.lead_for(3 * CHUNK, CHUNK, NOW) == (0, 0)
+    clock.pushed(CHUNK, NOW, 5 * CHUNK)
+    lead, shift = clock.lead_for(CHUNK, CHUNK, NOW + 2 * TICK)
+    assert shift == 0 and (lead + CHUNK) % FRAME == 7 * CHUNK
 
 
 def test_40_ms_streams_at_every_tick_phase_step_once_a_frame_when_the_last_chunk_is_in():

@@ -103,6 +103,8 @@ class _Slot:
     """Size of its latest push: a live stream pushes the same chunk (10 to 40 ms) every chunk's worth of ticks."""
     live_chunk: int | None = None
     """A live stream's chunk size, declared when its first push is larger (open_stream)."""
+    frame_shift: int = 0
+    """Samples by which its frames end after the clock's: they end with its chunks (FrameClock.lead_for)."""
     last_push_at: float = 0.0
 
 
@@ -209,7 +211,7 @@ class SttEngine:
             slot.decoder = WordDecoder(self.model.tokenizer, self.frame_rate, self.model.time_offset_s,
                                        self.model.padding_id)
             slot.audio_frames, slot.closing, slot.flush, slot.fresh = 0, False, True, True
-            slot.pushed, slot.last_chunk, slot.last_push_at = 0, 0, 0.0
+            slot.pushed, slot.last_chunk, slot.last_push_at, slot.frame_shift = 0, 0, 0.0, 0
             slot.live_chunk = live_chunk
             self._wake()
         return stream
@@ -263,14 +265,14 @@ class SttEngine:
         size = int(np.size(pcm))
         chunk = slot.live_chunk or size
         if slot.pushed == 0 and size:
-            stream.lead_samples = self.clock.lead_for(size, chunk, produced)
+            stream.lead_samples, slot.frame_shift = self.clock.lead_for(size, chunk, produced)
             if stream.lead_samples:
                 slot.buffer.push(np.zeros(stream.lead_samples, dtype=np.float32))
                 slot.decoder.time_offset_s += stream.lead_samples / self.sample_rate
         frames = slot.buffer.push(pcm)
         slot.pushed += size
         slot.last_chunk, slot.last_push_at = chunk, now
-        self.clock.pushed(chunk, produced, slot.buffer.pending)
+        self.clock.pushed(chunk, produced, slot.buffer.pending, slot.frame_shift)
         if frames:
             slot.queue.extend(frames)
         return bool(frames)

@@ -7,7 +7,9 @@ its own phase (when it started): 8 speakers at 8 phases would cost up to 8 steps
 rules keep it to one, or close to it:
 
 * **The lead** (`lead_for`): a live stream's first push is preceded by up to 80 ms of silence, chosen
-  so that its frames complete on the same tick as the other streams'. Ticks are told apart by when
+  so that its frames end on the same tick as the other streams' (ticks of 10 ms whatever the chunk:
+  with longer chunks a frame completes with the chunk that holds its end, up to a chunk less a tick
+  later, and the hold below waits for the last of them). Ticks are told apart by when
   the audio was produced, which the caller knows (`push(..., produced_at=)`): the moment of the push
   is late by however long the caller's thread waited (another room's thread holding the GIL, a busy
   event loop), and a first push a few ms late would put a speaker on the next tick for their whole
@@ -80,27 +82,38 @@ class FrameClock:
         self._frame_ms = round(1000 * frame_size / sample_rate)
         self._tick = sample_rate // 100
         self.latest: tuple[float, int] | None = None
-        """(When the newest live push's audio was produced, samples of an unfinished frame it left in its slot)."""
+        """(When the newest live push's audio was produced, samples since the clock's last frame end)."""
 
-    def lead_for(self, size: int, chunk: int, produced: float) -> int:
+    def lead_for(self, size: int, chunk: int, produced: float) -> tuple[int, int]:
         """Silence to put before a live stream's first push (`size` samples, the last produced at
-        `produced`; then `chunk` per tick) so that its frames complete on the same tick as the others':
-        after this push it should hold as many samples of an unfinished frame as the newest live push
-        left, plus the ticks since (rounded: ticks jitter by a few ms). With chunks longer than a tick,
-        frames then end where the others' do in time, and complete with the chunk that holds their end."""
-        if not self.align or chunk >= self.frame_size or self.latest is None:
-            return 0  # offline input (whole frames at once), or no live clock to join
-        at, pending = self.latest
-        if produced - at > GRID_STALE_S:
-            return 0
-        tick = min(chunk, self._tick)  # production times sit on WebRTC's tick, whatever the chunks
-        ticks = round((produced - at) * self.sample_rate / tick)
-        return (pending + ticks * tick - size) % self.frame_size
+        `produced`; then `chunk` at a time) so that its frames complete on the same tick as the others',
+        and how many samples after the others' its frames end (`pushed`'s `shift`).
 
-    def pushed(self, chunk: int, produced: float, pending: int) -> None:
-        """A push of `chunk`-sample ticks, produced at `produced`, left `pending` samples in its slot."""
+        Its frames end where the others' do: after this push it should hold as many samples of an
+        unfinished frame as the newest live push left, plus the ticks since (rounded: ticks jitter by a
+        few ms). With chunks longer than a tick, a frame completes with the chunk that holds its end,
+        up to a chunk less a tick later, and the step waits for the last such chunk; so the frame ends
+        with that chunk instead (that much less silence first): the step is the same, and the frame
+        holds that much newer audio (a step waits for the group's last chunk, not for each frame's)."""
+        if not self.align or chunk >= self.frame_size:
+            return 0, 0  # offline input (whole frames at once)
+        tick = min(chunk, self._tick)  # production times sit on WebRTC's tick, whatever the chunks
+        whole = chunk > tick and self.frame_size % chunk == 0  # a frame is whole chunks
+        if self.latest is None or produced - self.latest[0] > GRID_STALE_S:
+            # No live clock to join: this stream sets it, its frames ending with its chunks.
+            return ((-size) % chunk if whole else 0), 0
+        at, pending = self.latest
+        ticks = round((produced - at) * self.sample_rate / tick)
+        lead = (pending + ticks * tick - size) % self.frame_size
+        shift = (lead + size) % chunk if whole else 0
+        return (lead - shift) % self.frame_size, shift
+
+    def pushed(self, chunk: int, produced: float, pending: int, shift: int = 0) -> None:
+        """A push of `chunk`-sample ticks, produced at `produced`, left `pending` samples in its slot,
+        whose frames end `shift` samples after the clock's (`lead_for`)."""
         if chunk < self.frame_size and (self.latest is None or produced >= self.latest[0]):
-            self.latest = (produced, pending)  # the newest audio (not kept audio pushed late)
+            # The newest audio (not kept audio pushed late), on the clock's frame ends.
+            self.latest = (produced, (pending + shift) % self.frame_size)
 
     def wait_s(self, slots, now: float, started: float) -> float | None:
         """How much longer the step that began waiting at `started` should wait before it steps the
