@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from captions.stt.api import LIVE_CHUNK_MS_CHOICES
+from captions.stt.api import LIVE_CHUNK_MS, LIVE_CHUNK_MS_CHOICES
 
 
 def add_option(
@@ -98,6 +98,24 @@ def add_caption_secret_option(parser: argparse.ArgumentParser) -> None:
 
 LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]{2,8})?$")
 """A BCP-47 primary language code, optionally with one subtag (``de``, ``pt-br``), lower case."""
+
+
+def add_speaker_options(parser: argparse.ArgumentParser) -> None:
+    """How a speaker's turns are cut and fed (captions/live/speaker.py's SpeakerOptions)."""
+    add_option(parser, "--pre-roll", env="CAPTIONS_PRE_ROLL", default=0.5, type=non_negative_float,
+               help="seconds of audio from before a speaker's voice was detected that are captioned too")
+    add_option(parser, "--release-after", env="CAPTIONS_RELEASE_AFTER", default=3.0, type=non_negative_float,
+               help="seconds of silence after which a speaker's engine slot goes to someone else")
+    add_option(parser, "--max-wait", env="CAPTIONS_MAX_WAIT", default=30.0, type=non_negative_float,
+               help="seconds of a waiting speaker's audio kept until a slot frees (older audio is dropped)")
+    add_option(parser, "--max-turn-hold", env="CAPTIONS_MAX_TURN_HOLD", default=20.0, type=non_negative_float,
+               help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
+                    "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
+                    "than its share of the slots gives them back whatever this is")
+    add_option(parser, "--live-chunk-ms", env="CAPTIONS_LIVE_CHUNK_MS", default=LIVE_CHUNK_MS, type=live_chunk_ms,
+               help="ms of a talking speaker's audio per chunk handed to the engine: longer chunks cost the host "
+                    "less per talker, and a frame waits for the streams' chunks that complete it: with 40, about 30 ms "
+                    "more caption latency than with 10 (docs/benchmarks/host.md)")
 
 
 def language_code(value: object) -> str | None:

@@ -18,7 +18,8 @@ import pytest
 
 from captions.dev.microphones import SimulatedMicrophone
 from captions.live.slots import SlotQueue
-from captions.live.speaker import Speaker, Turn, TurnState
+from captions.live.speaker import Speaker
+from captions.live.turn import Turn, TurnState
 from captions.stt.api import SAMPLE_RATE
 from tests.fake_engine import FakeEngine, fake_words
 from tests.test_speaker import Host, located, options

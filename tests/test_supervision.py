@@ -110,15 +110,16 @@ async def test_a_reader_that_keeps_failing_ends_the_speaker_visibly(monkeypatch,
     host.slots.close()
 
 
-@pytest.mark.parametrize("after", [0, 12], ids=["before-the-junction", "while-live"])
-async def test_a_live_feed_that_fails_frees_the_slot_and_a_new_turn_captions_the_rest(sentence, caplog, after):
+@pytest.mark.parametrize("after_ms", [0, 120], ids=["before-the-junction", "while-live"])
+async def test_a_live_feed_that_fails_frees_the_slot_and_a_new_turn_captions_the_rest(sentence, caplog, after_ms):
     """Failing before the junction (the turn was JOINING) or after (LIVE): the turn closes with what
     it had (its slot is freed), and a new turn carries the rest of the sentence."""
     signal = np.concatenate([noise(1.0), sentence, noise(3.0)])
     engine = FakeEngine(batch_size=1)
     host = Host(engine, options())
     before = failures("live_feed")
-    mic = Faulty(SimulatedMicrophone(signal, MeetingClock(speed=SPEED)), chunk_ms=10, after=after)
+    live_ms = host.speaker_options.live_chunk_ms  # the live stream's: the kept one reads 80 ms
+    mic = Faulty(SimulatedMicrophone(signal, MeetingClock(speed=SPEED)), chunk_ms=live_ms, after=after_ms // live_ms)
     speaker = await start(host, mic)
     assert await until(lambda: len(engine.opened) >= 2), "a second turn took over after the failure"
     assert await until(lambda: engine.slots_in_use == 0), "the slot is free after the sentence and its pause"

@@ -211,6 +211,7 @@ class Subscriber:
     test can check what was true when a caption reached a viewer)."""
     _tasks: set = field(default_factory=set)
     _opened: int = 0
+    _leaving: bool = False
 
     async def connect(self) -> Subscriber:
         self.room.register_text_stream_handler(TOPIC_TRANSCRIPTION, self._on_caption_stream)
@@ -228,6 +229,8 @@ class Subscriber:
     def _on_caption_stream(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
         # Streams are opened in the order the agent sent them, but their reads may finish in any
         # order: keep `captions` in opening order.
+        if self._leaving:
+            return  # opened while this viewer leaves: it would end "disconnected while receiving"
         self._opened += 1
         if self.on_caption_opened is not None:
             self.on_caption_opened(dict(reader.info.attributes or {}))
@@ -281,6 +284,9 @@ class Subscriber:
         raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
     async def disconnect(self) -> None:
+        """Leaves; captions still being read are dropped (a stream cut by leaving is no error)."""
+        self._leaving = True
         for task in list(self._tasks):
             task.cancel()
         await self.room.disconnect()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

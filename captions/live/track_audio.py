@@ -14,10 +14,10 @@ The two streams resample the same decoded audio, so from its second chunk on, th
 samples equal the kept ones exactly (its first chunk differs: the resampler starts cold). Both start
 on a tick (`TICK`, 10 ms), so the live stream sits at a whole number of ticks into the kept one;
 `_splice` finds that offset by comparing samples and the engine gets kept audio up to the junction,
-then live audio from it: one continuous signal. Digital silence matches any silence kept (the live stream's
-place may not be kept yet: an earlier pause would match, and the speech after it be lost), so the
-live audio compared runs on to its first sound; the time-based guess decides only after
-`SPLICE_PATIENCE` of silence.
+then live audio from it: one continuous signal. Digital silence matches any silence kept (the live
+stream's place may not be kept yet: an earlier pause would match, and the speech after it be lost),
+so the live audio compared runs on to its first sound; the time-based guess (`_place_by_time`)
+decides only after `SPLICE_PATIENCE` of silence.
 
 All sample indices here count the kept (80 ms) stream's 24 kHz samples from its first one.
 
@@ -207,10 +207,11 @@ class TrackAudio:
     def start_live(self, on_junction: Callable[[int], None], on_chunk: Callable[[np.ndarray, int], None],
                    on_failure: Callable[[BaseException], None] = lambda error: None,
                    chunk_ms: int = LIVE_CHUNK_MS) -> None:
-        """Opens the live stream, in chunks of `chunk_ms` (`LIVE_CHUNK_MS_CHOICES`). Once the junction is found, `on_junction(index)` is called (the
-        caller takes the kept audio before it), then `on_chunk(pcm, index)` with the live audio from
-        the junction on, in order: what was received meanwhile as one array, then each chunk. If the
-        stream fails (logged and counted already), it is closed and `on_failure(error)` is called."""
+        """Opens the live stream, in chunks of `chunk_ms` (`LIVE_CHUNK_MS_CHOICES`). Once the junction
+        is found, `on_junction(index)` is called (the caller takes the kept audio before it), then
+        `on_chunk(pcm, index)` with the live audio from the junction on, in order: what was received
+        meanwhile as one array, then each chunk. If the stream fails (logged and counted already), it
+        is closed and `on_failure(error)` is called."""
         if chunk_ms not in LIVE_CHUNK_MS_CHOICES:
             raise ValueError(f"live chunks of {chunk_ms} ms: expected one of {LIVE_CHUNK_MS_CHOICES}")
         self.stop_live()

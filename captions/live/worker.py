@@ -35,16 +35,15 @@ from captions.config import (
     add_caption_secret_option,
     add_livekit_options,
     add_option,
+    add_speaker_options,
     device_name,
     language_list,
-    live_chunk_ms,
     non_negative_float,
     non_negative_int,
 )
 from captions.host.receivers import add_receivers_option, resolve_receivers
 from captions.live.metrics import METRICS, Readiness
 from captions.log import logger
-from captions.stt.api import LIVE_CHUNK_MS
 from captions.stt.model import AUTO_BATCH_SIZE, add_model_options, batch_size
 from captions.translate.model import DEFAULT_TRANSLATION_MODEL
 
@@ -116,20 +115,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="?", choices=["start", "dev"], default="start",
                         help="start (deployments, default) or dev (verbose, never refuses rooms)")
     add_captioning_options(parser)
-    add_option(parser, "--pre-roll", env="CAPTIONS_PRE_ROLL", default=0.5, type=non_negative_float,
-               help="seconds of audio from before a speaker's voice was detected that are captioned too")
-    add_option(parser, "--release-after", env="CAPTIONS_RELEASE_AFTER", default=3.0, type=non_negative_float,
-               help="seconds of silence after which a speaker's engine slot goes to someone else")
-    add_option(parser, "--max-wait", env="CAPTIONS_MAX_WAIT", default=30.0, type=non_negative_float,
-               help="seconds of a waiting speaker's audio kept until a slot frees (older audio is dropped)")
-    add_option(parser, "--max-turn-hold", env="CAPTIONS_MAX_TURN_HOLD", default=20.0, type=non_negative_float,
-               help="seconds a speaker's turn holds an engine slot before, while others wait for one, it gives "
-                    "it back at the next sentence end and waits in turn (its audio kept); a room holding more "
-                    "than its share of the slots gives them back whatever this is")
-    add_option(parser, "--live-chunk-ms", env="CAPTIONS_LIVE_CHUNK_MS", default=LIVE_CHUNK_MS, type=live_chunk_ms,
-               help="ms of a talking speaker's audio per chunk handed to the engine: longer chunks cost the host "
-                    "less per talker, and a frame waits for the streams' chunks that complete it: with 40, about 30 ms "
-                    "more caption latency than with 10 (docs/benchmarks/host.md)")
+    add_speaker_options(parser)
     add_receivers_option(parser)
     add_option(parser, "--agent-name", env="CAPTIONS_AGENT_NAME", default="",
                help="explicit dispatch under this name (default: automatic dispatch to every room)")
