@@ -114,8 +114,8 @@ def add_speaker_options(parser: argparse.ArgumentParser) -> None:
                     "than its share of the slots gives them back whatever this is")
     add_option(parser, "--live-chunk-ms", env="CAPTIONS_LIVE_CHUNK_MS", default=LIVE_CHUNK_MS, type=live_chunk_ms,
                help="ms of a talking speaker's audio per chunk handed to the engine: longer chunks cost the host "
-                    "less per talker, and a frame waits for the streams' chunks that complete it: with 40, about 30 ms "
-                    "more caption latency than with 10 (docs/benchmarks/host.md)")
+                    "less per talker, and a frame waits for the last of the streams' chunks: with 40, up to 30 ms "
+                    "(13 ms on average) more than with 10 (docs/benchmarks/host.md)")
 
 
 def language_code(value: object) -> str | None:

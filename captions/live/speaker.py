@@ -76,8 +76,7 @@ class SpeakerOptions:
     """A turn asked to yield that reaches no sentence end within this (seconds of audio) yields anyway."""
     live_chunk_ms: int = LIVE_CHUNK_MS
     """The live stream's chunk (track_audio.py): longer costs the host less, and a frame waits up to a
-    chunk less 10 ms for the chunks that complete it (the whole of it, once speakers' chunks end on
-    different ticks)."""
+    chunk less 10 ms for the last of the streams' chunks (frame_clock.py)."""
     gate: GateOptions = field(default_factory=GateOptions)
 
     def __post_init__(self) -> None:
