@@ -53,6 +53,10 @@ def the_error(result: subprocess.CompletedProcess) -> str:
                  id="translate-to-junk"),
     pytest.param("--translation-device", "CAPTIONS_TRANSLATION_DEVICE", "tpu", "unknown device 'tpu'",
                  id="translation-device"),
+    pytest.param("--live-chunk-ms", "CAPTIONS_LIVE_CHUNK_MS", "30", "must be one of 10, 20, 40, got 30",
+                 id="live-chunk-not-a-divisor"),
+    pytest.param("--live-chunk-ms", "CAPTIONS_LIVE_CHUNK_MS", "80", "must be one of 10, 20, 40, got 80",
+                 id="live-chunk-a-whole-frame"),
 ])
 @pytest.mark.parametrize("via", ["flag", "env"])
 def test_invalid_values_are_rejected_with_the_option_named(flag, env, bad, expected, via):

@@ -269,8 +269,8 @@ class _LiveFeed:
         async for pcm in self._track.source.chunks(self._chunk_ms):
             self._pending.append(pcm)
             self._received += 1
-            self._place_by_time()
             if self._offset is None:  # tried on live chunks only: the first push must be on one's tick
+                self._place_by_time()
                 self._splice()
             else:
                 self._deliver()

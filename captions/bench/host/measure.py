@@ -59,7 +59,7 @@ def configurations(args: argparse.Namespace) -> list[dict]:
     over_socket = [p for p in args.receivers if p > 1]
     if over_socket and 1 in args.receivers:
         over_socket.insert(0, 1)
-    chunks = getattr(args, "live_chunk_ms", [10])
+    chunks = args.live_chunk_ms
     runs = []
     for _ in range(args.repeats):
         for kind, tracks, k in (("talkers", args.talkers, args.talker_k), ("silent", args.silent, args.silent_k)):
