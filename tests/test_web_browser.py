@@ -240,6 +240,66 @@ async def test_overlay_shows_last_two_turns_on_transparent_background(agentless_
     await page.screenshot(path=screenshot_path("viewer-overlay.png"), omit_background=True)
 
 
+TURNS_JS = ("() => [...document.querySelectorAll('#captions .turn')].map(t => [t.querySelector('.name').textContent,"
+            " [...t.querySelectorAll('.seg')].map(s => s.textContent + (s.classList.contains('interim') ? '…' : ''))])")
+
+
+async def wait_turns(page, expected: list) -> None:
+    """Waits until the page's turns ([name, [segment texts, interims ending in …]]) are `expected`."""
+    try:
+        await page.wait_for_function(f"expected => JSON.stringify(({TURNS_JS})()) === JSON.stringify(expected)",
+                                     arg=expected, timeout=WAIT_MS)
+    except Exception:
+        assert await page.evaluate(TURNS_JS) == expected  # says what the page showed instead
+        raise
+
+
+async def open_caption_stream(bot: CaptionAgentBot, speaker: str, segment_id: str, text: str, seq: int,
+                              final: bool = False):
+    """A caption stream signed and opened now, its text written, left open: the viewer server relays
+    a stream once it is complete, so it reaches the page when the returned writer is closed."""
+    from captions.protocol import TOPIC_TRANSCRIPTION
+
+    words = json.dumps([[w, round(time.time() + 0.4 * i, 3), round(time.time() + 0.4 * i + 0.3, 3)]
+                        for i, w in enumerate(text.split())]) if final else ""
+    attributes = bot.signed_attributes(speaker, segment_id, text, final, words, seq=seq)
+    writer = await bot.room.local_participant.stream_text(topic=TOPIC_TRANSCRIPTION, sender_identity=speaker,
+                                                          attributes=attributes)
+    await writer.write(text)
+    return writer
+
+
+@pytest.mark.parametrize("first_in", ["interim", "final"])
+async def test_a_caption_stream_that_completes_late_takes_its_place_in_the_overlay(
+        agentless_livekit, agentless_web, rooms, open_viewer, first_in):
+    """Hugo's line began between two lines of Gina's, but its streams reach the viewer after her
+    second one (here: held open until then; in CI, a stream completed late under load). It ends up
+    between them, in a turn of its own, whichever of its two streams comes first: its interim creates
+    it there; its final shows it last until the interim, come after it, says when the line began."""
+    room_name, bot = await setup_room(agentless_livekit, rooms, {"gina": "Gina", "hugo": "Hugo"})
+    viewer = await open_viewer(agentless_web.link(room_name, overlay="1"), width=1280, height=720)
+    page = viewer.page
+    await page.wait_for_selector('body.overlay[data-state="live"]', timeout=WAIT_MS)
+    await bot.say("gina", "first line should scroll away")
+    hugo = f"SG_{uuid.uuid4().hex[:8]}"
+    interim = await open_caption_stream(bot, "hugo", hugo, "second line", seq=0)
+    await asyncio.sleep(0.01)  # Gina's next line is signed a few ms later, never in the same ms
+    await bot.say("gina", "third line is the newest one")
+    final = await open_caption_stream(bot, "hugo", hugo, "second line is still visible", seq=1, final=True)
+    # Before Hugo's streams come, Gina's lines are one turn, as far as the page can tell.
+    await wait_turns(page, [["Gina", ["first line should scroll away", "third line is the newest one"]]])
+    late, later = (interim, final) if first_in == "interim" else (final, interim)
+    await late.aclose()
+    await page.wait_for_function("() => document.querySelectorAll('#captions .turn').length >= 2", timeout=WAIT_MS)
+    await later.aclose()
+    await wait_turns(page, [["Gina", ["first line should scroll away"]], ["Hugo", ["second line is still visible"]],
+                            ["Gina", ["third line is the newest one"]]])
+    visible = await page.eval_on_selector_all(
+        "#captions .turn", "ts => ts.filter(t => t.offsetParent !== null).map(t => t.innerText.replace(/\\s+/g, ' '))")
+    assert visible == ["Hugo second line is still visible", "Gina third line is the newest one"]
+    assert viewer.errors == []
+
+
 def tampered(link: str, room: str) -> str:
     """`link` with its JWT's room changed, and its signature left as it was."""
     import base64

@@ -197,6 +197,7 @@ export class Session {
       final: caption.final,
       words: caption.final ? parseWords(caption.words) : [],
       start: Date.now() / 1000,
+      sent: caption.sentMs, // its place among the captions: streams may come out of order
       seq: caption.seq,
       agent: caption.agent,
       translation: translated ? { of: caption.sourceSegment, language: caption.language,

@@ -1,6 +1,12 @@
 // The transcript on the page: caption segments rendered as turns (consecutive segments of one
 // speaker), interim text replaced in place by the final text, the room's backlog above.
 //
+// Live segments are laid out in the captions' own order, not in the order their streams reach the
+// page: each caption stream is relayed once it is complete, and streams sent one after the other
+// can complete out of order (a slow one behind later ones). A segment's place is when the agent
+// signed its earliest update the page has (captions.sent), so a stream that comes late goes where
+// it belongs, splitting a turn it falls into, and the turns are the same whatever the arrival order.
+//
 // Reading a translation (issue 26): each segment shows its translation into the reader's language
 // (interim translations replaced in place too), the original until one comes; a segment whose
 // translation failed, or has not come `TRANSLATION_WAIT_MS` after its final, shows the original
@@ -67,7 +73,8 @@ export class Transcript {
     this.speakers = speakers;
     this.overlay = overlay;
     this.segments = new Map();
-    this.lastTurn = null;
+    this.live = []; // the live segments shown, in their order (`place`)
+    this.turns = new WeakMap(); // turn element -> its turn ({identity, element, text, label, when})
     this.nameLabels = new Map(); // identity -> name elements of that speaker's turns
     this.language = ''; // the language read: '' for the originals
   }
@@ -124,20 +131,35 @@ export class Transcript {
    * Applies one (verified) caption update: new segment, interim replacement, or the final text.
    * Returns why it was not applied ('' when it was). `seq` numbers a segment's updates: an older
    * one arriving late, or one shown already (a replay), never replaces a newer one; a final one
-   * (live or from the backlog) is never reverted or shown again.
+   * (live or from the backlog) is never reverted or shown again. `sent`: when the agent signed it
+   * (captions.sent, ms), which places its segment among the others (`place`); without it, a new
+   * segment goes last.
    */
-  update({ id, identity, name, text, final, words, start, seq, agent, translation }) {
+  update({ id, identity, name, text, final, words, start, sent, seq, agent, translation }) {
     const key = segmentKey(identity, id);
     let segment = this.segments.get(key);
+    if (segment?.turn && sent < segment.sent) {
+      // An earlier update of a segment shown came late: its text is not shown, but the segment
+      // began earlier than the page knew, and moves there.
+      this.unplace(segment);
+      segment.sent = sent;
+      this.place(segment);
+    }
     if (segment?.final) return 'its segment is already final';
     if (segment && seq <= segment.seq) return `update ${seq} is not newer than update ${segment.seq}, already shown`;
     if (translation) return this.updateTranslation(key, segment, { id, identity, text, final, seq, agent, ...translation });
     if (!segment) {
-      if (!text) return '';
-      segment = { id, identity, text: '', final: false, words: [], start, end: start, seq: -1, agent };
+      if (!text) {
+        // A segment dropped before anything of it was shown: kept (not shown), so that an interim
+        // of it that comes after its final is not shown for good.
+        if (final) this.segments.set(key, { id, identity, text: '', final, words: [], start, end: start, seq, agent });
+        return '';
+      }
+      segment = { id, identity, name, text: '', final: false, words: [], start, end: start, seq: -1, agent,
+        sent: Number.isFinite(sent) ? sent : Infinity };
       segment.node = document.createElement('span');
       segment.node.className = 'seg';
-      this.turnFor(identity, name, start).append(segment.node);
+      this.place(segment);
       this.segments.set(key, segment);
       this.empty.hidden = true;
     }
@@ -262,15 +284,114 @@ export class Transcript {
       segment.start = words[0][1];
       segment.end = words[words.length - 1][2];
     }
-    if (!segment.text) segment.node.remove(); // the agent dropped this segment (nothing was said)
+    if (!segment.text && segment.turn) this.unplace(segment); // the agent dropped it (nothing was said)
   }
 
-  turnFor(identity, name, start) {
-    if (this.lastTurn && this.lastTurn.identity === identity) return this.lastTurn.text;
-    const turn = this.buildTurn(identity, name, start);
-    this.container.append(turn.element);
-    this.lastTurn = turn;
-    return turn.text;
+  /**
+   * Shows live `segment` in its place: after every live segment sent before it (or at the same
+   * time: those came first), before the others; in a turn of its speaker's next to it, or a turn
+   * of its own, splitting the turn of another speaker that it falls into. With nothing live
+   * before it, it follows the backlog (its last turn continues, when it is the same speaker's).
+   */
+  place(segment) {
+    let i = this.live.length;
+    while (i > 0 && this.live[i - 1].sent > segment.sent) i -= 1;
+    const next = this.live[i];
+    this.live.splice(i, 0, segment);
+    const { identity } = segment;
+    if (next && next.node.previousSibling) { // it falls inside next's turn
+      if (next.identity === identity) return this.join(segment, next.turn, next.node);
+      const rest = this.split(next.turn, next);
+      return this.join(segment, this.newTurn(segment, rest.element), null);
+    }
+    const before = next ? this.turnBefore(next.turn.element) : this.lastTurn();
+    if (before?.identity === identity) return this.join(segment, before, null);
+    if (next?.identity === identity) {
+      this.join(segment, next.turn, next.node);
+      return this.setWhen(next.turn, segment.start); // the turn begins with it now
+    }
+    return this.join(segment, this.newTurn(segment, next ? next.turn.element : null), null);
+  }
+
+  /** Takes live `segment` off the page (dropped, or to be placed again): a turn left empty goes,
+   * and the turns around it join when they are one speaker's. */
+  unplace(segment) {
+    const { turn } = segment;
+    this.live.splice(this.live.indexOf(segment), 1);
+    segment.node.remove();
+    segment.turn = null;
+    if (turn.text.firstChild) return;
+    const before = this.turnBefore(turn.element);
+    const after = this.turnAfter(turn.element);
+    this.removeTurn(turn);
+    if (before && after && before.identity === after.identity) this.moveInto(before, after.text.firstChild, after);
+  }
+
+  /** `segment`'s node into `turn`, before `node` (at its end when null). */
+  join(segment, turn, node) {
+    turn.text.insertBefore(segment.node, node);
+    segment.turn = turn;
+  }
+
+  /** A new turn for `segment`'s speaker, before element `next` (at the end when null). */
+  newTurn(segment, next) {
+    const turn = this.buildTurn(segment.identity, segment.name, segment.start);
+    this.container.insertBefore(turn.element, next);
+    return turn;
+  }
+
+  /** Splits `turn` before live segment `first`: a new turn of the same speaker, right after it,
+   * takes `first` and what follows it; returns it. */
+  split(turn, first) {
+    const rest = this.buildTurn(turn.identity, '', first.start);
+    turn.element.after(rest.element);
+    this.moveInto(rest, first.node, turn);
+    return rest;
+  }
+
+  /** Moves `node` and the nodes after it in turn `from` to the end of turn `to`; an emptied `from`
+   * goes. */
+  moveInto(to, node, from) {
+    for (let next = node; next;) {
+      const following = next.nextSibling;
+      to.text.append(next);
+      next = following;
+    }
+    for (const segment of this.live) if (segment.turn === from && segment.node.parentNode === to.text) segment.turn = to;
+    if (!from.text.firstChild) this.removeTurn(from);
+  }
+
+  removeTurn(turn) {
+    turn.element.remove();
+    const labels = this.nameLabels.get(turn.identity) || [];
+    if (labels.includes(turn.label)) labels.splice(labels.indexOf(turn.label), 1);
+  }
+
+  /** The turn before (or after) turn element `element`, skipping anything else in the container. */
+  turnBefore(element) {
+    let e = element.previousElementSibling;
+    while (e && !this.turns.has(e)) e = e.previousElementSibling;
+    return e ? this.turns.get(e) : null;
+  }
+
+  turnAfter(element) {
+    let e = element.nextElementSibling;
+    while (e && !this.turns.has(e)) e = e.nextElementSibling;
+    return e ? this.turns.get(e) : null;
+  }
+
+  /** The last turn on the page (live, or the backlog's). */
+  lastTurn() {
+    let e = this.container.lastElementChild;
+    while (e && !this.turns.has(e)) e = e.previousElementSibling;
+    return e ? this.turns.get(e) : null;
+  }
+
+  /** A turn's time: `start` (Unix seconds), as hours and minutes. */
+  setWhen(turn, start) {
+    const date = new Date(start * 1000);
+    turn.when.dateTime = date.toISOString();
+    turn.when.textContent = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
   buildTurn(identity, name, start) {
@@ -284,9 +405,6 @@ export class Transcript {
     label.textContent = name || this.speakers.nameOf(identity);
     const when = document.createElement('time');
     when.className = 'when';
-    const date = new Date(start * 1000);
-    when.dateTime = date.toISOString();
-    when.textContent = date.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
     header.append(label, when);
     const text = document.createElement('p');
     text.className = 'text';
@@ -294,7 +412,10 @@ export class Transcript {
     element.append(header, text);
     if (!this.nameLabels.has(identity)) this.nameLabels.set(identity, []);
     this.nameLabels.get(identity).push(label);
-    return { identity, element, text };
+    const turn = { identity, element, text, label, when };
+    this.setWhen(turn, start);
+    this.turns.set(element, turn);
+    return turn;
   }
 
   /** Puts the room's earlier captions above the live ones, skipping segments already shown; the
@@ -336,7 +457,6 @@ export class Transcript {
     this.expectTranslations(fresh.map((r) => this.segments.get(segmentKey(r.participant_identity, r.segment_id))));
     const firstLive = this.container.querySelector('.turn:not(.backlog)');
     this.container.insertBefore(fragment, firstLive);
-    if (!this.lastTurn) this.lastTurn = turn;
     this.empty.hidden = true;
     return fresh.length;
   }
