@@ -228,6 +228,7 @@ async def _listen(config: dict) -> None:
 
     def totals():
         return (sum(s.track.end for s in speakers), sum(s.pushed for s in speakers),
+                sum(s.gate.silero_windows for s in speakers), sum(s.gate.skipped_windows for s in speakers),
                 engine.steps if engine_thread is not None else 0, time.process_time(), thread_cpu(engine_thread),
                 time.monotonic())
 
@@ -248,7 +249,7 @@ async def _listen(config: dict) -> None:
         profiler.dump_stats(config["profile"])
     host.measuring = False
     sampler.join(timeout=2 * SAMPLE_S)
-    received, pushed, steps, cpu, engine_cpu, wall = (b - a for a, b in zip(before, after))
+    received, pushed, silero, skipped, steps, cpu, engine_cpu, wall = (b - a for a, b in zip(before, after))
     n = len(speakers)
     host_cores = (cpu - engine_cpu) / wall
     thread_cores, waited = thread_figures(threads_before, threads_after, wall,
@@ -261,7 +262,7 @@ async def _listen(config: dict) -> None:
               "pushed": round(pushed / (n * SAMPLE_RATE * wall), 3) if config["talking"] else None,
               "steps_per_frame": round(steps / (wall / FRAME_S), 3) if engine_thread is not None else None,
               "captions": host.captions, "live_turns": sum(s.turn is not None for s in speakers),
-              "seconds": round(wall, 2),
+              "silero_windows": silero, "skipped_windows": skipped, "seconds": round(wall, 2),
               "latency_beyond_delay_ms": summarize_ms(host.latencies) if host.latencies else None,
               "latencies_ms": [round(1000 * x, 1) for x in host.latencies],
               "waited_for_cpu_cores": waited, "cpu_samples": sampler.cores, "thread_cores": thread_cores}

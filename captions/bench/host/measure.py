@@ -37,6 +37,13 @@ def _spawn(role: str, config: dict, workdir: Path, name: str, env: dict | None =
     return spawn_role(MODULE, role, config, workdir, name, env)
 
 
+def _silero_share(results: list[dict]) -> float | None:
+    """Of the speech gate's windows while measured, the share Silero judged (the rest: by energy)."""
+    silero = sum(r["silero_windows"] for r in results)
+    windows = silero + sum(r["skipped_windows"] for r in results)
+    return round(silero / windows, 3) if windows else None
+
+
 def _signals(args: argparse.Namespace, workdir: Path) -> list[tuple[str, str]]:
     """(identity, .npy of int16 samples) of every bot microphone: talkers first, then silent ones."""
     tracks = []
@@ -188,7 +195,7 @@ def combine(configuration: dict, results: list[dict], engine: dict | None, machi
            "delivered": weighted("delivered"), "pushed": weighted("pushed"),
            "steps_per_frame": engine["steps_per_frame"] if engine else results[0]["steps_per_frame"],
            "captions": sum(r["captions"] for r in results), "live_turns": sum(r["live_turns"] for r in results),
-           "seconds": max(r["seconds"] for r in results),
+           "silero_share": _silero_share(results), "seconds": max(r["seconds"] for r in results),
            "latency_beyond_delay_ms": summarize_ms(latencies) if latencies else None}
     if engine is None:
         run["thread_cores"] = results[0]["thread_cores"]

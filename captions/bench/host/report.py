@@ -97,15 +97,17 @@ def summary(runs: list[dict]) -> dict:
 
 def markdown_table(report: dict) -> str:
     header = ("| kind | path | host | participants (tracks x k) | host cores | idle baseline | per participant "
-              "| delivered | pushed | steps / 80 ms | latency beyond delay p50 / p95 | load before | kept up |")
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| delivered | pushed | Silero windows | steps / 80 ms | latency beyond delay p50 / p95 | load before "
+              "| kept up |")
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["runs"]:
         latency = r.get("latency_beyond_delay_ms")
         lat = f"{latency['p50']:.0f} / {latency['p95']:.0f} ms" if latency else "-"
         pushed = f"{100 * r['pushed']:.0f} %" if r.get("pushed") is not None else "-"
+        silero = f"{100 * r['silero_share']:.0f} %" if r.get("silero_share") is not None else "-"
         lines.append(f"| {r['kind']} | {variant(r)} | {shape(r)} | {r['participants']} ({r['tracks']} x "
                      f"{r['streams_per_track']}) | {r['host_cores']:.3f} | {r['baseline_cores']:.3f} "
-                     f"| {r['cores_per_participant']:.4f} | {100 * r['delivered']:.0f} % | {pushed} "
+                     f"| {r['cores_per_participant']:.4f} | {100 * r['delivered']:.0f} % | {pushed} | {silero} "
                      f"| {r['steps_per_frame']:.2f} | {lat} | {r['load_before'][0]:.2f} | {'yes' if kept_up(r) else 'no'} |")
     sockets = [r for r in report["runs"] if shape(r) != "in-process"]
     if sockets:
