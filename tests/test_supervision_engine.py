@@ -6,6 +6,7 @@ out-of-memory) does not (tests/test_engine.py: the engine keeps serving)."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import threading
@@ -71,6 +72,9 @@ def test_a_sticky_cuda_error_breaks_the_engine_once_and_says_why(engine, monkeyp
     failing_steps(engine, monkeypatch, STICKY, times=99)
     collector = talk(engine)
     assert "illegal memory access" in collector.events[-1].error
+    deadline = time.monotonic() + 5  # the step's streams end first, then the engine breaks
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert engine.broken is not None and "illegal memory access" in engine.broken
     assert told == [engine.broken], "the worker is told, once"
     failures = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine failed:")]
@@ -92,6 +96,35 @@ def test_failed_steps_in_a_row_break_the_engine_and_a_success_between_starts_the
     assert engine.broken is None, "the success started the count again"
     talk(engine)
     assert engine.broken is not None and "3 steps in a row failed" in engine.broken
+
+
+def test_a_step_that_never_returns_breaks_the_engine_and_says_why(engine, monkeypatch, caplog):
+    """A hung device raises nothing: the step blocks. The watchdog breaks the engine after
+    `step_hung_s` (shortened here): the stream ends with the cause, the worker is told once, no new
+    stream is taken; when the step returns at last, nothing else happens."""
+    told, release, real = [], threading.Event(), engine._run_model
+    engine.broken_listeners.append(told.append)
+    engine.step_hung_s = 0.5
+
+    def hung(batch, reset):
+        release.wait(30)
+        return real(batch, reset)
+
+    monkeypatch.setattr(engine, "_run_model", hung)
+    collector = talk(engine)
+    assert "has not returned" in collector.events[-1].error, collector.events[-1]
+    assert engine.broken is not None and "hung device" in engine.broken
+    assert told == [engine.broken], "the worker is told, once"
+    with pytest.raises(EngineFull, match="engine failed"):
+        engine.open_stream(Collector())
+    release.set()
+    deadline = time.monotonic() + 5
+    while engine._step_started is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert engine._step_started is None, "the step returned"
+    assert len(collector.events) == 1 and collector.events[0].ended, "nothing after the end"
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()], "the late step crashed nothing"
 
 
 async def until(predicate, timeout: float = 10) -> None:
@@ -152,16 +185,21 @@ async def test_a_broken_engine_makes_the_worker_unready_and_stop_serving(monkeyp
 
 INJECTION = '''
 """Test-only (tests/test_supervision_engine.py): once the worker registered, one stream's first
-engine step fails with a sticky CUDA error."""
+engine step fails with a sticky CUDA error, or never returns (HANG)."""
+import time
+
 import numpy as np
 
 from captions.live import worker
 from captions.stt import engine
 
 STICKY = %r
+HANG = %r
 
 
 def _broken_model(*args, **kwargs):
+    if HANG:
+        time.sleep(3600)
     raise RuntimeError(STICKY)
 
 
@@ -173,6 +211,7 @@ def _build_server_then_break(args, service):
 
     def registered(*_):
         service.engine._run_model = _broken_model
+        service.engine.step_hung_s = 1.0
         service.engine.open_stream(lambda event: None).push(np.zeros(1920 * 2, dtype=np.float32))
 
     server.on("worker_registered", registered)
@@ -183,16 +222,18 @@ worker._build_server = _build_server_then_break
 '''
 
 
-def test_a_worker_whose_gpu_breaks_exits_non_zero_with_the_cause(livekit_server, tiny_checkpoint, tmp_path):
-    """The real worker process: its engine's first step fails with a sticky CUDA error (injected
-    through a test-only sitecustomize module, nothing in the worker), and it exits on its own."""
+@pytest.mark.parametrize("hang", [False, True], ids=["sticky error", "hung step"])
+def test_a_worker_whose_gpu_breaks_exits_non_zero_with_the_cause(livekit_server, tiny_checkpoint, tmp_path, hang):
+    """The real worker process: its engine's first step fails with a sticky CUDA error, or never
+    returns (injected through a test-only sitecustomize module, nothing in the worker; the watchdog's
+    20 s shortened to 1 s), and it exits on its own, saying why."""
     import os
 
     from captions.dev.worker_process import start_captions_worker
 
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(INJECTION % STICKY)
+    (hook / "sitecustomize.py").write_text(INJECTION % (STICKY, hang))
     path = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
     process = start_captions_worker(livekit_server, tiny_checkpoint, tmp_path / "worker", batch_size=1,
                                     env={"PYTHONPATH": path})
@@ -203,7 +244,8 @@ def test_a_worker_whose_gpu_breaks_exits_non_zero_with_the_cause(livekit_server,
             process.stop()
     log = process.log_path.read_text(errors="replace")
     assert status == worker.EXIT_ENGINE_FAILED, log[-3000:]
-    assert f"engine failed: RuntimeError: {STICKY}; exiting so the orchestrator replaces this worker" in log
+    cause = r"an engine step has not returned in \d+ s \(a hung device or driver\)" if hang else re.escape(f"RuntimeError: {STICKY}")
+    assert re.search(f"engine failed: {cause}; exiting so the orchestrator replaces this worker", log), log[-3000:]
 
 
 class AgentRoom:

@@ -52,7 +52,7 @@ class _EngineProcess:
         """The translation engine (captions/translate/engine.py), with --translate-to."""
 
     def engine_failed(self, cause: str) -> None:
-        """An `engine.broken_listeners` callback (engine thread)."""
+        """An `engine.broken_listeners` callback (the engine's thread, or its watchdog's)."""
         from captions.live.metrics import TASK_METRICS
 
         self.failure = cause

@@ -198,7 +198,8 @@ _engine_failed_event = threading.Event()
 
 
 def engine_failed(cause: str) -> None:
-    """An `engine.broken_listeners` callback (engine thread): unready now, then stop and exit."""
+    """An `engine.broken_listeners` callback (the engine's thread, or its watchdog's): unready now,
+    then stop and exit."""
     global _engine_failure
     from captions.live.metrics import TASK_METRICS
 

@@ -19,7 +19,10 @@ CUDA out-of-memory passes. A device that fails for good does not: after `BROKEN_
 failed steps in a row, at an error that leaves CUDA unusable (`STICKY_DEVICE_ERRORS`), or if the
 stepping thread itself crashes, the engine is *broken*: it logs why once, ends every stream, takes no
 new one, and tells `broken_listeners`, so that the worker reports unready and exits (an orchestrator
-replaces it, and its rooms move to other workers).
+replaces it, and its rooms move to other workers). A device or driver that hangs raises nothing: a
+step that has not returned after `STEP_HUNG_S` (more on a slow device) breaks the engine the same
+way (a watchdog thread), where captions would otherwise stop in every room while the worker still
+says it is ready.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ STICKY_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecif
                         "misaligned address", "illegal instruction", "uncorrectable ECC error",
                         "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA-capable device", "cudaErrorLaunchFailure")
 """Errors after which a CUDA context stays unusable until the process ends: the first one breaks the engine."""
+STEP_HUNG_S = 20.0
+"""A step that has not returned after this long is taken as a hung device: the engine breaks. Steps
+take milliseconds (tens at B = 256 on one H200) once warmed up; the margin is for a machine that
+stalls for seconds (swap, a noisy neighbour) without a hung device..."""
+HUNG_AFTER_WARM_STEPS = 50
+"""...and for a slow device (a large batch on a CPU): never less than this many times the last
+warm-up step."""
 
 
 class SlotStream:
@@ -147,7 +157,11 @@ class SttEngine:
         self.broken: str | None = None
         """Why the engine failed for good (module notes); None while it serves."""
         self.broken_listeners: list[Callable[[str], None]] = []
-        """`callback(cause)` runs once, on the engine thread, when the engine breaks."""
+        """`callback(cause)` runs once, on the engine thread (or the watchdog's), when the engine breaks."""
+        self.step_hung_s = STEP_HUNG_S
+        self._step_started: float | None = None
+        """time.monotonic() when the model step under way began; None between steps."""
+        self._closed = threading.Event()
 
     @classmethod
     def load(cls, model: str, device: str = "auto", batch_size: int | str = 8, profile: bool = False,
@@ -220,8 +234,10 @@ class SttEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="stt-engine", daemon=True)
             self._thread.start()
+            threading.Thread(target=self._watch, name="stt-engine-watchdog", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         with self._cond:
             self._stopped = True
             self._wake()
@@ -232,7 +248,11 @@ class SttEngine:
         """A few full-batch steps of silence, then every slot back to a fresh state."""
         batch = [(slot, _SILENCE) for slot in self._slots]
         for _ in range(steps):
+            started = time.monotonic()
             self._run_model(batch, reset=np.zeros(self.batch_size, dtype=bool))
+            warm_step_s = time.monotonic() - started
+        if steps:
+            self.step_hung_s = max(STEP_HUNG_S, HUNG_AFTER_WARM_STEPS * warm_step_s)
         reset = self._torch.ones(self.batch_size, dtype=self._torch.bool)
         self.model.mimi.reset_streaming(reset)
         self._lm_gen.reset_streaming(reset)
@@ -335,6 +355,14 @@ class SttEngine:
             with self._cond:
                 self._busy = False
 
+    def _watch(self) -> None:
+        """The watchdog (module notes): breaks the engine when a step has run `step_hung_s`."""
+        while not self._closed.wait(min(1.0, self.step_hung_s / 4)) and self.broken is None:
+            started = self._step_started
+            if started is not None and (running := time.monotonic() - started) >= self.step_hung_s:
+                self._break(f"an engine step has not returned in {running:.0f} s (a hung device or driver)")
+                return
+
     def _gather(self) -> None:
         """Waits (lock released) as long as the frame clock says, for the frames due with this step."""
         started = _now()
@@ -383,9 +411,13 @@ class SttEngine:
 
     def _step(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray) -> None:
         step_started = time.time()  # wall clock, for latency diagnostics (room.py's timing attributes)
+        self._step_started = time.monotonic()
         try:
             tokens, pause, timings = self._run_model(batch, reset)
         except Exception as e:  # noqa: BLE001 - e.g. CUDA OOM: end the affected streams, keep serving
+            self._step_started = None
+            if self.broken is not None:
+                return  # the watchdog gave up on this step: its streams have ended
             self.failed_steps += 1
             self._failed_in_a_row += 1
             logger.exception("engine step failed for %d streams", len(batch))
@@ -400,6 +432,9 @@ class SttEngine:
             elif self._failed_in_a_row >= BROKEN_AFTER_FAILED_STEPS:
                 self._break(f"{self._failed_in_a_row} steps in a row failed, the last with {cause}")
             return
+        self._step_started = None
+        if self.broken is not None:
+            return  # the watchdog gave up on this step: its streams have ended, their slots are free
         self._failed_in_a_row = 0
         decoded = time.perf_counter()
         events = []
