@@ -10,14 +10,7 @@ import pytest
 
 from captions.dev.speech import speech_samples
 from captions.live.speaker import SpeakerOptions
-from captions.live.vad import (
-    AWAKE_WINDOWS,
-    NOISE_BLOCK_WINDOWS,
-    WINDOW_24K,
-    GateOptions,
-    SpeechGate,
-    _Resampler,
-)
+from captions.live.vad import WINDOW_24K, GateOptions, SpeechGate, _Resampler
 from captions.stt.api import SAMPLE_RATE
 
 CHUNK = SAMPLE_RATE * 80 // 1000
@@ -132,57 +125,30 @@ def noise_at(seconds: float, dbfs: float, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(0, 32768 * 10 ** (dbfs / 20), int(seconds * SAMPLE_RATE))
 
 
-@pytest.mark.parametrize("dips", [False, True], ids=["steady", "with dips"])
-def test_a_steady_hiss_over_the_floor_stops_waking_silero_once_measured(dips):
-    """A quiet room's hiss at -60 dBFS (over the -70 dBFS floor): Silero hears the first half
-    second, while the gate learns the microphone's noise, and the half second after it; then none.
-    With dips: two windows 4 dB quieter every second, as received audio has (Opus, concealment)."""
-    gate = SpeechGate()
-    pcm = noise_at(10.0, -60.0)
-    if dips:
-        for second in range(10):
-            pcm[second * SAMPLE_RATE:second * SAMPLE_RATE + 2 * WINDOW_24K] *= 10 ** (-4 / 20)
-    pcm = int16(pcm)
-    assert run_gate(gate, pcm) == [] and not gate.speaking
-    assert gate.silero_windows <= NOISE_BLOCK_WINDOWS + AWAKE_WINDOWS + 1
-    assert gate.skipped_windows >= pcm.size // WINDOW_24K - NOISE_BLOCK_WINDOWS - AWAKE_WINDOWS - 1
+@pytest.mark.parametrize(("text", "after_s", "seed", "after_dbfs"),
+                         [("Okay.", 0.032, 0, None), ("Sure.", 1.0, 1, -76.0)],
+                         ids=["32 ms after", "1 s after"])
+def test_a_quiet_answer_soon_after_a_steady_noise_stops_is_heard(tmp_path, text, after_s, seed, after_dbfs):
+    """A fan at -53 dBFS stops; 32 ms or 1 s later a quiet participant answers at -58 dBFS. A noise
+    margin over the microphone's own noise (tried 2026-12-08, docs/benchmarks/host.md) missed both:
+    its estimate still held the fan's noise, and Silero's state after seconds of skipped windows
+    scored the answer lower. The gate hears them where Silero on every window does."""
+    answer = at_level(speech_samples(text, tmp_path), -58.0)
+    lead = int((4.0 + 0.1 * seed) * SAMPLE_RATE)
+    clean = np.concatenate([np.zeros(lead), answer, np.zeros(2 * SAMPLE_RATE)])
+    stop = lead - int(after_s * SAMPLE_RATE)
+    rest = (np.zeros(clean.size - stop) if after_dbfs is None
+            else noise_at((clean.size - stop) / SAMPLE_RATE, after_dbfs, seed=seed + 5)[:clean.size - stop])
+    bed = np.concatenate([noise_at(stop / SAMPLE_RATE, -53.0, seed=seed)[:stop], rest])
+    pcm = int16(clean + bed[:clean.size])
 
+    def heard(options: GateOptions) -> list[int]:
+        return [o for o in run_gate(SpeechGate(options), pcm) if o >= lead - PRE_ROLL]
 
-@pytest.mark.parametrize("snr_db", [3.0, 6.0])
-def test_a_voice_over_a_steady_hiss_is_heard_as_silero_alone_hears_it(monkeypatch, speech, tmp_path, snr_db):
-    """A sentence, four seconds of hiss, then "Yes.", spoken 3 or 6 dB over a -60 dBFS hiss (at
-    0 dB Silero alone misses "Yes."): every start Silero on every window hears is heard within a
-    few windows, and the hiss between them is not Silero's to judge."""
-    yes = speech_samples("Yes.", tmp_path)
-    level = -60.0 + snr_db
-    parts = [np.zeros(int(1.5 * SAMPLE_RATE)), at_level(speech, level), np.zeros(4 * SAMPLE_RATE),
-             at_level(yes, level), np.zeros(2 * SAMPLE_RATE)]
-    clean = np.concatenate(parts)
-    pcm = int16(clean + noise_at(clean.size / SAMPLE_RATE, -60.0, seed=6))
-    yes_at = sum(p.size for p in parts[:3])
-    monkeypatch.setenv("CAPTIONS_HOST_PATH", "today")
-    reference = run_gate(SpeechGate(), pcm)
-    monkeypatch.delenv("CAPTIONS_HOST_PATH")
-    gated = SpeechGate()
-    onsets = run_gate(gated, pcm)
-    for heard in (lambda onset: onset < yes_at - PRE_ROLL, lambda onset: onset >= yes_at - PRE_ROLL):
-        expected, got = [o for o in reference if heard(o)], [o for o in onsets if heard(o)]
-        assert expected, "Silero alone does not hear it: the test says nothing"
-        assert got and got[0] - expected[0] <= 5 * WINDOW_24K, (onsets, reference)
-    assert gated.skipped_windows >= 2.5 * SAMPLE_RATE // WINDOW_24K, "the hiss between was not skipped"
-
-
-def test_a_noisy_or_changing_background_gets_silero_on_every_window():
-    """Noise over the ceiling (-45 dBFS), or a level that moves by 8 dB every quarter second:
-    nothing is skipped after the first windows, as without the noise margin."""
-    steady_loud = int16(noise_at(5.0, -45.0))
-    quarter = int(0.25 * SAMPLE_RATE)
-    moving = int16(np.concatenate([noise_at(0.25, -60.0 + 8 * (i % 2), seed=i) for i in range(20)]))
-    assert moving.size == 20 * quarter
-    for pcm in (steady_loud, moving):
-        gate = SpeechGate()
-        run_gate(gate, pcm)
-        assert gate.skipped_windows == 0, gate.skipped_windows
+    reference = heard(GateOptions(energy_floor_dbfs=None))
+    assert reference, "Silero on every window does not hear it: the test says nothing"
+    onsets = heard(GateOptions())
+    assert onsets and onsets[0] - reference[0] <= 5 * WINDOW_24K, (onsets, reference)
 
 
 def test_no_energy_floor_means_silero_judges_every_window():

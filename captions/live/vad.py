@@ -18,16 +18,16 @@ lost whole short answers ("Yes.") that Silero alone caught, and that resetting S
 skipped windows lost them too (its first windows then score lower): so the floor is low, Silero's
 state carries over the skipped windows, and when a loud window wakes it, it first hears the
 `WARM_UP_WINDOWS` windows before (measured on espeak speech at -50 to -63 dBFS: every start heard
-where Silero on every window hears it, or earlier). It skips digital silence and the quietest noise.
-Above that floor a window is also silence without Silero when it is within
-`GateOptions.noise_margin_db` of the microphone's own noise, the quiet windows of the last few
-seconds (minimum statistics, as noise estimators in speech enhancement track it), while that noise
-is under `GateOptions.noise_ceiling_dbfs`. A quiet room's steady hiss, or a fan, costs then what
-digital silence costs; a voice that rises above it wakes Silero (with the same warm-up), and noise
-that changes (a noisy room, music) keeps Silero on every window, as before. Once a window is loud,
-Silero judges every window until `AWAKE_WINDOWS` quiet ones in a row, and always while the gate is
-open (its end is Silero's decision, as before). The speaker's pre-roll (0.5 s
+where Silero on every window hears it, or earlier). It skips digital silence and the quietest noise;
+a microphone with a noise floor above -70 dBFS gets Silero on every window, as before. Once a
+window is loud, Silero judges every window until `AWAKE_WINDOWS` quiet ones in a row, and always
+while the gate is open (its end is Silero's decision, as before). The speaker's pre-roll (0.5 s
 before the detected onset, speaker.py) holds an onset noticed a window or two late.
+
+A margin over each microphone's own noise (skip windows within 3 dB of its steady hiss) was tried
+and reverted (2026-12-08, docs/benchmarks/host.md): it lost quiet answers soon after a noise stopped
+(its estimate lagged, and Silero's state after seconds of skipped windows scored them lower);
+tests/test_vad_pregate.py keeps those cases.
 
 The 24 -> 16 kHz resampling for Silero is done here in numpy (a 48-tap windowed-sinc low-pass,
 polyphase), one window at a time, instead of a round trip to the native resampler for every chunk.
@@ -54,13 +54,6 @@ AWAKE_WINDOWS = 16
 """Quiet windows in a row (0.5 s) after a loud one during which Silero still judges every window."""
 WARM_UP_WINDOWS = 8
 """Windows before a loud one that Silero hears first when it wakes (256 ms)."""
-NOISE_BLOCK_WINDOWS = 16
-NOISE_BLOCKS = 6
-"""The microphone's noise is the lowest of the lower quartiles of the windows' energies in each of
-the last `NOISE_BLOCKS` blocks of `NOISE_BLOCK_WINDOWS` windows (about 3 s): longer than the pauses
-of speech, so that a voice does not become the noise, short enough to follow a fan that starts. A
-quartile, not the quietest window: received audio has single windows 3 dB under its hiss (Opus,
-the jitter buffer's concealment), and a minimum would then take the hiss itself for a voice."""
 
 
 @dataclass
@@ -74,16 +67,6 @@ class GateOptions:
     energy_floor_dbfs: float | None = -70.0
     """A window quieter than this (RMS, dB of full scale) is silence without asking Silero, while
     the gate is closed and nothing loud came just before (module notes); None: Silero judges all."""
-    noise_margin_db: float | None = 3.0
-    """A window less than this above the microphone's own noise (`NOISE_BLOCKS`) is silence without
-    asking Silero, under the same conditions; None: only the floor."""
-    noise_ceiling_dbfs: float = -50.0
-    """...as long as that noise is quieter than this (a noisy microphone gets Silero on every window)."""
-
-
-def _window_energy(dbfs: float) -> float:
-    """The sum of squares of a window of int16 samples whose RMS is `dbfs`."""
-    return WINDOW_24K * (32768 * 10 ** (dbfs / 20)) ** 2
 
 
 class _Resampler:
@@ -141,14 +124,7 @@ class SpeechGate:
             """The audio just before the windows being fed: resampling context, and Silero's warm-up."""
             self._skipped_last = False
             floor = self.options.energy_floor_dbfs
-            self._floor_energy = None if floor is None else _window_energy(floor)
-            margin = self.options.noise_margin_db
-            self._noise_ratio = None if margin is None or floor is None else 10 ** (margin / 10)
-            self._noise_ceiling = _window_energy(self.options.noise_ceiling_dbfs)
-            self._block: list[float] = []
-            """The energies of the windows of the block under way."""
-            self._block_quartiles: list[float] = []
-            """The lower quartile of the windows' energies in each of the last NOISE_BLOCKS blocks."""
+            self._floor_energy = None if floor is None else WINDOW_24K * (32768 * 10 ** (floor / 20)) ** 2
             self._awake = 0
             """Windows Silero still judges whatever their energy (after a loud one)."""
         self.silero_windows = 0
@@ -205,8 +181,7 @@ class SpeechGate:
         if self._floor_energy is None:
             return False
         samples = window.astype(np.float32)
-        energy = float(np.dot(samples, samples))
-        if energy >= self._quiet_below(energy):
+        if float(np.dot(samples, samples)) >= self._floor_energy:
             self._awake = AWAKE_WINDOWS
             return False
         if self._awake > 0:
@@ -216,22 +191,6 @@ class SpeechGate:
             return False
         self.skipped_windows += 1
         return True
-
-    def _quiet_below(self, energy: float) -> float:
-        """The energy under which a window is quiet: the floor, or the margin over the microphone's
-        noise when that is higher. Takes the window into the noise's next estimate."""
-        quiet = self._floor_energy
-        if self._noise_ratio is not None and self._block_quartiles:
-            noise = min(self._block_quartiles)
-            if noise < self._noise_ceiling:
-                quiet = max(quiet, noise * self._noise_ratio)
-        block = self._block
-        block.append(energy)
-        if len(block) == NOISE_BLOCK_WINDOWS:
-            block.sort()
-            self._block_quartiles = [*self._block_quartiles[1 - NOISE_BLOCKS:], block[NOISE_BLOCK_WINDOWS // 4]]
-            block.clear()
-        return quiet
 
     def _silero(self, window16: np.ndarray) -> float:
         self.silero_windows += 1

@@ -38,7 +38,8 @@ def _spawn(role: str, config: dict, workdir: Path, name: str, env: dict | None =
 
 
 def _silero_share(results: list[dict]) -> float | None:
-    """Of the speech gate's windows while measured, the share Silero judged (the rest: by energy)."""
+    """Silero calls per window of the speech gate while measured (its warm-up calls on waking
+    included, so it can pass 1; the windows it skipped by energy count in the windows)."""
     silero = sum(r["silero_windows"] for r in results)
     windows = silero + sum(r["skipped_windows"] for r in results)
     return round(silero / windows, 3) if windows else None

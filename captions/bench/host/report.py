@@ -97,7 +97,7 @@ def summary(runs: list[dict]) -> dict:
 
 def markdown_table(report: dict) -> str:
     header = ("| kind | path | host | participants (tracks x k) | host cores | idle baseline | per participant "
-              "| delivered | pushed | Silero windows | steps / 80 ms | latency beyond delay p50 / p95 | load before "
+              "| delivered | pushed | Silero calls / window | steps / 80 ms | latency beyond delay p50 / p95 | load before "
               "| kept up |")
     lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["runs"]:
