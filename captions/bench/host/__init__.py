@@ -11,8 +11,9 @@ the segmenter; k > 1 stands for more talkers than this machine can run bots for,
 ingest` does), with the real engine code (captions/stt/engine.py: slots, the frame clock) driving
 the tiny random checkpoint on the CPU with one torch thread. The tiny model's step is not free, but
 it runs on the engine's own thread, whose CPU time is measured apart and left out: the GPU's cost is
-`captions bench engine`'s business. What is left out as well: publishing captions (signing, text
-streams); the bench's room counts them instead.
+`captions bench engine`'s business. Captions are counted, and with `--publish on` also published
+as the worker publishes them (captions/live/publisher.py: signed, one `lk.transcription` text
+stream each, interims and finals; `--publish off,on` measures both side by side).
 
 Shapes (`--receivers`, e.g. `--receivers 1 2`):
 
@@ -92,6 +93,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--live-chunk-ms", env="CAPTIONS_BENCH_LIVE_CHUNK_MS", type=live_chunk_list, default=[LIVE_CHUNK_MS],
                help="live chunk lengths the new path is measured with, side by side (`captions worker "
                     "--live-chunk-ms`; today's path keeps 10 ms), e.g. 10,40")
+    add_option(parser, "--publish", env="CAPTIONS_BENCH_PUBLISH", type=_publish, default=[False],
+               help="whether the talkers' listeners publish their captions as the worker does (signed "
+                    "lk.transcription text streams): off, on, or off,on side by side")
     add_option(parser, "--repeats", env="CAPTIONS_BENCH_REPEATS", type=positive_int, default=1,
                help="times each configuration is measured (alternating paths)")
     add_option(parser, "--bots-per-process", env="CAPTIONS_BENCH_BOTS_PER_PROCESS", type=positive_int,
@@ -113,6 +117,13 @@ def _paths(text: str) -> list[str]:
     if not values or set(values) - set(PATHS):
         raise argparse.ArgumentTypeError(f"expected some of {', '.join(PATHS)}, got {text!r}")
     return list(dict.fromkeys(values))
+
+
+def _publish(text: str) -> list[bool]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values or set(values) - {"off", "on"}:
+        raise argparse.ArgumentTypeError(f"expected off, on or off,on, got {text!r}")
+    return [value == "on" for value in dict.fromkeys(values)]
 
 
 def _receivers(value) -> list[int]:
@@ -170,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                           "engine": "captions.stt.engine.SttEngine, 1 torch thread, its thread's CPU left out; "
                                     "over the socket: captions.host.engine_server.EngineServer in its own process, "
                                     "captions.host.engine_client.EngineClient in each listener",
-                          "noise_std_int16": NOISE_STD, "captions_published": False}
+                          "noise_std_int16": NOISE_STD, "captions_published": args.publish}
     report["runs"] = runs
     report["summary"] = summary(runs)
     return finish_report(args, report, plot, markdown_table)

@@ -96,13 +96,16 @@ async def _phase(config: dict, name: str) -> None:
 # ---- the listener: the product's speakers in one measured process -------------------------------------
 
 def _bench_classes():
+    from captions.live.publisher import OutgoingCaption
     from captions.live.segmenter import SegmenterOptions
     from captions.live.speaker import Speaker, SpeakerOptions
+    from captions.protocol import words_attribute
+    from captions.stt.api import Word
 
     class Host:
         """One room as the speakers see it (speaker.SpeakerHost); captions are counted, not published."""
 
-        def __init__(self, slots, text_delay_s: float, live_chunk_ms: int = 10):
+        def __init__(self, slots, text_delay_s: float, live_chunk_ms: int = 10, publisher=None):
             self.room_name = "bench-host"
             self.slots = slots
             self.segmenter_options = SegmenterOptions()
@@ -113,6 +116,8 @@ def _bench_classes():
             self.measuring = False
             self.latencies: list[float] = []
             self.captions = 0
+            self.publisher = publisher
+            """A CaptionPublisher (`--publish on`): captions go out as the worker's room sends them."""
 
         def status_changed(self) -> None:
             pass
@@ -120,6 +125,11 @@ def _bench_classes():
         def caption(self, speaker, update, wall_time, timing=None) -> None:
             if self.measuring:
                 self.captions += 1
+            if self.publisher is not None:  # as room.py's caption(), less the transcript
+                words = None
+                if update.final and update.text:
+                    words = words_attribute([Word(w.text, wall_time(w.start), wall_time(w.end)) for w in update.words])
+                self.publisher.put(OutgoingCaption(speaker.identity, speaker.track_sid, update, words, timing))
 
     class BenchSpeaker(Speaker):
         """Counts the audio it pushed and the latency of each event that carries text."""
@@ -145,6 +155,13 @@ def _bench_classes():
             super()._on_event(turn, event)
 
     return Host, BenchSpeaker
+
+
+def _publish_errors() -> int:
+    """Captions the publisher gave up on (every attempt failed), this process's whole run."""
+    from captions.live.metrics import METRICS
+
+    return METRICS.errors().get("publish", 0)
 
 
 def _engine(config: dict):
@@ -199,6 +216,12 @@ async def _listen(config: dict) -> None:
     await room.connect(config["url"], make_token(server_from_config(config), config["room"],
                                                  f"listener-{config['index']}-{os.getpid()}"),
                        options=rtc.RoomOptions(auto_subscribe=False))
+    if config.get("publish"):
+        from captions.live.publisher import CaptionPublisher
+        from captions.protocol import CaptionSigner
+
+        host.publisher = CaptionPublisher(room, CaptionSigner())
+        host.publishing = asyncio.create_task(host.publisher.run())
     wanted = set(config["identities"])
     deadline = time.monotonic() + SUBSCRIBE_TIMEOUT_S
     while not wanted <= {p.identity for p in room.remote_participants.values() if p.track_publications}:
@@ -263,6 +286,7 @@ async def _listen(config: dict) -> None:
               "steps_per_frame": round(steps / (wall / FRAME_S), 3) if engine_thread is not None else None,
               "captions": host.captions, "live_turns": sum(s.turn is not None for s in speakers),
               "silero_windows": silero, "skipped_windows": skipped, "seconds": round(wall, 2),
+              "publish_errors": _publish_errors() if host.publisher is not None else None,
               "latency_beyond_delay_ms": summarize_ms(host.latencies) if host.latencies else None,
               "latencies_ms": [round(1000 * x, 1) for x in host.latencies],
               "waited_for_cpu_cores": waited, "cpu_samples": sampler.cores, "thread_cores": thread_cores}

@@ -75,11 +75,12 @@ def configurations(args: argparse.Namespace) -> list[dict]:
                 base = {"kind": kind, "tracks": tracks, "streams_per_track": k}
                 # Today's path is the baseline, in 10 ms chunks; the new one in each chunk asked for.
                 variants = [(path, chunk) for path in args.paths for chunk in (chunks if path == "new" else [10])]
+                publish = getattr(args, "publish", [False]) if kind == "talkers" else [False]
                 if 1 in args.receivers:
-                    runs += [{**base, "path": path, "live_chunk_ms": chunk, "receivers": 1, "engine": "in-process"}
-                             for path, chunk in variants]
-                runs += [{**base, "path": "new", "live_chunk_ms": chunk, "receivers": p, "engine": "socket"}
-                         for p in over_socket for chunk in chunks]
+                    runs += [{**base, "path": path, "live_chunk_ms": chunk, "receivers": 1, "engine": "in-process",
+                              "publish": published} for path, chunk in variants for published in publish]
+                runs += [{**base, "path": "new", "live_chunk_ms": chunk, "receivers": p, "engine": "socket",
+                          "publish": published} for p in over_socket for chunk in chunks for published in publish]
     return runs
 
 
@@ -196,7 +197,9 @@ def combine(configuration: dict, results: list[dict], engine: dict | None, machi
            "delivered": weighted("delivered"), "pushed": weighted("pushed"),
            "steps_per_frame": engine["steps_per_frame"] if engine else results[0]["steps_per_frame"],
            "captions": sum(r["captions"] for r in results), "live_turns": sum(r["live_turns"] for r in results),
-           "silero_share": _silero_share(results), "seconds": max(r["seconds"] for r in results),
+           "silero_share": _silero_share(results),
+           "publish_errors": sum(r.get("publish_errors") or 0 for r in results) if configuration.get("publish") else None,
+           "seconds": max(r["seconds"] for r in results),
            "latency_beyond_delay_ms": summarize_ms(latencies) if latencies else None}
     if engine is None:
         run["thread_cores"] = results[0]["thread_cores"]

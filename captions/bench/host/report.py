@@ -31,11 +31,13 @@ def kept_up(run: dict) -> bool:
 
 def variant(run: dict) -> str:
     """The host path of a run, with its live chunk (`--live-chunk-ms`) when the new path ran with
-    another than the worker's default (today's path: always 10 ms; runs from before the option: theirs)."""
+    another than the worker's default (today's path: always 10 ms; runs from before the option: theirs),
+    and whether its captions were published (`--publish`)."""
     chunk = run.get("live_chunk_ms")
-    if chunk is None or run["path"] != "new" or chunk == LIVE_CHUNK_MS:
-        return run["path"]
-    return f"{run['path']}, {chunk} ms chunks"
+    name = run["path"]
+    if chunk is not None and run["path"] == "new" and chunk != LIVE_CHUNK_MS:
+        name += f", {chunk} ms chunks"
+    return name + (", captions published" if run.get("publish") else "")
 
 
 def shape(run: dict) -> str:
