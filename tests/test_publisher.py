@@ -17,21 +17,9 @@ from captions.protocol import ATTR_SEQ, CaptionSigner
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
 
-class FakeWriter:
-    def __init__(self, sent: list, identity: str, attributes: dict, hang: bool) -> None:
-        self.sent, self.identity, self.attributes, self.hang = sent, identity, attributes, hang
-        self.text = ""
-
-    async def write(self, text: str) -> None:
-        if self.hang:
-            await asyncio.Event().wait()  # a stream the server never takes
-        self.text += text
-
-    async def aclose(self) -> None:
-        self.sent.append((self.identity, self.text, self.attributes))
-
-
 class FakeParticipant:
+    """The room's local participant as the publisher sends through it (sdk_fixes.send_text_as)."""
+
     identity = "agent-1"
 
     def __init__(self) -> None:
@@ -39,11 +27,22 @@ class FakeParticipant:
         self.hang: set[str] = set()
         self.fail_next: dict[str, int] = {}
 
-    async def stream_text(self, *, topic: str, sender_identity: str, attributes: dict) -> FakeWriter:
+    async def send_text_as(self, text: str, *, topic: str, sender_identity: str, attributes: dict) -> None:
         if self.fail_next.get(sender_identity, 0) > 0:
             self.fail_next[sender_identity] -= 1
             raise ConnectionError("engine is not connected")
-        return FakeWriter(self.sent, sender_identity, attributes, sender_identity in self.hang)
+        if sender_identity in self.hang:
+            await asyncio.Event().wait()  # a stream the server never takes
+        self.sent.append((sender_identity, text, attributes))
+
+
+def send_through_fake(participant: FakeParticipant, text: str, **options) -> object:
+    return participant.send_text_as(text, **options)
+
+
+@pytest.fixture(autouse=True)
+def fake_sending(monkeypatch):
+    monkeypatch.setattr(publisher_module, "send_text_as", send_through_fake)
 
 
 def caption(identity: str, segment: str, text: str, final: bool = False) -> OutgoingCaption:

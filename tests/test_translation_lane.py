@@ -38,7 +38,7 @@ from captions.protocol import (
     translation_segment_id,
     verify_caption,
 )
-from tests.test_publisher import FakeParticipant
+from tests.test_publisher import FakeParticipant, fake_sending  # noqa: F401 - an autouse fixture
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 

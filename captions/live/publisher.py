@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import json
 import time
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from livekit import rtc
 
 from captions.live.metrics import METRICS
+from captions.live.sdk_fixes import send_text_as
 from captions.live.segmenter import CaptionUpdate
 from captions.live.timing import ATTR_TIMING
 from captions.log import logger
@@ -297,15 +297,6 @@ class CaptionPublisher:
         # their last words go out under the agent's own identity (captions.speaker names them).
         present = item.identity in self._room.remote_participants and item.resend_seq is None
         sender = item.identity if present else self._room.local_participant.identity
-        writer = await self._room.local_participant.stream_text(
-            topic=TOPIC_TRANSCRIPTION, sender_identity=sender, attributes=self._signed_attributes(item, seq))
-        try:
-            if item.update.text:
-                await writer.write(item.update.text)
-        except BaseException:
-            # Given up (a timeout, an error): closed as failed, at once, so that it does not hold a
-            # reader open at every receiver until theirs times out. Briefly: the cause may be a stall.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(writer.aclose(reason="not sent whole")), 1.0)
-            raise
-        await writer.aclose()
+        # The whole stream in one request (one packet where the recipients support it: sdk_fixes.py).
+        await send_text_as(self._room.local_participant, item.update.text, topic=TOPIC_TRANSCRIPTION,
+                           sender_identity=sender, attributes=self._signed_attributes(item, seq))

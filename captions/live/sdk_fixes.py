@@ -14,6 +14,11 @@ out of the event right there, instead of through the SDK stream's own task and q
 router cannot be installed (an SDK whose private layer differs), each stream falls back to a
 subscription filter narrowed to its own handle, and says so once. `CAPTIONS_HOST_PATH=today`
 keeps that fallback on purpose: `captions bench host` measures both side by side.
+
+Captions (`send_text_as`): the SDK's `send_text` sends a whole text stream in one request, which
+livekit-ffi sends as one data packet to recipients whose client supports it (header, chunk and
+trailer otherwise), where `stream_text` takes three requests and three packets; but it names the
+local participant as the sender, and a caption names the speaker.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 from livekit import rtc
 from livekit.rtc._ffi_client import FfiClient
+from livekit.rtc._proto import ffi_pb2
 
 from captions.log import logger
 
@@ -334,3 +340,25 @@ def worker_connected(server) -> bool:
     1.8.9 reconnects by itself after a lost connection and says so only in private state: False
     while it connects (at start and after a loss), and once it gave up."""
     return not getattr(server, "_connecting", True) and not getattr(server, "_connection_failed", False)
+
+
+async def send_text_as(participant: rtc.LocalParticipant, text: str, *, topic: str, sender_identity: str,
+                       attributes: dict[str, str]) -> None:
+    """`participant.send_text(...)` in `sender_identity`'s name (module notes); raises
+    `rtc.StreamError` with livekit-ffi's reason when the stream could not be sent."""
+    request = ffi_pb2.FfiRequest()
+    request.send_text.local_participant_handle = participant._ffi_handle.handle
+    request.send_text.text = text
+    options = request.send_text.options
+    options.topic = topic
+    options.attributes.update(attributes)
+    options.sender_identity = sender_identity
+    options.compress = True
+    queue = FfiClient.instance.queue.subscribe()
+    try:
+        response = FfiClient.instance.request(request)
+        event = await queue.wait_for(lambda e: e.send_text.async_id == response.send_text.async_id)
+    finally:
+        FfiClient.instance.queue.unsubscribe(queue)
+    if event.send_text.HasField("error"):
+        raise rtc.StreamError(event.send_text.error.description)
