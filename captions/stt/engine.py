@@ -56,13 +56,10 @@ STICKY_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecif
                         "misaligned address", "illegal instruction", "uncorrectable ECC error",
                         "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA-capable device", "cudaErrorLaunchFailure")
 """Errors after which a CUDA context stays unusable until the process ends: the first one breaks the engine."""
-STEP_HUNG_S = 20.0
-"""A step that has not returned after this long is taken as a hung device: the engine breaks. Steps
-take milliseconds (tens at B = 256 on one H200) once warmed up; the margin is for a machine that
-stalls for seconds (swap, a noisy neighbour) without a hung device..."""
-HUNG_AFTER_WARM_STEPS = 50
-"""...and for a slow device (a large batch on a CPU): never less than this many times the last
-warm-up step."""
+STEP_HUNG_S, HUNG_AFTER_WARM_STEPS = 20.0, 50
+"""A step not returned after the larger of this long and this many last warm-up steps is a hung
+device: the engine breaks. Steps take ms (tens at B = 256 on one H200); the margin is for a machine
+that stalls for seconds (swap), the warm-up's for a slow device (a large batch on a CPU)."""
 
 
 class SlotStream:
