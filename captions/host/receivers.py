@@ -36,11 +36,11 @@ CORES_KEPT = 2
 readers: about 0.001 cores per live talker) and to the rest of the machine (the OS, livekit-server
 when it runs on the same host)."""
 MAX_AUTO_RECEIVERS = 8
-"""`--receivers auto` never starts more. A talker costs 0.016-0.028 cores, most of it in the SDK's
+"""`--receivers auto` never starts more. A talker costs 0.020-0.038 cores, most of it in the SDK's
 native threads, so one process uses several cores, and its busiest thread (the decoder, or the
 interpreter) fills near 140-210 talkers (docs/benchmarks/host.md, computed): 8 carry the 400 that
-one GPU steps in real time (Kyutai publishes 400 streams on an H100) with room to spare, bound by
-the host's cores rather than by their number. More would cost memory (each is a livekit-agents
+one GPU steps in real time (Kyutai publishes 400 streams on an H100), bound by the host's cores
+rather than by their number. More would cost memory (each is a livekit-agents
 worker with its own translation model) for talkers the one engine cannot step."""
 RECEIVER_ARGS_ENV = "CAPTIONS_RECEIVER_ARGS"
 RESTART_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
