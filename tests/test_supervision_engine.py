@@ -30,6 +30,7 @@ from captions.protocol import ATTR_AGENT_ALIVE, ATTR_AGENT_SUPERSEDED, CaptionSi
 from captions.stt import engine as engine_module
 from captions.stt.api import Word
 from captions.stt.engine import EngineFull, SttEngine
+from captions.stt.watchdog import StepWatchdog
 from tests.engine_drive import FRAME, Collector, run_solo
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -100,11 +101,11 @@ def test_failed_steps_in_a_row_break_the_engine_and_a_success_between_starts_the
 
 def test_a_step_that_never_returns_breaks_the_engine_and_says_why(engine, monkeypatch, caplog):
     """A hung device raises nothing: the step blocks. The watchdog breaks the engine after
-    `step_hung_s` (shortened here): the stream ends with the cause, the worker is told once, no new
+    `hung_s` (shortened here): the stream ends with the cause, the worker is told once, no new
     stream is taken; when the step returns at last, nothing else happens."""
     told, release, real = [], threading.Event(), engine._run_model
     engine.broken_listeners.append(told.append)
-    engine.step_hung_s = 0.5
+    engine.watchdog.hung_s = 0.5
 
     def hung(batch, reset):
         release.wait(30)
@@ -119,12 +120,39 @@ def test_a_step_that_never_returns_breaks_the_engine_and_says_why(engine, monkey
         engine.open_stream(Collector())
     release.set()
     deadline = time.monotonic() + 5
-    while engine._step_started is not None and time.monotonic() < deadline:
+    while engine.watchdog.started is not None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.1)
-    assert engine._step_started is None, "the step returned"
+    assert engine.watchdog.started is None, "the step returned"
     assert len(collector.events) == 1 and collector.events[0].ended, "nothing after the end"
     assert not [r for r in caplog.records if "crashed" in r.getMessage()], "the late step crashed nothing"
+
+
+def test_the_watchdog_fires_once_for_a_step_still_running_and_not_for_one_that_returned():
+    fired, done = [], threading.Event()
+    watchdog = StepWatchdog(lambda cause, unless: (fired.append((cause, unless())), done.set()))
+    watchdog.hung_s = 0.2
+    watchdog.started = time.monotonic()
+    watchdog.start()
+    try:
+        assert done.wait(5), "a step running past hung_s breaks the engine"
+        (cause, still_running_when_fired), = fired
+        assert re.fullmatch(r"an engine step has not returned in \d+ s \(a hung device or driver\)", cause)
+        assert still_running_when_fired is False, "unless() says the step had not returned"
+        time.sleep(0.5)
+        assert len(fired) == 1, "once"
+    finally:
+        watchdog.close()
+    quiet = StepWatchdog(lambda cause, unless: fired.append(cause))
+    quiet.hung_s = 0.2
+    quiet.start()
+    for _ in range(10):  # steps of 50 ms, each returning in time
+        quiet.started = time.monotonic()
+        time.sleep(0.05)
+        quiet.started = None
+        time.sleep(0.05)
+    quiet.close()
+    assert len(fired) == 1, "a step that returns in time is never taken for a hung one"
 
 
 async def until(predicate, timeout: float = 10) -> None:
@@ -211,7 +239,7 @@ def _build_server_then_break(args, service):
 
     def registered(*_):
         service.engine._run_model = _broken_model
-        service.engine.step_hung_s = 1.0
+        service.engine.watchdog.hung_s = 1.0
         service.engine.open_stream(lambda event: None).push(np.zeros(1920 * 2, dtype=np.float32))
 
     server.on("worker_registered", registered)

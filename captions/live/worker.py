@@ -431,7 +431,10 @@ def run(args: argparse.Namespace) -> int:
     if args.receivers > 1:  # this process: the engine only; receiving processes take the rooms
         from captions.host.engine_process import run_engine_process
 
-        return run_engine_process(args, EXIT_ENGINE_FAILED, _load_translation)
+        status = run_engine_process(args, EXIT_ENGINE_FAILED, _load_translation)
+        if status == EXIT_ENGINE_FAILED:
+            exit_now(status)  # a hung device's CUDA teardown could hold the interpreter's exit
+        return status
     try:
         observability = _start_observability(args)
     except OSError as e:

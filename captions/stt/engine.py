@@ -19,10 +19,8 @@ CUDA out-of-memory passes. A device that fails for good does not: after `BROKEN_
 failed steps in a row, at an error that leaves CUDA unusable (`STICKY_DEVICE_ERRORS`), or if the
 stepping thread itself crashes, the engine is *broken*: it logs why once, ends every stream, takes no
 new one, and tells `broken_listeners`, so that the worker reports unready and exits (an orchestrator
-replaces it, and its rooms move to other workers). A device or driver that hangs raises nothing: a
-step that has not returned after `STEP_HUNG_S` (more on a slow device) breaks the engine the same
-way (a watchdog thread), where captions would otherwise stop in every room while the worker still
-says it is ready.
+replaces it, and its rooms move to other workers). So does a step that never returns (a hung
+device or driver: watchdog.py).
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from captions.stt.api import EngineFull, EventCallback, StepTimings, StreamEvent
 from captions.stt.audio import FrameBuffer
 from captions.stt.frame_clock import FrameClock
 from captions.stt.model import SttModel, load_stt_model, resolve_batch_size
+from captions.stt.watchdog import StepWatchdog
 from captions.stt.words import WordDecoder
 
 # Index of the VAD head used for pauses: head i predicts "no voice activity" over 0.5 s, 1 s, 2 s,
@@ -56,10 +55,6 @@ STICKY_DEVICE_ERRORS = ("illegal memory access", "device-side assert", "unspecif
                         "misaligned address", "illegal instruction", "uncorrectable ECC error",
                         "CUBLAS_STATUS_EXECUTION_FAILED", "CUDA-capable device", "cudaErrorLaunchFailure")
 """Errors after which a CUDA context stays unusable until the process ends: the first one breaks the engine."""
-STEP_HUNG_S, HUNG_AFTER_WARM_STEPS = 20.0, 50
-"""A step not returned after the larger of this long and this many last warm-up steps is a hung
-device: the engine breaks. Steps take ms (tens at B = 256 on one H200); the margin is for a machine
-that stalls for seconds (swap), the warm-up's for a slow device (a large batch on a CPU)."""
 
 
 class SlotStream:
@@ -155,10 +150,7 @@ class SttEngine:
         """Why the engine failed for good (module notes); None while it serves."""
         self.broken_listeners: list[Callable[[str], None]] = []
         """`callback(cause)` runs once, on the engine thread (or the watchdog's), when the engine breaks."""
-        self.step_hung_s = STEP_HUNG_S
-        self._step_started: float | None = None
-        """time.monotonic() when the model step under way began; None between steps."""
-        self._closed = threading.Event()
+        self.watchdog = StepWatchdog(self._break)
 
     @classmethod
     def load(cls, model: str, device: str = "auto", batch_size: int | str = 8, profile: bool = False,
@@ -231,10 +223,10 @@ class SttEngine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="stt-engine", daemon=True)
             self._thread.start()
-            threading.Thread(target=self._watch, name="stt-engine-watchdog", daemon=True).start()
+            self.watchdog.start()
 
     def close(self) -> None:
-        self._closed.set()
+        self.watchdog.close()
         with self._cond:
             self._stopped = True
             self._wake()
@@ -249,7 +241,7 @@ class SttEngine:
             self._run_model(batch, reset=np.zeros(self.batch_size, dtype=bool))
             warm_step_s = time.monotonic() - started
         if steps:
-            self.step_hung_s = max(STEP_HUNG_S, HUNG_AFTER_WARM_STEPS * warm_step_s)
+            self.watchdog.calibrate(warm_step_s)
         reset = self._torch.ones(self.batch_size, dtype=self._torch.bool)
         self.model.mimi.reset_streaming(reset)
         self._lm_gen.reset_streaming(reset)
@@ -352,14 +344,6 @@ class SttEngine:
             with self._cond:
                 self._busy = False
 
-    def _watch(self) -> None:
-        """The watchdog (module notes): breaks the engine when a step has run `step_hung_s`."""
-        while not self._closed.wait(min(1.0, self.step_hung_s / 4)) and self.broken is None:
-            started = self._step_started
-            if started is not None and (running := time.monotonic() - started) >= self.step_hung_s:
-                self._break(f"an engine step has not returned in {running:.0f} s (a hung device or driver)")
-                return
-
     def _gather(self) -> None:
         """Waits (lock released) as long as the frame clock says, for the frames due with this step."""
         started = _now()
@@ -408,12 +392,11 @@ class SttEngine:
 
     def _step(self, batch: list[tuple[_Slot, np.ndarray | None]], reset: np.ndarray) -> None:
         step_started = time.time()  # wall clock, for latency diagnostics (room.py's timing attributes)
-        self._step_started = time.monotonic()
+        self.watchdog.started = time.monotonic()
         try:
             tokens, pause, timings = self._run_model(batch, reset)
         except Exception as e:  # noqa: BLE001 - e.g. CUDA OOM: end the affected streams, keep serving
-            self._step_started = None
-            if self.broken is not None:
+            if self._step_returned():
                 return  # the watchdog gave up on this step: its streams have ended
             self.failed_steps += 1
             self._failed_in_a_row += 1
@@ -429,8 +412,7 @@ class SttEngine:
             elif self._failed_in_a_row >= BROKEN_AFTER_FAILED_STEPS:
                 self._break(f"{self._failed_in_a_row} steps in a row failed, the last with {cause}")
             return
-        self._step_started = None
-        if self.broken is not None:
+        if self._step_returned():
             return  # the watchdog gave up on this step: its streams have ended, their slots are free
         self._failed_in_a_row = 0
         decoded = time.perf_counter()
@@ -455,10 +437,17 @@ class SttEngine:
         for listener in self.step_listeners:
             listener(timings)
 
-    def _break(self, cause: str) -> None:
-        """The engine failed for good (module notes): said once, then every stream ends."""
+    def _step_returned(self) -> bool:
+        """Marks the step done, under the lock the watchdog breaks under; True if it already broke."""
         with self._cond:
-            if self.broken is not None:
+            self.watchdog.started = None
+            return self.broken is not None
+
+    def _break(self, cause: str, unless: Callable[[], bool] | None = None) -> None:
+        """The engine failed for good (module notes): said once, then every stream ends. `unless`:
+        checked under the lock, where `_step` clears a returning step."""
+        with self._cond:
+            if self.broken is not None or (unless is not None and unless()):
                 return
             self.broken = cause
             self._wake()
@@ -484,15 +473,17 @@ class SttEngine:
             logger.exception("stream %d: event handler failed", event.stream_id)
 
     def _finish(self, slot: _Slot, error: str | None = None) -> None:
-        """Emits the stream's last words and `ended`, then frees the slot."""
-        words = slot.decoder.finish() if slot.flush and error is None else []
-        event = StreamEvent(slot.stream.id, slot.audio_frames, words, "", None, ended=True, error=error,
-                            lead_samples=slot.stream.lead_samples)
-        on_event = slot.on_event
+        """Emits the stream's last words and `ended`, then frees the slot; once, whoever calls it
+        (the stepping thread and a watchdog breaking the engine may both)."""
         with self._cond:
+            stream, on_event, decoder = slot.stream, slot.on_event, slot.decoder
+            if stream is None:
+                return
             slot.stream, slot.on_event, slot.decoder, slot.buffer = None, None, None, None
             slot.queue.clear()
-        self._deliver(on_event, event)
+        words = decoder.finish() if slot.flush and error is None else []
+        self._deliver(on_event, StreamEvent(stream.id, slot.audio_frames, words, "", None, ended=True, error=error,
+                                            lead_samples=stream.lead_samples))
         for listener in self._slot_freed_listeners:
             try:
                 listener()
