@@ -2,7 +2,7 @@
 what LiveKit's front-end components run on): the publisher sends each caption as one `send_text`
 request in the speaker's name (captions/live/sdk_fixes.py `send_text_as`), and a browser that joins
 the room with a text stream handler on `lk.transcription` gets every caption whole, in the
-speaker's name, with every attribute, whether it fits in one packet or not."""
+speaker's name, with its attributes (segment, final flag, signature), long or empty."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import functools
 import http.server
 import json
+import secrets
 import shutil
 import threading
 from pathlib import Path
@@ -59,9 +60,10 @@ async def test_livekit_client_reads_every_caption_whole_in_the_speakers_name(liv
     await agent.connect(livekit_server.url, make_token(livekit_server, "js-client", "agent-1", agent=True))
     publisher = CaptionPublisher(agent, CaptionSigner())
     publishing = asyncio.create_task(publisher.run())
-    long_final = "a long final caption " * 600  # 12,600 characters: over one data packet
+    long_final = " ".join(secrets.token_hex(8) for _ in range(800))  # 13,599 characters that do not compress
     sent = [CaptionUpdate("seg-1", "hello thé", False, []), CaptionUpdate("seg-1", "hello thé world", True, []),
-            CaptionUpdate("seg-2", long_final, True, [])]
+            CaptionUpdate("seg-2", long_final, True, []),
+            CaptionUpdate("seg-3", "", True, [])]  # an empty final takes back an interim (segmenter.py)
     try:
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM)
@@ -85,5 +87,5 @@ async def test_livekit_client_reads_every_caption_whole_in_the_speakers_name(liv
     assert [c["text"] for c in got] == [u.text for u in sent]
     assert {c["sender"] for c in got} == {"alice"}
     assert [(c["attributes"][ATTR_SEGMENT_ID], c["attributes"][ATTR_TRANSCRIPTION_FINAL]) for c in got] == \
-        [("seg-1", "false"), ("seg-1", "true"), ("seg-2", "true")]
+        [("seg-1", "false"), ("seg-1", "true"), ("seg-2", "true"), ("seg-3", "true")]
     assert all(c["attributes"][ATTR_SIGNATURE] for c in got)

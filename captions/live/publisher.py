@@ -61,7 +61,8 @@ RESEND_WINDOW_S = 3.0
 """A final sent this recently when its speaker leaves is sent again in the agent's own name: clients
 abort the streams of a sender who disconnects, even one that was nearly through."""
 SEND_TIMEOUT_S = 5.0
-"""One stream (open, write, close) that takes longer is given up (and a final retried)."""
+"""One caption's stream (one `send_text` request) that takes longer is given up, and a final retried.
+The native send may still complete: receivers drop a copy of an update they have (its seq)."""
 
 
 @dataclass(frozen=True)

@@ -354,7 +354,7 @@ async def send_text_as(participant: rtc.LocalParticipant, text: str, *, topic: s
     options.attributes.update(attributes)
     options.sender_identity = sender_identity
     options.compress = True
-    queue = FfiClient.instance.queue.subscribe()
+    queue = FfiClient.instance.queue.subscribe(filter_fn=lambda e: e.WhichOneof("message") == "send_text")
     try:
         response = FfiClient.instance.request(request)
         event = await queue.wait_for(lambda e: e.send_text.async_id == response.send_text.async_id)
