@@ -37,12 +37,8 @@ class FakeParticipant:
 
 
 def send_through_fake(participant: FakeParticipant, text: str, **options) -> object:
+    """CaptionPublisher's `send` for a fake room."""
     return participant.send_text_as(text, **options)
-
-
-@pytest.fixture(autouse=True)
-def fake_sending(monkeypatch):
-    monkeypatch.setattr(publisher_module, "send_text_as", send_through_fake)
 
 
 def caption(identity: str, segment: str, text: str, final: bool = False) -> OutgoingCaption:
@@ -56,7 +52,7 @@ def room():
 
 
 async def running(room) -> tuple[CaptionPublisher, asyncio.Task]:
-    publisher = CaptionPublisher(room, CaptionSigner())
+    publisher = CaptionPublisher(room, CaptionSigner(), send=send_through_fake)
     return publisher, asyncio.create_task(publisher.run())
 
 
@@ -86,7 +82,7 @@ async def test_a_final_that_fails_is_retried_and_arrives(room):
 
 
 async def test_an_interim_with_a_newer_one_waiting_is_skipped_and_numbers_stay_in_order(room):
-    publisher = CaptionPublisher(room, CaptionSigner())
+    publisher = CaptionPublisher(room, CaptionSigner(), send=send_through_fake)
     for n in range(500):  # publishing far behind: only the newest text of the segment matters
         publisher.put(caption("alice", "SG_a", "word " * n))
     publisher.put(caption("alice", "SG_a", "the final text", final=True))
@@ -150,7 +146,7 @@ async def test_a_translation_goes_in_its_own_lane_signed_as_one_with_its_origina
     monkeypatch.setattr(publisher_module, "SEND_TIMEOUT_S", 0.3)
     monkeypatch.setattr(publisher_module, "FINAL_PUBLISH_ATTEMPTS", 1)
     signer = CaptionSigner()
-    publisher = CaptionPublisher(room, signer)
+    publisher = CaptionPublisher(room, signer, send=send_through_fake)
     numbered = []
     publisher.on_numbered = lambda item, seq: numbered.append((item.update.text, seq))
     task = asyncio.create_task(publisher.run())

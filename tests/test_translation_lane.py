@@ -38,7 +38,7 @@ from captions.protocol import (
     translation_segment_id,
     verify_caption,
 )
-from tests.test_publisher import FakeParticipant, fake_sending  # noqa: F401 - an autouse fixture
+from tests.test_publisher import FakeParticipant, send_through_fake
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
 
@@ -124,7 +124,7 @@ class Lane:
     def __init__(self, room: FakeRoom, engine: FakeEngine, targets=("de", "es"), detect=lambda text, c: "en",
                  **options: float) -> None:
         self.room, self.engine, self.signer = room, engine, CaptionSigner()
-        self.publisher = CaptionPublisher(room, self.signer)
+        self.publisher = CaptionPublisher(room, self.signer, send=send_through_fake)
         self.written: list[FinalSegment] = []
         self.translator = RoomTranslator(room, engine, self.publisher, TranslationOptions(targets, **options),
                                          write=self.written.append, detect=detect)

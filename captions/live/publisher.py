@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from livekit import rtc
@@ -118,9 +118,13 @@ class CaptionPublisher:
     update got its number and is about to be sent (translation.py feeds on it; it must not block)."""
 
     def __init__(self, room: rtc.Room, signer: CaptionSigner,
-                 on_numbered: Callable[[OutgoingCaption, int], None] | None = None):
+                 on_numbered: Callable[[OutgoingCaption, int], None] | None = None,
+                 send: Callable[..., Awaitable[None]] = send_text_as):
+        """`send(local_participant, text, topic=, sender_identity=, attributes=)`: how one caption
+        goes out (`sdk_fixes.send_text_as`; tests give a fake room's)."""
         self._room = room
         self._signer = signer
+        self._send_text = send
         self.on_numbered = on_numbered
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._running = False
@@ -299,5 +303,5 @@ class CaptionPublisher:
         present = item.identity in self._room.remote_participants and item.resend_seq is None
         sender = item.identity if present else self._room.local_participant.identity
         # The whole stream in one request (one packet where the recipients support it: sdk_fixes.py).
-        await send_text_as(self._room.local_participant, item.update.text, topic=TOPIC_TRANSCRIPTION,
-                           sender_identity=sender, attributes=self._signed_attributes(item, seq))
+        await self._send_text(self._room.local_participant, item.update.text, topic=TOPIC_TRANSCRIPTION,
+                              sender_identity=sender, attributes=self._signed_attributes(item, seq))
