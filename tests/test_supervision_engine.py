@@ -130,7 +130,7 @@ def test_a_step_that_never_returns_breaks_the_engine_and_says_why(engine, monkey
 
 def test_the_watchdog_fires_once_for_a_step_still_running_and_not_for_one_that_returned():
     fired, done = [], threading.Event()
-    watchdog = StepWatchdog(lambda cause, unless: (fired.append((cause, unless())), done.set()))
+    watchdog = StepWatchdog(lambda cause, unless: (fired.append((cause, unless())), done.set(), True)[-1])
     watchdog.hung_s = 0.2
     watchdog.started = time.monotonic()
     watchdog.start()
@@ -143,7 +143,7 @@ def test_the_watchdog_fires_once_for_a_step_still_running_and_not_for_one_that_r
         assert len(fired) == 1, "once"
     finally:
         watchdog.close()
-    quiet = StepWatchdog(lambda cause, unless: fired.append(cause))
+    quiet = StepWatchdog(lambda cause, unless: fired.append(cause) or True)
     quiet.hung_s = 0.2
     quiet.start()
     for _ in range(10):  # steps of 50 ms, each returning in time
@@ -153,6 +153,15 @@ def test_the_watchdog_fires_once_for_a_step_still_running_and_not_for_one_that_r
         time.sleep(0.05)
     quiet.close()
     assert len(fired) == 1, "a step that returns in time is never taken for a hung one"
+    refused, again = [], threading.Event()
+    watchdog = StepWatchdog(lambda cause, unless: (refused.append(cause), len(refused) > 1 and again.set(), False)[-1])
+    watchdog.hung_s = 0.2
+    watchdog.started = time.monotonic()
+    watchdog.start()
+    try:
+        assert again.wait(5), "a break refused (the step returned meanwhile) leaves the watchdog watching"
+    finally:
+        watchdog.close()
 
 
 async def until(predicate, timeout: float = 10) -> None:

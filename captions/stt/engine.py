@@ -443,12 +443,12 @@ class SttEngine:
             self.watchdog.started = None
             return self.broken is not None
 
-    def _break(self, cause: str, unless: Callable[[], bool] | None = None) -> None:
+    def _break(self, cause: str, unless: Callable[[], bool] | None = None) -> bool:
         """The engine failed for good (module notes): said once, then every stream ends. `unless`:
-        checked under the lock, where `_step` clears a returning step."""
+        checked under the lock, where `_step` clears a returning step. True if this call broke it."""
         with self._cond:
             if self.broken is not None or (unless is not None and unless()):
-                return
+                return False
             self.broken = cause
             self._wake()
         logger.error("engine failed: %s; exiting so the orchestrator replaces this worker", cause)
@@ -458,6 +458,7 @@ class SttEngine:
             except Exception:  # noqa: BLE001 - the others are still told
                 logger.exception("engine-broken listener failed")
         self._end_every_stream()
+        return True
 
     def _end_every_stream(self) -> None:
         """A broken engine: each open stream ends with the cause (its slot is freed)."""

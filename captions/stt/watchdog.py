@@ -20,9 +20,10 @@ STEP_HUNG_S, HUNG_AFTER_WARM_STEPS = 20.0, 50
 
 class StepWatchdog:
     """`on_hung(cause, unless)`: break the engine with `cause`, unless `unless()` (checked under the
-    engine's lock, where the stepping thread clears `started` as its step returns)."""
+    engine's lock, where the stepping thread clears `started` as its step returns); True if it did.
+    The watchdog stops once it has broken the engine, or once the engine broke otherwise."""
 
-    def __init__(self, on_hung: Callable[[str, Callable[[], bool]], None]):
+    def __init__(self, on_hung: Callable[[str, Callable[[], bool]], bool]):
         self.on_hung = on_hung
         self.hung_s = STEP_HUNG_S
         self.started: float | None = None
@@ -44,7 +45,7 @@ class StepWatchdog:
             now, started = time.monotonic(), self.started
             paused = (paused if started == watched else 0.0) + max(0.0, now - last - 2 * interval)
             last, watched = now, started
-            if started is not None and (running := now - started - paused) >= self.hung_s:
-                self.on_hung(f"an engine step has not returned in {running:.0f} s (a hung device or driver)",
-                             lambda started=started: self.started is not started)
+            if started is not None and (running := now - started - paused) >= self.hung_s and self.on_hung(
+                    f"an engine step has not returned in {running:.0f} s (a hung device or driver)",
+                    lambda started=started: self.started is not started):
                 return
